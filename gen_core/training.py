@@ -1,0 +1,55 @@
+"""Pure helpers for training loops: seeded data order, per-step noise, precision."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+
+def batch_indices(step: int, global_batch_size: int, dataset_size: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
+    """Indices of this rank's share of global batch `step`.
+
+    The data order is a seeded permutation per epoch, so batch `step` is a pure function of
+    (step, seed): a resumed run sees exactly the data it would have seen, and the global batch
+    is the same whatever the world size (rank r takes positions r, r + W, ...).
+    """
+    start = step * global_batch_size
+    positions = torch.arange(start, start + global_batch_size)[rank::world_size]
+    epochs = positions // dataset_size
+    out = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        mask = epochs == epoch
+        out[mask] = perm[positions[mask] % dataset_size]
+    return out
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for the training noise of one (step, rank): resume-exact without saving RNG streams."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32. `auto` picks bf16 only where the hardware runs it natively."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or bf16_supported(device):
+        return torch.bfloat16
+    return None
+
+
+def config_signature(obj: dict) -> str:
+    """Stable short hash of a JSON-able dict (what a checkpoint must match to be resumed)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,73 @@
+"""Stage `classifier`: a small CNN on the train split; its eval accuracy is a DVC metric.
+
+Outputs: <out_dir>/classifier.safetensors + classifier.json, metrics/classifier.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gen_core.classifier import classify, train_classifier
+from gen_core.config import RunConfig
+from gen_core.data import load_split
+from gen_core.io import atomic_directory, atomic_write_json
+from gen_core.models import Classifier
+from pipelines.common import log, run_stage
+
+METRICS_FILE = "metrics/classifier.json"
+
+
+def save_classifier(out_dir: str, model: Classifier, meta: dict) -> None:
+    with atomic_directory(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "classifier.safetensors"))
+        (tmp / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_classifier(out_dir: str) -> tuple[Classifier, dict]:
+    from gen_core.checkpoint import CheckpointError
+
+    directory = Path(out_dir)
+    try:
+        meta = json.loads((directory / "classifier.json").read_text())
+        state = load_file(str(directory / "classifier.safetensors"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no trained classifier (run the classifier stage first)") from None
+    model = Classifier(meta["channels"], meta["num_classes"], meta["width"], meta["feature_dim"])
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def run(cfg: RunConfig) -> dict:
+    logger = log("classifier")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train = load_split(cfg.data.out_dir, "train")
+    evals = load_split(cfg.data.out_dir, "eval")
+    report_every = max(1, cfg.classifier.steps // 5)
+
+    def progress(step: int, loss: float) -> None:
+        if step % report_every == 0 or step == cfg.classifier.steps:
+            logger.info("step %d/%d loss %.4f", step, cfg.classifier.steps, loss)
+
+    model = train_classifier(torch.from_numpy(train.images), torch.from_numpy(train.labels), train.num_classes, cfg.classifier, progress)
+    predictions, _ = classify(model, torch.from_numpy(evals.images))
+    accuracy = float((predictions == evals.labels).mean())
+    meta = {
+        "channels": int(train.images.shape[1]), "num_classes": train.num_classes, "width": cfg.classifier.width,
+        "feature_dim": cfg.classifier.feature_dim, "class_names": train.class_names, "eval_accuracy": accuracy,
+    }  # fmt: skip
+    save_classifier(cfg.classifier.out_dir, model, meta)
+    atomic_write_json(METRICS_FILE, {"classifier_accuracy": accuracy})
+    logger.info("eval accuracy %.4f on %d images -> %s", accuracy, len(evals.labels), cfg.classifier.out_dir)
+    return meta
+
+
+def main() -> None:
+    run_stage("classifier", lambda cfg, args: run(cfg) and None)
+
+
+if __name__ == "__main__":
+    main()

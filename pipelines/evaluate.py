@@ -1,0 +1,141 @@
+"""Stage `evaluate`: FID, KID, classifier-feature FID, class-conditional accuracy, precision/recall.
+
+Samples are generated on Ray workers (one task per worker, each a strided share of sample
+indices, streamed in batches). Sample i uses seed `evaluate.seed + i` and class i mod K, so the
+metrics do not depend on the number of workers. Writes evaluate.out_file (DVC metrics) and logs
+the metrics to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen_core.checkpoint import load_generator_export
+from gen_core.classifier import classify
+from gen_core.config import InceptionConfig, RunConfig
+from gen_core.io import atomic_write_json, sha256_file
+from gen_core.metrics import (
+    FeatureStats, fid_from_stats, inception_features, inception_path, kid, load_inception, load_ref_stats, precision_recall,
+)  # fmt: skip
+from gen_core.models import Generator, GeneratorSpec
+from gen_core.sampling import balanced_labels, sample_gan, to_uint8
+from pipelines.classifier import load_classifier
+from pipelines.common import StageError, format_duration, log, run_stage
+from pipelines.ray_env import init_ray
+from pipelines.tracking import connect
+
+
+def load_generator(directory: str) -> tuple[Generator, dict]:
+    state, meta = load_generator_export(directory)
+    G = Generator(GeneratorSpec(**meta["generator_spec"]))
+    G.load_state_dict(state)
+    return G.eval(), meta
+
+
+def features_for_indices(
+    G: Generator, classifier, inception, indices: np.ndarray, seed: int, batch_size: int, device, report=None,
+) -> dict:  # fmt: skip
+    """Generate samples `indices` and return their Inception/classifier features and predictions."""
+    inception_feats, classifier_feats, correct = [], [], 0
+    num_classes = G.spec.num_classes
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        labels = balanced_labels(chunk, num_classes)
+        images = to_uint8(sample_gan(G, labels, [seed + int(i) for i in chunk], device).cpu())
+        inception_feats.append(inception_features(inception, images).astype(np.float32))
+        predictions, feats = classify(classifier, images)
+        classifier_feats.append(feats.astype(np.float32))
+        correct += int((predictions == labels.numpy()).sum())
+        if report:
+            report(min(start + batch_size, len(indices)), len(indices))
+    return {
+        "inception": np.concatenate(inception_feats), "classifier": np.concatenate(classifier_feats), "correct": correct,
+    }  # fmt: skip
+
+
+def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, indices: np.ndarray, seed: int,
+               batch_size: int, threads: int, use_gpu: bool, worker: int) -> dict:  # fmt: skip
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    G, _ = load_generator(generator_dir)
+    classifier, _ = load_classifier(classifier_dir)
+    inception = load_inception(InceptionConfig(**inception_cfg), device)
+    started = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        rate = done / (time.monotonic() - started)
+        sys.stdout.write(f"[evaluate] worker {worker}: {done}/{total} samples, {rate:.1f} img/s, eta {format_duration((total - done) / rate)}\n")
+        sys.stdout.flush()
+
+    return features_for_indices(G.to(device), classifier.to(device), inception, indices, seed, batch_size, device, report)
+
+
+def run(cfg: RunConfig) -> dict:
+    logger = log("evaluate")
+    e = cfg.evaluate
+    generator_dir = str(Path(cfg.train.out_dir).resolve())
+    classifier_dir = str(Path(cfg.classifier.out_dir).resolve())
+    _, gen_meta = load_generator(generator_dir)
+    ref_inception = load_ref_stats(f"{cfg.ref_stats.out_dir}/inception.npz")
+    ref_classifier = load_ref_stats(f"{cfg.ref_stats.out_dir}/classifier.npz")
+    _, feature_sha256 = inception_path(cfg.ref_stats.inception)
+    if ref_inception["feature_sha256"] != feature_sha256:
+        raise StageError(f"{cfg.ref_stats.out_dir}/inception.npz: made with a different Inception network; rerun ref_stats")
+    if ref_classifier["feature_sha256"] != sha256_file(f"{classifier_dir}/classifier.safetensors"):
+        raise StageError(f"{cfg.ref_stats.out_dir}/classifier.npz: made with a different classifier; rerun ref_stats")
+
+    ray = init_ray(cfg)
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)(_eval_task)
+    workers = min(cfg.ray.num_workers, e.num_samples)
+    logger.info("generating %d samples on %d Ray workers", e.num_samples, workers)
+    all_indices = np.arange(e.num_samples)
+    futures = [
+        task.remote(generator_dir, classifier_dir, cfg.ref_stats.inception.model_dump(), all_indices[w::workers], e.seed,
+                    e.batch_size, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, w)
+        for w in range(workers)
+    ]  # fmt: skip
+    try:
+        parts = ray.get(futures)
+    finally:
+        ray.shutdown()
+
+    inception_feats = np.concatenate([p["inception"] for p in parts]).astype(np.float64)
+    classifier_feats = np.concatenate([p["classifier"] for p in parts]).astype(np.float64)
+    inception_stats, classifier_stats = FeatureStats(inception_feats.shape[1]), FeatureStats(classifier_feats.shape[1])
+    inception_stats.update(inception_feats)
+    classifier_stats.update(classifier_feats)
+    precision, recall = precision_recall(ref_inception["features"], inception_feats, e.pr_neighbors)
+    metrics = {
+        "fid": fid_from_stats(inception_stats.mu, inception_stats.sigma, ref_inception["mu"], ref_inception["sigma"]),
+        "kid": kid(ref_inception["features"], inception_feats, e.kid_subsets, e.kid_subset_size, seed=e.seed),
+        "fid_classifier": fid_from_stats(classifier_stats.mu, classifier_stats.sigma, ref_classifier["mu"], ref_classifier["sigma"]),
+        "class_accuracy": sum(p["correct"] for p in parts) / e.num_samples,
+        "precision": precision,
+        "recall": recall,
+        "num_samples": e.num_samples,
+        "step": gen_meta["step"],
+        "feature_sha256": feature_sha256,
+    }
+    atomic_write_json(e.out_file, metrics)
+    mlflow = connect(cfg)
+    with mlflow.start_run(run_id=gen_meta["mlflow_run_id"]):
+        mlflow.log_metrics({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=gen_meta["step"])
+        mlflow.set_tag("fid_feature_sha256", feature_sha256)
+    logger.info(
+        "fid %.2f  kid %.4f  fid_classifier %.3f  class_accuracy %.3f  precision %.3f  recall %.3f  (%d samples)",
+        metrics["fid"], metrics["kid"], metrics["fid_classifier"], metrics["class_accuracy"], precision, recall, e.num_samples,
+    )  # fmt: skip
+    return metrics
+
+
+def main() -> None:
+    run_stage("evaluate", lambda cfg, args: run(cfg) and None)
+
+
+if __name__ == "__main__":
+    main()

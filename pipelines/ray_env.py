@@ -1,0 +1,52 @@
+"""Connecting to Ray and to checkpoint storage."""
+
+from __future__ import annotations
+
+import os
+
+from gen_core.config import RunConfig
+from pipelines.common import REPO_ROOT, StageError, absolute
+
+
+def init_ray(cfg: RunConfig):
+    """Join the cluster at ray.address / RAY_ADDRESS, or start a local Ray sized for the job."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        else:
+            needed = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+            # The dashboard (127.0.0.1 only) backs the State API that Train V2's placement-group
+            # cleaner polls; without it every run logs a warning per second.
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, needed),
+                runtime_env={**env, "env_vars": {**env["env_vars"], "PYTHONPATH": str(REPO_ROOT)}},
+            )  # fmt: skip
+    except ConnectionError as err:
+        raise StageError(f"Ray cluster at {address}: unreachable ({err})") from None
+    return ray
+
+
+def storage(cfg: RunConfig) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for RunConfig. s3:// goes through s3fs so a custom
+    endpoint (AWS_ENDPOINT_URL: MinIO, moto) works the same as for data."""
+    path = cfg.ray.storage_path
+    if not path.startswith("s3://"):
+        return absolute(path), None
+    import pyarrow.fs
+    import s3fs
+
+    kwargs = {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}} if os.environ.get("AWS_ENDPOINT_URL") else {}
+    fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(**kwargs)))
+    return path[len("s3://") :], fs
+
+
+def run_uri(cfg: RunConfig) -> str:
+    """fsspec URI of this run's directory in checkpoint storage."""
+    path = cfg.ray.storage_path if "://" in cfg.ray.storage_path else absolute(cfg.ray.storage_path)
+    return f"{path.rstrip('/')}/{cfg.ray.run_name}"

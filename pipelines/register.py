@@ -1,0 +1,159 @@
+"""Stage `register`: register the generator in MLflow and gate the `champion` alias on FID.
+
+    python -m pipelines.register [--require-promotion]
+
+The alias moves only if FID <= registry.fid_threshold and FID is better than the current
+champion's; otherwise the version is tagged `rejected` with the reason. Re-running with the same
+generator reuses its version (idempotent). The decision is printed in one line and written to
+registry.out_file. --require-promotion exits 1 when the version is not (already) the champion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gen_core.checkpoint import load_generator_export
+from gen_core.config import RunConfig
+from gen_core.io import atomic_write_json, sha256_file
+from gen_core.models import Generator, GeneratorSpec
+from pipelines.common import REPO_ROOT, StageError, log, run_stage, stage_parser
+from pipelines.tracking import connect
+
+MODEL_CODE = REPO_ROOT / "pipelines" / "mlflow_model.py"
+PIP_REQUIREMENTS = ["torch==2.14.1", "safetensors", "numpy", "fsspec", "pandas"]  # explicit: inference takes ~8 s
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    reason: str
+
+
+def decide(fid: float, threshold: float, champion_fid: float | None) -> GateDecision:
+    """Pure gate: promote iff fid <= threshold and (no champion or strictly better than it)."""
+    if not math.isfinite(fid):
+        return GateDecision(False, f"fid {fid} is not finite")
+    if fid > threshold:
+        return GateDecision(False, f"fid {fid:.2f} > threshold {threshold:.2f}")
+    if champion_fid is not None and fid >= champion_fid:
+        return GateDecision(False, f"fid {fid:.2f} is not better than champion's {champion_fid:.2f}")
+    versus = f", better than champion's {champion_fid:.2f}" if champion_fid is not None else ", no previous champion"
+    return GateDecision(True, f"fid {fid:.2f} <= threshold {threshold:.2f}{versus}")
+
+
+def load_registered_generator(model_uri: str) -> Generator:
+    """Build a generator from a registered version (e.g. models:/genforge-gan@champion) using only
+    its safetensors weights and JSON spec: no code from the registry is executed."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts/generator", dst_path=tmp)
+        state, meta = load_generator_export(local)
+    G = Generator(GeneratorSpec(**meta["generator_spec"]))
+    G.load_state_dict(state)
+    return G.eval()
+
+
+def _find_version(client, name: str, run_id: str, generator_sha256: str):
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.run_id == run_id and version.tags.get("generator_sha256") == generator_sha256:
+            return version
+    return None
+
+
+def register(cfg: RunConfig, require_promotion: bool = False) -> dict:
+    logger = log("register")
+    r = cfg.registry
+    generator_dir = Path(cfg.train.out_dir)
+    _, gen_meta = load_generator_export(generator_dir)
+    try:
+        metrics = json.loads(Path(cfg.evaluate.out_file).read_text())
+    except FileNotFoundError:
+        raise StageError(f"{cfg.evaluate.out_file}: not found (run the evaluate stage first)") from None
+    generator_sha256 = sha256_file(generator_dir / "generator.safetensors")
+
+    mlflow = connect(cfg)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    run_id = gen_meta["mlflow_run_id"]
+    try:
+        client.get_registered_model(r.model_name)
+    except MlflowException:
+        client.create_registered_model(r.model_name, description="genforge class-conditional generator")
+
+    version = _find_version(client, r.model_name, run_id, generator_sha256)
+    if version is None:
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+            artifact = Path(tmp) / "generator"
+            artifact.mkdir()
+            for name in ("generator.safetensors", "generator.json"):
+                shutil.copy(generator_dir / name, artifact / name)
+            info = mlflow.pyfunc.log_model(
+                name="generator", python_model=str(MODEL_CODE), artifacts={"generator": str(artifact)},
+                code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
+                input_example=pd.DataFrame({"label": [0, 1], "seed": [0, 1]}),
+            )  # fmt: skip
+        version = mlflow.register_model(info.model_uri, r.model_name, tags={"generator_sha256": generator_sha256})
+        version = client.get_model_version(r.model_name, version.version)
+        # log_model's source is a models:/m-... URI; the run id links the version to its training run
+        if version.run_id != run_id:
+            client.set_model_version_tag(r.model_name, version.version, "training_run_id", run_id)
+    tags = {
+        "fid": f"{metrics['fid']:.6f}", "kid": f"{metrics['kid']:.6f}", "fid_classifier": f"{metrics['fid_classifier']:.6f}",
+        "class_accuracy": f"{metrics['class_accuracy']:.6f}", "data_hash": gen_meta["data_hash"],
+        "fid_feature_sha256": metrics["feature_sha256"], "git_revision": gen_meta["git_revision"], "step": str(gen_meta["step"]),
+        "training_run_id": run_id, "generator_sha256": generator_sha256,
+    }  # fmt: skip
+    for key, value in tags.items():
+        client.set_model_version_tag(r.model_name, version.version, key, value)
+
+    try:
+        champion = client.get_model_version_by_alias(r.model_name, r.alias)
+    except MlflowException:
+        champion = None
+    if champion is not None and champion.version == version.version:
+        decision = GateDecision(True, "already champion")
+    else:
+        champion_fid = float(champion.tags["fid"]) if champion is not None and "fid" in champion.tags else None
+        decision = decide(metrics["fid"], r.fid_threshold, champion_fid)
+        if decision.promoted:
+            client.set_registered_model_alias(r.model_name, r.alias, version.version)
+            client.set_model_version_tag(r.model_name, version.version, "gate", "promoted")
+            if "rejected" in version.tags:
+                client.delete_model_version_tag(r.model_name, version.version, "rejected")
+        else:
+            client.set_model_version_tag(r.model_name, version.version, "gate", "rejected")
+            client.set_model_version_tag(r.model_name, version.version, "rejected", decision.reason)
+
+    verdict = "PROMOTED" if decision.promoted else "REJECTED"
+    line = f"gate: {verdict} {r.model_name} v{version.version} -> @{r.alias}: {decision.reason}" if decision.promoted else (
+        f"gate: {verdict} {r.model_name} v{version.version}: {decision.reason}"
+    )
+    print(line, flush=True)
+    record = {
+        "model_name": r.model_name, "version": int(version.version), "alias": r.alias, "fid": metrics["fid"],
+        "threshold": r.fid_threshold, "run_id": run_id, **asdict(decision),
+    }  # fmt: skip
+    atomic_write_json(r.out_file, record)
+    if require_promotion and not decision.promoted:
+        return {**record, "exit_code": 1}
+    return record
+
+
+def main() -> None:
+    parser = stage_parser("genforge register stage: MLflow model version + FID gate")
+    parser.add_argument("--require-promotion", action="store_true", help="exit 1 if the version does not become champion")
+    run_stage("register", lambda cfg, args: register(cfg, args.require_promotion).get("exit_code", 0), parser)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""MLflow plumbing: where the tracking store is, and failing fast when it cannot be reached."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+
+from gen_core.config import RunConfig
+from pipelines.common import REPO_ROOT, StageError
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    """params > MLFLOW_TRACKING_URI > sqlite store in the repo. Relative sqlite paths become absolute
+    so Ray workers and `ray job submit` drivers (which run in other directories) reach the same store."""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str((REPO_ROOT / uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise StageError(f"MLflow tracking server {uri}: unreachable ({reason})") from None
+
+
+def connect(cfg: RunConfig):
+    """Point mlflow at the configured store, check it answers, select the experiment. Returns the module."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:"):
+        # sqlite stores keep artifacts next to the repo, not in the caller's cwd
+        if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(REPO_ROOT / "mlartifacts").as_uri())
+    mlflow.set_experiment(cfg.tracking.experiment)
+    return mlflow

