@@ -52,6 +52,16 @@ def export_generator(directory: str | Path, state_dict: dict, meta: dict) -> Non
     atomic_write_json(directory / "generator.json", meta)
 
 
+def load_generator(directory: str | Path):
+    """-> (Generator in eval mode, meta) from generator.safetensors + generator.json."""
+    from gen_core.models import Generator, GeneratorSpec
+
+    state, meta = load_generator_export(directory)
+    generator = Generator(GeneratorSpec(**meta["generator_spec"]))
+    generator.load_state_dict(state)
+    return generator.eval(), meta
+
+
 def load_generator_export(directory: str | Path) -> tuple[dict, dict]:
     directory = Path(directory)
     try:

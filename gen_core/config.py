@@ -63,6 +63,7 @@ class ClassifierConfig(_Section):
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
     out_dir: str = "models/classifier"
+    metrics_file: str = "metrics/classifier.json"
 
 
 class InceptionConfig(_Section):
@@ -104,7 +105,8 @@ class TrainConfig(_Section):
     adam_beta1: float = Field(0.0, ge=0, lt=1)
     adam_beta2: float = Field(0.99, ge=0, lt=1)
     d_steps_per_g_step: int = Field(1, ge=1)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_halflife_kimg: float = Field(10.0, gt=0)  # EMA of G: half-life in thousands of images
+    ema_rampup_ratio: float | None = Field(0.05, gt=0)  # half-life <= this x images seen; null: off
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     checkpoint_every_steps: int = Field(250, ge=1)
@@ -112,6 +114,7 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(50, ge=1)
     sample_grid_seed: int = 1234
     out_dir: str = "models/gan"
+    losses_file: str = "metrics/train_losses.csv"  # DVC plots
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -196,7 +199,7 @@ class RunConfig(_Section):
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in first and not isinstance(first["input"], dict):

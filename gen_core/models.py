@@ -114,9 +114,45 @@ class Classifier(nn.Module):
 # --------------------------------------------------------------------------- helpers
 
 
+def ema_beta(global_batch_size: int, images_seen: int, halflife_kimg: float, rampup_ratio: float | None) -> float:
+    """EMA decay per step from a half-life in images (EDM). The ramp-up caps the half-life at a fraction
+    of the images seen so far, so a short run is not dominated by its random initialisation."""
+    halflife_images = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife_images = min(halflife_images, images_seen * rampup_ratio)
+    return 0.5 ** (global_batch_size / max(halflife_images, 1e-8))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(G: nn.Module, num_batches: int = 20, batch_size: int = 64, seed: int = 0) -> None:
+    """BigGAN's "standing statistics": recompute BatchNorm running stats of G from its own samples.
+
+    An EMA generator must not use BN statistics copied from the live G: its weights differ, and in
+    eval mode the mismatch washes out the samples. Seeded, so the result is reproducible.
+    """
+    norms = [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training, momenta = G.training, [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+    G.train()
+    generator = torch.Generator().manual_seed(seed)
+    device = next(G.parameters()).device
+    for _ in range(num_batches):
+        z = torch.randn(batch_size, G.spec.z_dim, generator=generator).to(device)
+        labels = torch.randint(0, G.spec.num_classes, (batch_size,), generator=generator).to(device)
+        G(z, labels)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    G.train(was_training)
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BN stats) are copied."""
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied
+    (recalibrate_batchnorm the EMA model before sampling from it)."""
     for ema_param, param in zip(ema.parameters(), model.parameters()):
         ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):

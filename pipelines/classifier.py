@@ -1,6 +1,6 @@
 """Stage `classifier`: a small CNN on the train split; its eval accuracy is a DVC metric.
 
-Outputs: <out_dir>/classifier.safetensors + classifier.json, metrics/classifier.json.
+Outputs: <out_dir>/classifier.safetensors + classifier.json, and <metrics_file> (DVC metrics).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from gen_core.data import load_split
 from gen_core.io import atomic_directory, atomic_write_json
 from gen_core.models import Classifier
 from pipelines.common import log, run_stage
-
-METRICS_FILE = "metrics/classifier.json"
-
 
 def save_classifier(out_dir: str, model: Classifier, meta: dict) -> None:
     with atomic_directory(out_dir) as tmp:
@@ -60,7 +57,7 @@ def run(cfg: RunConfig) -> dict:
         "feature_dim": cfg.classifier.feature_dim, "class_names": train.class_names, "eval_accuracy": accuracy,
     }  # fmt: skip
     save_classifier(cfg.classifier.out_dir, model, meta)
-    atomic_write_json(METRICS_FILE, {"classifier_accuracy": accuracy})
+    atomic_write_json(cfg.classifier.metrics_file, {"classifier_accuracy": accuracy})
     logger.info("eval accuracy %.4f on %d images -> %s", accuracy, len(evals.labels), cfg.classifier.out_dir)
     return meta
 

@@ -15,26 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_core.checkpoint import load_generator_export
+from gen_core.checkpoint import load_generator
 from gen_core.classifier import classify
 from gen_core.config import InceptionConfig, RunConfig
 from gen_core.io import atomic_write_json, sha256_file
 from gen_core.metrics import (
     FeatureStats, fid_from_stats, inception_features, inception_path, kid, load_inception, load_ref_stats, precision_recall,
 )  # fmt: skip
-from gen_core.models import Generator, GeneratorSpec
+from gen_core.models import Generator
 from gen_core.sampling import balanced_labels, sample_gan, to_uint8
 from pipelines.classifier import load_classifier
 from pipelines.common import StageError, format_duration, log, run_stage
 from pipelines.ray_env import init_ray
 from pipelines.tracking import connect
-
-
-def load_generator(directory: str) -> tuple[Generator, dict]:
-    state, meta = load_generator_export(directory)
-    G = Generator(GeneratorSpec(**meta["generator_spec"]))
-    G.load_state_dict(state)
-    return G.eval(), meta
 
 
 def features_for_indices(

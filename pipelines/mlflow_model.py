@@ -14,13 +14,9 @@ from mlflow.pyfunc import PythonModel
 
 class GeneratorModel(PythonModel):
     def load_context(self, context):
-        from gen_core.checkpoint import load_generator_export
-        from gen_core.models import Generator, GeneratorSpec
+        from gen_core.checkpoint import load_generator
 
-        state, meta = load_generator_export(context.artifacts["generator"])
-        self.generator = Generator(GeneratorSpec(**meta["generator_spec"]))
-        self.generator.load_state_dict(state)
-        self.generator.eval()
+        self.generator, _ = load_generator(context.artifacts["generator"])
 
     def predict(self, context, model_input, params=None):
         import torch

@@ -15,10 +15,12 @@ def init_ray(cfg: RunConfig):
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-worker progress lines differ on purpose
     env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}}
     try:
         if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
+            # Join as is: under `ray job submit` the job's own runtime env (working_dir) applies.
+            ray.init(address=address)
         else:
             needed = cfg.ray.num_workers * cfg.ray.cpus_per_worker
             # The dashboard (127.0.0.1 only) backs the State API that Train V2's placement-group

@@ -17,10 +17,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gen_core.checkpoint import load_generator_export
+from gen_core.checkpoint import load_generator, load_generator_export
 from gen_core.config import RunConfig
 from gen_core.io import atomic_write_json, sha256_file
-from gen_core.models import Generator, GeneratorSpec
+from gen_core.models import Generator
 from pipelines.common import REPO_ROOT, StageError, log, run_stage, stage_parser
 from pipelines.tracking import connect
 
@@ -53,10 +53,8 @@ def load_registered_generator(model_uri: str) -> Generator:
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts/generator", dst_path=tmp)
-        state, meta = load_generator_export(local)
-    G = Generator(GeneratorSpec(**meta["generator_spec"]))
-    G.load_state_dict(state)
-    return G.eval()
+        generator, _ = load_generator(local)
+    return generator
 
 
 def _find_version(client, name: str, run_id: str, generator_sha256: str):

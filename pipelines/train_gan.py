@@ -5,7 +5,7 @@
 
 A rerun with the same ray.run_name resumes from the latest checkpoint in ray.storage_path:
 the step count continues and nothing restarts. Outputs: <train.out_dir>/ (EMA generator as
-safetensors + generator.json + run.json) and metrics/train_losses.csv (DVC plots).
+safetensors + generator.json + samples.png) and train.losses_file (DVC plots).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import os
 import sys
 import tempfile
 import time
@@ -28,14 +29,15 @@ from gen_core.config import RunConfig
 from gen_core.data import dataset_hash, load_split, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, filesystem
 from gen_core.losses import discriminator_loss, generator_loss
-from gen_core.models import Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, requires_grad, update_ema
+from gen_core.models import (
+    Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, ema_beta, recalibrate_batchnorm, requires_grad, update_ema,
+)
 from gen_core.sampling import image_grid, sample_gan, to_uint8, to_unit
 from gen_core.training import autocast_dtype, batch_indices, config_signature, step_generator
 from pipelines.common import StageError, absolute, format_duration, git_revision, log, run_stage
 from pipelines.ray_env import init_ray, run_uri, storage
 from pipelines.tracking import connect, tracking_uri
 
-LOSSES_FILE = "metrics/train_losses.csv"
 HISTORY_FIELDS = ("step", "d_loss", "g_loss", "img_per_s")
 
 
@@ -67,7 +69,8 @@ def resume_signature(cfg: RunConfig, num_classes: int) -> str:
     return config_signature({
         "model": t.model.model_dump(), "loss": t.loss, "resolution": cfg.data.resolution, "channels": cfg.data.channels,
         "num_classes": num_classes, "global_batch_size": t.global_batch_size, "lr": [t.lr_g, t.lr_d],
-        "betas": [t.adam_beta1, t.adam_beta2], "seed": t.seed, "d_steps": t.d_steps_per_g_step, "ema": t.ema_decay,
+        "betas": [t.adam_beta1, t.adam_beta2], "seed": t.seed, "d_steps": t.d_steps_per_g_step,
+        "ema": [t.ema_halflife_kimg, t.ema_rampup_ratio],
     })  # fmt: skip
 
 
@@ -114,6 +117,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # workers do not inherit the stage's environment
     cfg = RunConfig.model_validate(loop_config["run"])
     ctx = LoopContext(**loop_config["context"])
     t = cfg.train
@@ -200,7 +204,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         requires_grad(D, True)
 
         # --- EMA of G (identical on every rank: DDP keeps G identical)
-        update_ema(G_ema, G, t.ema_decay)
+        update_ema(G_ema, G, ema_beta(t.global_batch_size, (step + 1) * t.global_batch_size, t.ema_halflife_kimg, t.ema_rampup_ratio))
         window_images += t.global_batch_size
 
         # --- logging (all ranks join the reduce; rank 0 prints and logs)
@@ -229,6 +233,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 ray_checkpoint = None
                 if rank == 0:
+                    recalibrate_batchnorm(G_ema, seed=t.seed)  # standing stats for the EMA weights
                     state = {
                         "G": _unwrap(G_train).state_dict(), "D": _unwrap(D_train).state_dict(), "G_ema": G_ema.state_dict(),
                         "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "step": done,
@@ -267,8 +272,9 @@ def latest_checkpoint(cfg: RunConfig) -> tuple[str, dict] | None:
     if not fs.exists(path):
         return None
     best = None
-    for entry in fs.ls(path, detail=False):
-        if not entry.rstrip("/").split("/")[-1].startswith("checkpoint_"):
+    for info in fs.ls(path, detail=True):
+        entry = info["name"]
+        if info["type"] != "directory" or not entry.rstrip("/").split("/")[-1].startswith("checkpoint_"):
             continue
         try:
             meta = json.loads(fs.cat_file(f"{entry}/meta.json"))
@@ -382,7 +388,7 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
         with atomic_directory(cfg.train.out_dir) as tmp:
             export_generator(tmp, state["G_ema"], export_meta)
             (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
-        atomic_write_bytes(LOSSES_FILE, (Path(local) / "losses.csv").read_bytes())
+        atomic_write_bytes(cfg.train.losses_file, (Path(local) / "losses.csv").read_bytes())
         mlflow.log_artifacts(local, artifact_path="checkpoint")
     logger.info("exported EMA generator at step %d -> %s", meta["step"], cfg.train.out_dir)
     return export_meta

@@ -16,7 +16,7 @@ def test_repo_params_parse_and_match_defaults_where_unset():
         ({"train": {"lr_gg": 1}}, "params: train.lr_gg: unknown key"),
         ({"trian": {}}, "params: trian: unknown key"),
         ({"train": {"lr_g": -0.1}}, "params: train.lr_g: Input should be greater than 0 (got -0.1)"),
-        ({"data": {"resolution": 30}}, "params: data: Value error, resolution must be a power of two (got 30)"),
+        ({"data": {"resolution": 30}}, "params: data: resolution must be a power of two (got 30)"),
         ({"data": {"source": "cifar"}}, "params: data.source: Input should be"),
         ({"train": {"global_batch_size": 63}}, "divisible by ray.num_workers"),
         ({"train": {"loss": "wasserstein"}}, "params: train.loss:"),

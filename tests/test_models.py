@@ -95,3 +95,35 @@ def test_step_noise_is_a_function_of_seed_step_rank():
     a = torch.randn(4, generator=step_generator(0, 7, 1))
     assert torch.equal(a, torch.randn(4, generator=step_generator(0, 7, 1)))
     assert not torch.equal(a, torch.randn(4, generator=step_generator(0, 7, 0)))
+
+
+def test_ema_beta_halflife_and_rampup():
+    from gen_core.models import ema_beta
+
+    # without ramp-up: after `halflife` images the old weights count one half
+    beta = ema_beta(100, 10**9, halflife_kimg=1.0, rampup_ratio=None)
+    assert beta**10 == pytest.approx(0.5)
+    # early in training the ramp-up shortens the half-life (faster tracking)
+    assert ema_beta(100, 1000, 1.0, 0.05) < ema_beta(100, 10**6, 1.0, 0.05)
+
+
+def test_standing_stats_make_eval_mode_match_train_mode():
+    from gen_core.models import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    G = Generator(GeneratorSpec(16, 1, 10, 8, 8))
+    with torch.no_grad():  # stale statistics, as an EMA copy would have
+        for module in G.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.fill_(5.0)
+    z, y = torch.randn(256, 8), torch.randint(0, 10, (256,))
+    with torch.no_grad():
+        train_out = G.train()(z, y)
+        stale = G.eval()(z, y)
+        recalibrate_batchnorm(G, num_batches=10, batch_size=128, seed=1)
+        fresh = G(z, y)
+    assert not G.training
+    assert (fresh - train_out).abs().mean() < 0.1 < (stale - train_out).abs().mean()
+    buffers = [b.clone() for b in G.buffers()]
+    recalibrate_batchnorm(G, num_batches=10, batch_size=128, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, G.buffers()))  # seeded: reproducible

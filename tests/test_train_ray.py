@@ -1,0 +1,114 @@
+"""Ray Train: a 2-worker DDP run of a few steps, a resume that continues the step count, a refused
+incompatible resume, and the same with data and checkpoints on S3 (a real moto_server)."""
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import REPO, run_cli, subprocess_env, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def losses(path):
+    return [int(row["step"]) for row in csv.DictReader(path.read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    params = tiny_params(data={"out_dir": str(root / "prepared")})
+    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    path = write_params(root, params)
+    assert run_cli(["python", "-m", "pipelines.prepare", "--params", str(path)], REPO).returncode == 0
+    return root, path
+
+
+def test_two_workers_then_resume_then_refuse_incompatible(prepared):
+    root, params = prepared
+    out = root / "gan"
+    common = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray",
+              "--set", f"train.out_dir={out}", "--set", "train.checkpoint_every_steps=5",
+              "--set", f"train.losses_file={root}/losses.csv"]  # fmt: skip
+    first = run_cli([*common, "--set", "train.total_steps=10"], REPO)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "2 worker(s) on cpu" in first.stdout and "step 10/10" in first.stdout
+    first_meta = json.loads((out / "generator.json").read_text())
+    assert first_meta["step"] == 10
+
+    second = run_cli([*common, "--set", "train.total_steps=20"], REPO)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from checkpoint at step 10" in second.stdout and "steps 10->20" in second.stdout
+    meta = json.loads((out / "generator.json").read_text())
+    assert meta["step"] == 20
+    assert meta["mlflow_run_id"] == first_meta["mlflow_run_id"]  # the resumed run continues the same MLflow run
+    assert losses(root / "losses.csv") == [5, 10, 15, 20]  # history survives the resume
+
+    refused = run_cli([*common, "--set", "train.total_steps=30", "--set", "train.model.g_width=8"], REPO)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "different model/optimizer config" in refused.stderr
+    assert json.loads((out / "generator.json").read_text())["step"] == 20  # nothing overwritten
+
+
+def test_s3_data_and_checkpoints(tmp_path, moto_s3, real_digits):
+    import boto3
+    import numpy as np
+    import s3fs
+
+    from tests.test_data import make_idx_dir, mixed
+
+    images, labels = mixed(*real_digits, per_class=60)
+    local = make_idx_dir(tmp_path / "idx", images, labels)
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    s3.create_bucket(Bucket="genforge")
+    for file in local.iterdir():
+        s3.upload_file(str(file), "genforge", f"mnist/{file.name}")
+
+    params = tiny_params(data={"source": "mnist", "source_uri": "s3://genforge/mnist", "eval_images": 100,
+                               "out_dir": str(tmp_path / "prepared")})  # fmt: skip
+    params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    path = write_params(tmp_path, params)
+    env = subprocess_env()
+    assert run_cli(["python", "-m", "pipelines.prepare", "--params", str(path)], REPO, env).returncode == 0
+    manifest = json.loads((tmp_path / "prepared/manifest.json").read_text())
+    assert manifest["source_uri"] == "s3://genforge/mnist" and manifest["splits"]["train"]["count"] == 300
+
+    result = run_cli(["python", "-m", "pipelines.train_gan", "--params", str(path), "--set", "ray.storage_path=s3://genforge/ray",
+                      "--set", "train.total_steps=10", "--set", "train.checkpoint_every_steps=5",
+                      "--set", f"train.out_dir={tmp_path / 'gan'}", "--set", f"train.losses_file={tmp_path}/losses.csv"],
+                     REPO, env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
+    checkpoints = [p for p in fs.ls("genforge/ray/gan") if fs.isdir(p) and p.split("/")[-1].startswith("checkpoint_")]
+    assert checkpoints and all(fs.exists(f"{p}/state.pt") for p in checkpoints)
+    meta = json.loads((tmp_path / "gan/generator.json").read_text())
+    assert meta["step"] == 10 and meta["checkpoint"].startswith("s3://genforge/ray/gan/checkpoint_")
+
+
+def test_s3_image_folder(tmp_path, moto_s3, real_digits):
+    import boto3
+
+    from tests.test_data import make_image_folder
+
+    local = make_image_folder(tmp_path / "folder", *real_digits, per_class=8)
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    s3.create_bucket(Bucket="images")
+    for file in local.rglob("*.*"):
+        s3.upload_file(str(file), "images", f"set/{file.relative_to(local)}")
+    bad = "set/class_2/broken.png"
+    s3.put_object(Bucket="images", Key=bad, Body=b"\x89PNG\r\n\x1a\n truncated")
+    params = tiny_params(data={"source": "image_folder", "source_uri": "s3://images/set", "eval_images": 10,
+                               "out_dir": str(tmp_path / "prepared")}, evaluate={"kid_subset_size": 10})  # fmt: skip
+    path = write_params(tmp_path, params)
+    failed = run_cli(["python", "-m", "pipelines.prepare", "--params", str(path)], REPO)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().startswith("error: s3://images/set/class_2/broken.png: corrupt or unreadable image (")
+    assert "\n" not in failed.stderr.strip()
+    assert not (tmp_path / "prepared").exists()
+    skipped = run_cli(["python", "-m", "pipelines.prepare", "--params", str(path), "--set", "data.on_bad_image=skip"], REPO)
+    assert skipped.returncode == 0
+    manifest = json.loads((tmp_path / "prepared/manifest.json").read_text())
+    assert manifest["class_names"] == ["class_0", "class_1", "class_2"] and manifest["splits"]["train"]["count"] == 14
+    assert [s["file"] for s in manifest["skipped"]] == ["s3://images/set/class_2/broken.png"]
+    assert manifest["skipped"][0]["reason"].startswith("corrupt or unreadable image")
