@@ -27,7 +27,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             response.read()
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise StageError(f"MLflow tracking server {uri}: unreachable ({reason})") from None
+        raise StageError(f"MLflow tracking server {uri}: unreachable ({getattr(reason, 'strerror', None) or reason})") from None
 
 
 def connect(cfg: RunConfig):
