@@ -168,7 +168,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     G_train = ray.train.torch.prepare_model(G)  # DDP when world_size > 1
     D_train = ray.train.torch.prepare_model(D)
     say(
-        f"{world_size} worker(s) on {device.type}, {'bf16' if amp_dtype else 'fp32'}, "
+        f"{world_size} worker(s) on {device.type} ({torch.get_num_threads()} threads each), {'bf16' if amp_dtype else 'fp32'}, "
         f"global batch {t.global_batch_size}, steps {start_step}->{t.total_steps}"
     )
 
