@@ -48,7 +48,7 @@ def storage(cfg: RunConfig) -> tuple[str, object | None]:
     return path[len("s3://") :], fs
 
 
-def run_uri(cfg: RunConfig) -> str:
-    """fsspec URI of this run's directory in checkpoint storage."""
+def run_uri(cfg: RunConfig, run_dir: str) -> str:
+    """fsspec URI of a run's directory in checkpoint storage."""
     path = cfg.ray.storage_path if "://" in cfg.ray.storage_path else absolute(cfg.ray.storage_path)
-    return f"{path.rstrip('/')}/{cfg.ray.run_name}"
+    return f"{path.rstrip('/')}/{run_dir}"

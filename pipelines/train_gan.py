@@ -3,8 +3,9 @@
     python -m pipelines.train_gan [--params params.yaml] [--set train.total_steps=100]
     ray job submit --working-dir . -- python -m pipelines.train_gan --set data.out_dir=/abs/path
 
-A rerun with the same ray.run_name resumes from the latest checkpoint in ray.storage_path:
-the step count continues and nothing restarts. Outputs: <train.out_dir>/ (EMA generator as
+Checkpoints live in <ray.storage_path>/<ray.run_name>-<config signature>. A rerun with the same
+model/optimizer config resumes from the latest checkpoint there (the step count continues, also
+when total_steps grew); a changed config trains afresh in its own directory. Outputs: <train.out_dir>/ (EMA generator as
 safetensors + generator.json + samples.png) and train.losses_file (DVC plots).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import os
 import sys
 import tempfile
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gen_core.checkpoint import export_generator, load_training_state, save_training_state
+from gen_core.checkpoint import CheckpointError, export_generator, load_training_state, save_training_state
 from gen_core.config import RunConfig
 from gen_core.data import dataset_hash, load_split, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, filesystem
@@ -49,6 +51,7 @@ class LoopContext:
     num_classes: int
     channels: int
     signature: str
+    run_uri: str  # this run's checkpoint directory (local path or s3://)
     data_hash: str
     git_revision: str
     tracking_uri: str
@@ -61,6 +64,10 @@ def model_specs(cfg: RunConfig, num_classes: int) -> tuple[GeneratorSpec, Discri
         GeneratorSpec(cfg.data.resolution, cfg.data.channels, num_classes, m.z_dim, m.g_width),
         DiscriminatorSpec(cfg.data.resolution, cfg.data.channels, num_classes, m.d_width, m.spectral_norm),
     )
+
+
+def run_directory(cfg: RunConfig, signature: str) -> str:
+    return f"{cfg.ray.run_name}-{signature[:8]}"
 
 
 def resume_signature(cfg: RunConfig, num_classes: int) -> str:
@@ -147,13 +154,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt_G = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=(t.adam_beta1, t.adam_beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=(t.adam_beta1, t.adam_beta2))
 
-    # --- resume
+    # --- resume from the newest complete checkpoint in storage. Not ray.train.get_checkpoint():
+    # Train V2 registers a checkpoint only once its controller consumes the report, so a worker
+    # killed soon after reporting loses it and the restarted group would begin again at step 0.
     start_step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state, _ = load_training_state(directory)
-            history = _read_history(Path(directory))
+    state = None
+    for uri, _ in list_checkpoints(ctx.run_uri):
+        try:
+            with tempfile.TemporaryDirectory() as directory:
+                fs, path = filesystem(uri)
+                fs.get(path.rstrip("/") + "/", directory, recursive=True)
+                state, _ = load_training_state(directory)
+                history = _read_history(Path(directory))
+            break
+        except CheckpointError as err:  # e.g. a copy cut short by the failure itself
+            say(f"skipping unreadable checkpoint: {err}")
+    if state is not None:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
         G_ema.load_state_dict(state["G_ema"])
@@ -207,9 +223,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         update_ema(G_ema, G, ema_beta(t.global_batch_size, (step + 1) * t.global_batch_size, t.ema_halflife_kimg, t.ema_rampup_ratio))
         window_images += t.global_batch_size
 
-        # --- logging (all ranks join the reduce; rank 0 prints and logs)
+        # --- loss check + logging (all ranks join the reduce; rank 0 prints and logs).
+        # Checked at every checkpoint too, so non-finite weights are never saved.
         done = step + 1
-        if done % t.log_every_steps == 0 or done == t.total_steps:
+        is_checkpoint = done % t.checkpoint_every_steps == 0 or done == t.total_steps
+        is_log = done % t.log_every_steps == 0 or done == t.total_steps
+        if is_log or is_checkpoint:
             losses = torch.stack([d_loss.detach().float(), g_loss.detach().float()])
             if world_size > 1:
                 torch.distributed.all_reduce(losses)
@@ -217,6 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             d_value, g_value = losses.tolist()
             if not (np.isfinite(d_value) and np.isfinite(g_value)):
                 raise FloatingPointError(f"non-finite loss at step {done}: d_loss={d_value} g_loss={g_value}")
+        if is_log:
             rate = window_images / (time.monotonic() - window_started)
             history.append((done, d_value, g_value, rate))
             eta = (t.total_steps - done) * t.global_batch_size / rate
@@ -229,7 +249,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window_started, window_images = time.monotonic(), 0
 
         # --- checkpoint (every rank reports; rank 0 attaches the state)
-        if done % t.checkpoint_every_steps == 0 or done == t.total_steps:
+        if is_checkpoint:
             with tempfile.TemporaryDirectory() as directory:
                 ray_checkpoint = None
                 if rank == 0:
@@ -264,25 +284,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # ---------------------------------------------------------------------------
 
 
-def latest_checkpoint(cfg: RunConfig) -> tuple[str, dict] | None:
-    """(uri, meta) of the highest-step checkpoint in this run's storage directory, if any."""
-    import json
-
-    fs, path = filesystem(run_uri(cfg))
+def list_checkpoints(run_uri_: str) -> list[tuple[str, dict]]:
+    """(uri, meta) of every checkpoint in a run's storage directory, newest step first.
+    meta.json is written last, so a checkpoint without it is incomplete and left out."""
+    fs, path = filesystem(run_uri_)
     if not fs.exists(path):
-        return None
-    best = None
+        return []
+    scheme = run_uri_.split("://")[0] + "://" if "://" in run_uri_ else ""
+    found = []
     for info in fs.ls(path, detail=True):
         entry = info["name"]
         if info["type"] != "directory" or not entry.rstrip("/").split("/")[-1].startswith("checkpoint_"):
             continue
         try:
-            meta = json.loads(fs.cat_file(f"{entry}/meta.json"))
+            found.append((scheme + entry if scheme and not entry.startswith(scheme) else entry, json.loads(fs.cat_file(f"{entry}/meta.json"))))
         except FileNotFoundError:
-            continue  # a checkpoint whose write was interrupted is ignored
-        if best is None or meta["step"] > best[1]["step"]:
-            best = (entry, meta)
-    return best
+            continue
+    return sorted(found, key=lambda item: item[1]["step"], reverse=True)
+
+
+def latest_checkpoint(cfg: RunConfig, run_dir: str) -> tuple[str, dict] | None:
+    checkpoints = list_checkpoints(run_uri(cfg, run_dir))
+    return checkpoints[0] if checkpoints else None
 
 
 def _root_cause(err: BaseException) -> str:
@@ -315,13 +338,8 @@ def run(cfg: RunConfig) -> dict:
     if manifest["shape"] != [cfg.data.channels, cfg.data.resolution, cfg.data.resolution]:
         raise StageError(f"{data_uri}: prepared shape {manifest['shape']} does not match data.channels/resolution")
     signature = resume_signature(cfg, num_classes)
-
-    existing = latest_checkpoint(cfg)
-    if existing and existing[1]["signature"] != signature:
-        raise StageError(
-            f"{existing[0]}: checkpoint at step {existing[1]['step']} was trained with a different model/optimizer "
-            f"config; set a new ray.run_name or remove {run_uri(cfg)}"
-        )
+    run_dir = run_directory(cfg, signature)
+    existing = latest_checkpoint(cfg, run_dir)
     mlflow = connect(cfg)
     run_id = existing[1]["mlflow_run_id"] if existing else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.ray.run_name) as active:
@@ -330,20 +348,23 @@ def run(cfg: RunConfig) -> dict:
             mlflow.set_tags({"git_revision": git_revision(), "data_hash": dataset_hash(data_uri), "model_family": "gan"})
         context = LoopContext(
             data_uri=data_uri, num_classes=num_classes, channels=cfg.data.channels, signature=signature,
+            run_uri=run_uri(cfg, run_dir),
             data_hash=dataset_hash(data_uri), git_revision=git_revision(), tracking_uri=tracking_uri(cfg),
             mlflow_run_id=active.info.run_id,
         )  # fmt: skip
         if existing and existing[1]["step"] >= cfg.train.total_steps:
-            logger.info("run %s already trained to step %d; exporting", cfg.ray.run_name, existing[1]["step"])
+            logger.info("run %s already trained to step %d; exporting", run_dir, existing[1]["step"])
             checkpoint_uri = existing[0]
         else:
             if existing:
-                logger.info("resuming run %s from step %d", cfg.ray.run_name, existing[1]["step"])
-            checkpoint_uri = _fit(cfg, context)
+                logger.info("resuming run %s from step %d", run_dir, existing[1]["step"])
+            else:
+                logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
+            checkpoint_uri = _fit(cfg, context, run_dir)
         return _export(cfg, checkpoint_uri, context, mlflow)
 
 
-def _fit(cfg: RunConfig, context: LoopContext) -> str:
+def _fit(cfg: RunConfig, context: LoopContext, run_dir: str) -> str:
     ray = init_ray(cfg)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -357,7 +378,7 @@ def _fit(cfg: RunConfig, context: LoopContext) -> str:
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})},
         ),
         run_config=RayRunConfig(
-            name=cfg.ray.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=run_dir, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         ),
@@ -370,7 +391,9 @@ def _fit(cfg: RunConfig, context: LoopContext) -> str:
         ray.shutdown()
     if result.checkpoint is None:
         raise StageError("training finished without a checkpoint")
-    return f"{cfg.ray.storage_path.rstrip('/')}/{cfg.ray.run_name}/{Path(result.checkpoint.path).name}" if storage_fs else result.checkpoint.path
+    if storage_fs:  # pyarrow paths drop the scheme; keep a URI that fsspec can open
+        return f"{cfg.ray.storage_path.rstrip('/')}/{run_dir}/{Path(result.checkpoint.path).name}"
+    return result.checkpoint.path
 
 
 def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -> dict:
