@@ -49,7 +49,6 @@ class LoopContext:
 
     data_uri: str
     num_classes: int
-    channels: int
     signature: str
     run_uri: str  # this run's checkpoint directory (local path or s3://)
     data_hash: str
@@ -342,15 +341,14 @@ def run(cfg: RunConfig) -> dict:
     existing = latest_checkpoint(cfg, run_dir)
     mlflow = connect(cfg)
     run_id = existing[1]["mlflow_run_id"] if existing else None
+    data_hash, revision = dataset_hash(data_uri), git_revision()
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.ray.run_name) as active:
         if existing is None:
             mlflow.log_params(flat_params(cfg))
-            mlflow.set_tags({"git_revision": git_revision(), "data_hash": dataset_hash(data_uri), "model_family": "gan"})
+            mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "model_family": "gan"})
         context = LoopContext(
-            data_uri=data_uri, num_classes=num_classes, channels=cfg.data.channels, signature=signature,
-            run_uri=run_uri(cfg, run_dir),
-            data_hash=dataset_hash(data_uri), git_revision=git_revision(), tracking_uri=tracking_uri(cfg),
-            mlflow_run_id=active.info.run_id,
+            data_uri=data_uri, num_classes=num_classes, signature=signature, run_uri=run_uri(cfg, run_dir),
+            data_hash=data_hash, git_revision=revision, tracking_uri=tracking_uri(cfg), mlflow_run_id=active.info.run_id,
         )  # fmt: skip
         if existing and existing[1]["step"] >= cfg.train.total_steps:
             logger.info("run %s already trained to step %d; exporting", run_dir, existing[1]["step"])
