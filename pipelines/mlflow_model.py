@@ -23,7 +23,7 @@ class GeneratorModel(PythonModel):
 
         from gen_core.sampling import sample_gan, to_uint8
 
-        labels = torch.as_tensor(model_input["label"].to_numpy(), dtype=torch.long)
+        labels = torch.tensor(model_input["label"].tolist(), dtype=torch.long)
         num_classes = self.generator.spec.num_classes
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"label out of range 0..{num_classes - 1}")
