@@ -29,6 +29,12 @@ def filesystem(uri: str):
     return fs, path
 
 
+def download_directory(uri: str, local: str | Path) -> None:
+    """Copy a directory (local path or URL) into the existing local directory `local`."""
+    fs, path = filesystem(uri)
+    fs.get(path.rstrip("/") + "/", str(local), recursive=True)
+
+
 def _storage_options(uri: str, given: dict) -> dict:
     if uri.startswith("s3://") and "client_kwargs" not in given and os.environ.get("AWS_ENDPOINT_URL"):
         return {**given, "client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}

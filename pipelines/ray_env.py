@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from gen_core.config import RunConfig
+from gen_core.io import filesystem
 from pipelines.common import REPO_ROOT, StageError, absolute
 
 
@@ -16,7 +17,6 @@ def init_ray(cfg: RunConfig):
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-worker progress lines differ on purpose
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}}
     try:
         if address:
             # Join as is: under `ray job submit` the job's own runtime env (working_dir) applies.
@@ -27,7 +27,7 @@ def init_ray(cfg: RunConfig):
             # cleaner polls; without it every run logs a warning per second.
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, needed),
-                runtime_env={**env, "env_vars": {**env["env_vars"], "PYTHONPATH": str(REPO_ROOT)}},
+                runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}},
             )  # fmt: skip
     except ConnectionError as err:
         raise StageError(f"Ray cluster at {address}: unreachable ({err})") from None
@@ -41,11 +41,9 @@ def storage(cfg: RunConfig) -> tuple[str, object | None]:
     if not path.startswith("s3://"):
         return absolute(path), None
     import pyarrow.fs
-    import s3fs
 
-    kwargs = {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}} if os.environ.get("AWS_ENDPOINT_URL") else {}
-    fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(**kwargs)))
-    return path[len("s3://") :], fs
+    fs, bucket_path = filesystem(path)  # same s3fs settings as the data readers
+    return bucket_path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def run_uri(cfg: RunConfig, run_dir: str) -> str:

@@ -29,7 +29,7 @@ from PIL import Image
 from gen_core.checkpoint import CheckpointError, export_generator, load_training_state, save_training_state
 from gen_core.config import RunConfig
 from gen_core.data import dataset_hash, load_split, read_manifest
-from gen_core.io import atomic_directory, atomic_write_bytes, filesystem
+from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.losses import discriminator_loss, generator_loss
 from gen_core.models import (
     Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, ema_beta, recalibrate_batchnorm, requires_grad, update_ema,
@@ -161,8 +161,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for uri, _ in list_checkpoints(ctx.run_uri):
         try:
             with tempfile.TemporaryDirectory() as directory:
-                fs, path = filesystem(uri)
-                fs.get(path.rstrip("/") + "/", directory, recursive=True)
+                download_directory(uri, directory)
                 state, _ = load_training_state(directory)
                 history = _read_history(Path(directory))
             break
@@ -397,9 +396,8 @@ def _fit(cfg: RunConfig, context: LoopContext, run_dir: str) -> str:
 def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -> dict:
     """EMA generator -> <train.out_dir> (safetensors), loss history -> DVC plots, checkpoint -> MLflow."""
     logger = log("train_gan")
-    fs, path = filesystem(checkpoint_uri)
     with tempfile.TemporaryDirectory() as local:
-        fs.get(path.rstrip("/") + "/", local, recursive=True)
+        download_directory(checkpoint_uri, local)
         state, meta = load_training_state(local)
         export_meta = {
             "generator_spec": meta["generator_spec"], "step": meta["step"], "data_hash": meta["data_hash"],
