@@ -22,6 +22,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not match the current run."""
 
 
+class LatentMismatchError(CheckpointError):
+    """Latents, denoiser and autoencoder that do not belong together (channels, scale, weights)."""
+
+
 def save_training_state(directory: str | Path, state: dict, meta: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 model that rejects unknown keys, so a typo or an out-of-range value fails before
 any work starts, with one line that names the key:
 
-    params.yaml: train.lr_g: Input should be greater than 0 (got -0.1)
+    params.yaml: gan.lr_g: Input should be greater than 0 (got -0.1)
 """
 
 from __future__ import annotations
@@ -84,6 +84,30 @@ class RefStatsConfig(_Section):
     out_dir: str = "data/ref_stats"
 
 
+class LoopConfig(_Section):
+    """What every Ray Train loop shares: length, batch, precision, checkpoint and log cadence.
+    Each model family subclasses it with its own defaults and knobs."""
+
+    total_steps: int = Field(2000, ge=1)
+    global_batch_size: int = Field(64, ge=1)  # split evenly over ray.num_workers
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware runs it natively
+    seed: int = 0
+    checkpoint_every_steps: int = Field(250, ge=1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    log_every_steps: int = Field(50, ge=1)
+    sample_grid_seed: int = 1234
+    out_dir: str = "models/gan"
+    losses_file: str = "metrics/gan_losses.csv"  # DVC plots
+
+    @model_validator(mode="after")
+    def _checkpoint_within_run(self):
+        if self.checkpoint_every_steps > self.total_steps:
+            raise ValueError(
+                f"checkpoint_every_steps ({self.checkpoint_every_steps}) exceeds total_steps ({self.total_steps})"
+            )
+        return self
+
+
 class GanModelConfig(_Section):
     """Class-conditional DCGAN sizes. Resolution and channels come from `data`."""
 
@@ -93,13 +117,11 @@ class GanModelConfig(_Section):
     spectral_norm: bool = True
 
 
-class TrainConfig(_Section):
+class GanConfig(LoopConfig):
     """`train_gan`: Ray Train run of the conditional GAN."""
 
     model: GanModelConfig = GanModelConfig()
     loss: Literal["nonsaturating", "hinge"] = "hinge"
-    total_steps: int = Field(2000, ge=1)
-    global_batch_size: int = Field(64, ge=1)
     lr_g: float = Field(2e-4, gt=0, le=1)
     lr_d: float = Field(2e-4, gt=0, le=1)
     adam_beta1: float = Field(0.0, ge=0, lt=1)
@@ -107,20 +129,100 @@ class TrainConfig(_Section):
     d_steps_per_g_step: int = Field(1, ge=1)
     ema_halflife_kimg: float = Field(10.0, gt=0)  # EMA of G: half-life in thousands of images
     ema_rampup_ratio: float | None = Field(0.05, gt=0)  # half-life <= this x images seen; null: off
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 0
-    checkpoint_every_steps: int = Field(250, ge=1)
-    checkpoints_to_keep: int = Field(2, ge=1)
-    log_every_steps: int = Field(50, ge=1)
-    sample_grid_seed: int = 1234
-    out_dir: str = "models/gan"
-    losses_file: str = "metrics/train_losses.csv"  # DVC plots
+
+
+class AutoencoderConfig(LoopConfig):
+    """`train_autoencoder`: KL-regularised autoencoder (diffusers AutoencoderKL) for latent diffusion."""
+
+    downsample_factor: int = Field(4, ge=1, le=32)  # latents are resolution / factor on a side
+    latent_channels: int = Field(4, ge=1)
+    width: int = Field(16, ge=8)  # channels at full resolution, doubled per downsample
+    layers_per_block: int = Field(1, ge=1)
+    reconstruction_loss: Literal["l1", "mse"] = "l1"
+    kl_weight: float = Field(1e-6, ge=0)  # small: the KL only keeps latents near N(0, I) in scale
+    lr: float = Field(1e-3, gt=0, le=1)
+    global_batch_size: int = Field(64, ge=1)
+    total_steps: int = Field(600, ge=1)
+    out_dir: str = "models/autoencoder"
+    losses_file: str = "metrics/autoencoder_losses.csv"
+    metrics_file: str = "metrics/autoencoder.json"  # reconstruction PSNR and FID on the eval split
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainConfig":
-        if self.checkpoint_every_steps > self.total_steps:
+    def _power_of_two(self):
+        if self.downsample_factor & (self.downsample_factor - 1):
+            raise ValueError(f"downsample_factor must be a power of two (got {self.downsample_factor})")
+        if self.width % min(self.width, 32):
+            raise ValueError(f"width must be a multiple of 32 when above 32 (got {self.width})")
+        return self
+
+
+class LatentsConfig(_Section):
+    """`encode_latents`: the train split's latents (posterior means), cached once for train_ldm."""
+
+    batch_size: int = Field(500, ge=1)
+    out_dir: str = "data/latents"
+
+
+class DenoiserConfig(_Section):
+    """diffusers UNet2DModel with class embedding; self-attention in the lowest `attention_levels`."""
+
+    block_out_channels: tuple[int, ...] = Field((64, 128), min_length=1)
+    layers_per_block: int = Field(1, ge=1)
+    attention_levels: int = Field(1, ge=0)
+    attention_head_dim: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _groups(self):
+        if any(c % 32 for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels must be multiples of 32 (got {list(self.block_out_channels)})")
+        if self.attention_levels > len(self.block_out_channels):
+            raise ValueError(f"attention_levels ({self.attention_levels}) exceeds the number of levels")
+        return self
+
+
+class NoiseScheduleConfig(_Section):
+    """The forward process the denoiser is trained on (diffusers DDPMScheduler config)."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+class SamplerConfig(_Section):
+    """How samples are drawn (evaluate, sample grids, the registered model)."""
+
+    name: Literal["ddpm", "ddim", "dpmsolver++"] = "dpmsolver++"
+    num_steps: int = Field(25, ge=1)  # ddpm at num_train_timesteps is the full chain
+    # Classifier-free guidance: 1 = conditional model as is, 0 = unconditional, > 1 = sharper classes.
+    guidance_scale: float = Field(3.0, ge=0)
+
+
+class LdmConfig(LoopConfig):
+    """`train_ldm`: class-conditional denoiser in the autoencoder's latent space (or on pixels: the baseline)."""
+
+    space: Literal["latent", "pixel"] = "latent"  # pixel: same denoiser family on the images themselves
+    denoiser: DenoiserConfig = DenoiserConfig()
+    noise: NoiseScheduleConfig = NoiseScheduleConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    # Dropping labels (to the extra "null" class) trains the unconditional model that
+    # classifier-free guidance needs, inside the same network.
+    label_dropout: float = Field(0.1, ge=0, lt=1)
+    lr: float = Field(5e-4, gt=0, le=1)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_halflife_kimg: float = Field(20.0, gt=0)
+    ema_rampup_ratio: float | None = Field(0.1, gt=0)
+    global_batch_size: int = Field(128, ge=1)
+    total_steps: int = Field(1500, ge=1)
+    out_dir: str = "models/ldm"
+    losses_file: str = "metrics/ldm_losses.csv"
+
+    @model_validator(mode="after")
+    def _sampler_steps(self):
+        if self.sampler.num_steps > self.noise.num_train_timesteps:
             raise ValueError(
-                f"checkpoint_every_steps ({self.checkpoint_every_steps}) exceeds total_steps ({self.total_steps})"
+                f"sampler.num_steps ({self.sampler.num_steps}) exceeds noise.num_train_timesteps ({self.noise.num_train_timesteps})"
             )
         return self
 
@@ -134,7 +236,7 @@ class RayConfig(_Section):
     cpus_per_worker: int = Field(1, ge=1)
     strategy: Literal["ddp"] = "ddp"
     storage_path: str = "runs/ray"  # local path or s3:// URL; checkpoints live here
-    run_name: str = "gan"
+    run_name: str = "genforge"  # runs live in <storage_path>/<run_name>-<family>-<config signature>
     max_failures: int = Field(0, ge=-1)
 
 
@@ -147,16 +249,22 @@ class EvaluateConfig(_Section):
     kid_subset_size: int = Field(100, ge=2)
     kid_subsets: int = Field(50, ge=1)
     pr_neighbors: int = Field(3, ge=1)
-    out_file: str = "metrics/metrics.json"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the sampler network (Inception follows ref_stats)
+    out_dir: str = "metrics/eval"  # <out_dir>/<family>.json
+
+
+class GateConfig(_Section):
+    model_name: str
+    fid_threshold: float = Field(150.0, gt=0)  # champion moves only at or below this, and only if better
 
 
 class RegistryConfig(_Section):
-    """`register`: MLflow model version + FID gate for the `champion` alias."""
+    """`register`: MLflow model version + FID gate for the `champion` alias, per model family."""
 
-    model_name: str = "genforge-gan"
-    fid_threshold: float = Field(150.0, gt=0)
+    gan: GateConfig = GateConfig(model_name="genforge-gan")
+    ldm: GateConfig = GateConfig(model_name="genforge-ldm")
     alias: str = "champion"
-    out_file: str = "metrics/register.json"
+    out_dir: str = "metrics/register"  # <out_dir>/<family>.json
 
 
 class TrackingConfig(_Section):
@@ -166,11 +274,19 @@ class TrackingConfig(_Section):
     experiment: str = "genforge"
 
 
+Family = Literal["gan", "ldm"]
+# Training section of each config-driven model loop (the autoencoder is a stage of the ldm family).
+FAMILY_SECTIONS = {"gan": "gan", "autoencoder": "autoencoder", "ldm": "ldm"}
+
+
 class RunConfig(_Section):
     data: DataConfig = DataConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     ref_stats: RefStatsConfig = RefStatsConfig()
-    train: TrainConfig = TrainConfig()
+    gan: GanConfig = GanConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    latents: LatentsConfig = LatentsConfig()
+    ldm: LdmConfig = LdmConfig()
     ray: RayConfig = RayConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -178,10 +294,17 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        if self.train.global_batch_size % self.ray.num_workers:
+        for name in FAMILY_SECTIONS.values():
+            loop = getattr(self, name)
+            if loop.global_batch_size % self.ray.num_workers:
+                raise ValueError(
+                    f"{name}.global_batch_size ({loop.global_batch_size}) must be divisible by "
+                    f"ray.num_workers ({self.ray.num_workers})"
+                )
+        if self.data.resolution // self.autoencoder.downsample_factor < 2:
             raise ValueError(
-                f"train.global_batch_size ({self.train.global_batch_size}) must be divisible by "
-                f"ray.num_workers ({self.ray.num_workers})"
+                f"autoencoder.downsample_factor ({self.autoencoder.downsample_factor}) leaves latents under 2x2 "
+                f"at data.resolution {self.data.resolution}"
             )
         if self.evaluate.kid_subset_size > min(self.evaluate.num_samples, self.data.eval_images):
             raise ValueError(
@@ -189,6 +312,12 @@ class RunConfig(_Section):
                 "evaluate.num_samples or data.eval_images"
             )
         return self
+
+    def family(self, family: Family) -> LoopConfig:
+        return self.gan if family == "gan" else self.ldm
+
+    def eval_file(self, family: Family) -> str:
+        return f"{self.evaluate.out_dir}/{family}.json"
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +339,7 @@ def _format_error(source: str, err: ValidationError) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.total_steps=10' -> (['train', 'total_steps'], 10). Values are YAML."""
+    """'gan.total_steps=10' -> (['gan', 'total_steps'], 10). Values are YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE")
     key, value = text.split("=", 1)

@@ -32,7 +32,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a param, e.g. --set train.total_steps=100 (repeatable; values are YAML)",
+        help="override a param, e.g. --set gan.total_steps=100 (repeatable; values are YAML)",
     )  # fmt: skip
     return parser
 

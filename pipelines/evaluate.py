@@ -1,9 +1,12 @@
 """Stage `evaluate`: FID, KID, classifier-feature FID, class-conditional accuracy, precision/recall.
 
-Samples are generated on Ray workers (one task per worker, each a strided share of sample
+    python -m pipelines.evaluate --family gan|ldm
+
+The same stage for every model family: the exported generator (gen_core.generators) says how it
+samples. Samples are generated on Ray workers (one task per worker, each a strided share of sample
 indices, streamed in batches). Sample i uses seed `evaluate.seed + i` and class i mod K, so the
-metrics do not depend on the number of workers. Writes evaluate.out_file (DVC metrics) and logs
-the metrics to the training run in MLflow.
+metrics do not depend on the number of workers. Writes <evaluate.out_dir>/<family>.json (DVC
+metrics) and logs the metrics to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -15,31 +18,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_core.checkpoint import load_generator
 from gen_core.classifier import classify
 from gen_core.config import InceptionConfig, RunConfig
 from gen_core.io import atomic_write_json, sha256_file
 from gen_core.metrics import (
     FeatureStats, fid_from_stats, inception_features, inception_path, kid, load_inception, load_ref_stats, precision_recall,
 )  # fmt: skip
-from gen_core.models import Generator
-from gen_core.sampling import balanced_labels, sample_gan, to_uint8
+from gen_core.generators import load_image_generator, read_generator_meta
+from gen_core.sampling import balanced_labels, to_uint8
+from gen_core.training import autocast_dtype
 from pipelines.classifier import load_classifier
-from pipelines.common import StageError, format_duration, log, run_stage
+from pipelines.common import StageError, format_duration, log, run_stage, stage_parser
 from pipelines.ray_env import init_ray
 from pipelines.tracking import connect
 
 
 def features_for_indices(
-    G: Generator, classifier, inception, indices: np.ndarray, seed: int, batch_size: int, device, report=None,
+    generator, classifier, inception, indices: np.ndarray, seed: int, batch_size: int, device, report=None, amp_dtype=None,
 ) -> dict:  # fmt: skip
     """Generate samples `indices` and return their Inception/classifier features and predictions."""
     inception_feats, classifier_feats, correct = [], [], 0
-    num_classes = G.spec.num_classes
+    num_classes = generator.num_classes
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         labels = balanced_labels(chunk, num_classes)
-        images = to_uint8(sample_gan(G, labels, [seed + int(i) for i in chunk], device).cpu())
+        images = to_uint8(generator.sample(labels, [seed + int(i) for i in chunk], device, autocast_dtype=amp_dtype).cpu())
         inception_feats.append(inception_features(inception, images).astype(np.float32))
         predictions, feats = classify(classifier, images)
         classifier_feats.append(feats.astype(np.float32))
@@ -52,10 +55,10 @@ def features_for_indices(
 
 
 def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, indices: np.ndarray, seed: int,
-               batch_size: int, threads: int, use_gpu: bool, worker: int) -> dict:  # fmt: skip
+               batch_size: int, precision: str, threads: int, use_gpu: bool, worker: int) -> dict:  # fmt: skip
     torch.set_num_threads(threads)
     device = torch.device("cuda" if use_gpu else "cpu")
-    G, _ = load_generator(generator_dir)
+    generator, _ = load_image_generator(generator_dir)
     classifier, _ = load_classifier(classifier_dir)
     inception = load_inception(InceptionConfig(**inception_cfg), device)
     started = time.monotonic()
@@ -65,15 +68,18 @@ def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, ind
         sys.stdout.write(f"[evaluate] worker {worker}: {done}/{total} samples, {rate:.1f} img/s, eta {format_duration((total - done) / rate)}\n")
         sys.stdout.flush()
 
-    return features_for_indices(G.to(device), classifier.to(device), inception, indices, seed, batch_size, device, report)
+    amp_dtype = autocast_dtype(precision, device)
+    return features_for_indices(generator.to(device), classifier.to(device), inception, indices, seed, batch_size, device, report, amp_dtype)
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, family: str) -> dict:
     logger = log("evaluate")
     e = cfg.evaluate
-    generator_dir = str(Path(cfg.train.out_dir).resolve())
+    generator_dir = str(Path(cfg.family(family).out_dir).resolve())
     classifier_dir = str(Path(cfg.classifier.out_dir).resolve())
-    _, gen_meta = load_generator(generator_dir)
+    gen_meta = read_generator_meta(generator_dir)
+    if gen_meta.get("family", "gan") != family:
+        raise StageError(f"{generator_dir}: holds a {gen_meta.get('family')} model, not {family}")
     ref_inception = load_ref_stats(f"{cfg.ref_stats.out_dir}/inception.npz")
     ref_classifier = load_ref_stats(f"{cfg.ref_stats.out_dir}/classifier.npz")
     _, feature_sha256 = inception_path(cfg.ref_stats.inception)
@@ -85,11 +91,11 @@ def run(cfg: RunConfig) -> dict:
     ray = init_ray(cfg)
     task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)(_eval_task)
     workers = min(cfg.ray.num_workers, e.num_samples)
-    logger.info("generating %d samples on %d Ray workers", e.num_samples, workers)
+    logger.info("generating %d %s samples on %d Ray workers", e.num_samples, family, workers)
     all_indices = np.arange(e.num_samples)
     futures = [
         task.remote(generator_dir, classifier_dir, cfg.ref_stats.inception.model_dump(), all_indices[w::workers], e.seed,
-                    e.batch_size, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, w)
+                    e.batch_size, e.precision, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, w)
         for w in range(workers)
     ]  # fmt: skip
     try:
@@ -113,8 +119,10 @@ def run(cfg: RunConfig) -> dict:
         "num_samples": e.num_samples,
         "step": gen_meta["step"],
         "feature_sha256": feature_sha256,
+        "family": family,
+        **sampler_settings(gen_meta),
     }
-    atomic_write_json(e.out_file, metrics)
+    atomic_write_json(cfg.eval_file(family), metrics)
     mlflow = connect(cfg)
     with mlflow.start_run(run_id=gen_meta["mlflow_run_id"]):
         mlflow.log_metrics({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=gen_meta["step"])
@@ -126,8 +134,21 @@ def run(cfg: RunConfig) -> dict:
     return metrics
 
 
+def sampler_settings(gen_meta: dict) -> dict:
+    sampler = gen_meta.get("sampler")
+    if not sampler:
+        return {}
+    return {"sampler": sampler["name"], "sampler_steps": sampler["num_steps"], "guidance_scale": sampler["guidance_scale"]}
+
+
+def family_parser(description: str):
+    parser = stage_parser(description)
+    parser.add_argument("--family", choices=["gan", "ldm"], default="gan", help="model family (default: gan)")
+    return parser
+
+
 def main() -> None:
-    run_stage("evaluate", lambda cfg, args: run(cfg) and None)
+    run_stage("evaluate", lambda cfg, args: run(cfg, args.family) and None, family_parser("genforge evaluate stage"))
 
 
 if __name__ == "__main__":

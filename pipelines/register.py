@@ -1,11 +1,11 @@
-"""Stage `register`: register the generator in MLflow and gate the `champion` alias on FID.
+"""Stage `register`: register a generator in MLflow and gate the `champion` alias on FID.
 
-    python -m pipelines.register [--require-promotion]
+    python -m pipelines.register --family gan|ldm [--require-promotion]
 
-The alias moves only if FID <= registry.fid_threshold and FID is better than the current
-champion's; otherwise the version is tagged `rejected` with the reason. Re-running with the same
+Each family has its own registered model (registry.<family>.model_name). The alias moves only if
+FID <= registry.<family>.fid_threshold and FID is better than the current champion's; otherwise the version is tagged `rejected` with the reason. Re-running with the same
 generator reuses its version (idempotent). The decision is printed in one line and written to
-registry.out_file. --require-promotion exits 1 when the version is not (already) the champion.
+<registry.out_dir>/<family>.json. --require-promotion exits 1 when the version is not (already) the champion.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gen_core.checkpoint import load_generator, load_generator_export
 from gen_core.config import RunConfig
-from gen_core.io import atomic_write_json, sha256_file
-from gen_core.models import Generator
-from pipelines.common import REPO_ROOT, StageError, log, run_stage, stage_parser
+from gen_core.generators import generator_digest, load_image_generator, read_generator_meta, weight_files
+from gen_core.io import atomic_write_json
+from pipelines.common import REPO_ROOT, StageError, log, run_stage
+from pipelines.evaluate import family_parser
 from pipelines.tracking import connect
 
 MODEL_CODE = REPO_ROOT / "pipelines" / "mlflow_model.py"
-PIP_REQUIREMENTS = ["torch==2.14.1", "safetensors", "numpy", "fsspec", "pandas"]  # explicit: inference takes ~8 s
+# explicit: inferring them takes ~8 s
+PIP_REQUIREMENTS = ["torch==2.14.1", "diffusers==0.42.1", "safetensors", "numpy", "fsspec", "pandas", "pydantic>=2.6", "pyyaml"]
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,14 @@ def decide(fid: float, threshold: float, champion_fid: float | None) -> GateDeci
     return GateDecision(True, f"fid {fid:.2f} <= threshold {threshold:.2f}{versus}")
 
 
-def load_registered_generator(model_uri: str) -> Generator:
-    """Build a generator from a registered version (e.g. models:/genforge-gan@champion) using only
-    its safetensors weights and JSON spec: no code from the registry is executed."""
+def load_registered_generator(model_uri: str):
+    """Build a generator (GAN or diffusion) from a registered version, e.g. models:/genforge-ldm@champion,
+    using only its safetensors weights and JSON configs: no code from the registry is executed."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts/generator", dst_path=tmp)
-        generator, _ = load_generator(local)
+        generator, _ = load_image_generator(local)
     return generator
 
 
@@ -64,16 +65,20 @@ def _find_version(client, name: str, run_id: str, generator_sha256: str):
     return None
 
 
-def register(cfg: RunConfig, require_promotion: bool = False) -> dict:
+def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = False) -> dict:
     logger = log("register")
     r = cfg.registry
-    generator_dir = Path(cfg.train.out_dir)
-    _, gen_meta = load_generator_export(generator_dir)
+    gate = getattr(r, family)
+    generator_dir = Path(cfg.family(family).out_dir)
+    gen_meta = read_generator_meta(generator_dir)
+    eval_file = cfg.eval_file(family)
     try:
-        metrics = json.loads(Path(cfg.evaluate.out_file).read_text())
+        metrics = json.loads(Path(eval_file).read_text())
     except FileNotFoundError:
-        raise StageError(f"{cfg.evaluate.out_file}: not found (run the evaluate stage first)") from None
-    generator_sha256 = sha256_file(generator_dir / "generator.safetensors")
+        raise StageError(f"{eval_file}: not found (run the evaluate stage first)") from None
+    generator_sha256 = generator_digest(generator_dir)
+    if metrics.get("step") != gen_meta["step"] or metrics.get("family", "gan") != gen_meta.get("family", "gan"):
+        raise StageError(f"{eval_file}: evaluates another model (step {metrics.get('step')}); rerun evaluate --family {family}")
 
     mlflow = connect(cfg)
     from mlflow import MlflowClient
@@ -82,75 +87,76 @@ def register(cfg: RunConfig, require_promotion: bool = False) -> dict:
     client = MlflowClient()
     run_id = gen_meta["mlflow_run_id"]
     try:
-        client.get_registered_model(r.model_name)
+        client.get_registered_model(gate.model_name)
     except MlflowException:
-        client.create_registered_model(r.model_name, description="genforge class-conditional generator")
+        client.create_registered_model(gate.model_name, description=f"genforge class-conditional generator ({family})")
 
-    version = _find_version(client, r.model_name, run_id, generator_sha256)
+    version = _find_version(client, gate.model_name, run_id, generator_sha256)
     if version is None:
         import pandas as pd
 
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
             artifact = Path(tmp) / "generator"
-            artifact.mkdir()
-            for name in ("generator.safetensors", "generator.json"):
-                shutil.copy(generator_dir / name, artifact / name)
+            for path in weight_files(generator_dir):  # weights and configs; not the sample grid
+                (artifact / path.relative_to(generator_dir)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, artifact / path.relative_to(generator_dir))
             info = mlflow.pyfunc.log_model(
                 name="generator", python_model=str(MODEL_CODE), artifacts={"generator": str(artifact)},
                 code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
                 input_example=pd.DataFrame({"label": [0, 1], "seed": [0, 1]}),
             )  # fmt: skip
-        version = mlflow.register_model(info.model_uri, r.model_name, tags={"generator_sha256": generator_sha256})
-        version = client.get_model_version(r.model_name, version.version)
+        version = mlflow.register_model(info.model_uri, gate.model_name, tags={"generator_sha256": generator_sha256})
+        version = client.get_model_version(gate.model_name, version.version)
         # log_model's source is a models:/m-... URI; the run id links the version to its training run
         if version.run_id != run_id:
-            client.set_model_version_tag(r.model_name, version.version, "training_run_id", run_id)
+            client.set_model_version_tag(gate.model_name, version.version, "training_run_id", run_id)
     tags = {
         "fid": f"{metrics['fid']:.6f}", "kid": f"{metrics['kid']:.6f}", "fid_classifier": f"{metrics['fid_classifier']:.6f}",
         "class_accuracy": f"{metrics['class_accuracy']:.6f}", "data_hash": gen_meta["data_hash"],
         "fid_feature_sha256": metrics["feature_sha256"], "git_revision": gen_meta["git_revision"], "step": str(gen_meta["step"]),
-        "training_run_id": run_id, "generator_sha256": generator_sha256,
+        "training_run_id": run_id, "generator_sha256": generator_sha256, "model_family": family,
+        **{k: str(metrics[k]) for k in ("sampler", "sampler_steps", "guidance_scale") if k in metrics},
     }  # fmt: skip
     for key, value in tags.items():
-        client.set_model_version_tag(r.model_name, version.version, key, value)
+        client.set_model_version_tag(gate.model_name, version.version, key, value)
 
     try:
-        champion = client.get_model_version_by_alias(r.model_name, r.alias)
+        champion = client.get_model_version_by_alias(gate.model_name, r.alias)
     except MlflowException:
         champion = None
     if champion is not None and champion.version == version.version:
         decision = GateDecision(True, "already champion")
     else:
         champion_fid = float(champion.tags["fid"]) if champion is not None and "fid" in champion.tags else None
-        decision = decide(metrics["fid"], r.fid_threshold, champion_fid)
+        decision = decide(metrics["fid"], gate.fid_threshold, champion_fid)
         if decision.promoted:
-            client.set_registered_model_alias(r.model_name, r.alias, version.version)
-            client.set_model_version_tag(r.model_name, version.version, "gate", "promoted")
+            client.set_registered_model_alias(gate.model_name, r.alias, version.version)
+            client.set_model_version_tag(gate.model_name, version.version, "gate", "promoted")
             if "rejected" in version.tags:
-                client.delete_model_version_tag(r.model_name, version.version, "rejected")
+                client.delete_model_version_tag(gate.model_name, version.version, "rejected")
         else:
-            client.set_model_version_tag(r.model_name, version.version, "gate", "rejected")
-            client.set_model_version_tag(r.model_name, version.version, "rejected", decision.reason)
+            client.set_model_version_tag(gate.model_name, version.version, "gate", "rejected")
+            client.set_model_version_tag(gate.model_name, version.version, "rejected", decision.reason)
 
     verdict = "PROMOTED" if decision.promoted else "REJECTED"
-    line = f"gate: {verdict} {r.model_name} v{version.version} -> @{r.alias}: {decision.reason}" if decision.promoted else (
-        f"gate: {verdict} {r.model_name} v{version.version}: {decision.reason}"
+    line = f"gate: {verdict} {gate.model_name} v{version.version} -> @{r.alias}: {decision.reason}" if decision.promoted else (
+        f"gate: {verdict} {gate.model_name} v{version.version}: {decision.reason}"
     )
     print(line, flush=True)
     record = {
-        "model_name": r.model_name, "version": int(version.version), "alias": r.alias, "fid": metrics["fid"],
-        "threshold": r.fid_threshold, "run_id": run_id, **asdict(decision),
+        "model_name": gate.model_name, "version": int(version.version), "alias": r.alias, "fid": metrics["fid"],
+        "threshold": gate.fid_threshold, "run_id": run_id, **asdict(decision),
     }  # fmt: skip
-    atomic_write_json(r.out_file, record)
+    atomic_write_json(f"{r.out_dir}/{family}.json", record)
     if require_promotion and not decision.promoted:
         return {**record, "exit_code": 1}
     return record
 
 
 def main() -> None:
-    parser = stage_parser("genforge register stage: MLflow model version + FID gate")
+    parser = family_parser("genforge register stage: MLflow model version + FID gate")
     parser.add_argument("--require-promotion", action="store_true", help="exit 1 if the version does not become champion")
-    run_stage("register", lambda cfg, args: register(cfg, args.require_promotion).get("exit_code", 0), parser)
+    run_stage("register", lambda cfg, args: register(cfg, args.family, args.require_promotion).get("exit_code", 0), parser)
 
 
 if __name__ == "__main__":

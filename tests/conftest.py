@@ -20,8 +20,11 @@ VENV_BIN = Path(sys.executable).parent
 TINY_OVERRIDES = {
     "data": {"source": "mnist5k", "max_train_images": 1000, "eval_images": 100, "shard_images": 400},
     "classifier": {"steps": 60, "batch_size": 64},
-    "train": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5,
-              "model": {"g_width": 16, "d_width": 16, "z_dim": 32}},
+    "gan": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5,
+            "model": {"g_width": 16, "d_width": 16, "z_dim": 32}},
+    "autoencoder": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5, "width": 8},
+    "ldm": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5,
+            "denoiser": {"block_out_channels": [32, 32]}, "sampler": {"num_steps": 5}},
     "evaluate": {"num_samples": 60, "batch_size": 30, "kid_subset_size": 30, "kid_subsets": 5},
 }  # fmt: skip
 

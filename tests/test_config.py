@@ -13,13 +13,13 @@ def test_repo_params_parse_and_match_defaults_where_unset():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"train": {"lr_gg": 1}}, "params: train.lr_gg: unknown key"),
+        ({"gan": {"lr_gg": 1}}, "params: gan.lr_gg: unknown key"),
         ({"trian": {}}, "params: trian: unknown key"),
-        ({"train": {"lr_g": -0.1}}, "params: train.lr_g: Input should be greater than 0 (got -0.1)"),
+        ({"gan": {"lr_g": -0.1}}, "params: gan.lr_g: Input should be greater than 0 (got -0.1)"),
         ({"data": {"resolution": 30}}, "params: data: resolution must be a power of two (got 30)"),
         ({"data": {"source": "cifar"}}, "params: data.source: Input should be"),
-        ({"train": {"global_batch_size": 63}}, "divisible by ray.num_workers"),
-        ({"train": {"loss": "wasserstein"}}, "params: train.loss:"),
+        ({"gan": {"global_batch_size": 63}}, "divisible by ray.num_workers"),
+        ({"gan": {"loss": "wasserstein"}}, "params: gan.loss:"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(raw, message):
@@ -31,12 +31,12 @@ def test_bad_values_give_one_line_naming_the_key(raw, message):
 
 def test_overrides_and_yaml_errors(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("train:\n  total_steps: 10\n  checkpoint_every_steps: 5\n")
-    cfg = load_config(path, ["train.total_steps=20", "ray.use_gpu=true"])
-    assert cfg.train.total_steps == 20 and cfg.ray.use_gpu is True
-    with pytest.raises(ConfigError, match="train.total_stepz: unknown key"):
-        load_config(path, ["train.total_stepz=3"])
-    path.write_text("train: [unclosed\n")
+    path.write_text("gan:\n  total_steps: 10\n  checkpoint_every_steps: 5\n")
+    cfg = load_config(path, ["gan.total_steps=20", "ray.use_gpu=true"])
+    assert cfg.gan.total_steps == 20 and cfg.ray.use_gpu is True
+    with pytest.raises(ConfigError, match="gan.total_stepz: unknown key"):
+        load_config(path, ["gan.total_stepz=3"])
+    path.write_text("gan: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
     with pytest.raises(ConfigError, match="file not found"):
@@ -46,4 +46,4 @@ def test_overrides_and_yaml_errors(tmp_path):
 def test_config_is_frozen():
     cfg = RunConfig()
     with pytest.raises(Exception):
-        cfg.train.total_steps = 5
+        cfg.gan.total_steps = 5

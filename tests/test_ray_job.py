@@ -29,7 +29,7 @@ def test_job_submit_runs_train_gan(tmp_path, ray_cluster):
     params = tiny_params(data={"out_dir": str(tmp_path / "prepared")})
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     params["ray"]["storage_path"] = str(tmp_path / "ray")
-    params["train"].update(total_steps=10, checkpoint_every_steps=5, out_dir=str(tmp_path / "gan"))
+    params["gan"].update(total_steps=10, checkpoint_every_steps=5, out_dir=str(tmp_path / "gan"))
     path = write_params(tmp_path, params)
     assert run_cli(["python", "-m", "pipelines.prepare", "--params", str(path)], REPO, env).returncode == 0
 

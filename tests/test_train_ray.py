@@ -29,15 +29,15 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     root, params = prepared
     out = root / "gan"
     common = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray",
-              "--set", f"train.out_dir={out}", "--set", "train.checkpoint_every_steps=5",
-              "--set", f"train.losses_file={root}/losses.csv"]  # fmt: skip
-    first = run_cli([*common, "--set", "train.total_steps=10"], REPO)
+              "--set", f"gan.out_dir={out}", "--set", "gan.checkpoint_every_steps=5",
+              "--set", f"gan.losses_file={root}/losses.csv"]  # fmt: skip
+    first = run_cli([*common, "--set", "gan.total_steps=10"], REPO)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "2 worker(s) on cpu" in first.stdout and "step 10/10" in first.stdout
     first_meta = json.loads((out / "generator.json").read_text())
     assert first_meta["step"] == 10
 
-    second = run_cli([*common, "--set", "train.total_steps=20"], REPO)
+    second = run_cli([*common, "--set", "gan.total_steps=20"], REPO)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from checkpoint at step 10" in second.stdout and "steps 10->20" in second.stdout
     meta = json.loads((out / "generator.json").read_text())
@@ -46,11 +46,11 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     assert losses(root / "losses.csv") == [5, 10, 15, 20]  # history survives the resume
 
     # a changed model config does not touch the old run: it trains afresh in its own directory
-    changed = run_cli([*common, "--set", "train.total_steps=5", "--set", "train.model.g_width=8"], REPO)
+    changed = run_cli([*common, "--set", "gan.total_steps=5", "--set", "gan.model.g_width=8"], REPO)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "new run gan-" in changed.stdout and "steps 0->5" in changed.stdout
     assert len([p for p in (root / "ray").iterdir() if p.is_dir()]) == 2
-    again = run_cli([*common, "--set", "train.total_steps=20"], REPO)  # the original run is intact
+    again = run_cli([*common, "--set", "gan.total_steps=20"], REPO)  # the original run is intact
     assert again.returncode == 0 and "already trained to step 20" in again.stdout
 
 
@@ -78,8 +78,8 @@ def test_s3_data_and_checkpoints(tmp_path, moto_s3, real_digits):
     assert manifest["source_uri"] == "s3://genforge/mnist" and manifest["splits"]["train"]["count"] == 300
 
     result = run_cli(["python", "-m", "pipelines.train_gan", "--params", str(path), "--set", "ray.storage_path=s3://genforge/ray",
-                      "--set", "train.total_steps=10", "--set", "train.checkpoint_every_steps=5",
-                      "--set", f"train.out_dir={tmp_path / 'gan'}", "--set", f"train.losses_file={tmp_path}/losses.csv"],
+                      "--set", "gan.total_steps=10", "--set", "gan.checkpoint_every_steps=5",
+                      "--set", f"gan.out_dir={tmp_path / 'gan'}", "--set", f"gan.losses_file={tmp_path}/losses.csv"],
                      REPO, env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
@@ -132,8 +132,8 @@ def test_killed_worker_restarts_from_latest_checkpoint(prepared):
     root, params = prepared
     out = root / "killed"
     cmd = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray-kill",
-           "--set", "ray.max_failures=1", "--set", "train.total_steps=400", "--set", "train.checkpoint_every_steps=10",
-           "--set", "train.log_every_steps=50", "--set", f"train.out_dir={out}", "--set", f"train.losses_file={root}/killed.csv"]  # fmt: skip
+           "--set", "ray.max_failures=1", "--set", "gan.total_steps=400", "--set", "gan.checkpoint_every_steps=10",
+           "--set", "gan.log_every_steps=50", "--set", f"gan.out_dir={out}", "--set", f"gan.losses_file={root}/killed.csv"]  # fmt: skip
     process = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, killed_pid = [], None
     deadline = time.monotonic() + 300

@@ -1,0 +1,256 @@
+"""Latent diffusion building blocks on Hugging Face diffusers: autoencoder, denoiser, noise
+schedules, losses and seeded samplers.
+
+Networks are plain diffusers models (AutoencoderKL, UNet2DModel); schedules are diffusers
+schedulers built from the config; this module adds the pieces a class-conditional latent model
+needs around them:
+
+- `AutoencoderRoundTrip`: encode -> sample posterior -> decode as one forward, so DDP sees it.
+- `autoencoder_loss` / `diffusion_loss`: per-sample losses, the training step reduces them.
+- `sample_diffusion`: DDPM / DDIM / DPM-Solver++ with classifier-free guidance, one seeded
+  torch.Generator per sample, so sample i is the same image whatever the batch or worker.
+- `DiffusionGenerator`: an exported model (diffusers format on disk) that samples images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from torch import nn
+
+from gen_core.checkpoint import LatentMismatchError
+from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
+
+
+# ---------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------
+
+
+def build_autoencoder(cfg: AutoencoderConfig, channels: int, scaling_factor: float = 1.0) -> AutoencoderKL:
+    """AutoencoderKL with log2(f) downsamples: (N, C, R, R) <-> latents (N, latent_channels, R/f, R/f)."""
+    levels = int(math.log2(cfg.downsample_factor)) + 1  # the last block does not downsample
+    widths = tuple(cfg.width * 2**i for i in range(levels))
+    return AutoencoderKL(
+        in_channels=channels, out_channels=channels, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=widths, layers_per_block=cfg.layers_per_block, norm_num_groups=min(cfg.width, 32),
+        scaling_factor=scaling_factor,
+    )  # fmt: skip
+
+
+class AutoencoderRoundTrip(nn.Module):
+    """encode -> posterior sample -> decode in one forward (DDP only syncs what runs in forward)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        """images (N, C, R, R) in [-1, 1] -> (reconstruction, posterior mean, posterior logvar)."""
+        posterior = self.vae.encode(images).latent_dist
+        return self.vae.decode(posterior.sample(generator)).sample, posterior.mean, posterior.logvar
+
+
+def build_denoiser(cfg: DenoiserConfig, channels: int, sample_size: int, num_classes: int) -> UNet2DModel:
+    """Class-conditional UNet2DModel. Label `num_classes` is the "null" class used by guidance."""
+    levels = len(cfg.block_out_channels)
+    attention = [i >= levels - cfg.attention_levels for i in range(levels)]
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        num_class_embeds=num_classes + 1, attention_head_dim=cfg.attention_head_dim, norm_num_groups=32,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Noise schedules and samplers
+# ---------------------------------------------------------------------------
+
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+def training_schedule(cfg: NoiseScheduleConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
+        clip_sample=False,  # latents are not bounded to [-1, 1]; pixel models clamp at the end
+    )  # fmt: skip
+
+
+def make_sampler(name: str, schedule_config) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
+    """A fresh scheduler (they hold per-run state) sharing the training schedule's betas."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmsolver++" else {}
+    return SAMPLERS[name].from_config(schedule_config, **extra)
+
+
+def per_sample_generators(seeds, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    """(len(generators), *shape) standard normal; row i depends only on generators[i]."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def sample_diffusion(
+    unet: nn.Module, schedule_config, labels: torch.Tensor, seeds, shape: tuple[int, ...], num_classes: int,
+    sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0, device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Run the reverse process from seeded noise. Returns x_0 of shape (N, *shape), unclipped.
+
+    labels: (N,) class ids in [0, num_classes). Guidance mixes the conditional and the "null"
+    class predictions: out = uncond + guidance_scale * (cond - uncond).
+    """
+    labels = labels.to(device)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"class label out of range: got {labels.min().item()}..{labels.max().item()}, model has 0..{num_classes - 1}")
+    device = torch.device(device)
+    generators = per_sample_generators(seeds, "cpu")
+    scheduler = make_sampler(sampler, schedule_config)
+    scheduler.set_timesteps(num_steps, device=device)
+    x = seeded_noise(generators, shape, device) * scheduler.init_noise_sigma
+    null = torch.full_like(labels, num_classes)
+    guided = guidance_scale != 1.0
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(x, t)
+        batch_in, batch_labels = (torch.cat([model_in, model_in]), torch.cat([labels, null])) if guided else (model_in, labels)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = unet(batch_in, t, class_labels=batch_labels, return_dict=False)[0].float()
+        if guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        # DDPM draws fresh noise per step: per-sample generators keep it batch-independent
+        step_kwargs = {"generator": generators} if sampler == "ddpm" else {}
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Losses (per sample; the training step reduces)
+# ---------------------------------------------------------------------------
+
+
+def autoencoder_loss(round_trip: nn.Module, images: torch.Tensor, kind: str, kl_weight: float, generator=None):
+    """-> (loss (N,), reconstruction (N, C, R, R)). KL of the diagonal Gaussian posterior vs N(0, I)."""
+    reconstruction, mean, logvar = round_trip(images, generator)
+    error = (reconstruction.float() - images).abs() if kind == "l1" else (reconstruction.float() - images).pow(2)
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
+    return error.flatten(1).mean(1) + kl_weight * kl, reconstruction
+
+
+def diffusion_loss(
+    unet: nn.Module, schedule: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor, num_classes: int,
+    label_dropout: float, generator: torch.Generator,
+) -> torch.Tensor:  # fmt: skip
+    """Per-sample MSE of the epsilon or v target at uniform random timesteps. (N,)"""
+    n, device = len(x0), x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=generator).to(device)
+    drop = (torch.rand(n, generator=generator) < label_dropout).to(device)
+    labels = torch.where(drop, torch.full_like(labels, num_classes), labels)  # the null class: CFG's unconditional model
+    noisy = schedule.add_noise(x0, noise, timesteps)
+    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, timesteps)
+    prediction = unet(noisy, timesteps, class_labels=labels, return_dict=False)[0]
+    return F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+
+
+def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2). (N,)"""
+    mse = (reference.float() - reconstruction.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+# ---------------------------------------------------------------------------
+# Exported model: diffusers-format directory + generator.json
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionGenerator:
+    """A trained class-conditional diffusion model that samples images.
+
+    On disk (save_pretrained): unet/ and (latent space) vae/ in diffusers format, scheduler/ with
+    the training noise schedule, generator.json with the class names and default sampler.
+    """
+
+    unet: UNet2DModel
+    vae: AutoencoderKL | None  # None: the denoiser works on pixels
+    schedule_config: dict
+    num_classes: int
+    sampler: SamplerConfig
+    image_shape: tuple[int, int, int]  # (C, R, R) of the decoded images
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    def to(self, device) -> "DiffusionGenerator":
+        self.unet.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, seeds, device: torch.device | str = "cpu", *, sampler: str | None = None,
+               num_steps: int | None = None, guidance_scale: float | None = None, autocast_dtype=None) -> torch.Tensor:  # fmt: skip
+        """Images (N, C, R, R) in [-1, 1]; sample i depends only on (labels[i], seeds[i])."""
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        latents = sample_diffusion(
+            self.unet, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes,
+            sampler or self.sampler.name, num_steps or self.sampler.num_steps,
+            self.sampler.guidance_scale if guidance_scale is None else guidance_scale, device, autocast_dtype,
+        )  # fmt: skip
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        return decode_latents(self.vae, latents).clamp(-1, 1)
+
+    def save_pretrained(self, directory: str | Path, meta: dict) -> None:
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet", safe_serialization=True)
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae", safe_serialization=True)
+        make_sampler("ddpm", self.schedule_config).save_pretrained(directory / "scheduler")
+        info = {**meta, "family": "ldm", "space": "pixel" if self.vae is None else "latent", "num_classes": self.num_classes,
+                "image_shape": list(self.image_shape), "sampler": self.sampler.model_dump()}  # fmt: skip
+        (directory / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> tuple["DiffusionGenerator", dict]:
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "generator.json").read_text())
+        except FileNotFoundError:
+            raise LatentMismatchError(f"{directory}: no generator.json (not an exported genforge diffusion model)") from None
+        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True).eval()
+        vae = None
+        if meta["space"] == "latent":
+            vae = AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True).eval()
+            check_latent_match(unet.config.in_channels, vae, str(directory))
+        schedule = DDPMScheduler.from_pretrained(directory / "scheduler").config
+        model = cls(unet, vae, dict(schedule), meta["num_classes"], SamplerConfig(**meta["sampler"]), tuple(meta["image_shape"]))
+        return model, meta
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (as the denoiser sees them) -> images."""
+    return vae.decode(latents / vae.config.scaling_factor).sample.float()
+
+
+def check_latent_match(denoiser_channels: int, vae: AutoencoderKL, where: str) -> None:
+    if denoiser_channels != vae.config.latent_channels:
+        raise LatentMismatchError(
+            f"{where}: denoiser expects {denoiser_channels} latent channels, autoencoder has {vae.config.latent_channels}"
+        )

@@ -1,0 +1,77 @@
+"""One interface over the model families, for evaluation, registration and serving.
+
+An exported generator directory always holds `generator.json` with a `family` key:
+    gan  generator.safetensors (+ spec in generator.json)
+    ldm  unet/ [vae/] scheduler/ in diffusers format (gen_core.diffusion.DiffusionGenerator)
+`load_image_generator` returns an object with `num_classes`, `to(device)` and
+`sample(labels, seeds, device) -> (N, C, R, R) in [-1, 1]`, where sample i depends only on
+(labels[i], seeds[i]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gen_core.checkpoint import CheckpointError, load_generator
+from gen_core.models import Generator
+from gen_core.sampling import sample_gan
+
+
+@dataclass
+class GanGenerator:
+    generator: Generator
+
+    @property
+    def num_classes(self) -> int:
+        return self.generator.spec.num_classes
+
+    def to(self, device) -> "GanGenerator":
+        self.generator.to(device)
+        return self
+
+    def sample(self, labels: torch.Tensor, seeds, device: torch.device | str = "cpu", **_) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"class label out of range: got {labels.min().item()}..{labels.max().item()}, model has 0..{self.num_classes - 1}")
+        return sample_gan(self.generator, labels, seeds, device)
+
+
+def read_generator_meta(directory: str | Path) -> dict:
+    try:
+        return json.loads((Path(directory) / "generator.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no exported generator (generator.json missing)") from None
+
+
+def load_image_generator(directory: str | Path):
+    """-> (GanGenerator | DiffusionGenerator in eval mode, meta)."""
+    meta = read_generator_meta(directory)
+    if meta.get("family", "gan") == "gan":
+        generator, meta = load_generator(directory)
+        return GanGenerator(generator), meta
+    from gen_core.diffusion import DiffusionGenerator
+
+    return DiffusionGenerator.from_pretrained(directory)
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The files that define an exported generator (weights + configs), sorted."""
+    directory = Path(directory)
+    return sorted(p for p in directory.rglob("*") if p.is_file() and (p.suffix in {".safetensors", ".json"}))
+
+
+def generator_digest(directory: str | Path) -> str:
+    """sha256 over the exported weights and configs: identifies a trained model across reruns."""
+    digest = hashlib.sha256()
+    directory = Path(directory)
+    for path in weight_files(directory):
+        if path.name == "generator.json":
+            continue  # provenance (paths, run ids) is not the model
+        digest.update(str(path.relative_to(directory)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()

@@ -1,0 +1,332 @@
+"""The Ray Train driver every training stage shares (GAN, autoencoder, latent denoiser).
+
+A stage provides one loop function (runs on each worker) and an export function; this module
+does the rest the same way for all of them:
+
+- the run directory <ray.storage_path>/<ray.run_name>-<family>-<signature>: the same config
+  resumes there (also with a larger total_steps), a changed one trains afresh in its own;
+- the MLflow run (created once, continued on resume);
+- `WorkerSession`: rank, device, autocast, one-line progress, MLflow metrics and images,
+  resume from the newest complete checkpoint in storage, checkpoint reports;
+- fitting with TorchTrainer and exporting from the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gen_core.checkpoint import CheckpointError, load_training_state, save_training_state
+from gen_core.config import RunConfig
+from gen_core.data import dataset_hash, read_manifest
+from gen_core.io import download_directory, filesystem
+from gen_core.training import autocast_dtype, config_signature
+from pipelines.common import StageError, absolute, format_duration, git_revision, log
+from pipelines.ray_env import init_ray, run_uri, storage
+from pipelines.tracking import connect, tracking_uri
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """Facts the driver resolves once and hands to every worker."""
+
+    stage: str
+    data_uri: str
+    num_classes: int
+    signature: str
+    run_uri: str  # this run's checkpoint directory (local path or s3://)
+    data_hash: str
+    git_revision: str
+    tracking_uri: str
+    mlflow_run_id: str
+    extra: dict = field(default_factory=dict)  # stage-specific inputs (e.g. the autoencoder directory)
+
+
+def run_directory(cfg: RunConfig, family: str, signature: str) -> str:
+    return f"{cfg.ray.run_name}-{family}-{signature[:8]}"
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint storage
+# ---------------------------------------------------------------------------
+
+
+def list_checkpoints(run_uri_: str) -> list[tuple[str, dict]]:
+    """(uri, meta) of every checkpoint in a run's storage directory, newest step first.
+    meta.json is written last, so a checkpoint without it is incomplete and left out."""
+    fs, path = filesystem(run_uri_)
+    if not fs.exists(path):
+        return []
+    scheme = run_uri_.split("://")[0] + "://" if "://" in run_uri_ else ""
+    found = []
+    for info in fs.ls(path, detail=True):
+        entry = info["name"]
+        if info["type"] != "directory" or not entry.rstrip("/").split("/")[-1].startswith("checkpoint_"):
+            continue
+        try:
+            found.append((scheme + entry if scheme and not entry.startswith(scheme) else entry, json.loads(fs.cat_file(f"{entry}/meta.json"))))
+        except FileNotFoundError:
+            continue
+    return sorted(found, key=lambda item: item[1]["step"], reverse=True)
+
+
+def history_csv(history: list[dict]) -> str:
+    if not history:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in history)
+    return buffer.getvalue()
+
+
+def read_history(directory: Path) -> list[dict]:
+    path = directory / "losses.csv"
+    if not path.exists() or not path.read_text().strip():
+        return []
+    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(path.read_text().splitlines())]
+
+
+# ---------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------
+
+
+class WorkerSession:
+    """What a training loop needs from Ray Train on one worker. Only rank 0 prints and logs."""
+
+    def __init__(self, loop_config: dict):
+        import ray.train
+        import ray.train.torch
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # workers do not inherit the stage's environment
+        self.cfg = RunConfig.model_validate(loop_config["run"])
+        self.ctx = LoopContext(**loop_config["context"])
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.mlflow = MlflowClient(self.ctx.tracking_uri) if self.rank == 0 else None
+        self.history: list[dict] = []
+        self._window_started, self._window_images = time.monotonic(), 0
+        self.started = time.monotonic()
+
+    def autocast_dtype(self, precision: str) -> torch.dtype | None:
+        return autocast_dtype(precision, self.device)
+
+    def autocast(self, dtype: torch.dtype | None):
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def say(self, message: str) -> None:
+        # Train V2 echoes print() twice (logger + stdout); the raw stream is forwarded once.
+        if self.rank == 0:
+            sys.__stdout__.write(f"[{self.ctx.stage}] {message}\n")
+            sys.__stdout__.flush()
+
+    def latest_state(self) -> dict | None:
+        """The newest complete checkpoint in storage, or None. Not ray.train.get_checkpoint(): Train V2
+        registers a checkpoint only once its controller consumes the report, so a worker killed soon
+        after reporting loses it and the restarted group would begin again at step 0."""
+        for uri, _ in list_checkpoints(self.ctx.run_uri):
+            try:
+                with tempfile.TemporaryDirectory() as directory:
+                    download_directory(uri, directory)
+                    state, meta = load_training_state(directory)
+                    self.history = read_history(Path(directory))
+            except CheckpointError as err:  # e.g. a copy cut short by the failure itself
+                self.say(f"skipping unreadable checkpoint: {err}")
+                continue
+            if meta.get("signature") != self.ctx.signature:
+                raise CheckpointError(f"{uri}: checkpoint signature {meta.get('signature')} does not match this run's {self.ctx.signature}")
+            self.say(f"resumed from checkpoint at step {state['step']}")
+            if self.mlflow:
+                self.mlflow.set_tag(self.ctx.mlflow_run_id, "resumed_from_step", str(state["step"]))
+            return state
+        return None
+
+    def count_images(self, images: int) -> None:
+        self._window_images += images
+
+    def mean_losses(self, step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """All-reduced means (every rank must call). Non-finite values stop the run before any save."""
+        stacked = torch.stack([value.detach().float() for value in losses.values()])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(stacked)
+            stacked /= self.world_size
+        values = dict(zip(losses, stacked.tolist()))
+        if not all(np.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite loss at step {step}: " + " ".join(f"{k}={v}" for k, v in values.items()))
+        return values
+
+    def log_progress(self, step: int, total_steps: int, global_batch_size: int, values: dict[str, float]) -> None:
+        rate = self._window_images / max(time.monotonic() - self._window_started, 1e-9)
+        self.history.append({"step": step, **values, "img_per_s": rate})
+        eta = (total_steps - step) * global_batch_size / max(rate, 1e-9)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        self.say(f"step {step}/{total_steps} {shown} {rate:.0f} img/s eta {format_duration(eta)}")
+        if self.mlflow:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, v, now, step) for k, v in {**values, "img_per_s": rate}.items()]
+            self.mlflow.log_batch(self.ctx.mlflow_run_id, metrics=metrics)
+        self._window_started, self._window_images = time.monotonic(), 0
+
+    def checkpoint(self, step: int, build: Callable[[Path], dict] | None, metrics: dict) -> None:
+        """Every rank reports; rank 0 calls build(directory) -> (state, meta extras) and attaches the files.
+        build may write more files into the directory (e.g. samples.png)."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as directory:
+            ray_checkpoint = None
+            if self.rank == 0:
+                state, meta = build(Path(directory))
+                meta = {"step": step, "signature": self.ctx.signature, "data_hash": self.ctx.data_hash,
+                        "git_revision": self.ctx.git_revision, "mlflow_run_id": self.ctx.mlflow_run_id,
+                        "world_size": self.world_size, "config": self.cfg.model_dump(mode="json"), **meta}  # fmt: skip
+                (Path(directory) / "losses.csv").write_text(history_csv(self.history))
+                save_training_state(directory, state, meta)  # meta.json last: marks the checkpoint complete
+                grid = Path(directory) / "samples.png"
+                if self.mlflow and grid.exists():
+                    named = Path(directory) / f"step_{step:07d}.png"
+                    named.write_bytes(grid.read_bytes())
+                    self.mlflow.log_artifact(self.ctx.mlflow_run_id, str(named), artifact_path="samples")
+                    named.unlink()
+                ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report({"step": step, **metrics}, checkpoint=ray_checkpoint)
+        self.say(f"checkpoint at step {step}")
+
+    def finished(self, steps_run: int) -> None:
+        self.say(f"finished {steps_run} steps in {format_duration(time.monotonic() - self.started)}")
+
+
+def schedule(step: int, total_steps: int, every_log: int, every_checkpoint: int) -> tuple[bool, bool]:
+    """(is_log, is_checkpoint) after completing `step` steps; the last step is always both."""
+    last = step == total_steps
+    return step % every_log == 0 or last, step % every_checkpoint == 0 or last
+
+
+# ---------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------
+
+
+def _root_cause(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line
+    return lines[-1] if lines else type(err).__name__
+
+
+def flat_params(cfg: RunConfig, sections: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[f"{prefix}{key}"] = str(value)
+
+    dumped = cfg.model_dump(mode="json")
+    walk("", {name: dumped[name] for name in sections})
+    return out
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One training stage, described for the shared driver."""
+
+    stage: str  # e.g. "train_ldm"
+    family: str  # run-directory and MLflow tag: gan | autoencoder | ldm | pixel
+    section: str  # the params section with the loop settings (gan | autoencoder | ldm)
+    loop: Callable[[dict], None]
+    signature: dict  # what a checkpoint must share with this run to be resumed
+    export: Callable[[RunConfig, str, LoopContext, object], dict]  # (cfg, checkpoint_uri, context, mlflow) -> meta
+    extra: dict = field(default_factory=dict)
+    logged_sections: tuple[str, ...] = ("data", "ray")
+
+
+def train(cfg: RunConfig, job: TrainingJob) -> dict:
+    logger = log(job.stage)
+    loop_cfg = getattr(cfg, job.section)
+    data_uri = absolute(cfg.data.out_dir)
+    manifest = read_manifest(data_uri)
+    num_classes = len(manifest["class_names"])
+    if manifest["shape"] != [cfg.data.channels, cfg.data.resolution, cfg.data.resolution]:
+        raise StageError(f"{data_uri}: prepared shape {manifest['shape']} does not match data.channels/resolution")
+    signature = config_signature({**job.signature, "num_classes": num_classes, "family": job.family})
+    run_dir = run_directory(cfg, job.family, signature)
+    checkpoints = list_checkpoints(run_uri(cfg, run_dir))
+    existing = checkpoints[0] if checkpoints else None
+    mlflow = connect(cfg)
+    run_id = existing[1]["mlflow_run_id"] if existing else None
+    data_hash, revision = dataset_hash(data_uri), git_revision()
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.ray.run_name}-{job.family}") as active:
+        if existing is None:
+            mlflow.log_params(flat_params(cfg, (job.section, *job.logged_sections)))
+            mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "model_family": job.family})
+        context = LoopContext(
+            stage=job.stage, data_uri=data_uri, num_classes=num_classes, signature=signature, run_uri=run_uri(cfg, run_dir),
+            data_hash=data_hash, git_revision=revision, tracking_uri=tracking_uri(cfg), mlflow_run_id=active.info.run_id,
+            extra=job.extra,
+        )  # fmt: skip
+        if existing and existing[1]["step"] >= loop_cfg.total_steps:
+            logger.info("run %s already trained to step %d; exporting", run_dir, existing[1]["step"])
+            checkpoint_uri = existing[0]
+        else:
+            if existing:
+                logger.info("resuming run %s from step %d", run_dir, existing[1]["step"])
+            else:
+                logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
+            checkpoint_uri = fit(cfg, job, context, run_dir)
+        return job.export(cfg, checkpoint_uri, context, mlflow)
+
+
+def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str) -> str:
+    ray = init_ray(cfg)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = storage(cfg)
+    trainer = TorchTrainer(
+        job.loop,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "context": asdict(context)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})},
+        ),
+        run_config=RayRunConfig(
+            name=run_dir, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=getattr(cfg, job.section).checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )  # fmt: skip
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker failures; surface the root cause in one line
+        raise StageError(f"training failed: {_root_cause(err)}") from None
+    finally:
+        ray.shutdown()
+    if result.checkpoint is None:
+        raise StageError("training finished without a checkpoint")
+    if storage_fs:  # pyarrow paths drop the scheme; keep a URI that fsspec can open
+        return f"{cfg.ray.storage_path.rstrip('/')}/{run_dir}/{Path(result.checkpoint.path).name}"
+    return result.checkpoint.path
+
+
+def fetch_checkpoint(checkpoint_uri: str, local: str) -> tuple[dict, dict]:
+    download_directory(checkpoint_uri, local)
+    return load_training_state(local)

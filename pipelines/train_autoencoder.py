@@ -1,0 +1,213 @@
+"""Stage `train_autoencoder`: the KL autoencoder of the latent-diffusion family, on Ray Train.
+
+    python -m pipelines.train_autoencoder [--set autoencoder.total_steps=100]
+
+Same driver as the GAN (pipelines.ray_train): DDP workers, resume from storage, MLflow run.
+Outputs:
+  <autoencoder.out_dir>/     AutoencoderKL in diffusers format; its config's `scaling_factor` is
+                             1 / std of the train split's latents, measured after training
+                             autoencoder.json: provenance + metrics; samples.png: eval images over
+                             their reconstructions
+  autoencoder.metrics_file   reconstruction PSNR (dB) and FID of the eval split (DVC metrics)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen_core.config import RunConfig
+from gen_core.data import load_split, read_manifest
+from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder, psnr
+from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
+from gen_core.metrics import fid_from_stats, inception_path, load_inception, load_ref_stats
+from gen_core.sampling import image_grid, to_uint8, to_unit
+from gen_core.training import batch_indices, step_generator
+from pipelines.common import StageError, log, run_stage
+from pipelines.ray_train import LoopContext, TrainingJob, WorkerSession, fetch_checkpoint, schedule, train
+from pipelines.train_gan import png_bytes
+
+GRID_IMAGES = 32  # fixed eval images shown over their reconstructions
+
+
+def resume_signature(cfg: RunConfig) -> dict:
+    a = cfg.autoencoder
+    keys = ("downsample_factor", "latent_channels", "width", "layers_per_block", "reconstruction_loss", "kl_weight", "lr",
+            "global_batch_size", "seed")  # fmt: skip
+    return {**{k: getattr(a, k) for k in keys}, "resolution": cfg.data.resolution, "channels": cfg.data.channels}
+
+
+@torch.no_grad()
+def reconstruct(vae, images_uint8: torch.Tensor, batch_size: int = 250, device="cpu") -> torch.Tensor:
+    """Deterministic round trip through the posterior mean: uint8 -> float in [-1, 1]."""
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = to_unit(images_uint8[start : start + batch_size]).to(device)
+        out.append(vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def reconstruction_grid_png(vae, images_uint8: torch.Tensor) -> bytes:
+    """Row pairs: originals, then their reconstructions."""
+    device = next(vae.parameters()).device
+    recon = to_uint8(reconstruct(vae, images_uint8, device=device))
+    rows = []
+    for start in range(0, len(images_uint8), 8):
+        rows += [images_uint8[start : start + 8], recon[start : start + 8]]
+    return png_bytes(image_grid(torch.cat(rows), rows=len(rows)))
+
+
+@torch.no_grad()
+def latent_std(vae, images_uint8: torch.Tensor, batch_size: int = 500) -> float:
+    """Std of the posterior means over `images_uint8`: 1/std scales latents to unit variance (SD's 0.18215)."""
+    latents = torch.cat([vae.encode(to_unit(images_uint8[s : s + batch_size])).latent_dist.mode() for s in range(0, len(images_uint8), batch_size)])
+    return float(latents.float().std())
+
+
+# ---------------------------------------------------------------------------
+# The training loop (runs on every Ray Train worker)
+# ---------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train.torch
+
+    session = WorkerSession(loop_config)
+    cfg, ctx, device = session.cfg, session.ctx, session.device
+    a = cfg.autoencoder
+    amp_dtype = session.autocast_dtype(a.precision)
+
+    # --- data
+    split = load_split(ctx.data_uri, "train")
+    images = torch.from_numpy(split.images)
+    grid_images = torch.from_numpy(load_split(ctx.data_uri, "eval").images[:GRID_IMAGES])
+
+    # --- model and optimizer
+    torch.manual_seed(a.seed)
+    vae = build_autoencoder(a, cfg.data.channels).to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=a.lr)
+    start_step = 0
+    state = session.latest_state()
+    if state is not None:
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+    round_trip = ray.train.torch.prepare_model(AutoencoderRoundTrip(vae))
+    session.say(
+        f"{session.world_size} worker(s) on {device.type}, {'bf16' if amp_dtype else 'fp32'}, "
+        f"f={a.downsample_factor} latents {a.latent_channels}x{cfg.data.resolution // a.downsample_factor}^2, "
+        f"global batch {a.global_batch_size}, steps {start_step}->{a.total_steps}"
+    )
+
+    for step in range(start_step, a.total_steps):
+        # --- reconstruction + KL step
+        noise = step_generator(a.seed, step, session.rank)
+        index = batch_indices(step, a.global_batch_size, len(images), a.seed, session.rank, session.world_size)
+        x = to_unit(images[index]).to(device)
+        with session.autocast(amp_dtype):
+            loss, _ = autoencoder_loss(round_trip, x, a.reconstruction_loss, a.kl_weight, noise)
+            loss = loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        session.count_images(a.global_batch_size)
+
+        # --- loss check, logging, checkpoint
+        done = step + 1
+        is_log, is_checkpoint = schedule(done, a.total_steps, a.log_every_steps, a.checkpoint_every_steps)
+        if is_log or is_checkpoint:
+            values = session.mean_losses(done, {"loss": loss})
+        if is_log:
+            session.log_progress(done, a.total_steps, a.global_batch_size, values)
+        if is_checkpoint:
+
+            def build(directory: Path) -> tuple[dict, dict]:
+                vae.eval()
+                (directory / "samples.png").write_bytes(reconstruction_grid_png(vae, grid_images))
+                vae.train()
+                state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": done}
+                return state, {"autoencoder": a.model_dump(mode="json")}
+
+            session.checkpoint(done, build, values)
+    session.finished(a.total_steps - start_step)
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def run(cfg: RunConfig) -> dict:
+    job = TrainingJob(
+        stage="train_autoencoder", family="autoencoder", section="autoencoder", loop=train_loop_per_worker,
+        signature=resume_signature(cfg), export=_export,
+    )  # fmt: skip
+    return train(cfg, job)
+
+
+def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -> dict:
+    """Measure the latent scale and the reconstruction metrics, then write the diffusers-format model."""
+    logger = log("train_autoencoder")
+    a = cfg.autoencoder
+    with tempfile.TemporaryDirectory() as local:
+        state, meta = fetch_checkpoint(checkpoint_uri, local)
+        vae = build_autoencoder(a, cfg.data.channels)
+        vae.load_state_dict(state["vae"])
+        vae.eval()
+        train_images = torch.from_numpy(load_split(context.data_uri, "train").images[:10_000])
+        scaling_factor = 1.0 / latent_std(vae, train_images)
+        vae.register_to_config(scaling_factor=scaling_factor)
+
+        evals = torch.from_numpy(load_split(context.data_uri, "eval").images)
+        reconstruction = reconstruct(vae, evals)
+        metrics = {"psnr_db": float(psnr(to_unit(evals), reconstruction).mean()), "scaling_factor": scaling_factor, "step": meta["step"]}
+        metrics.update(reconstruction_fid(cfg, to_uint8(reconstruction), logger))
+        logger.info("reconstruction psnr %.2f dB, fid %.2f, latent scale %.4f", metrics["psnr_db"], metrics["fid"], scaling_factor)
+
+        export_meta = {
+            "family": "autoencoder", "step": meta["step"], "data_hash": meta["data_hash"], "git_revision": meta["git_revision"],
+            "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": checkpoint_uri, "metrics": metrics,
+            "class_names": read_manifest(context.data_uri)["class_names"], "config": meta["config"],
+        }  # fmt: skip
+        with atomic_directory(a.out_dir) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
+            atomic_write_json(tmp / "autoencoder.json", export_meta)
+            (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
+        atomic_write_json(a.metrics_file, metrics)
+        atomic_write_bytes(a.losses_file, (Path(local) / "losses.csv").read_bytes())
+        mlflow.log_metrics({f"recon_{k}": float(v) for k, v in metrics.items() if k != "step"}, step=meta["step"])
+        mlflow.log_artifacts(local, artifact_path="checkpoint")
+    logger.info("exported autoencoder at step %d -> %s", meta["step"], a.out_dir)
+    return export_meta
+
+
+def reconstruction_fid(cfg: RunConfig, reconstruction_uint8: torch.Tensor, logger) -> dict:
+    """Inception FID of the eval split's reconstructions against the eval split itself (ref_stats)."""
+    from pipelines.ref_stats import inception_stats
+
+    reference = load_ref_stats(f"{cfg.ref_stats.out_dir}/inception.npz")
+    _, feature_sha256 = inception_path(cfg.ref_stats.inception)
+    if reference["feature_sha256"] != feature_sha256:
+        raise StageError(f"{cfg.ref_stats.out_dir}/inception.npz: made with a different Inception network; rerun ref_stats")
+    net = load_inception(cfg.ref_stats.inception)
+    stats, _ = inception_stats(net, reconstruction_uint8, cfg.ref_stats.inception.batch_size, logger)
+    return {"fid": fid_from_stats(stats.mu, stats.sigma, reference["mu"], reference["sigma"])}
+
+
+def autoencoder_digest(directory: str | Path) -> str:
+    """sha256 of the exported autoencoder weights: what latents and denoisers are tied to."""
+    path = Path(directory) / "diffusion_pytorch_model.safetensors"
+    if not path.exists():
+        raise StageError(f"{directory}: no trained autoencoder (run the train_autoencoder stage first)")
+    return sha256_file(path)
+
+
+def main() -> None:
+    run_stage("train_autoencoder", lambda cfg, args: run(cfg) and None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Stage `train_ldm`: a class-conditional denoiser on the autoencoder's latents, on Ray Train.
+
+    python -m pipelines.train_ldm [--set ldm.total_steps=100]
+    python -m pipelines.train_ldm --set ldm.space=pixel --set ldm.out_dir=models/pixel   # pixel-space baseline
+
+Same driver as the GAN (pipelines.ray_train). The latents come from encode_latents and must
+match the autoencoder (channels, scale, weights), which is also part of the run's resume
+signature: a new autoencoder starts a new run. With `ldm.space: pixel` the same denoiser family
+trains on the images themselves.
+
+Outputs <ldm.out_dir>/: the EMA denoiser, the autoencoder and the noise schedule in diffusers
+format (gen_core.diffusion.DiffusionGenerator), generator.json, samples.png; ldm.losses_file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+
+from gen_core.config import RunConfig
+from gen_core.data import load_split, read_manifest
+from gen_core.diffusion import DiffusionGenerator, build_denoiser, diffusion_loss, training_schedule
+from gen_core.io import atomic_directory, atomic_write_bytes
+from gen_core.models import ema_beta, requires_grad, update_ema
+from gen_core.sampling import image_grid, to_uint8, to_unit
+from gen_core.training import batch_indices, step_generator
+from pipelines.common import absolute, log, run_stage
+from pipelines.encode_latents import load_latents
+from pipelines.ray_train import LoopContext, TrainingJob, WorkerSession, fetch_checkpoint, schedule, train
+from pipelines.train_autoencoder import autoencoder_digest
+from pipelines.train_gan import png_bytes
+
+
+def resume_signature(cfg: RunConfig, autoencoder: dict | None) -> dict:
+    d = cfg.ldm
+    return {
+        "space": d.space, "denoiser": d.denoiser.model_dump(mode="json"), "noise": d.noise.model_dump(), "label_dropout": d.label_dropout,
+        "lr": d.lr, "betas": [d.adam_beta1, d.adam_beta2], "weight_decay": d.weight_decay, "global_batch_size": d.global_batch_size,
+        "ema": [d.ema_halflife_kimg, d.ema_rampup_ratio], "seed": d.seed, "resolution": cfg.data.resolution,
+        "channels": cfg.data.channels, "autoencoder": autoencoder,
+    }  # fmt: skip
+
+
+def make_generator(cfg: RunConfig, unet, vae: AutoencoderKL | None, num_classes: int) -> DiffusionGenerator:
+    image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    return DiffusionGenerator(unet, vae, dict(training_schedule(cfg.ldm.noise).config), num_classes, cfg.ldm.sampler, image_shape)
+
+
+def sample_grid_png(model: DiffusionGenerator, seed: int, device, per_class: int = 8) -> bytes:
+    """One row per class at fixed seeds, with the configured sampler and guidance."""
+    labels = torch.arange(model.num_classes).repeat_interleave(per_class)
+    images = model.sample(labels, [seed + i for i in range(len(labels))], device)
+    return png_bytes(image_grid(to_uint8(images.cpu()), rows=model.num_classes))
+
+
+# ---------------------------------------------------------------------------
+# The training loop (runs on every Ray Train worker)
+# ---------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train.torch
+
+    session = WorkerSession(loop_config)
+    cfg, ctx, device = session.cfg, session.ctx, session.device
+    d = cfg.ldm
+    amp_dtype = session.autocast_dtype(d.precision)
+
+    # --- data: cached scaled latents (checked against the autoencoder), or the images themselves
+    vae = None
+    if d.space == "latent":
+        data, labels, _ = load_latents(ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
+        if session.rank == 0:  # decodes the sample grids
+            vae = AutoencoderKL.from_pretrained(ctx.extra["autoencoder_dir"], use_safetensors=True).to(device).eval()
+    else:
+        split = load_split(ctx.data_uri, "train")
+        data, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels).long()
+
+    # --- denoiser, its EMA, optimizer, noise schedule
+    torch.manual_seed(d.seed)
+    unet = build_denoiser(d.denoiser, data.shape[1], data.shape[-1], ctx.num_classes).to(device)
+    unet_ema = copy.deepcopy(unet).eval()
+    requires_grad(unet_ema, False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)
+    noise_schedule = training_schedule(d.noise)
+    start_step = 0
+    state = session.latest_state()
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        unet_ema.load_state_dict(state["unet_ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+    unet_train = ray.train.torch.prepare_model(unet)
+    session.say(
+        f"{session.world_size} worker(s) on {device.type}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
+        f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
+    )
+
+    for step in range(start_step, d.total_steps):
+        # --- denoising step: timesteps, noise and label drops seeded per (step, rank)
+        noise = step_generator(d.seed, step, session.rank)
+        index = batch_indices(step, d.global_batch_size, len(labels), d.seed, session.rank, session.world_size)
+        x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
+        with session.autocast(amp_dtype):
+            loss = diffusion_loss(unet_train, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise)
+            loss = loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        # --- EMA (identical on every rank: DDP keeps the weights identical)
+        update_ema(unet_ema, unet, ema_beta(d.global_batch_size, (step + 1) * d.global_batch_size, d.ema_halflife_kimg, d.ema_rampup_ratio))
+        session.count_images(d.global_batch_size)
+
+        # --- loss check, logging, checkpoint
+        done = step + 1
+        is_log, is_checkpoint = schedule(done, d.total_steps, d.log_every_steps, d.checkpoint_every_steps)
+        if is_log or is_checkpoint:
+            values = session.mean_losses(done, {"loss": loss})
+        if is_log:
+            session.log_progress(done, d.total_steps, d.global_batch_size, values)
+        if is_checkpoint:
+
+            def build(directory: Path) -> tuple[dict, dict]:
+                model = make_generator(cfg, unet_ema, vae, ctx.num_classes)
+                (directory / "samples.png").write_bytes(sample_grid_png(model, d.sample_grid_seed, device))
+                state = {"unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "optimizer": optimizer.state_dict(), "step": done}
+                return state, {"autoencoder": ctx.extra.get("autoencoder"), "unet_config": dict(unet.config)}
+
+            session.checkpoint(done, build, values)
+    session.finished(d.total_steps - start_step)
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def autoencoder_record(cfg: RunConfig) -> dict | None:
+    """What the denoiser is tied to: the autoencoder's weights, latent channels and scale."""
+    if cfg.ldm.space == "pixel":
+        return None
+    sha256 = autoencoder_digest(cfg.autoencoder.out_dir)  # one line if it is missing
+    config = json.loads((Path(cfg.autoencoder.out_dir) / "config.json").read_text())
+    return {"sha256": sha256, "latent_channels": config["latent_channels"], "scaling_factor": config["scaling_factor"]}
+
+
+def run(cfg: RunConfig) -> dict:
+    autoencoder = autoencoder_record(cfg)
+    extra = {"autoencoder": autoencoder}
+    if autoencoder is not None:
+        extra.update(latents_dir=absolute(cfg.latents.out_dir), autoencoder_dir=absolute(cfg.autoencoder.out_dir))
+        load_latents(extra["latents_dir"], extra["autoencoder_dir"])  # refuse mismatched latents before starting Ray
+    job = TrainingJob(
+        stage="train_ldm", family="ldm" if cfg.ldm.space == "latent" else "pixel", section="ldm", loop=train_loop_per_worker,
+        signature=resume_signature(cfg, autoencoder), export=_export, extra=extra,
+        logged_sections=("data", "ray", "autoencoder") if autoencoder else ("data", "ray"),
+    )  # fmt: skip
+    return train(cfg, job)
+
+
+def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -> dict:
+    """EMA denoiser (+ autoencoder) -> <ldm.out_dir> in diffusers format, losses -> DVC plots, checkpoint -> MLflow."""
+    logger = log("train_ldm")
+    with tempfile.TemporaryDirectory() as local:
+        state, meta = fetch_checkpoint(checkpoint_uri, local)
+        num_classes = context.num_classes
+        vae = None
+        if cfg.ldm.space == "latent":
+            vae = AutoencoderKL.from_pretrained(context.extra["autoencoder_dir"], use_safetensors=True).eval()
+        unet = UNet2DModel.from_config(meta["unet_config"])
+        unet.load_state_dict(state["unet_ema"])
+        model = make_generator(cfg, unet.eval(), vae, num_classes)
+        export_meta = {
+            "step": meta["step"], "data_hash": meta["data_hash"], "git_revision": meta["git_revision"],
+            "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": checkpoint_uri, "autoencoder": meta.get("autoencoder"),
+            "class_names": read_manifest(context.data_uri)["class_names"], "config": meta["config"],
+        }  # fmt: skip
+        with atomic_directory(cfg.ldm.out_dir) as tmp:
+            model.save_pretrained(tmp, export_meta)
+            (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
+        atomic_write_bytes(cfg.ldm.losses_file, (Path(local) / "losses.csv").read_bytes())
+        mlflow.log_artifacts(local, artifact_path="checkpoint")
+    logger.info("exported EMA denoiser at step %d -> %s", meta["step"], cfg.ldm.out_dir)
+    return export_meta
+
+
+def main() -> None:
+    run_stage("train_ldm", lambda cfg, args: run(cfg) and None)
+
+
+if __name__ == "__main__":
+    main()

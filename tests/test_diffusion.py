@@ -1,0 +1,174 @@
+"""gen_core.diffusion: seeded samplers, guidance, losses, autoencoder round trip on real images,
+export/reload, and the refusals (mismatched latents, bad labels, bad sampler config)."""
+
+import pytest
+import torch
+
+from gen_core.checkpoint import LatentMismatchError
+from gen_core.config import AutoencoderConfig, ConfigError, DenoiserConfig, NoiseScheduleConfig, SamplerConfig, config_from_dict
+from gen_core.diffusion import (
+    AutoencoderRoundTrip, DiffusionGenerator, autoencoder_loss, build_autoencoder, build_denoiser, diffusion_loss, psnr,
+    sample_diffusion, training_schedule,
+)  # fmt: skip
+from gen_core.sampling import to_unit
+
+NUM_CLASSES = 10
+TINY_DENOISER = DenoiserConfig(block_out_channels=(32, 32), attention_levels=1, attention_head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=NUM_CLASSES).eval()
+
+
+@pytest.fixture(scope="module")
+def label_sensitive_unet(unet):
+    import copy
+
+    net = copy.deepcopy(unet)
+    with torch.no_grad():
+        net.class_embedding.weight.mul_(100)  # an untrained net barely uses labels; make them matter
+    return net
+
+
+@pytest.fixture(scope="module")
+def schedule_config():
+    return dict(training_schedule(NoiseScheduleConfig()).config)
+
+
+def sample(unet, schedule_config, labels, seeds, sampler, guidance=2.0, steps=6):
+    return sample_diffusion(unet, schedule_config, torch.tensor(labels), seeds, (4, 8, 8), NUM_CLASSES, sampler, steps, guidance)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_samplers_are_deterministic_per_seed_whatever_the_batch(unet, schedule_config, sampler):
+    batch = sample(unet, schedule_config, [1, 2, 3], [10, 11, 12], sampler)
+    alone = sample(unet, schedule_config, [2], [11], sampler)
+    again = sample(unet, schedule_config, [1, 2, 3], [10, 11, 12], sampler)
+    assert torch.equal(batch, again)
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)  # sample i does not depend on its batch
+    other_seed = sample(unet, schedule_config, [2], [99], sampler)
+    assert (other_seed - alone).abs().mean() > 0.1
+
+
+def test_guidance_changes_samples_and_scale_one_is_conditional(label_sensitive_unet, schedule_config):
+    unet = label_sensitive_unet
+    conditional = sample(unet, schedule_config, [4, 5], [1, 2], "ddim", guidance=1.0)
+    guided = sample(unet, schedule_config, [4, 5], [1, 2], "ddim", guidance=4.0)
+    assert (conditional - guided).abs().mean() > 1e-3
+    other_class = sample(unet, schedule_config, [7, 5], [1, 2], "ddim", guidance=1.0)
+    assert (other_class[0] - conditional[0]).abs().mean() > 1e-4 and torch.allclose(other_class[1], conditional[1], atol=1e-5)
+
+
+def test_out_of_range_label_is_a_clear_error(unet, schedule_config):
+    with pytest.raises(ValueError, match=r"class label out of range: got 0\.\.10, model has 0\.\.9"):
+        sample(unet, schedule_config, [0, 10], [1, 2], "ddim")
+    with pytest.raises(ValueError, match="out of range"):
+        sample(unet, schedule_config, [-1], [1], "ddim")
+
+
+@pytest.mark.parametrize(
+    "ldm, message",
+    [
+        ({"sampler": {"guidance_scale": -0.5}}, "ldm.sampler.guidance_scale: Input should be greater than or equal to 0"),
+        ({"sampler": {"num_steps": 0}}, "ldm.sampler.num_steps: Input should be greater than or equal to 1 (got 0)"),
+        ({"sampler": {"name": "euler"}}, "ldm.sampler.name: Input should be 'ddpm', 'ddim' or 'dpmsolver++'"),
+        ({"noise": {"prediction_type": "sample"}}, "ldm.noise.prediction_type:"),
+        ({"sampler": {"num_steps": 2000}}, "sampler.num_steps (2000) exceeds noise.num_train_timesteps (1000)"),
+        ({"label_dropout": 1.0}, "ldm.label_dropout: Input should be less than 1"),
+        ({"denoiser": {"block_out_channels": [48, 64]}}, "block_out_channels must be multiples of 32"),
+    ],
+)  # fmt: skip
+def test_sampler_and_denoiser_config_is_validated(ldm, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"ldm": ldm})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_autoencoder_factor_must_leave_a_latent_grid():
+    with pytest.raises(ConfigError, match="downsample_factor must be a power of two"):
+        config_from_dict({"autoencoder": {"downsample_factor": 3}})
+    with pytest.raises(ConfigError, match="leaves latents under 2x2"):
+        config_from_dict({"data": {"resolution": 32}, "autoencoder": {"downsample_factor": 32}})
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_is_per_sample_and_seeded(unet, prediction_type):
+    schedule = training_schedule(NoiseScheduleConfig(prediction_type=prediction_type))
+    x0, labels = torch.randn(6, 4, 8, 8), torch.arange(6)
+    first = diffusion_loss(unet, schedule, x0, labels, NUM_CLASSES, 0.5, torch.Generator().manual_seed(3))
+    second = diffusion_loss(unet, schedule, x0, labels, NUM_CLASSES, 0.5, torch.Generator().manual_seed(3))
+    assert first.shape == (6,) and torch.equal(first, second) and torch.isfinite(first).all()
+
+
+def test_autoencoder_shapes_follow_the_downsample_factor():
+    vae = build_autoencoder(AutoencoderConfig(downsample_factor=8, latent_channels=3, width=8), channels=1)
+    latents = vae.encode(torch.zeros(2, 1, 32, 32)).latent_dist.mean
+    assert latents.shape == (2, 3, 4, 4) and vae.decode(latents).sample.shape == (2, 1, 32, 32)
+
+
+def test_autoencoder_round_trip_on_real_digits(real_digits):
+    """A few hundred steps on real MNIST digits must reconstruct held-out digits well above the
+    PSNR of predicting the mean image (about 11 dB): the bound is 18 dB."""
+    images, _ = real_digits  # (5000, 28, 28) uint8, sorted by label
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(torch.from_numpy(images[:, None])[order], (2, 2, 2, 2))
+    train, held_out = to_unit(padded[:4000]), to_unit(padded[4800:])
+    torch.manual_seed(0)
+    vae = build_autoencoder(AutoencoderConfig(width=16), channels=1)
+    round_trip = AutoencoderRoundTrip(vae)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(300):
+        batch = train[torch.randint(0, len(train), (64,), generator=generator)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = autoencoder_loss(round_trip, batch, "l1", 1e-6, generator)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    vae.eval()
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(held_out).latent_dist.mode()).sample
+    mean_image_psnr = psnr(held_out, train.mean(0, keepdim=True).expand_as(held_out)).mean()
+    assert mean_image_psnr < 14
+    assert psnr(held_out, reconstruction).mean() > 18
+
+
+def test_export_and_reload_give_identical_samples(tmp_path):
+    torch.manual_seed(1)
+    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
+    unet = build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=NUM_CLASSES).eval()
+    model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
+                               SamplerConfig(name="ddim", num_steps=4, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
+    model.save_pretrained(tmp_path, {"step": 3})
+    assert {p.name for p in tmp_path.iterdir()} == {"unet", "vae", "scheduler", "generator.json"}
+    reloaded, meta = DiffusionGenerator.from_pretrained(tmp_path)
+    assert meta["step"] == 3 and reloaded.vae.config.scaling_factor == pytest.approx(0.7)
+    labels, seeds = torch.tensor([0, 5, 9]), [7, 8, 9]
+    images = model.sample(labels, seeds)
+    assert images.shape == (3, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, reloaded.sample(labels, seeds))
+
+
+def test_denoiser_that_does_not_match_the_autoencoder_is_refused(tmp_path):
+    vae = build_autoencoder(AutoencoderConfig(width=8, latent_channels=4), channels=1)
+    unet = build_denoiser(TINY_DENOISER, channels=3, sample_size=8, num_classes=NUM_CLASSES)
+    DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES, SamplerConfig(),
+                       (1, 32, 32)).save_pretrained(tmp_path, {})  # fmt: skip
+    with pytest.raises(LatentMismatchError, match="denoiser expects 3 latent channels, autoencoder has 4"):
+        DiffusionGenerator.from_pretrained(tmp_path)
+
+
+def test_cached_latents_must_match_the_autoencoder():
+    from pipelines.encode_latents import check_latents
+
+    record = {"latent_channels": 4, "scaling_factor": 0.5, "autoencoder_sha256": "a"}
+    latents = torch.zeros(2, 4, 8, 8)
+    check_latents(record, latents, {"latent_channels": 4, "scaling_factor": 0.5}, "a", "cache")  # matches: no error
+    with pytest.raises(LatentMismatchError, match="cache: latents have 4 channels, autoencoder has 3"):
+        check_latents(record, latents, {"latent_channels": 3, "scaling_factor": 0.5}, "a", "cache")
+    with pytest.raises(LatentMismatchError, match="scaled by 0.5, autoencoder uses 0.6"):
+        check_latents(record, latents, {"latent_channels": 4, "scaling_factor": 0.6}, "a", "cache")
+    with pytest.raises(LatentMismatchError, match="different autoencoder"):
+        check_latents(record, latents, {"latent_channels": 4, "scaling_factor": 0.5}, "b", "cache")
