@@ -42,9 +42,9 @@ def bare_loop(cfg, steps: int, amp: bool, threads: int) -> float:
     torch.set_num_threads(threads)
     g_spec, d_spec = model_specs(cfg, 10)
     G, D = Generator(g_spec), Discriminator(d_spec)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-    batch = cfg.train.global_batch_size
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.gan.lr_g, betas=(cfg.gan.adam_beta1, cfg.gan.adam_beta2))
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.gan.lr_d, betas=(cfg.gan.adam_beta1, cfg.gan.adam_beta2))
+    batch = cfg.gan.global_batch_size
     real = torch.rand(batch, g_spec.channels, g_spec.resolution, g_spec.resolution) * 2 - 1
     labels = torch.randint(0, 10, (batch,))
 
@@ -52,13 +52,13 @@ def bare_loop(cfg, steps: int, amp: bool, threads: int) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             with torch.no_grad():
                 fake = G(torch.randn(batch, g_spec.z_dim), labels)
-            d_loss = discriminator_loss(cfg.train.loss, D, real, fake, labels).mean()
+            d_loss = discriminator_loss(cfg.gan.loss, D, real, fake, labels).mean()
         opt_D.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_D.step()
         requires_grad(D, False)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            g_loss = generator_loss(cfg.train.loss, D, G(torch.randn(batch, g_spec.z_dim), labels), labels).mean()
+            g_loss = generator_loss(cfg.gan.loss, D, G(torch.randn(batch, g_spec.z_dim), labels), labels).mean()
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_G.step()
@@ -77,9 +77,9 @@ def ray_path(params_path: Path, workers: int, cpus_per_worker: int, steps: int, 
     out = work / f"ray{workers}"
     cmd = [sys.executable, "-m", "pipelines.train_gan", "--params", str(params_path),
            "--set", f"ray.num_workers={workers}", "--set", f"ray.cpus_per_worker={cpus_per_worker}", "--set", f"ray.storage_path={out}/ray", "--set", f"ray.run_name=bench{workers}",
-           "--set", f"train.total_steps={steps}", "--set", f"train.checkpoint_every_steps={steps}",
-           "--set", f"train.log_every_steps={max(steps // 4, 1)}", "--set", f"train.out_dir={out}/gan",
-           "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", "--set", f"train.losses_file={out}/losses.csv"]  # fmt: skip
+           "--set", f"gan.total_steps={steps}", "--set", f"gan.checkpoint_every_steps={steps}",
+           "--set", f"gan.log_every_steps={max(steps // 4, 1)}", "--set", f"gan.out_dir={out}/gan",
+           "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", "--set", f"gan.losses_file={out}/losses.csv"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     rows = list(csv.DictReader((out / "losses.csv").read_text().splitlines()))
     rates = [float(r["img_per_s"]) for r in rows[1:]]  # first window includes warm-up
@@ -107,7 +107,7 @@ def main() -> None:
 
     base = results["bare bf16"]
     print(f"# GAN step throughput, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, global batch {cfg.train.global_batch_size}")  # fmt: skip
+          f"{os.cpu_count()} cores, torch {torch.__version__}, global batch {cfg.gan.global_batch_size}")  # fmt: skip
     print("| variant | img/s | vs bare bf16 |\n|---|---|---|")
     for name, rate in results.items():
         print(f"| {name} | {rate:.0f} | {rate / base:.2f} |")

@@ -48,10 +48,42 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     # a changed model config does not touch the old run: it trains afresh in its own directory
     changed = run_cli([*common, "--set", "gan.total_steps=5", "--set", "gan.model.g_width=8"], REPO)
     assert changed.returncode == 0, changed.stderr[-2000:]
-    assert "new run gan-" in changed.stdout and "steps 0->5" in changed.stdout
+    assert "new run genforge-gan-" in changed.stdout and "steps 0->5" in changed.stdout
     assert len([p for p in (root / "ray").iterdir() if p.is_dir()]) == 2
     again = run_cli([*common, "--set", "gan.total_steps=20"], REPO)  # the original run is intact
     assert again.returncode == 0 and "already trained to step 20" in again.stdout
+
+
+def test_latent_diffusion_two_workers_then_resume_and_mismatched_latents_are_refused(prepared):
+    """autoencoder -> cached latents -> denoiser on 2 Ray workers, a resume that continues the step
+    count, and latents from another autoencoder refused in one line before Ray starts."""
+    root, params = prepared
+    common = ["--params", str(params), "--set", f"ray.storage_path={root}/ray-ldm",
+              "--set", f"autoencoder.out_dir={root}/autoencoder", "--set", f"autoencoder.metrics_file={root}/ae.json",
+              "--set", f"autoencoder.losses_file={root}/ae.csv", "--set", f"latents.out_dir={root}/latents",
+              "--set", f"ref_stats.out_dir={root}/ref_stats", "--set", f"classifier.out_dir={root}/classifier"]  # fmt: skip
+    for stage in ("classifier", "ref_stats", "train_autoencoder", "encode_latents"):
+        result = run_cli(["python", "-m", f"pipelines.{stage}", *common], REPO)
+        assert result.returncode == 0, result.stderr[-2000:]
+    ldm = [*common, "--set", f"ldm.out_dir={root}/ldm", "--set", f"ldm.losses_file={root}/ldm.csv",
+           "--set", "ldm.checkpoint_every_steps=5"]  # fmt: skip
+    first = run_cli(["python", "-m", "pipelines.train_ldm", *ldm, "--set", "ldm.total_steps=10"], REPO)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "2 worker(s) on cpu" in first.stdout and "latent space (4, 8, 8)" in first.stdout and "step 10/10" in first.stdout
+    second = run_cli(["python", "-m", "pipelines.train_ldm", *ldm, "--set", "ldm.total_steps=15"], REPO)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from checkpoint at step 10" in second.stdout and "steps 10->15" in second.stdout
+    meta = json.loads((root / "ldm/generator.json").read_text())
+    assert meta["step"] == 15 and meta["space"] == "latent" and meta["autoencoder"]["latent_channels"] == 4
+    assert losses(root / "ldm.csv") == [5, 10, 15]
+
+    record_path = root / "latents/latents.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "scaling_factor": record["scaling_factor"] * 2}))
+    refused = run_cli(["python", "-m", "pipelines.train_ldm", *ldm, "--set", "ldm.total_steps=20"], REPO)
+    assert refused.returncode == 2 and "\n" not in refused.stderr.strip()
+    assert refused.stderr.strip().startswith(f"error: {root}/latents: latents were scaled by ")
+    assert json.loads((root / "ldm/generator.json").read_text())["step"] == 15  # the export is untouched
 
 
 def test_s3_data_and_checkpoints(tmp_path, moto_s3, real_digits):
@@ -84,7 +116,7 @@ def test_s3_data_and_checkpoints(tmp_path, moto_s3, real_digits):
     assert result.returncode == 0, result.stderr[-2000:]
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
     (run_dir,) = fs.ls("genforge/ray")
-    assert run_dir.split("/")[-1].startswith("gan-")
+    assert run_dir.split("/")[-1].startswith("genforge-gan-")
     checkpoints = [p for p in fs.ls(run_dir) if fs.isdir(p) and p.split("/")[-1].startswith("checkpoint_")]
     assert checkpoints and all(fs.exists(f"{p}/state.pt") for p in checkpoints)
     meta = json.loads((tmp_path / "gan/generator.json").read_text())
