@@ -61,7 +61,8 @@ def test_latent_diffusion_two_workers_then_resume_and_mismatched_latents_are_ref
     common = ["--params", str(params), "--set", f"ray.storage_path={root}/ray-ldm",
               "--set", f"autoencoder.out_dir={root}/autoencoder", "--set", f"autoencoder.metrics_file={root}/ae.json",
               "--set", f"autoencoder.losses_file={root}/ae.csv", "--set", f"latents.out_dir={root}/latents",
-              "--set", f"ref_stats.out_dir={root}/ref_stats", "--set", f"classifier.out_dir={root}/classifier"]  # fmt: skip
+              "--set", f"ref_stats.out_dir={root}/ref_stats", "--set", f"classifier.out_dir={root}/classifier",
+              "--set", f"classifier.metrics_file={root}/classifier.json"]  # fmt: skip
     for stage in ("classifier", "ref_stats", "train_autoencoder", "encode_latents"):
         result = run_cli(["python", "-m", f"pipelines.{stage}", *common], REPO)
         assert result.returncode == 0, result.stderr[-2000:]
