@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from gen_core.checkpoint import CheckpointError, load_training_state, save_training_state
-from gen_core.config import RunConfig
+from gen_core.config import LoopConfig, RunConfig
 from gen_core.data import dataset_hash, read_manifest
-from gen_core.io import download_directory, filesystem
+from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import autocast_dtype, config_signature
 from pipelines.common import StageError, absolute, format_duration, git_revision, log
 from pipelines.ray_env import init_ray, run_uri, storage
@@ -207,6 +207,21 @@ class WorkerSession:
             ray.train.report({"step": step, **metrics}, checkpoint=ray_checkpoint)
         self.say(f"checkpoint at step {step}")
 
+    def end_step(self, step: int, loop: LoopConfig, losses: dict[str, torch.Tensor],
+                 build: Callable[[Path, int], tuple[dict, dict]]) -> None:  # fmt: skip
+        """After `step` completed steps: count the images, then at log/checkpoint steps check the losses
+        (every rank joins the reduce), log progress, and checkpoint with build(directory, step).
+        Checked at every checkpoint too, so non-finite weights are never saved."""
+        self.count_images(loop.global_batch_size)
+        is_log, is_checkpoint = schedule(step, loop.total_steps, loop.log_every_steps, loop.checkpoint_every_steps)
+        if not (is_log or is_checkpoint):
+            return
+        values = self.mean_losses(step, losses)
+        if is_log:
+            self.log_progress(step, loop.total_steps, loop.global_batch_size, values)
+        if is_checkpoint:
+            self.checkpoint(step, lambda directory: build(directory, step), values)
+
     def finished(self, steps_run: int) -> None:
         self.say(f"finished {steps_run} steps in {format_duration(time.monotonic() - self.started)}")
 
@@ -330,3 +345,22 @@ def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str) ->
 def fetch_checkpoint(checkpoint_uri: str, local: str) -> tuple[dict, dict]:
     download_directory(checkpoint_uri, local)
     return load_training_state(local)
+
+
+def export_provenance(meta: dict, checkpoint_uri: str, context: LoopContext) -> dict:
+    """What every exported model records about where it came from."""
+    return {
+        "step": meta["step"], "data_hash": meta["data_hash"], "git_revision": meta["git_revision"],
+        "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": checkpoint_uri,
+        "class_names": read_manifest(context.data_uri)["class_names"], "config": meta["config"],
+    }  # fmt: skip
+
+
+def publish_export(loop: LoopConfig, local: str, mlflow, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills the export directory, which gets the checkpoint's samples.png and replaces
+    <loop.out_dir> atomically; the loss history goes to loop.losses_file; the checkpoint to MLflow."""
+    with atomic_directory(loop.out_dir) as tmp:
+        write(tmp)
+        (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
+    atomic_write_bytes(loop.losses_file, (Path(local) / "losses.csv").read_bytes())
+    mlflow.log_artifacts(local, artifact_path="checkpoint")

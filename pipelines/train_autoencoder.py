@@ -16,18 +16,19 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gen_core.config import RunConfig
-from gen_core.data import load_split, read_manifest
+from gen_core.data import load_split
 from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder, psnr
-from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, sha256_file
+from gen_core.io import atomic_write_json, sha256_file
 from gen_core.metrics import fid_from_stats, inception_path, load_inception, load_ref_stats
 from gen_core.sampling import image_grid, to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
 from pipelines.common import StageError, log, run_stage
-from pipelines.ray_train import LoopContext, TrainingJob, WorkerSession, fetch_checkpoint, schedule, train
+from pipelines.ray_train import (
+    LoopContext, TrainingJob, WorkerSession, export_provenance, fetch_checkpoint, publish_export, train,
+)
 from pipelines.train_gan import png_bytes
 
 GRID_IMAGES = 32  # fixed eval images shown over their reconstructions
@@ -102,6 +103,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         f"global batch {a.global_batch_size}, steps {start_step}->{a.total_steps}"
     )
 
+    def build_checkpoint(directory: Path, step: int) -> tuple[dict, dict]:
+        vae.eval()
+        (directory / "samples.png").write_bytes(reconstruction_grid_png(vae, grid_images))
+        vae.train()
+        state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+        return state, {"autoencoder": a.model_dump(mode="json")}
+
     for step in range(start_step, a.total_steps):
         # --- reconstruction + KL step
         noise = step_generator(a.seed, step, session.rank)
@@ -113,25 +121,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        session.count_images(a.global_batch_size)
 
         # --- loss check, logging, checkpoint
-        done = step + 1
-        is_log, is_checkpoint = schedule(done, a.total_steps, a.log_every_steps, a.checkpoint_every_steps)
-        if is_log or is_checkpoint:
-            values = session.mean_losses(done, {"loss": loss})
-        if is_log:
-            session.log_progress(done, a.total_steps, a.global_batch_size, values)
-        if is_checkpoint:
-
-            def build(directory: Path) -> tuple[dict, dict]:
-                vae.eval()
-                (directory / "samples.png").write_bytes(reconstruction_grid_png(vae, grid_images))
-                vae.train()
-                state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": done}
-                return state, {"autoencoder": a.model_dump(mode="json")}
-
-            session.checkpoint(done, build, values)
+        session.end_step(step + 1, a, {"loss": loss}, build_checkpoint)
     session.finished(a.total_steps - start_step)
 
 
@@ -167,19 +159,15 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
         metrics.update(reconstruction_fid(cfg, to_uint8(reconstruction), logger))
         logger.info("reconstruction psnr %.2f dB, fid %.2f, latent scale %.4f", metrics["psnr_db"], metrics["fid"], scaling_factor)
 
-        export_meta = {
-            "family": "autoencoder", "step": meta["step"], "data_hash": meta["data_hash"], "git_revision": meta["git_revision"],
-            "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": checkpoint_uri, "metrics": metrics,
-            "class_names": read_manifest(context.data_uri)["class_names"], "config": meta["config"],
-        }  # fmt: skip
-        with atomic_directory(a.out_dir) as tmp:
+        export_meta = {"family": "autoencoder", "metrics": metrics, **export_provenance(meta, checkpoint_uri, context)}
+
+        def write(tmp: Path) -> None:
             vae.save_pretrained(tmp, safe_serialization=True)
             atomic_write_json(tmp / "autoencoder.json", export_meta)
-            (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
+
+        publish_export(a, local, mlflow, write)
         atomic_write_json(a.metrics_file, metrics)
-        atomic_write_bytes(a.losses_file, (Path(local) / "losses.csv").read_bytes())
         mlflow.log_metrics({f"recon_{k}": float(v) for k, v in metrics.items() if k != "step"}, step=meta["step"])
-        mlflow.log_artifacts(local, artifact_path="checkpoint")
     logger.info("exported autoencoder at step %d -> %s", meta["step"], a.out_dir)
     return export_meta
 

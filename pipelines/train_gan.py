@@ -23,8 +23,7 @@ from PIL import Image
 
 from gen_core.checkpoint import export_generator
 from gen_core.config import RunConfig
-from gen_core.data import load_split, read_manifest
-from gen_core.io import atomic_directory, atomic_write_bytes
+from gen_core.data import load_split
 from gen_core.losses import discriminator_loss, generator_loss
 from gen_core.models import (
     Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, ema_beta, recalibrate_batchnorm, requires_grad, update_ema,
@@ -32,7 +31,9 @@ from gen_core.models import (
 from gen_core.sampling import image_grid, sample_gan, to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
 from pipelines.common import log, run_stage
-from pipelines.ray_train import LoopContext, TrainingJob, WorkerSession, fetch_checkpoint, schedule, train
+from pipelines.ray_train import (
+    LoopContext, TrainingJob, WorkerSession, export_provenance, fetch_checkpoint, publish_export, train,
+)
 
 
 def model_specs(cfg: RunConfig, num_classes: int) -> tuple[GeneratorSpec, DiscriminatorSpec]:
@@ -117,6 +118,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         f"{'bf16' if amp_dtype else 'fp32'}, global batch {t.global_batch_size}, steps {start_step}->{t.total_steps}"
     )
 
+    def build_checkpoint(directory: Path, step: int) -> tuple[dict, dict]:
+        recalibrate_batchnorm(G_ema, seed=t.seed)  # standing stats for the EMA weights
+        (directory / "samples.png").write_bytes(sample_grid_png(G_ema, ctx.num_classes, t.sample_grid_seed))
+        state = {
+            "G": _unwrap(G_train).state_dict(), "D": _unwrap(D_train).state_dict(), "G_ema": G_ema.state_dict(),
+            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "step": step, "rng": {"torch": torch.get_rng_state()},
+        }  # fmt: skip
+        return state, {"generator_spec": g_spec.to_dict()}
+
     for step in range(start_step, t.total_steps):
         noise = step_generator(t.seed, step, session.rank)
         index = batch_indices(step, t.global_batch_size, len(labels), t.seed, session.rank, session.world_size)
@@ -145,30 +155,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # --- EMA of G (identical on every rank: DDP keeps G identical)
         update_ema(G_ema, G, ema_beta(t.global_batch_size, (step + 1) * t.global_batch_size, t.ema_halflife_kimg, t.ema_rampup_ratio))
-        session.count_images(t.global_batch_size)
 
-        # --- loss check + logging; checked at every checkpoint too, so non-finite weights are never saved
-        done = step + 1
-        is_log, is_checkpoint = schedule(done, t.total_steps, t.log_every_steps, t.checkpoint_every_steps)
-        if is_log or is_checkpoint:
-            values = session.mean_losses(done, {"d_loss": d_loss, "g_loss": g_loss})
-        if is_log:
-            session.log_progress(done, t.total_steps, t.global_batch_size, values)
-
-        # --- checkpoint (every rank reports; rank 0 attaches the state)
-        if is_checkpoint:
-
-            def build(directory: Path) -> tuple[dict, dict]:
-                recalibrate_batchnorm(G_ema, seed=t.seed)  # standing stats for the EMA weights
-                (directory / "samples.png").write_bytes(sample_grid_png(G_ema, ctx.num_classes, t.sample_grid_seed))
-                state = {
-                    "G": _unwrap(G_train).state_dict(), "D": _unwrap(D_train).state_dict(), "G_ema": G_ema.state_dict(),
-                    "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "step": done,
-                    "rng": {"torch": torch.get_rng_state()},
-                }  # fmt: skip
-                return state, {"generator_spec": g_spec.to_dict()}
-
-            session.checkpoint(done, build, values)
+        # --- loss check, logging, checkpoint (every rank reports; rank 0 attaches the state)
+        session.end_step(step + 1, t, {"d_loss": d_loss, "g_loss": g_loss}, build_checkpoint)
     session.finished(t.total_steps - start_step)
 
 
@@ -190,16 +179,8 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
     logger = log("train_gan")
     with tempfile.TemporaryDirectory() as local:
         state, meta = fetch_checkpoint(checkpoint_uri, local)
-        export_meta = {
-            "family": "gan", "generator_spec": meta["generator_spec"], "step": meta["step"], "data_hash": meta["data_hash"],
-            "git_revision": meta["git_revision"], "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": checkpoint_uri,
-            "class_names": read_manifest(context.data_uri)["class_names"], "config": meta["config"],
-        }  # fmt: skip
-        with atomic_directory(cfg.gan.out_dir) as tmp:
-            export_generator(tmp, state["G_ema"], export_meta)
-            (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
-        atomic_write_bytes(cfg.gan.losses_file, (Path(local) / "losses.csv").read_bytes())
-        mlflow.log_artifacts(local, artifact_path="checkpoint")
+        export_meta = {"family": "gan", "generator_spec": meta["generator_spec"], **export_provenance(meta, checkpoint_uri, context)}
+        publish_export(cfg.gan, local, mlflow, lambda tmp: export_generator(tmp, state["G_ema"], export_meta))
     logger.info("exported EMA generator at step %d -> %s", meta["step"], cfg.gan.out_dir)
     return export_meta
 

@@ -23,15 +23,16 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
 from gen_core.config import RunConfig
-from gen_core.data import load_split, read_manifest
+from gen_core.data import load_split
 from gen_core.diffusion import DiffusionGenerator, build_denoiser, diffusion_loss, training_schedule
-from gen_core.io import atomic_directory, atomic_write_bytes
 from gen_core.models import ema_beta, requires_grad, update_ema
 from gen_core.sampling import image_grid, to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
 from pipelines.common import absolute, log, run_stage
 from pipelines.encode_latents import load_latents
-from pipelines.ray_train import LoopContext, TrainingJob, WorkerSession, fetch_checkpoint, schedule, train
+from pipelines.ray_train import (
+    LoopContext, TrainingJob, WorkerSession, export_provenance, fetch_checkpoint, publish_export, train,
+)
 from pipelines.train_autoencoder import autoencoder_digest
 from pipelines.train_gan import png_bytes
 
@@ -101,6 +102,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
     )
 
+    def build_checkpoint(directory: Path, step: int) -> tuple[dict, dict]:
+        model = make_generator(cfg, unet_ema, vae, ctx.num_classes)
+        (directory / "samples.png").write_bytes(sample_grid_png(model, d.sample_grid_seed, device))
+        state = {"unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+        return state, {"autoencoder": ctx.extra.get("autoencoder"), "unet_config": dict(unet.config)}
+
     for step in range(start_step, d.total_steps):
         # --- denoising step: timesteps, noise and label drops seeded per (step, rank)
         noise = step_generator(d.seed, step, session.rank)
@@ -115,24 +122,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # --- EMA (identical on every rank: DDP keeps the weights identical)
         update_ema(unet_ema, unet, ema_beta(d.global_batch_size, (step + 1) * d.global_batch_size, d.ema_halflife_kimg, d.ema_rampup_ratio))
-        session.count_images(d.global_batch_size)
 
         # --- loss check, logging, checkpoint
-        done = step + 1
-        is_log, is_checkpoint = schedule(done, d.total_steps, d.log_every_steps, d.checkpoint_every_steps)
-        if is_log or is_checkpoint:
-            values = session.mean_losses(done, {"loss": loss})
-        if is_log:
-            session.log_progress(done, d.total_steps, d.global_batch_size, values)
-        if is_checkpoint:
-
-            def build(directory: Path) -> tuple[dict, dict]:
-                model = make_generator(cfg, unet_ema, vae, ctx.num_classes)
-                (directory / "samples.png").write_bytes(sample_grid_png(model, d.sample_grid_seed, device))
-                state = {"unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "optimizer": optimizer.state_dict(), "step": done}
-                return state, {"autoencoder": ctx.extra.get("autoencoder"), "unet_config": dict(unet.config)}
-
-            session.checkpoint(done, build, values)
+        session.end_step(step + 1, d, {"loss": loss}, build_checkpoint)
     session.finished(d.total_steps - start_step)
 
 
@@ -176,16 +168,8 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
         unet = UNet2DModel.from_config(meta["unet_config"])
         unet.load_state_dict(state["unet_ema"])
         model = make_generator(cfg, unet.eval(), vae, num_classes)
-        export_meta = {
-            "step": meta["step"], "data_hash": meta["data_hash"], "git_revision": meta["git_revision"],
-            "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": checkpoint_uri, "autoencoder": meta.get("autoencoder"),
-            "class_names": read_manifest(context.data_uri)["class_names"], "config": meta["config"],
-        }  # fmt: skip
-        with atomic_directory(cfg.ldm.out_dir) as tmp:
-            model.save_pretrained(tmp, export_meta)
-            (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
-        atomic_write_bytes(cfg.ldm.losses_file, (Path(local) / "losses.csv").read_bytes())
-        mlflow.log_artifacts(local, artifact_path="checkpoint")
+        export_meta = {"autoencoder": meta.get("autoencoder"), **export_provenance(meta, checkpoint_uri, context)}
+        publish_export(cfg.ldm, local, mlflow, lambda tmp: model.save_pretrained(tmp, export_meta))
     logger.info("exported EMA denoiser at step %d -> %s", meta["step"], cfg.ldm.out_dir)
     return export_meta
 
