@@ -146,6 +146,7 @@ class AutoencoderConfig(LoopConfig):
     out_dir: str = "models/autoencoder"
     losses_file: str = "metrics/autoencoder_losses.csv"
     metrics_file: str = "metrics/autoencoder.json"  # reconstruction PSNR and FID on the eval split
+    rfid_images: int | None = Field(None, ge=10)  # eval images whose reconstructions get an Inception FID; None: all
 
     @model_validator(mode="after")
     def _power_of_two(self):
@@ -275,6 +276,120 @@ class TrackingConfig(_Section):
 
 
 Family = Literal["gan", "ldm"]
+
+
+# ---------------------------------------------------------------------------
+# Sweeps (pipelines.sweep, Ray Tune)
+# ---------------------------------------------------------------------------
+
+LR_RATIO_KEY = "lr_d_over_lr_g"  # GAN sweeps: lr_d = lr_g * ratio, the knob searched on a log scale
+SWEEPABLE_KEYS = {
+    "gan": ("lr_g", "lr_d", LR_RATIO_KEY, "d_steps_per_g_step", "adam_beta1", "adam_beta2", "ema_halflife_kimg", "loss"),
+    "ldm": ("lr", "label_dropout", "ema_halflife_kimg", "adam_beta1", "adam_beta2", "weight_decay"),
+}
+# What a trial reports at every checkpoint (the schedulers' time unit). Inception `fid` comes only at the end.
+TRIAL_METRICS = {"gan": ("fid_classifier", "class_accuracy", "d_loss", "g_loss"), "ldm": ("fid_classifier", "class_accuracy", "loss")}
+
+
+class SearchDimension(_Section):
+    """One searched knob: loguniform/uniform over [low, high], randint over low..high, or choice of values."""
+
+    type: Literal["loguniform", "uniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[float | int | str | bool] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SearchDimension":
+        if self.type == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("choice takes a non-empty `values` list and no low/high")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise ValueError(f"{self.type} takes `low` and `high` and no values")
+        if self.low >= self.high:
+            raise ValueError(f"inverted or empty range: low {self.low} >= high {self.high}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        return self
+
+    def bounds(self) -> list:
+        """The extreme values a trial can get: each is checked against the family's config before a sweep."""
+        return list(self.values) if self.type == "choice" else [self.low, self.high]
+
+
+class AshaConfig(_Section):
+    grace_period: int = Field(1, ge=1)  # in reports: no trial is stopped before this many
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class PbtConfig(_Section):
+    perturbation_interval: int = Field(1, ge=1)  # in reports
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
+
+
+def _default_space() -> dict:
+    return {
+        "gan": {
+            "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
+            LR_RATIO_KEY: {"type": "loguniform", "low": 0.5, "high": 8.0},
+            "d_steps_per_g_step": {"type": "choice", "values": [1, 2]},
+            "adam_beta1": {"type": "choice", "values": [0.0, 0.5]},
+            "ema_halflife_kimg": {"type": "loguniform", "low": 1.0, "high": 20.0},
+            "loss": {"type": "choice", "values": ["hinge", "nonsaturating"]},
+        },
+        "ldm": {
+            "lr": {"type": "loguniform", "low": 2e-4, "high": 3e-3},
+            "label_dropout": {"type": "uniform", "low": 0.05, "high": 0.25},
+            "ema_halflife_kimg": {"type": "loguniform", "low": 2.0, "high": 20.0},
+        },
+    }
+
+
+class SweepConfig(_Section):
+    """`sweep`: Ray Tune over one family's training; every trial is a real Ray Train run of that stage."""
+
+    enabled: bool = False  # the dvc `sweep` stage only runs a sweep when true
+    family: Family = "gan"
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    searcher: Literal["random", "optuna"] = "random"  # pbt mutates its own population: random only
+    num_trials: int = Field(8, ge=1)
+    metric: str = "fid_classifier"  # reported by trials at every checkpoint; see TRIAL_METRICS
+    mode: Literal["min", "max"] = "min"
+    total_steps: int = Field(600, ge=1)  # per trial
+    report_every_steps: int = Field(100, ge=1)  # checkpoint + metrics: the schedulers' time unit
+    global_batch_size: int | None = Field(None, ge=1)  # null: the family's
+    workers_per_trial: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # null: as many as the cluster's CPUs (GPUs) hold
+    probe_samples: int = Field(500, ge=10)  # cheap FID per report: classifier features at fixed seeds
+    final_fid_samples: int = Field(500, ge=10)  # Inception FID at each finished trial's last step
+    seed: int = 0
+    asha: AshaConfig = AshaConfig()
+    pbt: PbtConfig = PbtConfig()
+    space: dict[Family, dict[str, SearchDimension]] = Field(default_factory=_default_space)
+    storage_path: str = "runs/tune"  # local path or s3://; Tune state and the trials' checkpoints
+    name: str = "genforge-sweep"  # the same name resumes an interrupted sweep (Tuner.restore)
+    out_dir: str = "sweep"  # best_params.yaml, trials.csv, the best trial's model and its gate record
+    metrics_file: str = "metrics/sweep.json"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepConfig":
+        space = self.space.get(self.family) or {}
+        if not space:
+            raise ValueError(f"space.{self.family}: empty search space")
+        unknown = sorted(set(space) - set(SWEEPABLE_KEYS[self.family]))
+        if unknown:
+            raise ValueError(f"space.{self.family}.{unknown[0]}: not a sweepable key (one of {', '.join(SWEEPABLE_KEYS[self.family])})")
+        if LR_RATIO_KEY in space and "lr_d" in space:
+            raise ValueError(f"space.gan: search lr_d or {LR_RATIO_KEY}, not both")
+        if self.metric not in TRIAL_METRICS[self.family]:
+            raise ValueError(f"metric {self.metric!r}: {self.family} trials never report it (they report {', '.join(TRIAL_METRICS[self.family])})")
+        if self.report_every_steps > self.total_steps:
+            raise ValueError(f"report_every_steps ({self.report_every_steps}) exceeds total_steps ({self.total_steps})")
+        if self.scheduler == "pbt" and self.searcher != "random":
+            raise ValueError("searcher: pbt explores by mutating its population; use searcher: random")
+        return self
 # Training section of each config-driven model loop (the autoencoder is a stage of the ldm family).
 FAMILY_SECTIONS = {"gan": "gan", "autoencoder": "autoencoder", "ldm": "ldm"}
 
@@ -291,6 +406,7 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -301,6 +417,11 @@ class RunConfig(_Section):
                     f"{name}.global_batch_size ({loop.global_batch_size}) must be divisible by "
                     f"ray.num_workers ({self.ray.num_workers})"
                 )
+        sweep_batch = self.sweep.global_batch_size or self.family(self.sweep.family).global_batch_size
+        if sweep_batch % self.sweep.workers_per_trial:
+            raise ValueError(
+                f"sweep: global batch ({sweep_batch}) must be divisible by sweep.workers_per_trial ({self.sweep.workers_per_trial})"
+            )
         if self.data.resolution // self.autoencoder.downsample_factor < 2:
             raise ValueError(
                 f"autoencoder.downsample_factor ({self.autoencoder.downsample_factor}) leaves latents under 2x2 "
@@ -365,8 +486,7 @@ def config_from_dict(raw: dict, source: str = "params") -> RunConfig:
         raise ConfigError(_format_error(source, err)) from None
 
 
-def load_config(path: str | Path = "params.yaml", overrides: list[str] = ()) -> RunConfig:
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
     try:
@@ -377,4 +497,21 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
         raise ConfigError(f"{path}{where}: invalid YAML") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return config_from_dict(apply_overrides(raw, list(overrides)), str(path))
+    return raw
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in `overlay` replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] = (), overlays: list[str | Path] = ()) -> RunConfig:
+    """params file, then each overlay file (e.g. a sweep's best_params.yaml) merged over it, then --set overrides."""
+    raw = _read_yaml(Path(path))
+    for overlay in overlays:
+        raw = merge(raw, _read_yaml(Path(overlay)))
+    source = " + ".join([str(path), *map(str, overlays)])
+    return config_from_dict(apply_overrides(raw, list(overrides)), source)

@@ -31,6 +31,10 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
+        "--overlay", dest="overlays", action="append", default=[], metavar="FILE",
+        help="YAML merged over the params file, e.g. a sweep's best_params.yaml (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a param, e.g. --set gan.total_steps=100 (repeatable; values are YAML)",
     )  # fmt: skip
@@ -45,7 +49,7 @@ def run_stage(name: str, body: Callable[[RunConfig, argparse.Namespace], int | N
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     started = time.monotonic()
     try:
-        cfg = load_config(args.params, args.overrides)
+        cfg = load_config(args.params, args.overrides, args.overlays)
         code = body(cfg, args) or 0
     except EXPECTED_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -34,10 +34,10 @@ def init_ray(cfg: RunConfig):
     return ray
 
 
-def storage(cfg: RunConfig) -> tuple[str, object | None]:
-    """(storage_path, pyarrow filesystem or None) for RunConfig. s3:// goes through s3fs so a custom
-    endpoint (AWS_ENDPOINT_URL: MinIO, moto) works the same as for data."""
-    path = cfg.ray.storage_path
+def storage(cfg: RunConfig, path: str | None = None) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig, of ray.storage_path unless `path`
+    is given. s3:// goes through s3fs so a custom endpoint (AWS_ENDPOINT_URL: MinIO, moto) works the same as for data."""
+    path = path or cfg.ray.storage_path
     if not path.startswith("s3://"):
         return absolute(path), None
     import pyarrow.fs

@@ -121,6 +121,7 @@ class WorkerSession:
         self.history: list[dict] = []
         self._window_started, self._window_images = time.monotonic(), 0
         self.started = time.monotonic()
+        self._probe = None  # sweep trials only: pipelines.probe.Probe, built on first use (rank 0)
 
     def autocast_dtype(self, precision: str) -> torch.dtype | None:
         return autocast_dtype(precision, self.device)
@@ -176,22 +177,47 @@ class WorkerSession:
         shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         self.say(f"step {step}/{total_steps} {shown} {rate:.0f} img/s eta {format_duration(eta)}")
         if self.mlflow:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, step) for k, v in {**values, "img_per_s": rate}.items()]
-            self.mlflow.log_batch(self.ctx.mlflow_run_id, metrics=metrics)
+            self.mlflow.log_batch(self.ctx.mlflow_run_id, metrics=self._metrics({**values, "img_per_s": rate}, step))
         self._window_started, self._window_images = time.monotonic(), 0
 
-    def checkpoint(self, step: int, build: Callable[[Path], dict] | None, metrics: dict) -> None:
+    def probe_metrics(self, step: int, total_steps: int, model: Callable[[], object] | None, amp_dtype) -> dict[str, float]:
+        """Sweep trials (context.extra['probe']): sample-quality metrics of model() at fixed seeds, logged
+        to MLflow and reported with the checkpoint, so Tune's schedulers can rank trials. Rank 0."""
+        spec = self.ctx.extra.get("probe")
+        if not spec or model is None or self.rank != 0:
+            return {}
+        if self._probe is None:
+            from pipelines.probe import Probe
+
+            self._probe = Probe(spec, self.device)
+        started = time.monotonic()
+        values = self._probe(model(), final=step == spec.get("final_step", total_steps), amp_dtype=amp_dtype)
+        self.say(f"probe at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()) + f" ({time.monotonic() - started:.1f}s)")
+        if self.mlflow:
+            self.mlflow.log_batch(self.ctx.mlflow_run_id, metrics=self._metrics(values, step))
+        return values
+
+    @staticmethod
+    def _metrics(values: dict[str, float], step: int) -> list:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        return [Metric(k, float(v), now, step) for k, v in values.items()]
+
+    def checkpoint(self, step: int, build: Callable[[Path], dict] | None, metrics: dict, probe: Callable[[], dict] | None = None) -> None:
         """Every rank reports; rank 0 calls build(directory) -> (state, meta extras) and attaches the files.
-        build may write more files into the directory (e.g. samples.png)."""
+        build may write more files into the directory (e.g. samples.png). probe() -> extra metrics
+        (rank 0, after build) that go with the report and into the checkpoint's meta."""
         import ray.train
 
         with tempfile.TemporaryDirectory() as directory:
             ray_checkpoint = None
             if self.rank == 0:
                 state, meta = build(Path(directory))
+                extra = probe() if probe is not None else {}
+                if extra:
+                    metrics = {**metrics, **extra}
+                    meta = {**meta, "probe": metrics}
                 meta = {"step": step, "signature": self.ctx.signature, "data_hash": self.ctx.data_hash,
                         "git_revision": self.ctx.git_revision, "mlflow_run_id": self.ctx.mlflow_run_id,
                         "world_size": self.world_size, "config": self.cfg.model_dump(mode="json"), **meta}  # fmt: skip
@@ -208,10 +234,11 @@ class WorkerSession:
         self.say(f"checkpoint at step {step}")
 
     def end_step(self, step: int, loop: LoopConfig, losses: dict[str, torch.Tensor],
-                 build: Callable[[Path, int], tuple[dict, dict]]) -> None:  # fmt: skip
+                 build: Callable[[Path, int], tuple[dict, dict]], sampler: Callable[[], object] | None = None) -> None:  # fmt: skip
         """After `step` completed steps: count the images, then at log/checkpoint steps check the losses
         (every rank joins the reduce), log progress, and checkpoint with build(directory, step).
-        Checked at every checkpoint too, so non-finite weights are never saved."""
+        Checked at every checkpoint too, so non-finite weights are never saved. sampler() -> the model to
+        judge (gen_core.generators interface), used only in sweep trials."""
         self.count_images(loop.global_batch_size)
         is_log, is_checkpoint = schedule(step, loop.total_steps, loop.log_every_steps, loop.checkpoint_every_steps)
         if not (is_log or is_checkpoint):
@@ -220,7 +247,8 @@ class WorkerSession:
         if is_log:
             self.log_progress(step, loop.total_steps, loop.global_batch_size, values)
         if is_checkpoint:
-            self.checkpoint(step, lambda directory: build(directory, step), values)
+            probe = lambda: self.probe_metrics(step, loop.total_steps, sampler, self.autocast_dtype(loop.precision))  # noqa: E731
+            self.checkpoint(step, lambda directory: build(directory, step), values, probe)
 
     def finished(self, steps_run: int) -> None:
         self.say(f"finished {steps_run} steps in {format_duration(time.monotonic() - self.started)}")
@@ -274,7 +302,15 @@ class TrainingJob:
     logged_sections: tuple[str, ...] = ("data", "ray")
 
 
-def train(cfg: RunConfig, job: TrainingJob) -> dict:
+def job_signature(job: TrainingJob, num_classes: int) -> str:
+    """What names the run directory and must match for a checkpoint to be resumed."""
+    return config_signature({**job.signature, "num_classes": num_classes, "family": job.family})
+
+
+def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run_id: str | None = None,
+          run_tags: dict | None = None) -> dict:  # fmt: skip
+    """Train (or resume, or only export) one job. `callbacks` go to the TorchTrainer (a sweep passes
+    Tune's report callback); `parent_run_id` makes a new MLflow run a child run (one per sweep trial)."""
     logger = log(job.stage)
     loop_cfg = getattr(cfg, job.section)
     data_uri = absolute(cfg.data.out_dir)
@@ -282,35 +318,50 @@ def train(cfg: RunConfig, job: TrainingJob) -> dict:
     num_classes = len(manifest["class_names"])
     if manifest["shape"] != [cfg.data.channels, cfg.data.resolution, cfg.data.resolution]:
         raise StageError(f"{data_uri}: prepared shape {manifest['shape']} does not match data.channels/resolution")
-    signature = config_signature({**job.signature, "num_classes": num_classes, "family": job.family})
+    signature = job_signature(job, num_classes)
     run_dir = run_directory(cfg, job.family, signature)
     checkpoints = list_checkpoints(run_uri(cfg, run_dir))
     existing = checkpoints[0] if checkpoints else None
+    checkpoint_uri = None  # None: train (afresh or resumed), else only export this checkpoint
+    if existing and existing[1]["step"] > loop_cfg.total_steps:
+        exact = [uri for uri, meta in checkpoints if meta["step"] == loop_cfg.total_steps]
+        if not exact:  # exporting the later model would record the wrong step count in dvc.lock and MLflow
+            raise StageError(
+                f"{run_uri(cfg, run_dir)}: already trained to step {existing[1]['step']}, past {job.section}.total_steps "
+                f"{loop_cfg.total_steps}, with no checkpoint at that step; set ray.run_name to train afresh"
+            )
+        logger.info("run %s has a checkpoint at step %d; exporting it", run_dir, loop_cfg.total_steps)
+        checkpoint_uri = exact[0]
+    elif existing and existing[1]["step"] == loop_cfg.total_steps:
+        logger.info("run %s already trained to step %d; exporting", run_dir, existing[1]["step"])
+        checkpoint_uri = existing[0]
+    elif existing:
+        logger.info("resuming run %s from step %d", run_dir, existing[1]["step"])
+    else:
+        logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
+
     mlflow = connect(cfg)
     run_id = existing[1]["mlflow_run_id"] if existing else None
     data_hash, revision = dataset_hash(data_uri), git_revision()
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.ray.run_name}-{job.family}") as active:
+    run_name = None if run_id else f"{cfg.ray.run_name}-{job.family}"
+    with mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=None if run_id else parent_run_id) as active:
         if existing is None:
             mlflow.log_params(flat_params(cfg, (job.section, *job.logged_sections)))
-            mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "model_family": job.family})
+            mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "model_family": job.family, **(run_tags or {})})
         context = LoopContext(
             stage=job.stage, data_uri=data_uri, num_classes=num_classes, signature=signature, run_uri=run_uri(cfg, run_dir),
             data_hash=data_hash, git_revision=revision, tracking_uri=tracking_uri(cfg), mlflow_run_id=active.info.run_id,
             extra=job.extra,
         )  # fmt: skip
-        if existing and existing[1]["step"] >= loop_cfg.total_steps:
-            logger.info("run %s already trained to step %d; exporting", run_dir, existing[1]["step"])
-            checkpoint_uri = existing[0]
-        else:
-            if existing:
-                logger.info("resuming run %s from step %d", run_dir, existing[1]["step"])
-            else:
-                logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
-            checkpoint_uri = fit(cfg, job, context, run_dir)
+        if checkpoint_uri is None:
+            checkpoint_uri = fit(cfg, job, context, run_dir, callbacks)
         return job.export(cfg, checkpoint_uri, context, mlflow)
 
 
-def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str) -> str:
+def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str, callbacks: tuple = ()) -> str:
+    import ray as ray_module
+
+    owns_ray = not ray_module.is_initialized()  # inside a Tune trial Ray is already up and not ours to stop
     ray = init_ray(cfg)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -326,7 +377,7 @@ def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str) ->
         run_config=RayRunConfig(
             name=run_dir, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=getattr(cfg, job.section).checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures), callbacks=list(callbacks) or None,
         ),
     )  # fmt: skip
     try:
@@ -334,7 +385,8 @@ def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str) ->
     except Exception as err:  # Ray wraps worker failures; surface the root cause in one line
         raise StageError(f"training failed: {_root_cause(err)}") from None
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     if result.checkpoint is None:
         raise StageError("training finished without a checkpoint")
     if storage_fs:  # pyarrow paths drop the scheme; keep a URI that fsspec can open

@@ -156,7 +156,7 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
         evals = torch.from_numpy(load_split(context.data_uri, "eval").images)
         reconstruction = reconstruct(vae, evals)
         metrics = {"psnr_db": float(psnr(to_unit(evals), reconstruction).mean()), "scaling_factor": scaling_factor, "step": meta["step"]}
-        metrics.update(reconstruction_fid(cfg, to_uint8(reconstruction), logger))
+        metrics.update(reconstruction_fid(cfg, to_uint8(reconstruction[: a.rfid_images]), logger))
         logger.info("reconstruction psnr %.2f dB, fid %.2f, latent scale %.4f", metrics["psnr_db"], metrics["fid"], scaling_factor)
 
         export_meta = {"family": "autoencoder", "metrics": metrics, **export_provenance(meta, checkpoint_uri, context)}
@@ -173,7 +173,8 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
 
 
 def reconstruction_fid(cfg: RunConfig, reconstruction_uint8: torch.Tensor, logger) -> dict:
-    """Inception FID of the eval split's reconstructions against the eval split itself (ref_stats)."""
+    """Inception FID of (the first autoencoder.rfid_images of) the eval split's reconstructions against the whole
+    eval split (ref_stats). Fewer images bias it upwards: compare it only at the same setting."""
     from pipelines.ref_stats import inception_stats
 
     reference = load_ref_stats(f"{cfg.ref_stats.out_dir}/inception.npz")
@@ -182,7 +183,7 @@ def reconstruction_fid(cfg: RunConfig, reconstruction_uint8: torch.Tensor, logge
         raise StageError(f"{cfg.ref_stats.out_dir}/inception.npz: made with a different Inception network; rerun ref_stats")
     net = load_inception(cfg.ref_stats.inception)
     stats, _ = inception_stats(net, reconstruction_uint8, cfg.ref_stats.inception.batch_size, logger)
-    return {"fid": fid_from_stats(stats.mu, stats.sigma, reference["mu"], reference["sigma"])}
+    return {"fid": fid_from_stats(stats.mu, stats.sigma, reference["mu"], reference["sigma"]), "fid_images": len(reconstruction_uint8)}
 
 
 def autoencoder_digest(directory: str | Path) -> str:

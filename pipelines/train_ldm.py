@@ -27,7 +27,7 @@ from gen_core.data import load_split
 from gen_core.diffusion import DiffusionGenerator, build_denoiser, diffusion_loss, training_schedule
 from gen_core.models import ema_beta, requires_grad, update_ema
 from gen_core.sampling import image_grid, to_uint8, to_unit
-from gen_core.training import batch_indices, step_generator
+from gen_core.training import batch_indices, set_learning_rate, step_generator
 from pipelines.common import absolute, log, run_stage
 from pipelines.encode_latents import load_latents
 from pipelines.ray_train import (
@@ -95,6 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         unet.load_state_dict(state["unet"])
         unet_ema.load_state_dict(state["unet_ema"])
         optimizer.load_state_dict(state["optimizer"])
+        set_learning_rate(optimizer, d.lr)  # the config's: a PBT hand-off resumes another trial's state with a new rate
         start_step = int(state["step"])
     unet_train = ray.train.torch.prepare_model(unet)
     session.say(
@@ -124,7 +125,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         update_ema(unet_ema, unet, ema_beta(d.global_batch_size, (step + 1) * d.global_batch_size, d.ema_halflife_kimg, d.ema_rampup_ratio))
 
         # --- loss check, logging, checkpoint
-        session.end_step(step + 1, d, {"loss": loss}, build_checkpoint)
+        session.end_step(step + 1, d, {"loss": loss}, build_checkpoint, sampler=lambda: make_generator(cfg, unet_ema, vae, ctx.num_classes))
     session.finished(d.total_steps - start_step)
 
 
@@ -142,7 +143,7 @@ def autoencoder_record(cfg: RunConfig) -> dict | None:
     return {"sha256": sha256, "latent_channels": config["latent_channels"], "scaling_factor": config["scaling_factor"]}
 
 
-def run(cfg: RunConfig) -> dict:
+def training_job(cfg: RunConfig) -> TrainingJob:
     autoencoder = autoencoder_record(cfg)
     extra = {"autoencoder": autoencoder}
     if autoencoder is not None:
@@ -153,7 +154,11 @@ def run(cfg: RunConfig) -> dict:
         signature=resume_signature(cfg, autoencoder), export=_export, extra=extra,
         logged_sections=("data", "ray", "autoencoder") if autoencoder else ("data", "ray"),
     )  # fmt: skip
-    return train(cfg, job)
+    return job
+
+
+def run(cfg: RunConfig) -> dict:
+    return train(cfg, training_job(cfg))
 
 
 def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -> dict:

@@ -26,6 +26,7 @@ TINY_OVERRIDES = {
     "ldm": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5,
             "denoiser": {"block_out_channels": [32, 32]}, "sampler": {"num_steps": 5}},
     "evaluate": {"num_samples": 60, "batch_size": 30, "kid_subset_size": 30, "kid_subsets": 5},
+    "ray": {"num_workers": 2, "cpus_per_worker": 1},  # the tests exercise DDP; the default profile runs 1 worker x 2 CPUs
 }  # fmt: skip
 
 

@@ -52,6 +52,10 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     assert len([p for p in (root / "ray").iterdir() if p.is_dir()]) == 2
     again = run_cli([*common, "--set", "gan.total_steps=20"], REPO)  # the original run is intact
     assert again.returncode == 0 and "already trained to step 20" in again.stdout
+    # a shorter run than the one stored: never export the step-20 model as if it were the step-12 one
+    shorter = run_cli([*common, "--set", "gan.total_steps=12"], REPO)
+    assert shorter.returncode == 2 and "past gan.total_steps 12" in shorter.stderr, shorter.stderr[-2000:]
+    assert json.loads((out / "generator.json").read_text())["step"] == 20  # the export is untouched
 
 
 def test_latent_diffusion_two_workers_then_resume_and_mismatched_latents_are_refused(prepared):

@@ -1,0 +1,457 @@
+"""Stage `sweep`: Ray Tune over one model family's training, best trial through the registry gate.
+
+    python -m pipelines.sweep --set sweep.enabled=true            # or: dvc exp run -S sweep.enabled=true
+    python -m pipelines.sweep --set sweep.enabled=true --set sweep.scheduler=pbt
+
+Every trial is a real Ray Train run of the family's training stage (pipelines.train_gan or
+pipelines.train_ldm): the same loop, checkpoints and MLflow logging, with `sweep.workers_per_trial`
+workers. At each checkpoint (every `sweep.report_every_steps`) a trial reports a cheap classifier-
+feature FID at fixed seeds (pipelines.probe), which ASHA/PBT compare; its last checkpoint also
+reports Inception `fid` on `sweep.final_fid_samples` samples, which picks the best trial.
+
+- asha / fifo: one Ray Train run per trial; Tune's TuneReportCallback streams the reports, and
+  ASHA stops weak trials between checkpoints.
+- pbt: a trial trains one perturbation interval per Ray Train run and hands Tune a checkpoint
+  pointer. On exploit, the trial copies the better trial's training checkpoint and continues it
+  with its mutated learning rates.
+
+Tune's state lives in <sweep.storage_path>/<sweep.name>; running the same name again resumes an
+interrupted sweep with Tuner.restore. MLflow gets one parent run per sweep and one child run per
+trial. Outputs in <sweep.out_dir>/: best_params.yaml (an overlay for params.yaml), trials.csv,
+model/ (the best trial's export), eval.json and register.json; <sweep.metrics_file> (DVC metrics).
+The best model is evaluated (1000-sample evaluate stage) and goes through the same FID gate.
+With `sweep.enabled: false` the stage only records that it is off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from gen_core.config import LR_RATIO_KEY, ConfigError, RunConfig, SearchDimension, config_from_dict
+from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, filesystem
+from gen_core.metrics import load_ref_stats
+from pipelines.common import StageError, absolute, format_duration, log, run_stage, stage_parser
+from pipelines.probe import ProbeSpec
+from pipelines.ray_env import init_ray, storage
+from pipelines.ray_train import TrainingJob, job_signature, list_checkpoints, run_directory, train
+from pipelines.tracking import connect, tracking_uri
+
+TRIAL_TAG = "tune_trial_id"
+# The trial actor only drives its Ray Train run, whose workers reserve the CPUs (GPUs). Ray wants a
+# non-empty request, and any CPU here would leave a cluster-sized set of trials one CPU short.
+TRIAL_ACTOR = {"CPU": 0, "memory": 256 * 1024**2}
+
+
+# ---------------------------------------------------------------------------
+# Search space and trial configs (pure)
+# ---------------------------------------------------------------------------
+
+
+def tune_domain(dim: SearchDimension):
+    from ray import tune
+
+    if dim.type == "loguniform":
+        return tune.loguniform(dim.low, dim.high)
+    if dim.type == "uniform":
+        return tune.uniform(dim.low, dim.high)
+    if dim.type == "randint":
+        return tune.randint(int(dim.low), int(dim.high) + 1)
+    return tune.choice(list(dim.values))
+
+
+def family_values(cfg: RunConfig, sampled: dict) -> dict:
+    """Sampled knobs -> keys of the family's params section (the D/G ratio becomes lr_d)."""
+    values = dict(sampled)
+    if LR_RATIO_KEY in values:
+        ratio = values.pop(LR_RATIO_KEY)
+        values["lr_d"] = values.get("lr_g", cfg.gan.lr_g) * ratio
+    return values
+
+
+def trial_config(cfg: RunConfig, sampled: dict, trial_id: str, total_steps: int | None = None) -> RunConfig:
+    """The family's training config for one trial: the sampled knobs, the sweep's length and cadence,
+    the trial's own run directory and export location."""
+    s = cfg.sweep
+    raw = cfg.model_dump(mode="json")
+    section = raw[s.family]
+    section.update(family_values(cfg, sampled))
+    total = total_steps or s.total_steps
+    section.update(
+        total_steps=total, checkpoint_every_steps=min(s.report_every_steps, total), log_every_steps=min(section["log_every_steps"], total),
+        checkpoints_to_keep=max(section["checkpoints_to_keep"], 2),
+        out_dir=str(Path(absolute(s.storage_path if "://" not in s.storage_path else "runs/tune")) / s.name / "exports" / trial_id),
+    )  # fmt: skip
+    section["losses_file"] = f"{section['out_dir']}.losses.csv"
+    if s.global_batch_size:
+        section["global_batch_size"] = s.global_batch_size
+    raw["ray"].update(num_workers=s.workers_per_trial, storage_path=f"{sweep_root(cfg)}/train", run_name=f"trial-{trial_id}", max_failures=0)
+    return config_from_dict(raw, f"sweep trial {trial_id}")
+
+
+def check_space(cfg: RunConfig) -> None:
+    """Every extreme value of the space must give a valid config, before any trial starts."""
+    for key, dim in cfg.sweep.space[cfg.sweep.family].items():
+        for value in dim.bounds():
+            try:
+                trial_config(cfg, {key: value}, "check")
+            except ConfigError as err:
+                raise ConfigError(f"sweep.space.{cfg.sweep.family}.{key} = {value!r}: {str(err).split(': ', 2)[-1]}") from None
+
+
+def sweep_root(cfg: RunConfig) -> str:
+    path = cfg.sweep.storage_path if "://" in cfg.sweep.storage_path else absolute(cfg.sweep.storage_path)
+    return f"{path.rstrip('/')}/{cfg.sweep.name}"
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Tune runs trials in their own directories: every local path a trial reads must be absolute."""
+    raw = cfg.model_dump(mode="json")
+    for section, key in (("data", "out_dir"), ("classifier", "out_dir"), ("ref_stats", "out_dir"), ("autoencoder", "out_dir"),
+                         ("latents", "out_dir"), ("ray", "storage_path"), ("sweep", "storage_path")):  # fmt: skip
+        raw[section][key] = absolute(raw[section][key])
+    raw["tracking"]["tracking_uri"] = tracking_uri(cfg)
+    return config_from_dict(raw, "sweep")
+
+
+def training_job(cfg: RunConfig) -> TrainingJob:
+    if cfg.sweep.family == "gan":
+        from pipelines.train_gan import training_job as job
+    else:
+        from pipelines.train_ldm import training_job as job
+    return job(cfg)
+
+
+# ---------------------------------------------------------------------------
+# The trial (runs in a Tune trial actor)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    base: dict  # RunConfig with absolute paths
+    probe: dict  # ProbeSpec
+    parent_run_id: str
+
+
+def run_trial(sampled: dict, settings: TrialSettings) -> None:
+    from ray import tune
+
+    base = RunConfig.model_validate(settings.base)
+    trial_id = tune.get_context().get_trial_id()
+    tags = {TRIAL_TAG: trial_id, "sweep": base.sweep.name}
+    if base.sweep.scheduler == "pbt":
+        return _run_trial_in_intervals(base, sampled, trial_id, settings, tags)
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(base, sampled, trial_id)
+    job = _with_probe(training_job(cfg), settings.probe)
+    train(cfg, job, callbacks=(TuneReportCallback(),), parent_run_id=settings.parent_run_id, run_tags=tags)
+
+
+def _with_probe(job: TrainingJob, probe: dict) -> TrainingJob:
+    return replace(job, extra={**job.extra, "probe": probe})
+
+
+def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, settings: TrialSettings, tags: dict) -> None:
+    """PBT: one Ray Train run per perturbation interval, then a Tune checkpoint that points at the
+    training checkpoint. A checkpoint from another trial (exploit) is copied into this config's run."""
+    from ray import tune
+
+    s = base.sweep
+    interval = s.report_every_steps * s.pbt.perturbation_interval
+    cfg = trial_config(base, sampled, trial_id)
+    job = _with_probe(training_job(cfg), settings.probe)
+    own = _own_run(cfg, job)
+    handed = tune.get_checkpoint()
+    if handed is not None:
+        with handed.as_directory() as directory:
+            pointer = json.loads((Path(directory) / "pointer.json").read_text())
+        if not pointer["checkpoint"].startswith(own):
+            _adopt(pointer["checkpoint"], own, _signature(cfg, job), _trial_mlflow_run(base, trial_id))
+    done = max((meta["step"] for _, meta in list_checkpoints(own)), default=0)
+    while done < s.total_steps:
+        target = min((done // interval + 1) * interval, s.total_steps)
+        segment = trial_config(base, sampled, trial_id, total_steps=target)
+        train(segment, _with_probe(training_job(segment), settings.probe), parent_run_id=settings.parent_run_id, run_tags=tags)
+        uri, meta = list_checkpoints(own)[0]
+        with tempfile.TemporaryDirectory() as directory:
+            (Path(directory) / "pointer.json").write_text(json.dumps({"checkpoint": uri, "step": meta["step"]}))
+            tune.report({**meta.get("probe", {}), "step": meta["step"]}, checkpoint=tune.Checkpoint.from_directory(directory))
+        done = meta["step"]
+
+
+def _signature(cfg: RunConfig, job: TrainingJob) -> str:
+    from gen_core.data import read_manifest
+
+    return job_signature(job, len(read_manifest(cfg.data.out_dir)["class_names"]))
+
+
+def _own_run(cfg: RunConfig, job: TrainingJob) -> str:
+    from pipelines.ray_env import run_uri
+
+    return run_uri(cfg, run_directory(cfg, job.family, _signature(cfg, job)))
+
+
+def _trial_mlflow_run(cfg: RunConfig, trial_id: str) -> str | None:
+    mlflow = connect(cfg)
+    runs = mlflow.search_runs(filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'", output_format="list", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _adopt(checkpoint_uri: str, run_uri_: str, signature: str, mlflow_run_id: str | None) -> None:
+    """Copy another trial's checkpoint into this run as its newest, re-signed for this config (PBT exploit)."""
+    with tempfile.TemporaryDirectory() as local:
+        from gen_core.io import download_directory
+
+        download_directory(checkpoint_uri, local)
+        meta_path = Path(local) / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta.update(signature=signature, mlflow_run_id=mlflow_run_id, handoff_from=checkpoint_uri)
+        meta_path.write_text(json.dumps(meta))
+        fs, path = filesystem(run_uri_)
+        target = f"{path}/checkpoint_handoff_step{meta['step']:07d}_{int(time.time())}"
+        files = sorted(Path(local).iterdir(), key=lambda p: p.name == "meta.json")  # meta.json last: marks it complete
+        fs.makedirs(target, exist_ok=True)
+        for file in files:
+            fs.put_file(str(file), f"{target}/{file.name}")
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def concurrent_trials(cfg: RunConfig, resources: dict) -> int:
+    """How many trials fit the cluster at once: its CPUs (GPUs) over what one trial's workers take."""
+    s, r = cfg.sweep, cfg.ray
+    fits = int(resources.get("CPU", 0) // (s.workers_per_trial * r.cpus_per_worker))
+    if r.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // s.workers_per_trial))
+    if fits < 1:
+        need = f"{s.workers_per_trial * r.cpus_per_worker} CPUs" + (f" and {s.workers_per_trial} GPUs" if r.use_gpu else "")
+        raise StageError(f"a sweep trial needs {need}; the Ray cluster has {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+    return min(fits, s.max_concurrent_trials or fits, s.num_trials)
+
+
+def _scheduler(cfg: RunConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = cfg.sweep
+    if s.scheduler == "asha":
+        reports = math.ceil(s.total_steps / s.report_every_steps)
+        return ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=min(s.asha.grace_period, reports),
+                             reduction_factor=s.asha.reduction_factor)  # fmt: skip
+    if s.scheduler == "pbt":
+        space = s.space[s.family]
+        return PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=s.pbt.perturbation_interval,
+            hyperparam_mutations={key: tune_domain(dim) for key, dim in space.items()},
+            quantile_fraction=s.pbt.quantile_fraction, resample_probability=s.pbt.resample_probability, synch=False,
+        )  # fmt: skip
+    return FIFOScheduler()
+
+
+def _searcher(cfg: RunConfig, concurrency: int):
+    s = cfg.sweep
+    if s.searcher == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as err:
+            raise StageError(f"sweep.searcher optuna: {err} (pip install optuna)") from None
+        return OptunaSearch(seed=s.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)
+
+
+def _check_inputs(cfg: RunConfig) -> None:
+    for name in ("classifier.npz", "inception.npz"):
+        load_ref_stats(f"{cfg.ref_stats.out_dir}/{name}")  # one line if missing (run the ref_stats stage)
+    if not Path(cfg.classifier.out_dir, "classifier.safetensors").exists():
+        raise StageError(f"{cfg.classifier.out_dir}: no trained classifier (run the classifier stage first)")
+
+
+def _parent_run(cfg: RunConfig, mlflow, resumed: bool) -> str:
+    """One MLflow run per sweep; a resumed sweep continues its run."""
+    if resumed:
+        found = mlflow.search_runs(filter_string=f"tags.sweep_parent = '{cfg.sweep.name}'", output_format="list", max_results=1)
+        if found:
+            return found[0].info.run_id
+    with mlflow.start_run(run_name=cfg.sweep.name) as run:
+        s = cfg.sweep
+        mlflow.set_tags({"sweep_parent": s.name, "model_family": s.family})
+        mlflow.log_params({f"sweep.{k}": str(v) for k, v in s.model_dump(mode="json").items() if k != "space"})
+        mlflow.log_dict(s.model_dump(mode="json")["space"], "search_space.json")
+        return run.info.run_id
+
+
+def run(cfg: RunConfig) -> dict:
+    logger = log("sweep")
+    s = cfg.sweep
+    if not s.enabled:
+        record = {"enabled": False}
+        with atomic_directory(s.out_dir) as tmp:
+            (tmp / "README.txt").write_text("sweep.enabled is false: no sweep ran. `dvc exp run -S sweep.enabled=true` runs one.\n")
+        atomic_write_json(s.metrics_file, record)
+        logger.info("sweep.enabled is false: nothing to do (dvc exp run -S sweep.enabled=true)")
+        return record
+    check_space(cfg)
+    _check_inputs(cfg)
+    cfg = with_absolute_paths(cfg)
+    training_job(trial_config(cfg, {}, "check"))  # the family's own upstream checks (e.g. latents vs autoencoder)
+
+    from ray import tune
+
+    ray = init_ray(cfg)
+    try:
+        resources = ray.cluster_resources()
+        concurrency = concurrent_trials(cfg, resources)
+        storage_path, storage_fs = storage(cfg, cfg.sweep.storage_path)
+        experiment = f"{storage_path.rstrip('/')}/{s.name}"
+        resumed = tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs)
+        mlflow = connect(cfg)
+        parent = _parent_run(cfg, mlflow, resumed)
+        probe = ProbeSpec(
+            classifier_dir=cfg.classifier.out_dir, ref_stats_dir=cfg.ref_stats.out_dir, inception=cfg.ref_stats.inception.model_dump(),
+            num_samples=s.probe_samples, final_samples=s.final_fid_samples, seed=cfg.evaluate.seed, final_step=s.total_steps,
+        )  # fmt: skip
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, settings=TrialSettings(cfg.model_dump(mode="json"), asdict(probe), parent)), TRIAL_ACTOR,
+        )  # fmt: skip
+        logger.info(
+            "%s sweep of %d %s trials (%s, %s search), %d at a time on %g CPUs; state in %s",
+            "resuming" if resumed else "new", s.num_trials, s.family, s.scheduler, s.searcher, concurrency, resources.get("CPU", 0), sweep_root(cfg),
+        )  # fmt: skip
+        started = time.monotonic()
+        if resumed:
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
+        else:
+            space = {key: tune_domain(dim) for key, dim in s.space[s.family].items()}
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric=s.metric, mode=s.mode, num_samples=s.num_trials, scheduler=_scheduler(cfg),
+                    search_alg=_searcher(cfg, concurrency), max_concurrent_trials=concurrency,
+                ),
+                run_config=tune.RunConfig(name=s.name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=1,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
+            )  # fmt: skip
+        results = tuner.fit()
+        wall = time.monotonic() - started
+    finally:
+        ray.shutdown()
+    if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
+        raise StageError(f"sweep {s.name} interrupted after {format_duration(wall)}; run the same command again to resume it")
+    return finish(cfg, results, wall, parent, logger)
+
+
+def trial_rows(cfg: RunConfig, results) -> list[dict]:
+    s = cfg.sweep
+    reports = math.ceil(s.total_steps / s.report_every_steps)
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        step = int(metrics.get("step", 0))
+        status = "error" if result.error else ("completed" if step >= s.total_steps else "stopped early")
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name, "status": status, "step": step,
+            "reports": int(metrics.get("training_iteration", 0)), "of_reports": reports,
+            s.metric: metrics.get(s.metric), "fid": metrics.get("fid"), "time_s": round(float(metrics.get("time_total_s", 0.0)), 1),
+            **{k: v for k, v in result.config.items()},
+        })  # fmt: skip
+    return rows
+
+
+def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:
+    s = cfg.sweep
+    rows = trial_rows(cfg, results)
+    completed = [row for row in rows if row["status"] == "completed" and row["fid"] is not None]
+    if not completed:
+        errors = [str(r.error).splitlines()[0] for r in results if r.error]
+        raise StageError(f"sweep {s.name}: no trial finished" + (f" (first error: {errors[0]})" if errors else ""))
+    best = min(completed, key=lambda row: row["fid"])
+    sampled = {key: best[key] for key in s.space[s.family]}
+    best_cfg = trial_config(cfg, sampled, best["trial_id"])
+    values = family_values(cfg, sampled)
+    logger.info("best trial %s: fid %.2f (%s)", best["trial_id"], best["fid"], " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+
+    # the best trial's final checkpoint, exported to <out_dir>/model, then evaluated and gated like any other version
+    out = Path(s.out_dir)
+    model_cfg = config_from_dict({**best_cfg.model_dump(mode="json"), s.family: {**best_cfg.model_dump(mode="json")[s.family],
+                                  "out_dir": str(out / "model"), "losses_file": str(out / "losses.csv")}}, "sweep best")  # fmt: skip
+    train(model_cfg, training_job(model_cfg))
+    from pipelines.evaluate import run as evaluate
+    from pipelines.register import register
+
+    gated = config_from_dict({**model_cfg.model_dump(mode="json"), "evaluate": {**cfg.evaluate.model_dump(mode="json"), "out_dir": str(out / "eval")},
+                              "registry": {**cfg.registry.model_dump(mode="json"), "out_dir": str(out / "register")}}, "sweep best")  # fmt: skip
+    evaluation = evaluate(gated, s.family)
+    decision = register(gated, s.family)
+
+    overlay = {s.family: {k: (float(v) if isinstance(v, float) else v) for k, v in values.items()}}
+    command = "dvc exp run " + " ".join(f"-S {s.family}.{k}={v}" for k, v in overlay[s.family].items())
+    header = (f"# Best trial {best['trial_id']} of sweep {s.name}: Inception fid {best['fid']:.3f} on {s.final_fid_samples} samples\n"
+              f"# after {s.total_steps} steps. Use it as an overlay:  python -m pipelines.train_{s.family} --overlay {out}/best_params.yaml\n"
+              f"# or in the DVC pipeline:  {command}\n")  # fmt: skip
+    atomic_write_bytes(out / "best_params.yaml", (header + yaml.safe_dump(overlay, sort_keys=True)).encode())
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "trials.csv", buffer.getvalue().encode())
+    trial_time = sum(row["time_s"] for row in rows)
+    record = {
+        "enabled": True, "name": s.name, "family": s.family, "scheduler": s.scheduler, "searcher": s.searcher, "trials": len(rows),
+        "completed": len(completed), "stopped_early": sum(row["status"] == "stopped early" for row in rows),
+        "errors": sum(row["status"] == "error" for row in rows), "best_trial": best["trial_id"], "best_trial_fid": best["fid"],
+        "best_params": overlay[s.family], "eval_fid": evaluation["fid"], "eval_class_accuracy": evaluation["class_accuracy"],
+        "promoted": decision["promoted"], "model_version": decision["version"], "wall_s": round(wall, 1),
+        "sum_trial_s": round(trial_time, 1), "scheduling_overhead": round(wall / trial_time, 3) if trial_time else None,
+        "dvc_exp_command": command,
+    }  # fmt: skip
+    atomic_write_json(out / "sweep.json", record)
+    atomic_write_json(s.metrics_file, record)
+    mlflow = connect(cfg)
+    _close_trial_runs(mlflow, parent, {row["trial_id"]: row["status"] for row in rows})
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metrics({"best_trial_fid": best["fid"], "eval_fid": evaluation["fid"], "wall_s": wall, "stopped_early": record["stopped_early"]})
+        mlflow.log_artifact(str(out / "trials.csv"))
+        mlflow.log_artifact(str(out / "best_params.yaml"))
+        mlflow.set_tags({"best_trial": best["trial_id"], "promoted": str(decision["promoted"])})
+    logger.info(
+        "%d trials (%d completed, %d stopped early, %d errors) in %s; trials' own time %s (wall/sum %.2f)",
+        len(rows), len(completed), record["stopped_early"], record["errors"], format_duration(wall), format_duration(trial_time),
+        record["scheduling_overhead"] or 0,
+    )  # fmt: skip
+    return record
+
+
+def _close_trial_runs(mlflow, parent: str, status: dict[str, str]) -> None:
+    """Tag each trial's child run with how it ended. A stopped trial's process was killed, so its run is
+    still RUNNING: mark it KILLED."""
+    client = mlflow.MlflowClient()
+    for run in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list"):
+        trial_status = status.get(run.data.tags.get(TRIAL_TAG, ""))
+        if trial_status is None:
+            continue
+        client.set_tag(run.info.run_id, "sweep_trial_status", trial_status)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED" if trial_status == "error" else "KILLED")
+
+
+def main() -> None:
+    run_stage("sweep", lambda cfg, args: run(cfg) and None, stage_parser("genforge sweep stage (Ray Tune)"))
+
+
+if __name__ == "__main__":
+    main()
