@@ -66,12 +66,15 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 
 def generator_digest(directory: str | Path) -> str:
-    """sha256 over the exported weights and configs: identifies a trained model across reruns."""
+    """sha256 over the exported weights and configs, and the sampler settings (guidance changes the
+    images): identifies a model across reruns."""
     digest = hashlib.sha256()
     directory = Path(directory)
+    meta = read_generator_meta(directory)
+    digest.update(json.dumps({key: meta.get(key) for key in ("family", "sampler")}, sort_keys=True).encode())
     for path in weight_files(directory):
         if path.name == "generator.json":
-            continue  # provenance (paths, run ids) is not the model
+            continue  # provenance (paths, run ids) is not the model; its sampler settings are hashed above
         digest.update(str(path.relative_to(directory)).encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

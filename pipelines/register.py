@@ -111,7 +111,8 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
         if version.run_id != run_id:
             client.set_model_version_tag(gate.model_name, version.version, "training_run_id", run_id)
     tags = {
-        "fid": f"{metrics['fid']:.6f}", "kid": f"{metrics['kid']:.6f}", "fid_classifier": f"{metrics['fid_classifier']:.6f}",
+        "fid": repr(float(metrics["fid"])),  # full precision: the gate compares against it
+        "kid": f"{metrics['kid']:.6f}", "fid_classifier": f"{metrics['fid_classifier']:.6f}",
         "class_accuracy": f"{metrics['class_accuracy']:.6f}", "data_hash": gen_meta["data_hash"],
         "fid_feature_sha256": metrics["feature_sha256"], "git_revision": gen_meta["git_revision"], "step": str(gen_meta["step"]),
         "training_run_id": run_id, "generator_sha256": generator_sha256, "model_family": family,
