@@ -86,7 +86,7 @@ def trial_config(cfg: RunConfig, sampled: dict, trial_id: str, total_steps: int 
     section.update(
         total_steps=total, checkpoint_every_steps=min(s.report_every_steps, total), log_every_steps=min(section["log_every_steps"], total),
         checkpoints_to_keep=max(section["checkpoints_to_keep"], 2),
-        out_dir=str(Path(absolute(s.storage_path if "://" not in s.storage_path else "runs/tune")) / s.name / "exports" / trial_id),
+        out_dir=f"{local_root(cfg)}/exports/{trial_id}",
     )  # fmt: skip
     section["losses_file"] = f"{section['out_dir']}.losses.csv"
     if s.global_batch_size:
@@ -103,6 +103,13 @@ def check_space(cfg: RunConfig) -> None:
                 trial_config(cfg, {key: value}, "check")
             except ConfigError as err:
                 raise ConfigError(f"sweep.space.{cfg.sweep.family}.{key} = {value!r}: {str(err).split(': ', 2)[-1]}") from None
+
+
+def local_root(cfg: RunConfig) -> str:
+    """Where trials export their models on the node that ran them: the sweep's storage when it is local,
+    else runs/tune/<name>. The best model is re-exported from its checkpoint in storage, not from here."""
+    path = cfg.sweep.storage_path if "://" not in cfg.sweep.storage_path else "runs/tune"
+    return f"{absolute(path).rstrip('/')}/{cfg.sweep.name}"
 
 
 def sweep_root(cfg: RunConfig) -> str:
