@@ -7,7 +7,7 @@ from tests.conftest import REPO
 def test_repo_params_parse_and_match_defaults_where_unset():
     cfg = load_config(REPO / "params.yaml")
     assert isinstance(cfg, RunConfig)
-    assert cfg.ray.num_workers == 2 and cfg.data.source == "fashion_mnist"
+    assert cfg.ray.num_workers == 1 and cfg.ray.cpus_per_worker == 2 and cfg.data.source == "fashion_mnist"
 
 
 @pytest.mark.parametrize(

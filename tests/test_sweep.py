@@ -127,7 +127,7 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
 @pytest.mark.slow
 def test_pbt_exploits_by_handing_a_checkpoint_over(upstream):
     result, _ = run_sweep(
-        upstream, "pbt", scheduler="pbt", num_trials=2, total_steps=30, report_every_steps=10,
+        upstream, "pbt", scheduler="pbt", num_trials=2, total_steps=20, report_every_steps=10,
         pbt={"perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.5},
         space={"gan": {"lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3}, "lr_d_over_lr_g": RATIO_ONLY["gan"]["lr_d_over_lr_g"]}},
     )  # fmt: skip
@@ -143,7 +143,7 @@ def test_pbt_exploits_by_handing_a_checkpoint_over(upstream):
 def test_interrupted_sweep_resumes_from_its_storage(upstream):
     directory = upstream / "resume"
     directory.mkdir()
-    params = sweep_params(upstream, name="resume", num_trials=2, total_steps=60, max_concurrent_trials=1, scheduler="fifo", out_dir=str(directory / "out"),
+    params = sweep_params(upstream, name="resume", num_trials=2, total_steps=40, max_concurrent_trials=1, scheduler="fifo", out_dir=str(directory / "out"),
                           metrics_file=str(directory / "sweep.json"))  # fmt: skip
     path = write_params(directory, params)
     command = [str(VENV_BIN / "python"), "-m", "pipelines.sweep", "--params", str(path)]
