@@ -6,6 +6,7 @@ before any trial starts."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -127,7 +128,7 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
 @pytest.mark.slow
 def test_pbt_exploits_by_handing_a_checkpoint_over(upstream):
     result, _ = run_sweep(
-        upstream, "pbt", scheduler="pbt", num_trials=2, total_steps=20, report_every_steps=10,
+        upstream, "pbt", scheduler="pbt", num_trials=2, total_steps=30, report_every_steps=10,
         pbt={"perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.5},
         space={"gan": {"lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3}, "lr_d_over_lr_g": RATIO_ONLY["gan"]["lr_d_over_lr_g"]}},
     )  # fmt: skip
@@ -160,6 +161,6 @@ def test_interrupted_sweep_resumes_from_its_storage(upstream):
     second = run_cli(command, REPO)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming sweep of 2 gan trials" in second.stdout
-    assert "resumed from checkpoint at step 10" in second.stdout  # the interrupted trial kept its training
+    assert re.search(r"resumed from checkpoint at step [1-3]0\b", second.stdout)  # the interrupted trial kept its training
     record = json.loads((directory / "sweep.json").read_text())
     assert record["trials"] == 2 and record["completed"] == 2
