@@ -41,7 +41,7 @@ class Probe:
 
         self.spec = ProbeSpec(**spec)
         self.device = device
-        self.classifier = load_classifier(self.spec.classifier_dir)[0].to(device)
+        self.classifier = load_classifier(self.spec.classifier_dir)[0]  # small CNN: runs on CPU (gen_core.classifier.classify)
         self.ref_classifier = load_ref_stats(f"{self.spec.ref_stats_dir}/classifier.npz")
         self._inception = None
 
@@ -58,7 +58,7 @@ class Probe:
     @torch.no_grad()
     def __call__(self, generator, final: bool, amp_dtype=None) -> dict[str, float]:
         images, labels = self._samples(generator, self.spec.num_samples, amp_dtype)
-        predictions, features = classify(self.classifier.cpu(), images)
+        predictions, features = classify(self.classifier, images)
         stats = FeatureStats(features.shape[1])
         stats.update(features)
         out = {

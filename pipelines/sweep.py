@@ -40,7 +40,7 @@ from gen_core.metrics import load_ref_stats
 from pipelines.common import StageError, absolute, format_duration, log, run_stage, stage_parser
 from pipelines.probe import ProbeSpec
 from pipelines.ray_env import init_ray, storage
-from pipelines.ray_train import TrainingJob, job_signature, list_checkpoints, run_directory, train
+from pipelines.ray_train import TrainingJob, history_csv, job_signature, list_checkpoints, run_directory, train
 from pipelines.tracking import connect, tracking_uri
 
 TRIAL_TAG = "tune_trial_id"
@@ -185,8 +185,8 @@ def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, setti
     done = max((meta["step"] for _, meta in list_checkpoints(own)), default=0)
     while done < s.total_steps:
         target = min((done // interval + 1) * interval, s.total_steps)
-        segment = trial_config(base, sampled, trial_id, total_steps=target)
-        train(segment, _with_probe(training_job(segment), settings.probe), parent_run_id=settings.parent_run_id, run_tags=tags)
+        # the job (resume signature, upstream checks) does not depend on total_steps: build it once
+        train(trial_config(base, sampled, trial_id, total_steps=target), job, parent_run_id=settings.parent_run_id, run_tags=tags)
         uri, meta = list_checkpoints(own)[0]
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "pointer.json").write_text(json.dumps({"checkpoint": uri, "step": meta["step"]}))
@@ -408,14 +408,7 @@ def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:
               f"# after {s.total_steps} steps. Use it as an overlay:  python -m pipelines.train_{s.family} --overlay {out}/best_params.yaml\n"
               f"# or in the DVC pipeline:  {command}\n")  # fmt: skip
     atomic_write_bytes(out / "best_params.yaml", (header + yaml.safe_dump(overlay, sort_keys=True)).encode())
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "trials.csv", buffer.getvalue().encode())
+    atomic_write_bytes(out / "trials.csv", history_csv(rows).encode())  # every row has the same keys
     trial_time = sum(row["time_s"] for row in rows)
     record = {
         "enabled": True, "name": s.name, "family": s.family, "scheduler": s.scheduler, "searcher": s.searcher, "trials": len(rows),
