@@ -1,9 +1,14 @@
-"""Checkpoints: state_dicts plus JSON metadata. Loaded with weights_only=True; no pickled code ever.
+"""Checkpoints: JSON metadata, weights as safetensors, training state loaded with weights_only=True.
+No pickled code is ever loaded.
 
 A training checkpoint directory holds:
-    state.pt       G, D, EMA, both optimizers, step, RNG state (tensors and plain containers only)
-    meta.json      resolved config, specs, git revision, data hash, step
-    losses.csv     the loss history up to this step (for DVC plots)
+    meta.json           resolved config, specs, step, strategy, world size, git revision, data hash,
+                        and `files`: every file of every rank with its size (complete iff all present)
+    weights.safetensors the weights an export needs (EMA generator, autoencoder, EMA denoiser)
+    losses.csv          the loss history up to this step (for DVC plots)
+    samples.png         the sample grid at this step
+    + the training state in the strategy's own form (pipelines.strategy): state.pt (ddp),
+      fsdp/ (torch.distributed.checkpoint shards), deepspeed/ (ZeRO partitions)
 Exported generators are `generator.safetensors` + `generator.json`.
 """
 
@@ -26,23 +31,51 @@ class LatentMismatchError(CheckpointError):
     """Latents, denoiser and autoencoder that do not belong together (channels, scale, weights)."""
 
 
-def save_training_state(directory: str | Path, state: dict, meta: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / "state.pt")
-    atomic_write_json(directory / "meta.json", meta)
+def save_weights(directory: str | Path, state_dicts: dict[str, dict]) -> None:
+    """{"G_ema": state_dict, ...} -> weights.safetensors (keys "G_ema/<param>")."""
+    tensors = {f"{name}/{key}": value.detach().cpu().contiguous().clone() for name, sd in state_dicts.items() for key, value in sd.items()}
+    save_file(tensors, str(Path(directory) / "weights.safetensors"))
 
 
-def load_training_state(directory: str | Path) -> tuple[dict, dict]:
+def load_weights(directory: str | Path) -> dict[str, dict]:
+    try:
+        flat = load_file(str(Path(directory) / "weights.safetensors"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: incomplete checkpoint (weights.safetensors missing)") from None
+    except Exception as err:
+        raise CheckpointError(f"{directory}: unreadable weights.safetensors ({type(err).__name__}: {err})") from None
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        name, param = key.split("/", 1)
+        out.setdefault(name, {})[param] = value
+    return out
+
+
+def write_meta(directory: str | Path, meta: dict) -> None:
+    atomic_write_json(Path(directory) / "meta.json", meta)
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, dict], dict]:
+    """(weights, meta) of a downloaded checkpoint directory: what an export needs."""
     directory = Path(directory)
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{directory}: incomplete checkpoint ({Path(err.filename).name} missing)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: incomplete checkpoint (meta.json missing)") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{directory}: unreadable meta.json ({err})") from None
+    return load_weights(directory), meta
+
+
+def load_state(path: str | Path):
+    """A torch file of tensors and plain containers, never code (weights_only=True)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: incomplete checkpoint ({path.name} missing)") from None
     except Exception as err:  # corrupt zip / unpickling refused
-        raise CheckpointError(f"{directory}: unreadable checkpoint ({type(err).__name__}: {err})") from None
-    return state, meta
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def export_generator(directory: str | Path, state_dict: dict, meta: dict) -> None:

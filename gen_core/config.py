@@ -228,6 +228,21 @@ class LdmConfig(LoopConfig):
         return self
 
 
+class FsdpConfig(_Section):
+    """ray.strategy fsdp: torch FSDP2 (`fully_shard`) inside the worker loop."""
+
+    granularity: Literal["block", "model"] = "block"  # block: each stage of the network is a unit; model: one unit
+    reshard_after_forward: bool = True  # False keeps gathered weights between forward and backward (ZeRO-2-like)
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # compute/communication dtype of the gathered weights
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter dtype
+
+
+class DeepSpeedConfig(_Section):
+    """ray.strategy deepspeed: one engine per model, ZeRO stage from a DeepSpeed JSON config."""
+
+    config: str = "cluster_configs/deepspeed/zero2.json"  # relative to the project root, or absolute
+
+
 class RayConfig(_Section):
     """How training/eval use Ray. `address: null` starts a local Ray, unless RAY_ADDRESS is set."""
 
@@ -235,7 +250,9 @@ class RayConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    fsdp: FsdpConfig = FsdpConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     storage_path: str = "runs/ray"  # local path or s3:// URL; checkpoints live here
     run_name: str = "genforge"  # runs live in <storage_path>/<run_name>-<family>-<config signature>
     max_failures: int = Field(0, ge=-1)

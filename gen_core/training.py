@@ -54,8 +54,3 @@ def config_signature(obj: dict) -> str:
     """Stable short hash of a JSON-able dict (what a checkpoint must match to be resumed)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """After load_state_dict, which restores the saved rate: the config decides."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr

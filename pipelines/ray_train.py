@@ -27,13 +27,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gen_core.checkpoint import CheckpointError, load_training_state, save_training_state
+from gen_core.checkpoint import CheckpointError, load_checkpoint, save_weights, write_meta
 from gen_core.config import LoopConfig, RunConfig
 from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import autocast_dtype, config_signature
 from pipelines.common import StageError, absolute, format_duration, git_revision, log
 from pipelines.ray_env import init_ray, run_uri, storage
+from pipelines.strategy import Part, build_strategy, check_resumable, deepspeed_config
 from pipelines.tracking import connect, tracking_uri
 
 
@@ -51,6 +52,7 @@ class LoopContext:
     tracking_uri: str
     mlflow_run_id: str
     extra: dict = field(default_factory=dict)  # stage-specific inputs (e.g. the autoencoder directory)
+    deepspeed: dict | None = None  # ray.strategy deepspeed: the config file, completed for this loop
 
 
 def run_directory(cfg: RunConfig, family: str, signature: str) -> str:
@@ -63,21 +65,26 @@ def run_directory(cfg: RunConfig, family: str, signature: str) -> str:
 
 
 def list_checkpoints(run_uri_: str) -> list[tuple[str, dict]]:
-    """(uri, meta) of every checkpoint in a run's storage directory, newest step first.
-    meta.json is written last, so a checkpoint without it is incomplete and left out."""
+    """(uri, meta) of every complete checkpoint in a run's storage directory, newest step first.
+    Every rank uploads its own files; meta.json lists them all with their sizes, so a checkpoint
+    whose upload was cut short (by the failure itself, say) is left out."""
     fs, path = filesystem(run_uri_)
     if not fs.exists(path):
         return []
     scheme = run_uri_.split("://")[0] + "://" if "://" in run_uri_ else ""
     found = []
     for info in fs.ls(path, detail=True):
-        entry = info["name"]
-        if info["type"] != "directory" or not entry.rstrip("/").split("/")[-1].startswith("checkpoint_"):
+        entry = info["name"].rstrip("/")
+        if info["type"] != "directory" or not entry.split("/")[-1].startswith("checkpoint_"):
             continue
         try:
-            found.append((scheme + entry if scheme and not entry.startswith(scheme) else entry, json.loads(fs.cat_file(f"{entry}/meta.json"))))
-        except FileNotFoundError:
+            meta = json.loads(fs.cat_file(f"{entry}/meta.json"))
+        except (FileNotFoundError, json.JSONDecodeError):
             continue
+        present = {name[len(entry) + 1 :]: d["size"] for name, d in fs.find(entry, detail=True).items()}
+        if any(present.get(name) != size for name, size in meta.get("files", {}).items()):
+            continue
+        found.append((scheme + entry if scheme and not entry.startswith(scheme) else entry, meta))
     return sorted(found, key=lambda item: item[1]["step"], reverse=True)
 
 
@@ -117,6 +124,8 @@ class WorkerSession:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.strategy = build_strategy(self.cfg.ray.strategy, self.device, self.cfg.ray.fsdp, self.ctx.deepspeed,
+                                       self.cfg.ray.deepspeed.config)  # fmt: skip
         self.mlflow = MlflowClient(self.ctx.tracking_uri) if self.rank == 0 else None
         self.history: list[dict] = []
         self._window_started, self._window_images = time.monotonic(), 0
@@ -135,26 +144,42 @@ class WorkerSession:
             sys.__stdout__.write(f"[{self.ctx.stage}] {message}\n")
             sys.__stdout__.flush()
 
-    def latest_state(self) -> dict | None:
-        """The newest complete checkpoint in storage, or None. Not ray.train.get_checkpoint(): Train V2
-        registers a checkpoint only once its controller consumes the report, so a worker killed soon
-        after reporting loses it and the restarted group would begin again at step 0."""
-        for uri, _ in list_checkpoints(self.ctx.run_uri):
-            try:
-                with tempfile.TemporaryDirectory() as directory:
-                    download_directory(uri, directory)
-                    state, meta = load_training_state(directory)
-                    self.history = read_history(Path(directory))
-            except CheckpointError as err:  # e.g. a copy cut short by the failure itself
-                self.say(f"skipping unreadable checkpoint: {err}")
-                continue
+    def restore(self, parts: list[Part]) -> int:
+        """Load the newest complete checkpoint in storage into `parts` (collective); -> its step, or 0.
+        Not ray.train.get_checkpoint(): Train V2 registers a checkpoint only once its controller
+        consumes the report, so a worker killed soon after reporting loses it and the restarted
+        group would begin again at step 0."""
+        found = [list_checkpoints(self.ctx.run_uri) if self.rank == 0 else None]
+        if self.world_size > 1:  # every rank tries the same checkpoints in the same order
+            torch.distributed.broadcast_object_list(found)
+        for uri, meta in found[0]:
             if meta.get("signature") != self.ctx.signature:
                 raise CheckpointError(f"{uri}: checkpoint signature {meta.get('signature')} does not match this run's {self.ctx.signature}")
-            self.say(f"resumed from checkpoint at step {state['step']}")
+            check_resumable(meta, self.strategy, uri)
+            error = ""
+            with tempfile.TemporaryDirectory() as directory:
+                try:
+                    download_directory(uri, directory)
+                    self.strategy.load_parts(parts, Path(directory), meta)
+                    history = read_history(Path(directory))
+                except CheckpointError as err:  # e.g. a copy cut short by the failure itself
+                    error = str(err)
+            if not self._all_ok(not error):
+                self.say(f"skipping unreadable checkpoint {uri}: {error or 'another rank could not read it'}")
+                continue
+            self.history = history
+            self.say(f"resumed from checkpoint at step {meta['step']} ({meta.get('strategy', 'ddp')}, written by {meta.get('world_size')} worker(s))")
             if self.mlflow:
-                self.mlflow.set_tag(self.ctx.mlflow_run_id, "resumed_from_step", str(state["step"]))
-            return state
-        return None
+                self.mlflow.set_tag(self.ctx.mlflow_run_id, "resumed_from_step", str(meta["step"]))
+            return int(meta["step"])
+        return 0
+
+    def _all_ok(self, ok: bool) -> bool:
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1])
+        torch.distributed.all_reduce(flag)
+        return int(flag) == 0
 
     def count_images(self, images: int) -> None:
         self._window_images += images
@@ -204,41 +229,55 @@ class WorkerSession:
         now = int(time.time() * 1000)
         return [Metric(k, float(v), now, step) for k, v in values.items()]
 
-    def checkpoint(self, step: int, build: Callable[[Path], dict] | None, metrics: dict, probe: Callable[[], dict] | None = None) -> None:
-        """Every rank reports; rank 0 calls build(directory) -> (state, meta extras) and attaches the files.
-        build may write more files into the directory (e.g. samples.png). probe() -> extra metrics
-        (rank 0, after build) that go with the report and into the checkpoint's meta."""
+    def checkpoint(self, step: int, parts: list[Part], build: Callable[[Path], dict], metrics: dict,
+                   probe: Callable[[], dict] | None = None) -> None:  # fmt: skip
+        """Collective. The strategy writes the training state of `parts` in its own form (every rank its
+        shards), then build(directory) runs on every rank (it may gather weights) and, on rank 0, writes
+        weights.safetensors / samples.png and returns meta extras. probe() -> extra metrics (rank 0,
+        after build) that go with the report and into the meta. Each rank reports its own files; Ray
+        puts them in one checkpoint directory, and meta.json lists them all."""
         import ray.train
 
-        with tempfile.TemporaryDirectory() as directory:
-            ray_checkpoint = None
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            self.strategy.save_parts(parts, directory)
+            extras = build(directory)
             if self.rank == 0:
-                state, meta = build(Path(directory))
+                (directory / "losses.csv").write_text(history_csv(self.history))
+            files = [{str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}]
+            if self.world_size > 1:
+                gathered = [None] * self.world_size
+                torch.distributed.all_gather_object(gathered, files[0])
+                files = gathered
+            if self.rank == 0:
                 extra = probe() if probe is not None else {}
                 if extra:
                     metrics = {**metrics, **extra}
-                    meta = {**meta, "probe": metrics}
+                    extras = {**extras, "probe": metrics}
                 meta = {"step": step, "signature": self.ctx.signature, "data_hash": self.ctx.data_hash,
                         "git_revision": self.ctx.git_revision, "mlflow_run_id": self.ctx.mlflow_run_id,
-                        "world_size": self.world_size, "config": self.cfg.model_dump(mode="json"), **meta}  # fmt: skip
-                (Path(directory) / "losses.csv").write_text(history_csv(self.history))
-                save_training_state(directory, state, meta)  # meta.json last: marks the checkpoint complete
-                grid = Path(directory) / "samples.png"
+                        "strategy": self.strategy.name, "world_size": self.world_size,
+                        "files": {name: size for rank_files in files for name, size in rank_files.items()},
+                        "config": self.cfg.model_dump(mode="json"), **extras}  # fmt: skip
+                write_meta(directory, meta)
+                grid = directory / "samples.png"
                 if self.mlflow and grid.exists():
-                    named = Path(directory) / f"step_{step:07d}.png"
+                    named = directory.parent / f"step_{step:07d}.png"
                     named.write_bytes(grid.read_bytes())
                     self.mlflow.log_artifact(self.ctx.mlflow_run_id, str(named), artifact_path="samples")
                     named.unlink()
-                ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report({"step": step, **metrics}, checkpoint=ray_checkpoint)
-        self.say(f"checkpoint at step {step}")
+            has_files = any(directory.iterdir())
+            ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
+                             checkpoint_dir_name=f"checkpoint_{step:07d}")  # fmt: skip
+        self.say(f"checkpoint at step {step} ({time.monotonic() - started:.1f}s)")
 
-    def end_step(self, step: int, loop: LoopConfig, losses: dict[str, torch.Tensor],
-                 build: Callable[[Path, int], tuple[dict, dict]], sampler: Callable[[], object] | None = None) -> None:  # fmt: skip
+    def end_step(self, step: int, loop: LoopConfig, losses: dict[str, torch.Tensor], parts: list[Part],
+                 build: Callable[[Path, int], dict], sampler: Callable[[], object] | None = None) -> None:  # fmt: skip
         """After `step` completed steps: count the images, then at log/checkpoint steps check the losses
-        (every rank joins the reduce), log progress, and checkpoint with build(directory, step).
+        (every rank joins the reduce), log progress, and checkpoint `parts` with build(directory, step).
         Checked at every checkpoint too, so non-finite weights are never saved. sampler() -> the model to
-        judge (gen_core.generators interface), used only in sweep trials."""
+        judge (gen_core.generators interface, rank 0, after build), used only in sweep trials."""
         self.count_images(loop.global_batch_size)
         is_log, is_checkpoint = schedule(step, loop.total_steps, loop.log_every_steps, loop.checkpoint_every_steps)
         if not (is_log or is_checkpoint):
@@ -248,7 +287,7 @@ class WorkerSession:
             self.log_progress(step, loop.total_steps, loop.global_batch_size, values)
         if is_checkpoint:
             probe = lambda: self.probe_metrics(step, loop.total_steps, sampler, self.autocast_dtype(loop.precision))  # noqa: E731
-            self.checkpoint(step, lambda directory: build(directory, step), values, probe)
+            self.checkpoint(step, parts, lambda directory: build(directory, step), values, probe)
 
     def finished(self, steps_run: int) -> None:
         self.say(f"finished {steps_run} steps in {format_duration(time.monotonic() - self.started)}")
@@ -322,6 +361,9 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
     run_dir = run_directory(cfg, job.family, signature)
     checkpoints = list_checkpoints(run_uri(cfg, run_dir))
     existing = checkpoints[0] if checkpoints else None
+    deepspeed = None
+    if cfg.ray.strategy == "deepspeed":  # the file is read here: workers may run elsewhere
+        deepspeed = deepspeed_config(absolute(cfg.ray.deepspeed.config), loop_cfg.global_batch_size, cfg.ray.num_workers)
     checkpoint_uri = None  # None: train (afresh or resumed), else only export this checkpoint
     if existing and existing[1]["step"] > loop_cfg.total_steps:
         exact = [uri for uri, meta in checkpoints if meta["step"] == loop_cfg.total_steps]
@@ -336,7 +378,8 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         logger.info("run %s already trained to step %d; exporting", run_dir, existing[1]["step"])
         checkpoint_uri = existing[0]
     elif existing:
-        logger.info("resuming run %s from step %d", run_dir, existing[1]["step"])
+        _check_strategy(cfg, existing, run_uri(cfg, run_dir))
+        logger.info("resuming run %s from step %d (%s)", run_dir, existing[1]["step"], cfg.ray.strategy)
     else:
         logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
 
@@ -351,11 +394,23 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         context = LoopContext(
             stage=job.stage, data_uri=data_uri, num_classes=num_classes, signature=signature, run_uri=run_uri(cfg, run_dir),
             data_hash=data_hash, git_revision=revision, tracking_uri=tracking_uri(cfg), mlflow_run_id=active.info.run_id,
-            extra=job.extra,
+            extra=job.extra, deepspeed=deepspeed,
         )  # fmt: skip
         if checkpoint_uri is None:
             checkpoint_uri = fit(cfg, job, context, run_dir, callbacks)
         return job.export(cfg, checkpoint_uri, context, mlflow)
+
+
+def _check_strategy(cfg: RunConfig, existing: tuple[str, dict], where: str) -> None:
+    """Refuse, before Ray starts, a resume that the workers would refuse (other strategy; ZeRO world size)."""
+    meta = existing[1]
+    saved, workers = meta.get("strategy", "ddp"), meta.get("world_size")
+    if saved != cfg.ray.strategy:
+        raise StageError(f"{where}: checkpoint at step {meta['step']} was written with ray.strategy={saved}; "
+                         f"resume with it, or set ray.run_name to train afresh")  # fmt: skip
+    if saved == "deepspeed" and workers != cfg.ray.num_workers:
+        raise StageError(f"{where}: DeepSpeed ZeRO checkpoint at step {meta['step']} was written by {workers} workers; "
+                         f"resume with ray.num_workers={workers} (ddp and fsdp checkpoints load into any worker count)")  # fmt: skip
 
 
 def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str, callbacks: tuple = ()) -> str:
@@ -395,8 +450,9 @@ def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str, ca
 
 
 def fetch_checkpoint(checkpoint_uri: str, local: str) -> tuple[dict, dict]:
+    """-> (weights: {name: state_dict}, meta) of a checkpoint, downloaded into `local`."""
     download_directory(checkpoint_uri, local)
-    return load_training_state(local)
+    return load_checkpoint(local)
 
 
 def export_provenance(meta: dict, checkpoint_uri: str, context: LoopContext) -> dict:

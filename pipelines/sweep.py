@@ -224,10 +224,11 @@ def _adopt(checkpoint_uri: str, run_uri_: str, signature: str, mlflow_run_id: st
         meta_path.write_text(json.dumps(meta))
         fs, path = filesystem(run_uri_)
         target = f"{path}/checkpoint_handoff_step{meta['step']:07d}_{int(time.time())}"
-        files = sorted(Path(local).iterdir(), key=lambda p: p.name == "meta.json")  # meta.json last: marks it complete
-        fs.makedirs(target, exist_ok=True)
+        files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: p.name == "meta.json")  # meta last
         for file in files:
-            fs.put_file(str(file), f"{target}/{file.name}")
+            name = file.relative_to(local).as_posix()
+            fs.makedirs(f"{target}/{name}".rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(file), f"{target}/{name}")
 
 
 # ---------------------------------------------------------------------------

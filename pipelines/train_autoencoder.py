@@ -2,7 +2,7 @@
 
     python -m pipelines.train_autoencoder [--set autoencoder.total_steps=100]
 
-Same driver as the GAN (pipelines.ray_train): DDP workers, resume from storage, MLflow run.
+Same driver as the GAN (pipelines.ray_train): ray.strategy workers, resume from storage, MLflow run.
 Outputs:
   <autoencoder.out_dir>/     AutoencoderKL in diffusers format; its config's `scaling_factor` is
                              1 / std of the train split's latents, measured after training
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gen_core.checkpoint import save_weights
 from gen_core.config import RunConfig
 from gen_core.data import load_split
 from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder, psnr
@@ -74,10 +75,8 @@ def latent_std(vae, images_uint8: torch.Tensor, batch_size: int = 500) -> float:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train.torch
-
     session = WorkerSession(loop_config)
-    cfg, ctx, device = session.cfg, session.ctx, session.device
+    cfg, ctx, device, strategy = session.cfg, session.ctx, session.device, session.strategy
     a = cfg.autoencoder
     amp_dtype = session.autocast_dtype(a.precision)
 
@@ -86,29 +85,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     images = torch.from_numpy(split.images)
     grid_images = torch.from_numpy(load_split(ctx.data_uri, "eval").images[:GRID_IMAGES])
 
-    # --- model and optimizer
+    # --- model and optimizer, wrapped by the strategy (the round trip is one forward: encode, sample, decode)
     torch.manual_seed(a.seed)
     vae = build_autoencoder(a, cfg.data.channels).to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=a.lr)
-    start_step = 0
-    state = session.latest_state()
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-    round_trip = ray.train.torch.prepare_model(AutoencoderRoundTrip(vae))
+    model = strategy.wrap("vae", AutoencoderRoundTrip(vae), lambda params: torch.optim.Adam(params, lr=a.lr))
+    start_step = session.restore([model])
+    model.set_learning_rate(a.lr)
     session.say(
-        f"{session.world_size} worker(s) on {device.type}, {'bf16' if amp_dtype else 'fp32'}, "
+        f"{session.world_size} worker(s) on {device.type}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, "
         f"f={a.downsample_factor} latents {a.latent_channels}x{cfg.data.resolution // a.downsample_factor}^2, "
         f"global batch {a.global_batch_size}, steps {start_step}->{a.total_steps}"
     )
 
-    def build_checkpoint(directory: Path, step: int) -> tuple[dict, dict]:
-        vae.eval()
-        (directory / "samples.png").write_bytes(reconstruction_grid_png(vae, grid_images))
-        vae.train()
-        state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-        return state, {"autoencoder": a.model_dump(mode="json")}
+    def build_checkpoint(directory: Path, step: int) -> dict:
+        whole = strategy.gather(model, "model")  # collective
+        if session.rank == 0:
+            whole.eval()
+            (directory / "samples.png").write_bytes(reconstruction_grid_png(whole.vae, grid_images))
+            save_weights(directory, {"vae": whole.vae.state_dict()})
+            whole.train(whole is model.module)  # the live model goes back to training
+        return {"autoencoder": a.model_dump(mode="json")}
 
     for step in range(start_step, a.total_steps):
         # --- reconstruction + KL step
@@ -116,14 +112,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         index = batch_indices(step, a.global_batch_size, len(images), a.seed, session.rank, session.world_size)
         x = to_unit(images[index]).to(device)
         with session.autocast(amp_dtype):
-            loss, _ = autoencoder_loss(round_trip, x, a.reconstruction_loss, a.kl_weight, noise)
+            loss, _ = autoencoder_loss(model.train, x, a.reconstruction_loss, a.kl_weight, noise)
             loss = loss.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        model.backward(loss)
+        model.step()
 
-        # --- loss check, logging, checkpoint
-        session.end_step(step + 1, a, {"loss": loss}, build_checkpoint)
+        # --- loss check, logging, checkpoint (collective)
+        session.end_step(step + 1, a, {"loss": loss}, [model], build_checkpoint)
     session.finished(a.total_steps - start_step)
 
 
@@ -145,9 +140,9 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
     logger = log("train_autoencoder")
     a = cfg.autoencoder
     with tempfile.TemporaryDirectory() as local:
-        state, meta = fetch_checkpoint(checkpoint_uri, local)
+        weights, meta = fetch_checkpoint(checkpoint_uri, local)
         vae = build_autoencoder(a, cfg.data.channels)
-        vae.load_state_dict(state["vae"])
+        vae.load_state_dict(weights["vae"])
         vae.eval()
         train_images = torch.from_numpy(load_split(context.data_uri, "train").images[:10_000])
         scaling_factor = 1.0 / latent_std(vae, train_images)

@@ -14,7 +14,6 @@ format (gen_core.diffusion.DiffusionGenerator), generator.json, samples.png; ldm
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from pathlib import Path
@@ -22,12 +21,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
+from gen_core.checkpoint import save_weights
 from gen_core.config import RunConfig
 from gen_core.data import load_split
 from gen_core.diffusion import DiffusionGenerator, build_denoiser, diffusion_loss, training_schedule
-from gen_core.models import ema_beta, requires_grad, update_ema
+from gen_core.models import ema_beta
 from gen_core.sampling import image_grid, to_uint8, to_unit
-from gen_core.training import batch_indices, set_learning_rate, step_generator
+from gen_core.training import batch_indices, step_generator
 from pipelines.common import absolute, log, run_stage
 from pipelines.encode_latents import load_latents
 from pipelines.ray_train import (
@@ -65,10 +65,8 @@ def sample_grid_png(model: DiffusionGenerator, seed: int, device, per_class: int
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train.torch
-
     session = WorkerSession(loop_config)
-    cfg, ctx, device = session.cfg, session.ctx, session.device
+    cfg, ctx, device, strategy = session.cfg, session.ctx, session.device, session.strategy
     d = cfg.ldm
     amp_dtype = session.autocast_dtype(d.precision)
 
@@ -82,32 +80,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
         split = load_split(ctx.data_uri, "train")
         data, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels).long()
 
-    # --- denoiser, its EMA, optimizer, noise schedule
+    # --- denoiser, its EMA and optimizer, wrapped by the strategy; the noise schedule
     torch.manual_seed(d.seed)
     unet = build_denoiser(d.denoiser, data.shape[1], data.shape[-1], ctx.num_classes).to(device)
-    unet_ema = copy.deepcopy(unet).eval()
-    requires_grad(unet_ema, False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)
+    unet_config = dict(unet.config)
+    make_optimizer = lambda params: torch.optim.AdamW(params, lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)  # noqa: E731
+    unet = strategy.wrap("unet", unet, make_optimizer, ema=True)
     noise_schedule = training_schedule(d.noise)
-    start_step = 0
-    state = session.latest_state()
-    if state is not None:
-        unet.load_state_dict(state["unet"])
-        unet_ema.load_state_dict(state["unet_ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_learning_rate(optimizer, d.lr)  # the config's: a PBT hand-off resumes another trial's state with a new rate
-        start_step = int(state["step"])
-    unet_train = ray.train.torch.prepare_model(unet)
+    start_step = session.restore([unet])
+    unet.set_learning_rate(d.lr)  # the config's: a PBT hand-off resumes another trial's state with a new rate
     session.say(
-        f"{session.world_size} worker(s) on {device.type}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
+        f"{session.world_size} worker(s) on {device.type}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
         f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
     )
 
-    def build_checkpoint(directory: Path, step: int) -> tuple[dict, dict]:
-        model = make_generator(cfg, unet_ema, vae, ctx.num_classes)
-        (directory / "samples.png").write_bytes(sample_grid_png(model, d.sample_grid_seed, device))
-        state = {"unet": unet.state_dict(), "unet_ema": unet_ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-        return state, {"autoencoder": ctx.extra.get("autoencoder"), "unet_config": dict(unet.config)}
+    judged = {}  # rank 0: the EMA denoiser gathered at the last checkpoint (sample grid, sweep probe)
+
+    def build_checkpoint(directory: Path, step: int) -> dict:
+        unet_ema = strategy.gather(unet, "ema")  # collective
+        if session.rank == 0:
+            judged["model"] = make_generator(cfg, unet_ema, vae, ctx.num_classes)
+            (directory / "samples.png").write_bytes(sample_grid_png(judged["model"], d.sample_grid_seed, device))
+            save_weights(directory, {"unet_ema": unet_ema.state_dict()})
+        return {"autoencoder": ctx.extra.get("autoencoder"), "unet_config": unet_config}
 
     for step in range(start_step, d.total_steps):
         # --- denoising step: timesteps, noise and label drops seeded per (step, rank)
@@ -115,17 +110,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         index = batch_indices(step, d.global_batch_size, len(labels), d.seed, session.rank, session.world_size)
         x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
         with session.autocast(amp_dtype):
-            loss = diffusion_loss(unet_train, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise)
+            loss = diffusion_loss(unet.train, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise)
             loss = loss.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        unet.backward(loss)
+        unet.step()
 
-        # --- EMA (identical on every rank: DDP keeps the weights identical)
-        update_ema(unet_ema, unet, ema_beta(d.global_batch_size, (step + 1) * d.global_batch_size, d.ema_halflife_kimg, d.ema_rampup_ratio))
+        # --- EMA, in the weights' own layout (sharded under FSDP)
+        strategy.update_ema(unet, ema_beta(d.global_batch_size, (step + 1) * d.global_batch_size, d.ema_halflife_kimg, d.ema_rampup_ratio))
 
-        # --- loss check, logging, checkpoint
-        session.end_step(step + 1, d, {"loss": loss}, build_checkpoint, sampler=lambda: make_generator(cfg, unet_ema, vae, ctx.num_classes))
+        # --- loss check, logging, checkpoint (collective)
+        session.end_step(step + 1, d, {"loss": loss}, [unet], build_checkpoint, sampler=lambda: judged["model"])
     session.finished(d.total_steps - start_step)
 
 
@@ -165,13 +159,13 @@ def _export(cfg: RunConfig, checkpoint_uri: str, context: LoopContext, mlflow) -
     """EMA denoiser (+ autoencoder) -> <ldm.out_dir> in diffusers format, losses -> DVC plots, checkpoint -> MLflow."""
     logger = log("train_ldm")
     with tempfile.TemporaryDirectory() as local:
-        state, meta = fetch_checkpoint(checkpoint_uri, local)
+        weights, meta = fetch_checkpoint(checkpoint_uri, local)
         num_classes = context.num_classes
         vae = None
         if cfg.ldm.space == "latent":
             vae = AutoencoderKL.from_pretrained(context.extra["autoencoder_dir"], use_safetensors=True).eval()
         unet = UNet2DModel.from_config(meta["unet_config"])
-        unet.load_state_dict(state["unet_ema"])
+        unet.load_state_dict(weights["unet_ema"])
         model = make_generator(cfg, unet.eval(), vae, num_classes)
         export_meta = {"autoencoder": meta.get("autoencoder"), **export_provenance(meta, checkpoint_uri, context)}
         publish_export(cfg.ldm, local, mlflow, lambda tmp: model.save_pretrained(tmp, export_meta))
