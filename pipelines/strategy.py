@@ -340,14 +340,17 @@ def check_resumable(meta: dict, strategy: Strategy, where: str) -> None:
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
-    """FSDP `block` granularity: every module held in an nn.ModuleList/nn.Sequential that owns
+    """FSDP `block` granularity, innermost first: every module held in an nn.ModuleList/nn.Sequential that owns
     parameters (UNet down/up blocks, the GAN's conv stages). ModuleLists themselves have no forward,
     so they cannot be units."""
-    units = []
+    units, seen = [], set()
     for container in module.modules():
         if isinstance(container, (nn.ModuleList, nn.Sequential)):
-            units += [child for child in container.children() if any(True for _ in child.parameters())]
-    return units
+            for child in container.children():
+                if id(child) not in seen and any(True for _ in child.parameters()):
+                    seen.add(id(child))
+                    units.append(child)
+    return units[::-1]  # innermost first: FSDP2 units are applied bottom-up
 
 
 def _ema_copy(module: nn.Module) -> nn.Module:
