@@ -114,6 +114,7 @@ class WorkerSession:
     """What a training loop needs from Ray Train on one worker. Only rank 0 prints and logs."""
 
     def __init__(self, loop_config: dict):
+        import ray
         import ray.train
         import ray.train.torch
         from mlflow.tracking import MlflowClient
@@ -127,6 +128,12 @@ class WorkerSession:
         self.strategy = build_strategy(self.cfg.ray.strategy, self.device, self.cfg.ray.fsdp, self.ctx.deepspeed,
                                        self.cfg.ray.deepspeed.config)  # fmt: skip
         self.mlflow = MlflowClient(self.ctx.tracking_uri) if self.rank == 0 else None
+        nodes = [ray.get_runtime_context().get_node_id()]
+        if self.world_size > 1:
+            nodes = [None] * self.world_size
+            torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        spread = f" across {len(set(nodes))} nodes" if len(set(nodes)) > 1 else ""
+        self.where = f"{self.world_size} worker(s) on {self.device.type}{spread}"  # the loops' start line
         self.history: list[dict] = []
         self._window_started, self._window_images = time.monotonic(), 0
         self.started = time.monotonic()
@@ -169,8 +176,9 @@ class WorkerSession:
                 continue
             self.history = history
             self.say(f"resumed from checkpoint at step {meta['step']} ({meta.get('strategy', 'ddp')}, written by {meta.get('world_size')} worker(s))")
-            if self.mlflow:
+            if self.mlflow:  # every resume (a restart after a failure, or a rerun) is a point on this curve
                 self.mlflow.set_tag(self.ctx.mlflow_run_id, "resumed_from_step", str(meta["step"]))
+                self.mlflow.log_batch(self.ctx.mlflow_run_id, metrics=self._metrics({"resumed_from_step": meta["step"]}, meta["step"]))
             return int(meta["step"])
         return 0
 

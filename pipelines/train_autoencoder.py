@@ -92,7 +92,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = session.restore([model])
     model.set_learning_rate(a.lr)
     session.say(
-        f"{session.world_size} worker(s) on {device.type}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, "
+        f"{session.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, "
         f"f={a.downsample_factor} latents {a.latent_channels}x{cfg.data.resolution // a.downsample_factor}^2, "
         f"global batch {a.global_batch_size}, steps {start_step}->{a.total_steps}"
     )

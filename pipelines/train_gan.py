@@ -125,7 +125,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     G.set_learning_rate(t.lr_g)  # the config's: a PBT hand-off resumes another trial's state with new rates
     D.set_learning_rate(t.lr_d)
     session.say(
-        f"{session.world_size} worker(s) on {device.type} ({torch.get_num_threads()} threads each), {strategy.describe()}, "
+        f"{session.where} ({torch.get_num_threads()} threads each), {strategy.describe()}, "
         f"{'bf16' if amp_dtype else 'fp32'}, global batch {t.global_batch_size}, steps {start_step}->{t.total_steps}"
     )
 

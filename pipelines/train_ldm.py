@@ -90,7 +90,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = session.restore([unet])
     unet.set_learning_rate(d.lr)  # the config's: a PBT hand-off resumes another trial's state with a new rate
     session.say(
-        f"{session.world_size} worker(s) on {device.type}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
+        f"{session.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
         f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
     )
 
