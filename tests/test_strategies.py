@@ -82,7 +82,9 @@ def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, d
     if rank == 0:
         files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
         (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "before": before, "after": after, "files": files}))
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # skip C++ static destructors: DeepSpeed's comm op can abort ("terminate called...") at interpreter exit
 
 
 def _mean(values: list[torch.Tensor]) -> list[float]:
