@@ -38,8 +38,12 @@ def save_weights(directory: str | Path, state_dicts: dict[str, dict]) -> None:
 
 
 def load_weights(directory: str | Path) -> dict[str, dict]:
+    directory = Path(directory)
+    if not (directory / "weights.safetensors").exists() and (directory / "state.pt").exists():
+        # checkpoints written before the strategies (ddp only) kept the export weights in state.pt
+        return {name: value for name, value in load_state(directory / "state.pt").items() if isinstance(value, dict)}
     try:
-        flat = load_file(str(Path(directory) / "weights.safetensors"))
+        flat = load_file(str(directory / "weights.safetensors"))
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: incomplete checkpoint (weights.safetensors missing)") from None
     except Exception as err:
