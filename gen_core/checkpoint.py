@@ -8,7 +8,7 @@ A training checkpoint directory holds:
     losses.csv          the loss history up to this step (for DVC plots)
     samples.png         the sample grid at this step
     + the training state in the strategy's own form (pipelines.strategy): state.pt (ddp),
-      fsdp/ (torch.distributed.checkpoint shards), deepspeed/ (ZeRO partitions)
+      fsdp/ (torch.distributed.checkpoint shards), deepspeed/ (ZeRO partitions); rng/rank_NNN.pt per rank
 Exported generators are `generator.safetensors` + `generator.json`.
 """
 

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gen_core.checkpoint import CheckpointError, load_checkpoint, save_weights, write_meta
+from gen_core.checkpoint import CheckpointError, load_checkpoint, load_state, write_meta
 from gen_core.config import LoopConfig, RunConfig
 from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
@@ -168,6 +168,7 @@ class WorkerSession:
                 try:
                     download_directory(uri, directory)
                     self.strategy.load_parts(parts, Path(directory), meta)
+                    load_rng(Path(directory), self.rank)
                     history = read_history(Path(directory))
                 except CheckpointError as err:  # e.g. a copy cut short by the failure itself
                     error = str(err)
@@ -250,6 +251,7 @@ class WorkerSession:
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
             self.strategy.save_parts(parts, directory)
+            save_rng(directory, self.rank)
             extras = build(directory)
             if self.rank == 0:
                 (directory / "losses.csv").write_text(history_csv(self.history))
@@ -299,6 +301,25 @@ class WorkerSession:
 
     def finished(self, steps_run: int) -> None:
         self.say(f"finished {steps_run} steps in {format_duration(time.monotonic() - self.started)}")
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    """This rank's torch RNG state. The loops draw their noise from per-(step, rank) generators, so a
+    resume does not depend on it; it is kept so that any global-RNG use stays resumable too."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    (directory / "rng").mkdir(exist_ok=True)
+    torch.save(state, directory / "rng" / f"rank_{rank:03d}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    path = directory / "rng" / f"rank_{rank:03d}.pt"
+    if path.exists():  # a rank that did not exist in the saving run keeps its seeded state
+        state = load_state(path)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 def schedule(step: int, total_steps: int, every_log: int, every_checkpoint: int) -> tuple[bool, bool]:

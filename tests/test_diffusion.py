@@ -109,7 +109,7 @@ def test_autoencoder_shapes_follow_the_downsample_factor():
 
 
 def test_autoencoder_round_trip_on_real_digits(real_digits):
-    """A few hundred steps on real MNIST digits must reconstruct held-out digits well above the
+    """200 steps on real MNIST digits must reconstruct held-out digits well above the
     PSNR of predicting the mean image (about 11 dB): the bound is 18 dB."""
     images, _ = real_digits  # (5000, 28, 28) uint8, sorted by label
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
@@ -120,7 +120,7 @@ def test_autoencoder_round_trip_on_real_digits(real_digits):
     round_trip = AutoencoderRoundTrip(vae)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
-    for step in range(300):
+    for step in range(200):  # 21.7 dB measured at 200 steps (18.8 at 150)
         batch = train[torch.randint(0, len(train), (64,), generator=generator)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = autoencoder_loss(round_trip, batch, "l1", 1e-6, generator)

@@ -1,6 +1,7 @@
-"""The whole pipeline as a user runs it: tiny-profile `dvc repro` (both model families) in a fresh
-copy of the project, tracked by a real `mlflow server`, then the FID gate both ways and loading
-each family's champion back."""
+"""The whole pipeline as a user runs it: tiny-profile `dvc repro` (both model families, every training
+stage on 2 workers under FSDP) in a fresh copy of the project, tracked by a real `mlflow server`, then
+the FID gate both ways, loading each family's champion back, and the denoiser under DeepSpeed ZeRO-3
+on the same latents."""
 
 import json
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, mlflow_server):
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
-    write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"},
+    write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"}, ray={"strategy": "fsdp"},
                                       registry={"gan": {"model_name": "tiny-gan", "fid_threshold": 1000.0},
                                                 "ldm": {"model_name": "tiny-ldm", "fid_threshold": 1000.0}}))  # fmt: skip
     result = run_cli(["dvc", "repro"], project, timeout=900)
@@ -44,6 +45,8 @@ def test_repro_writes_every_declared_output(pipeline):
     losses = (project / "metrics/gan_losses.csv").read_text().splitlines()
     assert losses[0] == "step,d_loss,g_loss,img_per_s" and losses[-1].startswith("20,")
     assert (project / "metrics/ldm_losses.csv").read_text().splitlines()[0] == "step,loss,img_per_s"
+    assert result.stdout.count("2 worker(s) on cpu, fsdp (shard block") == 2  # train_autoencoder, train_ldm
+    assert "2 worker(s) on cpu (1 threads each), fsdp (shard block" in result.stdout  # train_gan
     assert "gate: PROMOTED tiny-gan v1 -> @champion" in result.stdout
     assert "gate: PROMOTED tiny-ldm v1 -> @champion" in result.stdout
     shown = run_cli(["dvc", "metrics", "show", "--json"], project)
@@ -121,3 +124,36 @@ def test_unreachable_tracking_server_is_one_line(pipeline):
     result = run_cli(["python", "-m", "pipelines.register", "--set", "tracking.tracking_uri=http://127.0.0.1:9"], project)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: MLflow tracking server http://127.0.0.1:9: unreachable (Connection refused)"]
+
+
+def test_denoiser_under_deepspeed_zero3_then_refused_resumes(pipeline, tmp_path):
+    """The same latents, the denoiser on 2 workers under ZeRO-3 (two-file partitions per rank); a resume
+    with another worker count is refused (ZeRO partitions belong to theirs), and so are latents that do
+    not match the autoencoder, both in one line before Ray starts."""
+    import shutil
+
+    project, _ = pipeline
+    ldm = ["python", "-m", "pipelines.train_ldm", "--set", "ray.strategy=deepspeed", "--set", "ray.deepspeed.config=cluster_configs/deepspeed/zero3.json",
+           "--set", f"ray.storage_path={tmp_path}/ray", "--set", f"ldm.out_dir={tmp_path}/ldm", "--set", f"ldm.losses_file={tmp_path}/ldm.csv",
+           "--set", "ldm.checkpoint_every_steps=5"]  # fmt: skip
+    first = run_cli([*ldm, "--set", "ldm.total_steps=10"], project)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "2 worker(s) on cpu, deepspeed ZeRO-3" in first.stdout and "latent space (4, 8, 8)" in first.stdout and "step 10/10" in first.stdout
+    meta = json.loads((tmp_path / "ldm/generator.json").read_text())
+    assert meta["step"] == 10 and meta["space"] == "latent" and meta["autoencoder"]["latent_channels"] == 4
+    (run,) = (tmp_path / "ray").iterdir()
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {
+        p.name for p in (run / "checkpoint_0000010/deepspeed/unet").iterdir()}
+
+    other_size = run_cli([*ldm, "--set", "ldm.total_steps=15", "--set", "ray.num_workers=1"], project)
+    assert other_size.returncode == 2 and "\n" not in other_size.stderr.strip()
+    assert "DeepSpeed ZeRO checkpoint at step 10 was written by 2 workers; resume with ray.num_workers=2" in other_size.stderr
+
+    latents = tmp_path / "latents"
+    shutil.copytree(project / "data/latents", latents)
+    record = json.loads((latents / "latents.json").read_text())
+    (latents / "latents.json").write_text(json.dumps({**record, "scaling_factor": record["scaling_factor"] * 2}))
+    refused = run_cli([*ldm, "--set", "ldm.total_steps=15", "--set", f"latents.out_dir={latents}"], project)
+    assert refused.returncode == 2 and "\n" not in refused.stderr.strip()
+    assert refused.stderr.strip().startswith(f"error: {latents}: latents were scaled by ")
+    assert json.loads((tmp_path / "ldm/generator.json").read_text())["step"] == 10  # the export is untouched

@@ -250,7 +250,7 @@ def test_gan_two_workers_match_single_process(tmp_path, case):
     assert expected.get(case, "deepspeed/D/zero_pp_rank_1_mp_rank_00_optim_states.pt") in result["files"]
 
 
-@pytest.mark.parametrize("case", ["ddp", "fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize("case", ["fsdp", "zero3"])  # the sharded ones; ddp and ZeRO-1/2 are covered by the GAN cases
 def test_denoiser_two_workers_match_single_process(tmp_path, case):
     losses, ema_sum = reference("unet")
     result = run_two_workers(tmp_path, "unet", case)

@@ -144,7 +144,7 @@ def test_pbt_exploits_by_handing_a_checkpoint_over(upstream):
 def test_interrupted_sweep_resumes_from_its_storage(upstream):
     directory = upstream / "resume"
     directory.mkdir()
-    params = sweep_params(upstream, name="resume", num_trials=2, total_steps=40, max_concurrent_trials=1, scheduler="fifo", out_dir=str(directory / "out"),
+    params = sweep_params(upstream, name="resume", num_trials=2, total_steps=30, max_concurrent_trials=2, scheduler="fifo", out_dir=str(directory / "out"),
                           metrics_file=str(directory / "sweep.json"))  # fmt: skip
     path = write_params(directory, params)
     command = [str(VENV_BIN / "python"), "-m", "pipelines.sweep", "--params", str(path)]
