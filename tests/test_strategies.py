@@ -239,6 +239,7 @@ def reference(family: str):
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_gan_two_workers_match_single_process(tmp_path, case):
     losses, ema_sum = reference("gan")
@@ -250,6 +251,7 @@ def test_gan_two_workers_match_single_process(tmp_path, case):
     assert expected.get(case, "deepspeed/D/zero_pp_rank_1_mp_rank_00_optim_states.pt") in result["files"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["fsdp", "zero3"])  # the sharded ones; ddp and ZeRO-1/2 are covered by the GAN cases
 def test_denoiser_two_workers_match_single_process(tmp_path, case):
     losses, ema_sum = reference("unet")
@@ -258,6 +260,7 @@ def test_denoiser_two_workers_match_single_process(tmp_path, case):
     assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
 
 
+@pytest.mark.slow
 def test_zero1_without_frozen_d_updates_wrongly_and_the_test_sees_it(tmp_path):
     """The pitfall the GAN step guards against (STACK.md): no error, just wrong updates."""
     losses, _ = reference("gan")
@@ -265,6 +268,7 @@ def test_zero1_without_frozen_d_updates_wrongly_and_the_test_sees_it(tmp_path):
     assert not torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_deepspeed_default_clipping_would_change_the_update(tmp_path):
     """DeepSpeed clips at 1.0 unless told otherwise; the configs say 0.0, and 1.0 is visibly different."""
     losses, _ = reference("gan")
