@@ -199,6 +199,11 @@ class FsdpStrategy(Strategy):
         fully_shard(module, **options)
 
     def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False) -> Part:
+        if self.config.param_dtype == "bf16" and self.device.type == "cpu" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            raise ConfigError(
+                f"ray.fsdp.param_dtype=bf16: {name} has BatchNorm, and torch's CPU batch_norm refuses bf16 weights with its "
+                f"fp32 running statistics; use param_dtype fp32 (bf16 compute comes from the family's precision: auto|bf16)"
+            )
         template = copy.deepcopy(module).eval() if self.rank == 0 else None
         ema_module = _ema_copy(module) if ema else None
         self._shard(module)

@@ -295,3 +295,13 @@ def test_deepspeed_config_files(tmp_path):
             deepspeed_config(path, 64, 2)
     with pytest.raises(ConfigError, match="does not exist"):
         deepspeed_config(tmp_path / "missing.json", 64, 2)
+
+
+def test_fsdp_bf16_params_with_batchnorm_on_cpu_is_refused_in_one_line():
+    from pipelines.strategy import FsdpStrategy
+
+    G, _ = gan_models()
+    strategy = FsdpStrategy(torch.device("cpu"), FsdpConfig(param_dtype="bf16"))
+    with pytest.raises(ConfigError, match="ray.fsdp.param_dtype=bf16: G has BatchNorm") as err:
+        strategy.wrap("G", G, adam(1e-3))
+    assert "\n" not in str(err.value)
