@@ -78,7 +78,7 @@ def worker(rank: int, world: int, port: int, family: str, case: str, steps: int,
         save_s = time.perf_counter() - started
         size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
         started = time.perf_counter()
-        strategy.load_parts(parts, directory, {})
+        strategy.load_parts(parts, directory)
         dist.barrier()
         load_s = time.perf_counter() - started
     rss = [None] * world

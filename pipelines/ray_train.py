@@ -128,10 +128,7 @@ class WorkerSession:
         self.strategy = build_strategy(self.cfg.ray.strategy, self.device, self.cfg.ray.fsdp, self.ctx.deepspeed,
                                        self.cfg.ray.deepspeed.config)  # fmt: skip
         self.mlflow = MlflowClient(self.ctx.tracking_uri) if self.rank == 0 else None
-        nodes = [ray.get_runtime_context().get_node_id()]
-        if self.world_size > 1:
-            nodes = [None] * self.world_size
-            torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        nodes = self._all_gather(ray.get_runtime_context().get_node_id())
         spread = f" across {len(set(nodes))} nodes" if len(set(nodes)) > 1 else ""
         self.where = f"{self.world_size} worker(s) on {self.device.type}{spread}"  # the loops' start line
         self.history: list[dict] = []
@@ -162,12 +159,12 @@ class WorkerSession:
         for uri, meta in found[0]:
             if meta.get("signature") != self.ctx.signature:
                 raise CheckpointError(f"{uri}: checkpoint signature {meta.get('signature')} does not match this run's {self.ctx.signature}")
-            check_resumable(meta, self.strategy, uri)
+            check_resumable(meta, self.strategy.name, self.world_size, uri)
             error = ""
             with tempfile.TemporaryDirectory() as directory:
                 try:
                     download_directory(uri, directory)
-                    self.strategy.load_parts(parts, Path(directory), meta)
+                    self.strategy.load_parts(parts, Path(directory))
                     load_rng(Path(directory), self.rank)
                     history = read_history(Path(directory))
                 except CheckpointError as err:  # e.g. a copy cut short by the failure itself
@@ -182,6 +179,14 @@ class WorkerSession:
                 self.mlflow.log_batch(self.ctx.mlflow_run_id, metrics=self._metrics({"resumed_from_step": meta["step"]}, meta["step"]))
             return int(meta["step"])
         return 0
+
+    def _all_gather(self, obj) -> list:
+        """Collective: every rank's `obj`, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
 
     def _all_ok(self, ok: bool) -> bool:
         if self.world_size == 1:
@@ -255,11 +260,7 @@ class WorkerSession:
             extras = build(directory)
             if self.rank == 0:
                 (directory / "losses.csv").write_text(history_csv(self.history))
-            files = [{str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}]
-            if self.world_size > 1:
-                gathered = [None] * self.world_size
-                torch.distributed.all_gather_object(gathered, files[0])
-                files = gathered
+            files = self._all_gather({str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()})
             if self.rank == 0:
                 extra = probe() if probe is not None else {}
                 if extra:
@@ -407,7 +408,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         logger.info("run %s already trained to step %d; exporting", run_dir, existing[1]["step"])
         checkpoint_uri = existing[0]
     elif existing:
-        _check_strategy(cfg, existing, run_uri(cfg, run_dir))
+        check_resumable(existing[1], cfg.ray.strategy, cfg.ray.num_workers, run_uri(cfg, run_dir))  # before Ray starts
         logger.info("resuming run %s from step %d (%s)", run_dir, existing[1]["step"], cfg.ray.strategy)
     else:
         logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
@@ -428,18 +429,6 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         if checkpoint_uri is None:
             checkpoint_uri = fit(cfg, job, context, run_dir, callbacks)
         return job.export(cfg, checkpoint_uri, context, mlflow)
-
-
-def _check_strategy(cfg: RunConfig, existing: tuple[str, dict], where: str) -> None:
-    """Refuse, before Ray starts, a resume that the workers would refuse (other strategy; ZeRO world size)."""
-    meta = existing[1]
-    saved, workers = meta.get("strategy", "ddp"), meta.get("world_size")
-    if saved != cfg.ray.strategy:
-        raise StageError(f"{where}: checkpoint at step {meta['step']} was written with ray.strategy={saved}; "
-                         f"resume with it, or set ray.run_name to train afresh")  # fmt: skip
-    if saved == "deepspeed" and workers != cfg.ray.num_workers:
-        raise StageError(f"{where}: DeepSpeed ZeRO checkpoint at step {meta['step']} was written by {workers} workers; "
-                         f"resume with ray.num_workers={workers} (ddp and fsdp checkpoints load into any worker count)")  # fmt: skip
 
 
 def fit(cfg: RunConfig, job: TrainingJob, context: LoopContext, run_dir: str, callbacks: tuple = ()) -> str:

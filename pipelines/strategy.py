@@ -6,8 +6,8 @@ A loop wraps each (model, optimizer) pair once and then only talks to the return
     loss = loss_fn(part.train, batch)       # the wrapped forward (DDP / FSDP module / DeepSpeed engine)
     part.backward(loss); part.step()        # zero_grad, backward and step in each strategy's own way
     with part.frozen(): ...                 # part.module with requires_grad off (the GAN's G step)
-    part.update_ema(decay)                  # EMA in the same layout as the weights (sharded under FSDP)
-    plain = part.gather("ema")              # collective: a plain full copy on rank 0, None elsewhere
+    strategy.update_ema(part, decay)        # EMA in the same layout as the weights (sharded under FSDP)
+    plain = strategy.gather(part, "ema")    # collective: a plain full copy on rank 0, None elsewhere
 
 Checkpoints are collective too: `save_parts` writes each strategy's natural form into a directory
 (DDP: one state.pt from rank 0; FSDP: a torch.distributed.checkpoint directory, one shard file per
@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,10 +39,6 @@ from torch import nn
 from gen_core.checkpoint import CheckpointError, load_state
 from gen_core.config import ConfigError, FsdpConfig
 from gen_core.models import requires_grad, update_ema
-
-STRATEGIES = ("ddp", "fsdp", "deepspeed")
-DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
 
 def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -97,7 +93,6 @@ class Part:
     ema: nn.Module | None = None
     template: nn.Module | None = None  # rank 0, sharded strategies: plain module that gathered weights go into
     engine: object | None = None  # DeepSpeed only
-    extra: dict = field(default_factory=dict)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine is not None:
@@ -165,7 +160,7 @@ class Strategy:
                 state[f"{part.name}_ema"] = part.ema.state_dict()
         torch.save(state, directory / "state.pt")
 
-    def load_parts(self, parts: list[Part], directory: Path, meta: dict) -> None:
+    def load_parts(self, parts: list[Part], directory: Path) -> None:
         state = load_state(directory / "state.pt")
         for part in parts:
             part.module.load_state_dict(state[part.name])
@@ -226,7 +221,7 @@ class FsdpStrategy(Strategy):
 
         dcp.save(self._state(parts), checkpoint_id=str(directory / "fsdp"))
 
-    def load_parts(self, parts: list[Part], directory: Path, meta: dict) -> None:
+    def load_parts(self, parts: list[Part], directory: Path) -> None:
         """DCP reshards on load: a checkpoint from another world size loads as well."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -305,7 +300,7 @@ class DeepSpeedStrategy(Strategy):
             client = {"ema": part.ema.state_dict()} if part.ema is not None else {}
             part.engine.save_checkpoint(str(directory / "deepspeed"), tag=part.name, client_state=client)
 
-    def load_parts(self, parts: list[Part], directory: Path, meta: dict) -> None:
+    def load_parts(self, parts: list[Part], directory: Path) -> None:
         """ZeRO partitions belong to a world size: another one is refused in one line (by the caller's check)."""
         for part in parts:
             loaded, client = part.engine.load_checkpoint(str(directory / "deepspeed"), tag=part.name, load_optimizer_states=True,
@@ -327,16 +322,16 @@ def build_strategy(name: str, device: torch.device, fsdp: FsdpConfig | None = No
     return Strategy(device)
 
 
-def check_resumable(meta: dict, strategy: Strategy, where: str) -> None:
-    """A checkpoint's form belongs to its strategy; ZeRO partitions also to its world size."""
-    saved = meta.get("strategy", "ddp")
-    if saved != strategy.name:
-        raise CheckpointError(f"{where}: checkpoint was written with ray.strategy={saved}; resume with it, or set ray.run_name to train afresh")
-    if saved == "deepspeed" and meta.get("world_size") != strategy.world_size:
-        raise CheckpointError(
-            f"{where}: DeepSpeed ZeRO checkpoint was written by {meta.get('world_size')} workers; resume with "
-            f"ray.num_workers={meta.get('world_size')} (ddp and fsdp checkpoints load into any worker count)"
-        )
+def check_resumable(meta: dict, strategy: str, world_size: int, where: str) -> None:
+    """A checkpoint's form belongs to its strategy; ZeRO partitions also to its world size. The driver
+    calls this before Ray starts, the workers again before loading."""
+    saved, workers = meta.get("strategy", "ddp"), meta.get("world_size")
+    if saved != strategy:
+        raise CheckpointError(f"{where}: checkpoint at step {meta['step']} was written with ray.strategy={saved}; "
+                              f"resume with it, or set ray.run_name to train afresh")  # fmt: skip
+    if saved == "deepspeed" and workers != world_size:
+        raise CheckpointError(f"{where}: DeepSpeed ZeRO checkpoint at step {meta['step']} was written by {workers} workers; "
+                              f"resume with ray.num_workers={workers} (ddp and fsdp checkpoints load into any worker count)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, d
         with torch.no_grad():
             for p in part.module.parameters():
                 p.add_(1.0)
-    strategy.load_parts(parts, directory, {})
+    strategy.load_parts(parts, directory)
     after = summary()
     if rank == 0:
         files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())

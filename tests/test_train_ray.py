@@ -57,6 +57,10 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     shorter = run_cli([*common, "--set", "gan.total_steps=12"], REPO)
     assert shorter.returncode == 2 and "past gan.total_steps 12" in shorter.stderr, shorter.stderr[-2000:]
     assert json.loads((out / "generator.json").read_text())["step"] == 20  # the export is untouched
+    # a resume under another strategy would misread the checkpoint: refused in one line before Ray starts
+    other = run_cli([*common, "--set", "gan.total_steps=25", "--set", "ray.strategy=fsdp"], REPO)
+    assert other.returncode == 2 and "\n" not in other.stderr.strip()
+    assert other.stderr.strip().endswith("checkpoint at step 20 was written with ray.strategy=ddp; resume with it, or set ray.run_name to train afresh")
 
     # weights gone non-finite (its D set to NaN in the newest checkpoint: no valid config produces that in a
     # few steps): the resumed run stops at the first loss check, in one line, and writes nothing
