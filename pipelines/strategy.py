@@ -192,6 +192,12 @@ class FsdpStrategy(Strategy):
             for block in shard_units(module):
                 fully_shard(block, **options)
         fully_shard(module, **options)
+        if not self.config.reshard_after_forward:
+            # Kept-gathered weights are resharded by the post-backward of their own gradients. A forward that
+            # makes none (under no_grad: the GAN's fakes for the D step; or frozen: D in the G step) would leave
+            # weights gathered without autograd for the next training forward, which then has no graph.
+            # Those forwards reshard at once (a backward through a frozen unit gathers it again).
+            module.register_forward_hook(_reshard_after_gradient_free_forward)
 
     def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False) -> Part:
         if self.config.param_dtype == "bf16" and self.device.type == "cpu" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
@@ -351,6 +357,15 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
                     seen.add(id(child))
                     units.append(child)
     return units[::-1]  # innermost first: FSDP2 units are applied bottom-up
+
+
+def _reshard_after_gradient_free_forward(module: nn.Module, inputs, output) -> None:
+    if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters()):
+        from torch.distributed.fsdp import FSDPModule
+
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
 
 def _ema_copy(module: nn.Module) -> nn.Module:

@@ -64,7 +64,7 @@ def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, d
     ds = deepspeed_config(ds_path, BATCH, world) if ds_path else None
     if ds is not None and "gradient_clipping" in options:
         ds["gradient_clipping"] = options["gradient_clipping"]
-    strategy = build_strategy(strategy_name, torch.device("cpu"), FsdpConfig(), ds, str(ds_path))
+    strategy = build_strategy(strategy_name, torch.device("cpu"), FsdpConfig(**options.get("fsdp", {})), ds, str(ds_path))
     run = _gan_worker if family == "gan" else _unet_worker
     losses, parts, summary = run(strategy, rank, world, options)
     # checkpoint round trip in the strategy's own form: save, perturb, load, compare
@@ -249,6 +249,17 @@ def test_gan_two_workers_match_single_process(tmp_path, case):
     assert result["after"] == result["before"]  # the checkpoint restored the EMA (and, below, the form)
     expected = {"ddp": "state.pt", "fsdp": "fsdp/__1_0.distcp", "zero1": "deepspeed/G/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     assert expected.get(case, "deepspeed/D/zero_pp_rank_1_mp_rank_00_optim_states.pt") in result["files"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [{"granularity": "model"}, {"reshard_after_forward": False}], ids=["whole_model", "kept_gathered"])
+def test_gan_fsdp_knobs_match_single_process(tmp_path, fsdp):
+    """The other FSDP settings: one unit for the whole network; weights kept gathered from forward to backward
+    (which must still reshard after the G forward under no_grad and the frozen D forward)."""
+    losses, ema_sum = reference("gan")
+    result = run_two_workers(tmp_path, "gan", "fsdp", fsdp=fsdp)
+    assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
+    assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
 
 
 @pytest.mark.slow
