@@ -1,8 +1,9 @@
 """FID, KID and k-NN precision/recall on feature vectors, plus the FID Inception network.
 
 Inception preprocessing is clean-fid's `clean` mode (per-channel float PIL bicubic resize to
-299x299 with no quantisation), and the Frechet distance is clean-fid's own function, so numbers
-agree with `cleanfid.fid.compute_fid` given the same weights. Statistics stream: only
+299x299 with no quantisation), and the Frechet distance is clean-fid's formula computed through
+symmetric eigendecompositions, so numbers agree with `cleanfid.fid.compute_fid` given the same
+weights (tests/test_metrics.py checks both the formula and the whole path). Statistics stream: only
 (sum, sum of outer products) are accumulated, so images are never all held in memory.
 """
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cleanfid.fid import frechet_distance
 from cleanfid.resize import build_resizer
 from torch import nn
 
@@ -156,7 +156,21 @@ class FeatureStats:
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2).
+
+    S1 S2 is similar to S1^1/2 S2 S1^1/2, which is symmetric PSD, so the trace of the square root is
+    the sum of the square roots of that matrix's eigenvalues: two symmetric eigendecompositions
+    instead of clean-fid's `scipy.linalg.sqrtm` of the non-symmetric product. Same value (1e-7
+    relative at 2048-d), 8x faster on CPU (benchmarks/fid.py), and no complex parts or "singular
+    matrix" retries when there are fewer samples than dimensions. Eigenvalues below zero are
+    rounding error and count as zero."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    inner = root1 @ sigma2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int, subset_size: int, seed: int = 0) -> float:

@@ -273,11 +273,11 @@ class WorkerSession:
                         "config": self.cfg.model_dump(mode="json"), **extras}  # fmt: skip
                 write_meta(directory, meta)
                 grid = directory / "samples.png"
-                if self.mlflow and grid.exists():
-                    named = directory.parent / f"step_{step:07d}.png"
-                    named.write_bytes(grid.read_bytes())
-                    self.mlflow.log_artifact(self.ctx.mlflow_run_id, str(named), artifact_path="samples")
-                    named.unlink()
+                if self.mlflow and grid.exists():  # under its step's name, from a directory of its own (trials run side by side)
+                    with tempfile.TemporaryDirectory() as upload:
+                        named = Path(upload) / f"step_{step:07d}.png"
+                        named.write_bytes(grid.read_bytes())
+                        self.mlflow.log_artifact(self.ctx.mlflow_run_id, str(named), artifact_path="samples")
             has_files = any(directory.iterdir())
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
                              checkpoint_dir_name=f"checkpoint_{step:07d}")  # fmt: skip

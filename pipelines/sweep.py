@@ -377,13 +377,22 @@ def trial_rows(cfg: RunConfig, results) -> list[dict]:
     return rows
 
 
+def error_line(error: BaseException) -> str:
+    """The line that says what went wrong: a trial's error is Ray's traceback text, whose last line is the
+    exception (ours are one line already: `StageError: training failed: ...`)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:
     s = cfg.sweep
     rows = trial_rows(cfg, results)
     completed = [row for row in rows if row["status"] == "completed" and row["fid"] is not None]
+    errors = {row["trial_id"]: error_line(result.error) for row, result in zip(rows, results) if result.error}
+    for trial_id, error in errors.items():
+        logger.warning("trial %s failed: %s", trial_id, error)
     if not completed:
-        errors = [str(r.error).splitlines()[0] for r in results if r.error]
-        raise StageError(f"sweep {s.name}: no trial finished" + (f" (first error: {errors[0]})" if errors else ""))
+        raise StageError(f"sweep {s.name}: no trial finished" + (f" (first error: {next(iter(errors.values()))})" if errors else ""))
     best = min(completed, key=lambda row: row["fid"])
     sampled = {key: best[key] for key in s.space[s.family]}
     best_cfg = trial_config(cfg, sampled, best["trial_id"])
@@ -414,7 +423,7 @@ def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:
     record = {
         "enabled": True, "name": s.name, "family": s.family, "scheduler": s.scheduler, "searcher": s.searcher, "trials": len(rows),
         "completed": len(completed), "stopped_early": sum(row["status"] == "stopped early" for row in rows),
-        "errors": sum(row["status"] == "error" for row in rows), "best_trial": best["trial_id"], "best_trial_fid": best["fid"],
+        "errors": len(errors), "trial_errors": errors, "best_trial": best["trial_id"], "best_trial_fid": best["fid"],
         "best_params": overlay[s.family], "eval_fid": evaluation["fid"], "eval_class_accuracy": evaluation["class_accuracy"],
         "promoted": decision["promoted"], "model_version": decision["version"], "wall_s": round(wall, 1),
         "sum_trial_s": round(trial_time, 1), "scheduling_overhead": round(wall / trial_time, 3) if trial_time else None,

@@ -93,7 +93,7 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
     record = json.loads((upstream / "asha" / "sweep.json").read_text())
     # on 2 cores, 2 trials at a time (1 CPU each: derived from the cluster, not configured)
     assert "2 at a time on 2 CPUs" in result.stdout
-    assert record["trials"] == 4 and record["errors"] == 0
+    assert record["trials"] == 4 and record["errors"] == 0, record["trial_errors"]
     assert record["stopped_early"] >= 1, record  # ASHA cut at least one trial at a rung
     assert record["completed"] + record["stopped_early"] == 4  # trials kept starting after the early stops
     assert record["wall_s"] < 180, record
