@@ -30,7 +30,7 @@ from gen_core.training import autocast_dtype
 from pipelines.classifier import load_classifier
 from pipelines.common import StageError, format_duration, log, run_stage, stage_parser
 from pipelines.ray_env import init_ray
-from pipelines.tracking import connect
+from pipelines.tracking import connect, training_run
 
 
 def features_for_indices(
@@ -88,6 +88,9 @@ def run(cfg: RunConfig, family: str) -> dict:
     if ref_classifier["feature_sha256"] != sha256_file(f"{classifier_dir}/classifier.safetensors"):
         raise StageError(f"{cfg.ref_stats.out_dir}/classifier.npz: made with a different classifier; rerun ref_stats")
 
+    mlflow = connect(cfg)  # before the sampling: the results go to the model's training run
+    run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
+
     ray = init_ray(cfg)
     task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)(_eval_task)
     workers = min(cfg.ray.num_workers, e.num_samples)
@@ -123,8 +126,7 @@ def run(cfg: RunConfig, family: str) -> dict:
         **sampler_settings(gen_meta),
     }
     atomic_write_json(cfg.eval_file(family), metrics)
-    mlflow = connect(cfg)
-    with mlflow.start_run(run_id=gen_meta["mlflow_run_id"]):
+    with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=gen_meta["step"])
         mlflow.set_tag("fid_feature_sha256", feature_sha256)
     logger.info(

@@ -22,7 +22,7 @@ from gen_core.generators import generator_digest, load_image_generator, read_gen
 from gen_core.io import atomic_write_json
 from pipelines.common import REPO_ROOT, StageError, log, run_stage
 from pipelines.evaluate import family_parser
-from pipelines.tracking import connect
+from pipelines.tracking import connect, training_run
 
 MODEL_CODE = REPO_ROOT / "pipelines" / "mlflow_model.py"
 # explicit: inferring them takes ~8 s
@@ -85,7 +85,7 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    run_id = gen_meta["mlflow_run_id"]
+    run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
     try:
         client.get_registered_model(gate.model_name)
     except MlflowException:

@@ -45,3 +45,22 @@ def connect(cfg: RunConfig):
             mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(REPO_ROOT / "mlartifacts").as_uri())
     mlflow.set_experiment(cfg.tracking.experiment)
     return mlflow
+
+
+def training_run(mlflow, run_id: str | None, model_dir: str) -> str:
+    """The MLflow run that trained the model in `model_dir` (its generator.json's mlflow_run_id), checked
+    to exist in the store now configured: a model trained against another store is one line, not a
+    traceback after the work is done."""
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    if not run_id:
+        raise StageError(f"{model_dir}: its generator.json names no MLflow run; retrain it with tracking on")
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise StageError(
+            f"{model_dir}: trained under MLflow run {run_id}, which tracking store {uri} does not hold; "
+            "set tracking.tracking_uri to the store it was trained with"
+        ) from None
+    return run_id

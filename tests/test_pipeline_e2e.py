@@ -126,6 +126,16 @@ def test_unreachable_tracking_server_is_one_line(pipeline):
     assert result.stderr.strip().splitlines() == ["error: MLflow tracking server http://127.0.0.1:9: unreachable (Connection refused)"]
 
 
+def test_model_trained_against_another_tracking_store_is_one_line_before_sampling(pipeline, tmp_path):
+    project, _ = pipeline
+    for stage in ("evaluate", "register"):
+        result = run_cli(["python", "-m", f"pipelines.{stage}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/other.db"], project)
+        assert result.returncode == 2 and "generating" not in result.stdout
+        line = result.stderr.strip().splitlines()[-1]  # after MLflow's own lines creating the empty store
+        assert line.startswith("error: ") and "models/gan: trained under MLflow run " in line
+        assert line.endswith(f"which tracking store sqlite:///{tmp_path}/other.db does not hold; set tracking.tracking_uri to the store it was trained with")
+
+
 def test_denoiser_under_deepspeed_zero3_then_refused_resumes(pipeline, tmp_path):
     """The same latents, the denoiser on 2 workers under ZeRO-3 (two-file partitions per rank); a resume
     with another worker count is refused (ZeRO partitions belong to theirs), and so are latents that do
