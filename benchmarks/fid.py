@@ -3,7 +3,7 @@ of S1 S2) against gen_core.metrics.fid_from_stats (two symmetric eigendecomposit
 one run on the same statistics, with the values they give.
 
 Statistics: correlated Gaussian features, two sample counts: fewer samples than dimensions (the
-tests' and sweep probes' case, singular covariances) and more (the default profile's 1000-sample
+tests' and sweep trials' final FIDs, singular covariances) and more (the default profile's 1000-sample
 evaluation against a 1000-image reference is still singular; 5000 is full rank).
 
     python benchmarks/fid.py [--repeats 3] [--threads 2]
@@ -17,8 +17,17 @@ import platform
 import sys
 import time
 
-if __name__ == "__main__":  # BLAS reads its thread count once, at import
-    threads = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "2"
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (the evaluate stage runs in a 2-CPU driver by default)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":  # before numpy: BLAS reads its thread count once, at import
+    ARGS = parse_args()
+    threads = str(ARGS.threads)
     os.environ.update(OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
 import numpy as np  # noqa: E402
@@ -32,11 +41,7 @@ def stats(rng, samples: int, dim: int, mixing: np.ndarray, shift: float) -> tupl
     return x.mean(0), np.cov(x, rowvar=False)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (the evaluate stage runs in a 2-CPU driver by default)")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
     from cleanfid.fid import frechet_distance
 
     from gen_core.metrics import fid_from_stats
@@ -62,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -189,11 +189,8 @@ class WorkerSession:
         return gathered
 
     def _all_ok(self, ok: bool) -> bool:
-        if self.world_size == 1:
-            return ok
-        flag = torch.tensor([0 if ok else 1])
-        torch.distributed.all_reduce(flag)
-        return int(flag) == 0
+        """Collective: whether every rank's `ok` holds."""
+        return all(self._all_gather(ok))
 
     def count_images(self, images: int) -> None:
         self._window_images += images
