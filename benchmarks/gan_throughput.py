@@ -2,6 +2,8 @@
 
   1. bare single-process torch loop, fp32
   2. bare single-process torch loop, bf16 autocast
+  (each bare loop in the layout the train_gan loop uses under ddp, channels_last, and, with
+   --layouts channels_last,contiguous, also in the plain contiguous layout for comparison)
   3. the Ray Train path (pipelines.train_gan.train_loop_per_worker), 1 worker
   4. the Ray Train path, 2 workers
 
@@ -11,7 +13,7 @@ so they compare the training step itself.
 Every variant gets the same 2 cores: the bare loops 2 threads, the 1-worker Ray run 2 CPUs
 (Ray sets the worker's thread count from its CPUs), the 2-worker run 1 CPU each.
 
-    python benchmarks/gan_throughput.py [--steps 200]
+    python benchmarks/gan_throughput.py [--steps 200] [--layouts channels_last,contiguous]
 """
 
 from __future__ import annotations
@@ -35,17 +37,21 @@ sys.path.insert(0, str(REPO))
 from gen_core.config import load_config  # noqa: E402
 from gen_core.losses import discriminator_loss, generator_loss  # noqa: E402
 from gen_core.models import Discriminator, Generator, requires_grad  # noqa: E402
-from pipelines.train_gan import model_specs  # noqa: E402
+from gen_core.models import gan_specs  # noqa: E402
 
 
-def bare_loop(cfg, steps: int, amp: bool, threads: int) -> float:
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def bare_loop(cfg, steps: int, amp: bool, threads: int, layout: str = "channels_last") -> float:
     torch.set_num_threads(threads)
-    g_spec, d_spec = model_specs(cfg, 10)
-    G, D = Generator(g_spec), Discriminator(d_spec)
+    g_spec, d_spec = gan_specs(cfg.gan.model, cfg.data.resolution, cfg.data.channels, 10)
+    G = Generator(g_spec).to(memory_format=LAYOUTS[layout])  # as the train_gan loop does under ddp
+    D = Discriminator(d_spec).to(memory_format=LAYOUTS[layout])
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.gan.lr_g, betas=(cfg.gan.adam_beta1, cfg.gan.adam_beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.gan.lr_d, betas=(cfg.gan.adam_beta1, cfg.gan.adam_beta2))
     batch = cfg.gan.global_batch_size
-    real = torch.rand(batch, g_spec.channels, g_spec.resolution, g_spec.resolution) * 2 - 1
+    real = (torch.rand(batch, g_spec.channels, g_spec.resolution, g_spec.resolution) * 2 - 1).to(memory_format=LAYOUTS[layout])
     labels = torch.randint(0, 10, (batch,))
 
     def step() -> None:
@@ -78,8 +84,8 @@ def ray_path(params_path: Path, workers: int, cpus_per_worker: int, steps: int, 
     cmd = [sys.executable, "-m", "pipelines.train_gan", "--params", str(params_path),
            "--set", f"ray.num_workers={workers}", "--set", f"ray.cpus_per_worker={cpus_per_worker}", "--set", f"ray.storage_path={out}/ray", "--set", f"ray.run_name=bench{workers}",
            "--set", f"gan.total_steps={steps}", "--set", f"gan.checkpoint_every_steps={steps}",
-           "--set", f"gan.log_every_steps={max(steps // 4, 1)}", "--set", f"gan.out_dir={out}/gan",
-           "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", "--set", f"gan.losses_file={out}/losses.csv"]  # fmt: skip
+           "--set", f"gan.log_every_steps={max(steps // 4, 1)}", "--set", f"outputs.gan.out_dir={out}/gan",
+           "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", "--set", f"outputs.gan.losses_file={out}/losses.csv"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     rows = list(csv.DictReader((out / "losses.csv").read_text().splitlines()))
     rates = [float(r["img_per_s"]) for r in rows[1:]]  # first window includes warm-up
@@ -90,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--layouts", default="channels_last", help="bare-loop memory layouts: channels_last (the loop's), contiguous")
     args = parser.parse_args()
     cfg = load_config(args.params)
     if not (REPO / cfg.data.out_dir / "manifest.json").exists():
@@ -100,12 +107,14 @@ def main() -> None:
         work = Path(tmp)
         params_path = work / "params.yaml"
         params_path.write_text(yaml.safe_dump(yaml.safe_load(Path(args.params).read_text())))
-        results["bare fp32"] = bare_loop(cfg, args.steps // 2, amp=False, threads=threads)
-        results["bare bf16"] = bare_loop(cfg, args.steps // 2, amp=True, threads=threads)
+        for layout in args.layouts.split(","):
+            suffix = "" if layout == "channels_last" else f" {layout}"
+            results[f"bare fp32{suffix}"] = bare_loop(cfg, args.steps // 2, amp=False, threads=threads, layout=layout)
+            results[f"bare bf16{suffix}"] = bare_loop(cfg, args.steps // 2, amp=True, threads=threads, layout=layout)
         results["ray 1 worker x 2 CPUs (bf16)"] = ray_path(params_path, 1, 2, args.steps, work)
         results["ray 2 workers x 1 CPU (bf16)"] = ray_path(params_path, 2, 1, args.steps, work)
 
-    base = results["bare bf16"]
+    base = results.get("bare bf16", next(iter(results.values())))
     print(f"# GAN step throughput, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, global batch {cfg.gan.global_batch_size}")  # fmt: skip
     print("| variant | img/s | vs bare bf16 |\n|---|---|---|")

@@ -57,7 +57,7 @@ def build_model(cfg, space: str, directory: str | None):
     vae = None
     channels, size = cfg.data.channels, cfg.data.resolution
     if space == "latent":
-        vae = AutoencoderKL.from_pretrained(cfg.autoencoder.out_dir, use_safetensors=True).eval()
+        vae = AutoencoderKL.from_pretrained(cfg.outputs.autoencoder.out_dir, use_safetensors=True).eval()
         channels, size = vae.config.latent_channels, cfg.data.resolution // cfg.autoencoder.downsample_factor
     unet = build_denoiser(cfg.ldm.denoiser, channels, size, 10).eval()
     image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
@@ -113,8 +113,8 @@ def train_stage(args, space: str, work: Path) -> tuple[Path, float]:
     cmd = [sys.executable, "-m", "pipelines.train_ldm", "--params", args.params,
            "--set", f"ldm.space={space}", "--set", f"ldm.total_steps={args.train_steps}",
            "--set", f"ldm.global_batch_size={args.train_batch}", "--set", f"ldm.checkpoint_every_steps={args.train_steps}",
-           "--set", f"ldm.log_every_steps={max(args.train_steps // 10, 1)}", "--set", f"ldm.out_dir={out}",
-           "--set", f"ldm.losses_file={work}/{space}_losses.csv", "--set", f"ray.storage_path={work}/ray",
+           "--set", f"ldm.log_every_steps={max(args.train_steps // 10, 1)}", "--set", f"outputs.ldm.out_dir={out}",
+           "--set", f"outputs.ldm.losses_file={work}/{space}_losses.csv", "--set", f"ray.storage_path={work}/ray",
            "--set", "ray.run_name=bench", "--set", f"tracking.tracking_uri=sqlite:///{work}/bench.db"]  # fmt: skip
     print(f"[train {space}] {args.train_steps} steps at batch {args.train_batch}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -127,8 +127,8 @@ def fid_of(cfg, model_dir: Path | str, samples: int, sampler: str, steps: int) -
     from gen_core.diffusion import DiffusionGenerator
     from gen_core.metrics import FeatureStats, fid_from_stats, load_inception, load_ref_stats
     from gen_core.training import autocast_dtype
-    from pipelines.classifier import load_classifier
-    from pipelines.evaluate import features_for_indices
+    from gen_core.classifier import load_classifier
+    from pipelines.evaluation import features_for_indices
 
     model, _ = DiffusionGenerator.from_pretrained(model_dir)
     model.sampler = model.sampler.model_copy(update={"name": sampler, "num_steps": steps})
@@ -189,8 +189,8 @@ def main() -> None:
             matched[space] = {"train_img_per_s": rate, **fid_of(cfg, model_dir, args.fid_samples, "ddim", 50)}
         report["matched_budget"] = matched
         report["chain"] = {
-            "ddim50": fid_of(cfg, cfg.ldm.out_dir, args.chain_fid_samples, "ddim", 50),
-            "ddpm_full": fid_of(cfg, cfg.ldm.out_dir, args.chain_fid_samples, "ddpm", cfg.ldm.noise.num_train_timesteps),
+            "ddim50": fid_of(cfg, cfg.outputs.ldm.out_dir, args.chain_fid_samples, "ddim", 50),
+            "ddpm_full": fid_of(cfg, cfg.outputs.ldm.out_dir, args.chain_fid_samples, "ddpm", cfg.ldm.noise.num_train_timesteps),
         }
     report["wall_s"] = time.monotonic() - started
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -207,7 +207,7 @@ def main() -> None:
     speedup = {k: lat["pixel"][k]["s_per_image"] / lat["latent"][k]["s_per_image"] for k in ("ddim50_b1", "ddim50_b64", "ddpm_b1", "ddpm_b64")}
     print("pixel/latent latency ratio: " + ", ".join(f"{k} {v:.1f}x" for k, v in speedup.items()))
     chain = report["chain"]
-    print(f"trained LDM ({cfg.ldm.out_dir}): FID DDIM-50 {chain['ddim50']['fid']:.2f} vs DDPM-{full} {chain['ddpm_full']['fid']:.2f} "
+    print(f"trained LDM ({cfg.outputs.ldm.out_dir}): FID DDIM-50 {chain['ddim50']['fid']:.2f} vs DDPM-{full} {chain['ddpm_full']['fid']:.2f} "
           f"({chain['ddim50']['fid'] / chain['ddpm_full']['fid'] - 1:+.1%}), {args.chain_fid_samples} samples; wall {report['wall_s']:.0f} s")  # fmt: skip
 
 

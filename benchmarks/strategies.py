@@ -83,11 +83,9 @@ def worker(rank: int, world: int, port: int, family: str, case: str, steps: int,
         load_s = time.perf_counter() - started
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    sizes = [None] * world
-    dist.all_gather_object(sizes, size)
-    if rank == 0:
+    if rank == 0:  # every rank wrote into the one directory, measured after the barrier: its size is the checkpoint's
         Path(out).write_text(json.dumps({"img_per_s": rate, "peak_rss_mib": max(rss), "rss_per_rank": rss, "save_s": save_s,
-                                         "load_s": load_s, "checkpoint_mib": sum(sizes) / 2**20}))  # fmt: skip
+                                         "load_s": load_s, "checkpoint_mib": size / 2**20}))  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -97,11 +95,12 @@ def worker(rank: int, world: int, port: int, family: str, case: str, steps: int,
 def _gan(cfg, strategy, rank, world, autocast):
     from gen_core.models import ema_beta
     from gen_core.training import step_generator
-    from pipelines.train_gan import Discriminator, Generator, gan_step, model_specs
+    from gen_core.models import Discriminator, Generator, gan_specs
+    from pipelines.gan_step import gan_step
 
     t = cfg.gan
     torch.manual_seed(0)
-    g_spec, d_spec = model_specs(cfg, 10)
+    g_spec, d_spec = gan_specs(t.model, cfg.data.resolution, cfg.data.channels, 10)
     layout = torch.channels_last if strategy.name == "ddp" else torch.contiguous_format  # as in the loop
     betas = (t.adam_beta1, t.adam_beta2)
     G = strategy.wrap("G", Generator(g_spec).to(memory_format=layout), lambda p: torch.optim.Adam(p, lr=t.lr_g, betas=betas), ema=True)
@@ -131,7 +130,7 @@ def _ldm(cfg, strategy, rank, world, autocast):
 
     def step(i):
         with autocast():
-            loss = diffusion_loss(unet.train, schedule, x0, labels, 10, d.label_dropout, step_generator(0, i, rank)).mean()
+            loss = diffusion_loss(unet.forward, schedule, x0, labels, 10, d.label_dropout, step_generator(0, i, rank)).mean()
         unet.backward(loss)
         unet.step()
         strategy.update_ema(unet, 0.999)

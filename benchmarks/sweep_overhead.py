@@ -23,7 +23,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import tiny_params, write_params  # noqa: E402  (the test's tiny profile, written once)
+import yaml  # noqa: E402
+
+from gen_core.config import merge  # noqa: E402
+
+
+def tiny_params(**sections) -> dict:
+    """params.yaml with the tiny profile (profiles/tiny.yaml, as in tests/test_sweep.py) and `sections` merged over it."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    return merge(merge(raw, yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())), sections)
+
+
+def write_params(directory: Path, params: dict) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
 
 
 def main() -> None:

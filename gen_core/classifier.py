@@ -1,14 +1,22 @@
-"""Training and using the small domain classifier (plain torch, single process)."""
+"""Training, saving and using the small domain classifier (plain torch, single process).
+
+On disk: <dir>/classifier.safetensors + classifier.json (channels, classes, sizes, eval accuracy).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from gen_core.checkpoint import CheckpointError
 from gen_core.config import ClassifierConfig
+from gen_core.io import atomic_directory
 from gen_core.models import Classifier
 from gen_core.sampling import to_unit
 
@@ -49,3 +57,22 @@ def classify(model: Classifier, images_uint8: torch.Tensor, batch_size: int = 50
         features.append(feats.double().numpy())
         predictions.append(model.head(feats).argmax(1).numpy())
     return np.concatenate(predictions), np.concatenate(features)
+
+
+def save_classifier(out_dir: str | Path, model: Classifier, meta: dict) -> None:
+    with atomic_directory(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "classifier.safetensors"))
+        (tmp / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_classifier(out_dir: str | Path) -> tuple[Classifier, dict]:
+    """-> (classifier in eval mode, its classifier.json). One-line CheckpointError when it is missing."""
+    directory = Path(out_dir)
+    try:
+        meta = json.loads((directory / "classifier.json").read_text())
+        state = load_file(str(directory / "classifier.safetensors"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no trained classifier (run the classifier stage first)") from None
+    model = Classifier(meta["channels"], meta["num_classes"], meta["width"], meta["feature_dim"])
+    model.load_state_dict(state)
+    return model.eval(), meta

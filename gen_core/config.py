@@ -10,7 +10,7 @@ any work starts, with one line that names the key:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,7 +39,7 @@ class DataConfig(_Section):
     resolution: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     resize: Literal["pad", "resize"] = "pad"  # pad keeps pixels exact; resize is bicubic
-    max_train_images: int | None = Field(None, ge=1)  # None: all
+    max_train_images: int | None = Field(20_000, ge=1)  # None: all
     eval_images: int = Field(1000, ge=10)
     shard_images: int = Field(10_000, ge=100)
     on_bad_image: Literal["error", "skip"] = "error"
@@ -73,8 +73,10 @@ class InceptionConfig(_Section):
     url: str = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
     sha256: str | None = None  # required for source=url; downloads are never trusted unverified
     batch_size: int = Field(50, ge=1)
-    # bf16 autocast moves features ~1.7% (STACK.md); off by default so numbers match clean-fid.
-    bf16: bool = False
+    # bf16 autocast where the hardware runs it natively (elsewhere fp32): ~1.7x faster on an AMX CPU,
+    # features move ~2% (docs/stack.md), so such FIDs compare only among themselves; the default profile
+    # uses it to fit its budget, published numbers need false.
+    bf16: bool = True
 
 
 class RefStatsConfig(_Section):
@@ -84,9 +86,16 @@ class RefStatsConfig(_Section):
     out_dir: str = "data/ref_stats"
 
 
-class LoopConfig(_Section):
-    """What every Ray Train loop shares: length, batch, precision, checkpoint and log cadence.
-    Each model family subclasses it with its own defaults and knobs."""
+class TrainingConfig(_Section):
+    """What every training stage shares: length, batch, precision, checkpoint and log cadence.
+    Each model family subclasses it with its own defaults and knobs. Where a stage writes is not
+    here but in `outputs` (OutputsConfig): a section says what a run is, not where it goes."""
+
+    # Fields that may change between a checkpoint and the run that resumes it; every other field
+    # is part of the resume signature (a changed value trains afresh in a run directory of its own).
+    resumable_fields: ClassVar[frozenset[str]] = frozenset(
+        {"total_steps", "checkpoint_every_steps", "checkpoints_to_keep", "log_every_steps", "sample_grid_seed"}
+    )
 
     total_steps: int = Field(2000, ge=1)
     global_batch_size: int = Field(64, ge=1)  # split evenly over ray.num_workers
@@ -96,8 +105,6 @@ class LoopConfig(_Section):
     checkpoints_to_keep: int = Field(2, ge=1)
     log_every_steps: int = Field(50, ge=1)
     sample_grid_seed: int = 1234
-    out_dir: str = "models/gan"
-    losses_file: str = "metrics/gan_losses.csv"  # DVC plots
 
     @model_validator(mode="after")
     def _checkpoint_within_run(self):
@@ -106,6 +113,10 @@ class LoopConfig(_Section):
                 f"checkpoint_every_steps ({self.checkpoint_every_steps}) exceeds total_steps ({self.total_steps})"
             )
         return self
+
+    def resume_signature(self) -> dict:
+        """What a checkpoint must share with this section to be resumed: every field but `resumable_fields`."""
+        return self.model_dump(mode="json", exclude=set(self.resumable_fields))
 
 
 class GanModelConfig(_Section):
@@ -117,13 +128,13 @@ class GanModelConfig(_Section):
     spectral_norm: bool = True
 
 
-class GanConfig(LoopConfig):
+class GanConfig(TrainingConfig):
     """`train_gan`: Ray Train run of the conditional GAN."""
 
     model: GanModelConfig = GanModelConfig()
     loss: Literal["nonsaturating", "hinge"] = "hinge"
     lr_g: float = Field(2e-4, gt=0, le=1)
-    lr_d: float = Field(2e-4, gt=0, le=1)
+    lr_d: float = Field(4e-4, gt=0, le=1)  # TTUR: D at 2x the learning rate of G
     adam_beta1: float = Field(0.0, ge=0, lt=1)
     adam_beta2: float = Field(0.99, ge=0, lt=1)
     d_steps_per_g_step: int = Field(1, ge=1)
@@ -131,8 +142,11 @@ class GanConfig(LoopConfig):
     ema_rampup_ratio: float | None = Field(0.05, gt=0)  # half-life <= this x images seen; null: off
 
 
-class AutoencoderConfig(LoopConfig):
+class AutoencoderConfig(TrainingConfig):
     """`train_autoencoder`: KL-regularised autoencoder (diffusers AutoencoderKL) for latent diffusion."""
+
+    # rfid_images only sizes the export's reconstruction FID
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"rfid_images"}
 
     downsample_factor: int = Field(4, ge=1, le=32)  # latents are resolution / factor on a side
     latent_channels: int = Field(4, ge=1)
@@ -141,12 +155,9 @@ class AutoencoderConfig(LoopConfig):
     reconstruction_loss: Literal["l1", "mse"] = "l1"
     kl_weight: float = Field(1e-6, ge=0)  # small: the KL only keeps latents near N(0, I) in scale
     lr: float = Field(1e-3, gt=0, le=1)
-    global_batch_size: int = Field(64, ge=1)
-    total_steps: int = Field(600, ge=1)
-    out_dir: str = "models/autoencoder"
-    losses_file: str = "metrics/autoencoder_losses.csv"
-    metrics_file: str = "metrics/autoencoder.json"  # reconstruction PSNR and FID on the eval split
-    rfid_images: int | None = Field(None, ge=10)  # eval images whose reconstructions get an Inception FID; None: all
+    total_steps: int = Field(300, ge=1)
+    sample_grid_seed: int = 0
+    rfid_images: int | None = Field(500, ge=10)  # eval images whose reconstructions get an Inception FID; None: all
 
     @model_validator(mode="after")
     def _power_of_two(self):
@@ -195,11 +206,15 @@ class SamplerConfig(_Section):
     name: Literal["ddpm", "ddim", "dpmsolver++"] = "dpmsolver++"
     num_steps: int = Field(25, ge=1)  # ddpm at num_train_timesteps is the full chain
     # Classifier-free guidance: 1 = conditional model as is, 0 = unconditional, > 1 = sharper classes.
-    guidance_scale: float = Field(3.0, ge=0)
+    # 8 gives class accuracy >= 0.9 on the default profile (benchmarks/RESULTS.md).
+    guidance_scale: float = Field(8.0, ge=0)
 
 
-class LdmConfig(LoopConfig):
+class LdmConfig(TrainingConfig):
     """`train_ldm`: class-conditional denoiser in the autoencoder's latent space (or on pixels: the baseline)."""
+
+    # the sampler is used only when sampling (grids, export), never by the training step
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler"}
 
     space: Literal["latent", "pixel"] = "latent"  # pixel: same denoiser family on the images themselves
     denoiser: DenoiserConfig = DenoiserConfig()
@@ -208,16 +223,15 @@ class LdmConfig(LoopConfig):
     # Dropping labels (to the extra "null" class) trains the unconditional model that
     # classifier-free guidance needs, inside the same network.
     label_dropout: float = Field(0.1, ge=0, lt=1)
-    lr: float = Field(5e-4, gt=0, le=1)
+    lr: float = Field(1e-3, gt=0, le=1)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    ema_halflife_kimg: float = Field(20.0, gt=0)
+    ema_halflife_kimg: float = Field(10.0, gt=0)
     ema_rampup_ratio: float | None = Field(0.1, gt=0)
     global_batch_size: int = Field(128, ge=1)
-    total_steps: int = Field(1500, ge=1)
-    out_dir: str = "models/ldm"
-    losses_file: str = "metrics/ldm_losses.csv"
+    total_steps: int = Field(700, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)
 
     @model_validator(mode="after")
     def _sampler_steps(self):
@@ -226,6 +240,24 @@ class LdmConfig(LoopConfig):
                 f"sampler.num_steps ({self.sampler.num_steps}) exceeds noise.num_train_timesteps ({self.noise.num_train_timesteps})"
             )
         return self
+
+
+class ModelOutputs(_Section):
+    """Where one training stage writes: the exported model and its loss curve (DVC outs and plots)."""
+
+    out_dir: str
+    losses_file: str
+    metrics_file: str | None = None  # train_autoencoder only: reconstruction PSNR and FID (DVC metrics)
+
+
+class OutputsConfig(_Section):
+    """`outputs`: the training stages' locations, apart from their hyperparameters. A sweep trial or a
+    benchmark derives its own with `model_copy(update=...)`."""
+
+    gan: ModelOutputs = ModelOutputs(out_dir="models/gan", losses_file="metrics/gan_losses.csv")
+    autoencoder: ModelOutputs = ModelOutputs(out_dir="models/autoencoder", losses_file="metrics/autoencoder_losses.csv",
+                                             metrics_file="metrics/autoencoder.json")  # fmt: skip
+    ldm: ModelOutputs = ModelOutputs(out_dir="models/ldm", losses_file="metrics/ldm_losses.csv")
 
 
 class FsdpConfig(_Section):
@@ -247,9 +279,9 @@ class RayConfig(_Section):
     """How training/eval use Ray. `address: null` starts a local Ray, unless RAY_ADDRESS is set."""
 
     address: str | None = None
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(1, ge=1)  # 1 worker with every core is fastest on one small machine
     use_gpu: bool = False
-    cpus_per_worker: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(2, ge=1)  # also the worker's torch threads
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     fsdp: FsdpConfig = FsdpConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -279,7 +311,7 @@ class GateConfig(_Section):
 class RegistryConfig(_Section):
     """`register`: MLflow model version + FID gate for the `champion` alias, per model family."""
 
-    gan: GateConfig = GateConfig(model_name="genforge-gan")
+    gan: GateConfig = GateConfig(model_name="genforge-gan", fid_threshold=200.0)
     ldm: GateConfig = GateConfig(model_name="genforge-ldm")
     alias: str = "champion"
     out_dir: str = "metrics/register"  # <out_dir>/<family>.json
@@ -300,12 +332,6 @@ Family = Literal["gan", "ldm"]
 # ---------------------------------------------------------------------------
 
 LR_RATIO_KEY = "lr_d_over_lr_g"  # GAN sweeps: lr_d = lr_g * ratio, the knob searched on a log scale
-SWEEPABLE_KEYS = {
-    "gan": ("lr_g", "lr_d", LR_RATIO_KEY, "d_steps_per_g_step", "adam_beta1", "adam_beta2", "ema_halflife_kimg", "loss"),
-    "ldm": ("lr", "label_dropout", "ema_halflife_kimg", "adam_beta1", "adam_beta2", "weight_decay"),
-}
-# What a trial reports at every checkpoint (the schedulers' time unit). Inception `fid` comes only at the end.
-TRIAL_METRICS = {"gan": ("fid_classifier", "class_accuracy", "d_loss", "g_loss"), "ldm": ("fid_classifier", "class_accuracy", "loss")}
 
 
 class SearchDimension(_Section):
@@ -347,35 +373,47 @@ class PbtConfig(_Section):
 
 
 def _default_space() -> dict:
-    return {
-        "gan": {
-            "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
-            LR_RATIO_KEY: {"type": "loguniform", "low": 0.5, "high": 8.0},
-            "d_steps_per_g_step": {"type": "choice", "values": [1, 2]},
-            "adam_beta1": {"type": "choice", "values": [0.0, 0.5]},
-            "ema_halflife_kimg": {"type": "loguniform", "low": 1.0, "high": 20.0},
-            "loss": {"type": "choice", "values": ["hinge", "nonsaturating"]},
-        },
-        "ldm": {
-            "lr": {"type": "loguniform", "low": 2e-4, "high": 3e-3},
-            "label_dropout": {"type": "uniform", "low": 0.05, "high": 0.25},
-            "ema_halflife_kimg": {"type": "loguniform", "low": 2.0, "high": 20.0},
-        },
-    }
+    return {family: {key: SearchDimension(**dim) for key, dim in space.items()} for family, space in _DEFAULT_SPACE.items()}
+
+
+_DEFAULT_SPACE = {
+    "gan": {
+        "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
+        LR_RATIO_KEY: {"type": "loguniform", "low": 0.5, "high": 8.0},
+        "d_steps_per_g_step": {"type": "choice", "values": [1, 2]},
+        "adam_beta1": {"type": "choice", "values": [0.0, 0.5]},
+        "ema_halflife_kimg": {"type": "loguniform", "low": 1.0, "high": 20.0},
+        "loss": {"type": "choice", "values": ["hinge", "nonsaturating"]},
+    },
+    "ldm": {
+        "lr": {"type": "loguniform", "low": 2e-4, "high": 3e-3},
+        "label_dropout": {"type": "uniform", "low": 0.05, "high": 0.25},
+        "ema_halflife_kimg": {"type": "loguniform", "low": 2.0, "high": 20.0},
+    },
+}
 
 
 class SweepConfig(_Section):
     """`sweep`: Ray Tune over one family's training; every trial is a real Ray Train run of that stage."""
+
+    sweepable_keys: ClassVar[dict[str, tuple[str, ...]]] = {
+        "gan": ("lr_g", "lr_d", LR_RATIO_KEY, "d_steps_per_g_step", "adam_beta1", "adam_beta2", "ema_halflife_kimg", "loss"),
+        "ldm": ("lr", "label_dropout", "ema_halflife_kimg", "adam_beta1", "adam_beta2", "weight_decay"),
+    }
+    # What a trial reports at every checkpoint (the schedulers' time unit). Inception `fid` comes only at the end.
+    trial_metrics: ClassVar[dict[str, tuple[str, ...]]] = {
+        "gan": ("fid_classifier", "class_accuracy", "d_loss", "g_loss"), "ldm": ("fid_classifier", "class_accuracy", "loss"),
+    }
 
     enabled: bool = False  # the dvc `sweep` stage only runs a sweep when true
     family: Family = "gan"
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
     searcher: Literal["random", "optuna"] = "random"  # pbt mutates its own population: random only
     num_trials: int = Field(8, ge=1)
-    metric: str = "fid_classifier"  # reported by trials at every checkpoint; see TRIAL_METRICS
+    metric: str = "fid_classifier"  # reported by trials at every checkpoint; see trial_metrics
     mode: Literal["min", "max"] = "min"
     total_steps: int = Field(600, ge=1)  # per trial
-    report_every_steps: int = Field(100, ge=1)  # checkpoint + metrics: the schedulers' time unit
+    report_every_steps: int = Field(150, ge=1)  # checkpoint + metrics: the schedulers' time unit
     global_batch_size: int | None = Field(None, ge=1)  # null: the family's
     workers_per_trial: int = Field(1, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1)  # null: as many as the cluster's CPUs (GPUs) hold
@@ -395,20 +433,22 @@ class SweepConfig(_Section):
         space = self.space.get(self.family) or {}
         if not space:
             raise ValueError(f"space.{self.family}: empty search space")
-        unknown = sorted(set(space) - set(SWEEPABLE_KEYS[self.family]))
+        unknown = sorted(set(space) - set(self.sweepable_keys[self.family]))
         if unknown:
-            raise ValueError(f"space.{self.family}.{unknown[0]}: not a sweepable key (one of {', '.join(SWEEPABLE_KEYS[self.family])})")
+            raise ValueError(f"space.{self.family}.{unknown[0]}: not a sweepable key (one of {', '.join(self.sweepable_keys[self.family])})")
         if LR_RATIO_KEY in space and "lr_d" in space:
             raise ValueError(f"space.gan: search lr_d or {LR_RATIO_KEY}, not both")
-        if self.metric not in TRIAL_METRICS[self.family]:
-            raise ValueError(f"metric {self.metric!r}: {self.family} trials never report it (they report {', '.join(TRIAL_METRICS[self.family])})")
+        if self.metric not in self.trial_metrics[self.family]:
+            raise ValueError(f"metric {self.metric!r}: {self.family} trials never report it (they report {', '.join(self.trial_metrics[self.family])})")
         if self.report_every_steps > self.total_steps:
             raise ValueError(f"report_every_steps ({self.report_every_steps}) exceeds total_steps ({self.total_steps})")
         if self.scheduler == "pbt" and self.searcher != "random":
             raise ValueError("searcher: pbt explores by mutating its population; use searcher: random")
         return self
-# Training section of each config-driven model loop (the autoencoder is a stage of the ldm family).
-FAMILY_SECTIONS = {"gan": "gan", "autoencoder": "autoencoder", "ldm": "ldm"}
+# What a training stage trains: the model kind names its params section (and its `outputs` entry).
+# A model *family* (gan | ldm) is what gets evaluated and registered; the ldm family is trained in
+# two stages, the autoencoder and then the latent denoiser.
+TRAINING_SECTIONS = ("gan", "autoencoder", "ldm")
 
 
 class RunConfig(_Section):
@@ -419,6 +459,7 @@ class RunConfig(_Section):
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     latents: LatentsConfig = LatentsConfig()
     ldm: LdmConfig = LdmConfig()
+    outputs: OutputsConfig = OutputsConfig()
     ray: RayConfig = RayConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -427,11 +468,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        for name in FAMILY_SECTIONS.values():
-            loop = getattr(self, name)
-            if loop.global_batch_size % self.ray.num_workers:
+        for name in TRAINING_SECTIONS:
+            section = getattr(self, name)
+            if section.global_batch_size % self.ray.num_workers:
                 raise ValueError(
-                    f"{name}.global_batch_size ({loop.global_batch_size}) must be divisible by "
+                    f"{name}.global_batch_size ({section.global_batch_size}) must be divisible by "
                     f"ray.num_workers ({self.ray.num_workers})"
                 )
         sweep_batch = self.sweep.global_batch_size or self.family(self.sweep.family).global_batch_size
@@ -451,8 +492,13 @@ class RunConfig(_Section):
             )
         return self
 
-    def family(self, family: Family) -> LoopConfig:
+    def family(self, family: Family) -> TrainingConfig:
+        """The training section of the stage that produces a family's generator."""
         return self.gan if family == "gan" else self.ldm
+
+    def generator_dir(self, family: Family) -> str:
+        """Where a family's exported generator is."""
+        return getattr(self.outputs, family).out_dir
 
     def eval_file(self, family: Family) -> str:
         return f"{self.evaluate.out_dir}/{family}.json"

@@ -244,6 +244,13 @@ class DiffusionGenerator:
         return model, meta
 
 
+def diffusion_generator(ldm, data, unet: UNet2DModel, vae: AutoencoderKL | None, num_classes: int) -> DiffusionGenerator:
+    """A trained denoiser as a generator, with the training schedule and the configured sampler.
+    `ldm`, `data`: gen_core.config.LdmConfig and DataConfig."""
+    image_shape = (data.channels, data.resolution, data.resolution)
+    return DiffusionGenerator(unet, vae, dict(training_schedule(ldm.noise).config), num_classes, ldm.sampler, image_shape)
+
+
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (as the denoiser sees them) -> images."""
     return vae.decode(latents / vae.config.scaling_factor).sample.float()

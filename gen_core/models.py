@@ -33,6 +33,14 @@ class DiscriminatorSpec:
     spectral_norm: bool
 
 
+def gan_specs(model, resolution: int, channels: int, num_classes: int) -> tuple[GeneratorSpec, "DiscriminatorSpec"]:
+    """The GAN's two specs from its model config (gen_core.config.GanModelConfig) and the data shape."""
+    return (
+        GeneratorSpec(resolution, channels, num_classes, model.z_dim, model.g_width),
+        DiscriminatorSpec(resolution, channels, num_classes, model.d_width, model.spectral_norm),
+    )
+
+
 def _num_upsamples(resolution: int) -> int:
     return int(math.log2(resolution)) - 2  # 4x4 base
 

@@ -1,4 +1,4 @@
-"""GAN sampling with one seeded generator per sample.
+"""GAN sampling with one seeded generator per sample, and the sample-grid PNG every family writes.
 
 Sample i always uses seed (base_seed + i), so the same images come out whatever the
 number of workers, batch size or order in which samples are produced: FID is comparable.
@@ -6,8 +6,11 @@ number of workers, batch size or order in which samples are produced: FID is com
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
+from PIL import Image
 
 
 def seeded_latents(seeds, z_dim: int) -> torch.Tensor:
@@ -45,3 +48,18 @@ def image_grid(images_uint8: torch.Tensor, rows: int) -> np.ndarray:
     grid[:n] = images_uint8
     grid = grid.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
     return grid.numpy()
+
+
+def png_bytes(grid: np.ndarray) -> bytes:
+    """(H, W, C) uint8 with C in {1, 3} -> PNG file bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def class_grid_png(generator, seed: int, device: torch.device | str = "cpu", per_class: int = 8) -> bytes:
+    """One row per class, `per_class` fixed seeds per row: the same grid at every checkpoint.
+    `generator` is any gen_core.generators interface (num_classes, sample(labels, seeds, device))."""
+    labels = torch.arange(generator.num_classes).repeat_interleave(per_class)
+    images = generator.sample(labels, [seed + i for i in range(len(labels))], device)
+    return png_bytes(image_grid(to_uint8(images.cpu()), rows=generator.num_classes))

@@ -5,37 +5,14 @@ Outputs: <out_dir>/classifier.safetensors + classifier.json, and <metrics_file> 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
-from gen_core.classifier import classify, train_classifier
+from gen_core.classifier import classify, save_classifier, train_classifier
 from gen_core.config import RunConfig
 from gen_core.data import load_split
-from gen_core.io import atomic_directory, atomic_write_json
-from gen_core.models import Classifier
+from gen_core.io import atomic_write_json
 from pipelines.common import log, run_stage
 
-def save_classifier(out_dir: str, model: Classifier, meta: dict) -> None:
-    with atomic_directory(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "classifier.safetensors"))
-        (tmp / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_classifier(out_dir: str) -> tuple[Classifier, dict]:
-    from gen_core.checkpoint import CheckpointError
-
-    directory = Path(out_dir)
-    try:
-        meta = json.loads((directory / "classifier.json").read_text())
-        state = load_file(str(directory / "classifier.safetensors"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no trained classifier (run the classifier stage first)") from None
-    model = Classifier(meta["channels"], meta["num_classes"], meta["width"], meta["feature_dim"])
-    model.load_state_dict(state)
-    return model.eval(), meta
 
 
 def run(cfg: RunConfig) -> dict:

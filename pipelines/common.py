@@ -1,4 +1,9 @@
-"""Shared plumbing for stage entry points: arguments, typed config, one-line errors, provenance."""
+"""Shared plumbing for stage entry points: arguments, typed config, one-line errors, provenance.
+
+Expected failures (bad config, bad data, a missing upstream output, an unreachable server, a failed
+training run) end as one line on stderr and exit code 2. The full traceback, including what Ray
+wrapped, is printed before that line when GENFORGE_DEBUG=1.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +47,28 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def family_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of the stages that run once per model family (evaluate, register)."""
+    parser = stage_parser(description)
+    parser.add_argument("--family", choices=["gan", "ldm"], default="gan", help="model family (default: gan)")
+    return parser
+
+
+def error_line(err: BaseException) -> str:
+    """The one line that says what went wrong. Ray wraps a worker's or a trial's failure in an error
+    whose text is the remote traceback; its last line naming an error is the root cause (ours are one
+    line already, e.g. `FloatingPointError: non-finite loss at step 40: ...`)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line
+    return lines[-1] if lines else type(err).__name__
+
+
+def debugging() -> bool:
+    return os.environ.get("GENFORGE_DEBUG", "") not in ("", "0")
+
+
 def run_stage(name: str, body: Callable[[RunConfig, argparse.Namespace], int | None], parser: argparse.ArgumentParser | None = None) -> None:
     """Parse args, load the typed config, run `body`, and turn expected failures into one line + exit 2."""
     parser = parser or stage_parser(f"genforge {name} stage")
@@ -52,6 +80,8 @@ def run_stage(name: str, body: Callable[[RunConfig, argparse.Namespace], int | N
         cfg = load_config(args.params, args.overrides, args.overlays)
         code = body(cfg, args) or 0
     except EXPECTED_ERRORS as err:
+        if debugging():
+            traceback.print_exception(err, file=sys.stderr)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     logging.getLogger(name).info("done in %.1f s", time.monotonic() - started)
@@ -81,3 +111,9 @@ def absolute(path: str) -> str:
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def inception_progress(logger: logging.Logger) -> Callable[[int, int, float], None]:
+    """A progress callback for gen_core.metrics.inception_stats that logs done/total, rate and eta."""
+    return lambda done, total, rate: logger.info("inception %d/%d images, %.1f img/s, eta %s", done, total, rate,
+                                                 format_duration((total - done) / rate))  # fmt: skip

@@ -1,4 +1,5 @@
-"""Metrics a sweep trial reports at each of its checkpoints (rank 0 of the trial's Ray Train run).
+"""In-training evaluation: metrics a run computes at each of its checkpoints (rank 0), today for
+sweep trials, which register it through RunContext.evaluation so that Tune's schedulers can rank them.
 
 - every checkpoint: `fid_classifier` and `class_accuracy` of `num_samples` samples at fixed seeds
   (classifier features against ref_stats/classifier.npz): cheap enough to judge trials early;
@@ -10,12 +11,14 @@ report is judged on the same noise.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from gen_core.classifier import classify
+from gen_core.classifier import classify, load_classifier
 from gen_core.config import InceptionConfig
 from gen_core.metrics import FeatureStats, fid_from_stats, inception_features, load_inception, load_ref_stats
 from gen_core.sampling import balanced_labels, to_uint8
@@ -23,7 +26,7 @@ from gen_core.sampling import balanced_labels, to_uint8
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """What a trial's workers need to compute the probe; plain data, so it travels in LoopContext.extra."""
+    """What a trial's workers need to compute the probe; plain data, so it travels in RunContext.evaluation."""
 
     classifier_dir: str
     ref_stats_dir: str
@@ -35,10 +38,26 @@ class ProbeSpec:
     batch_size: int = 100
 
 
+def checkpoint_evaluator(worker, report) -> Callable[[int, object, object], dict[str, float]] | None:
+    """The run's in-training evaluation, or None when it asked for none (and on ranks other than 0).
+    evaluate(step, generator, amp_dtype) -> metrics, also logged to MLflow at `step`."""
+    spec = worker.ctx.evaluation
+    if not spec or not worker.is_chief:
+        return None
+    probe = Probe(spec, worker.device)
+
+    def evaluate(step: int, generator, amp_dtype) -> dict[str, float]:
+        started = time.monotonic()
+        values = probe(generator, final=step == probe.spec.final_step, amp_dtype=amp_dtype)
+        report.say(f"probe at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()) + f" ({time.monotonic() - started:.1f}s)")
+        report.log_metrics(values, step)
+        return values
+
+    return evaluate
+
+
 class Probe:
     def __init__(self, spec: dict, device: torch.device):
-        from pipelines.classifier import load_classifier
-
         self.spec = ProbeSpec(**spec)
         self.device = device
         self.classifier = load_classifier(self.spec.classifier_dir)[0]  # small CNN: runs on CPU (gen_core.classifier.classify)

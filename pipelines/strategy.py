@@ -3,7 +3,7 @@
 A loop wraps each (model, optimizer) pair once and then only talks to the returned `Part`:
 
     part = strategy.wrap("G", G, lambda params: torch.optim.Adam(params, ...), ema=True)
-    loss = loss_fn(part.train, batch)       # the wrapped forward (DDP / FSDP module / DeepSpeed engine)
+    loss = loss_fn(part.forward, batch)     # the wrapped forward (DDP / FSDP module / DeepSpeed engine)
     part.backward(loss); part.step()        # zero_grad, backward and step in each strategy's own way
     with part.frozen(): ...                 # part.module with requires_grad off (the GAN's G step)
     strategy.update_ema(part, decay)        # EMA in the same layout as the weights (sharded under FSDP)
@@ -18,7 +18,7 @@ plain record types allow-listed).
 No Ray here: the strategies need only an initialised torch.distributed process group (or none,
 for one process), so the equivalence tests run them in plain processes.
 
-The GAN rules DeepSpeed needs (STACK.md): D runs as engine.module inside the G step (`part.module`),
+The GAN rules DeepSpeed needs (docs/stack.md): D runs as engine.module inside the G step (`part.module`),
 D is frozen there (`part.frozen()`; without it ZeRO-1 silently computes wrong updates and ZeRO-2/3
 assert), and gradient_clipping defaults to 0.0 here instead of DeepSpeed's silent 1.0.
 """
@@ -88,7 +88,7 @@ class Part:
 
     name: str
     module: nn.Module  # call this where the strategy must not sync (frozen D in the G step); EMA source
-    train: Callable  # the training forward: DDP wrapper, FSDP module, DeepSpeed engine
+    forward: Callable  # the training forward: DDP wrapper, FSDP module, DeepSpeed engine
     optimizer: torch.optim.Optimizer
     ema: nn.Module | None = None
     template: nn.Module | None = None  # rank 0, sharded strategies: plain module that gathered weights go into
@@ -134,11 +134,11 @@ class Strategy:
 
     def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False) -> Part:
         ema_module = _ema_copy(module) if ema else None
-        train = module
+        forward = module
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            train = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-        return Part(name, module, train, make_optimizer(module.parameters()), ema=ema_module)
+            forward = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return Part(name, module, forward, make_optimizer(module.parameters()), ema=ema_module)
 
     def update_ema(self, part: Part, decay: float) -> None:
         update_ema(part.ema, part.module, decay)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -34,14 +35,18 @@ from pathlib import Path
 
 import yaml
 
-from gen_core.config import LR_RATIO_KEY, ConfigError, RunConfig, SearchDimension, config_from_dict
-from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, filesystem
+from gen_core.config import LR_RATIO_KEY, ConfigError, ModelOutputs, RunConfig, SearchDimension, config_from_dict
+from gen_core.data import read_manifest
+from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, download_directory, filesystem
 from gen_core.metrics import load_ref_stats
-from pipelines.common import StageError, absolute, format_duration, log, run_stage, stage_parser
+from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser
+from pipelines.evaluation import evaluate
 from pipelines.probe import ProbeSpec
-from pipelines.ray_env import init_ray, storage
-from pipelines.ray_train import TrainingJob, history_csv, job_signature, list_checkpoints, run_directory, train
-from pipelines.tracking import connect, tracking_uri
+from pipelines.ray_env import init_ray, run_uri, storage
+from pipelines.ray_train import TrainingJob, job_signature, run_directory, train
+from pipelines.registry import register
+from pipelines.tracking import connect, redact, tracking_uri
+from pipelines.worker import history_csv, list_checkpoints
 
 TRIAL_TAG = "tune_trial_id"
 # The trial actor only drives its Ray Train run, whose workers reserve the CPUs (GPUs). Ray wants a
@@ -79,20 +84,21 @@ def trial_config(cfg: RunConfig, sampled: dict, trial_id: str, total_steps: int 
     """The family's training config for one trial: the sampled knobs, the sweep's length and cadence,
     the trial's own run directory and export location."""
     s = cfg.sweep
-    raw = cfg.model_dump(mode="json")
-    section = raw[s.family]
-    section.update(family_values(cfg, sampled))
+    section = cfg.family(s.family)
     total = total_steps or s.total_steps
-    section.update(
-        total_steps=total, checkpoint_every_steps=min(s.report_every_steps, total), log_every_steps=min(section["log_every_steps"], total),
-        checkpoints_to_keep=max(section["checkpoints_to_keep"], 2),
-        out_dir=f"{local_root(cfg)}/exports/{trial_id}",
-    )  # fmt: skip
-    section["losses_file"] = f"{section['out_dir']}.losses.csv"
-    if s.global_batch_size:
-        section["global_batch_size"] = s.global_batch_size
-    raw["ray"].update(num_workers=s.workers_per_trial, storage_path=f"{sweep_root(cfg)}/train", run_name=f"trial-{trial_id}", max_failures=0)
-    return config_from_dict(raw, f"sweep trial {trial_id}")
+    changes = {
+        **family_values(cfg, sampled), "total_steps": total, "checkpoint_every_steps": min(s.report_every_steps, total),
+        "log_every_steps": min(section.log_every_steps, total), "checkpoints_to_keep": max(section.checkpoints_to_keep, 2),
+        **({"global_batch_size": s.global_batch_size} if s.global_batch_size else {}),
+    }  # fmt: skip
+    export = f"{local_root(cfg)}/exports/{trial_id}"
+    trial = cfg.model_copy(update={
+        s.family: section.model_copy(update=changes),
+        "outputs": cfg.outputs.model_copy(update={s.family: ModelOutputs(out_dir=export, losses_file=f"{export}.losses.csv")}),
+        "ray": cfg.ray.model_copy(update={"num_workers": s.workers_per_trial, "storage_path": f"{sweep_root(cfg)}/train",
+                                          "run_name": f"trial-{trial_id}", "max_failures": 0}),
+    })  # fmt: skip
+    return config_from_dict(trial.model_dump(mode="json"), f"sweep trial {trial_id}")  # model_copy does not validate
 
 
 def check_space(cfg: RunConfig) -> None:
@@ -118,12 +124,21 @@ def sweep_root(cfg: RunConfig) -> str:
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Tune runs trials in their own directories: every local path a trial reads must be absolute."""
+    """Tune runs trials in their own directories: every local path a trial reads must be absolute, and
+    so must a relative sqlite tracking store. A tracking URI with credentials is not put into the
+    config, which Tune and every checkpoint persist: trials read it from MLFLOW_TRACKING_URI instead,
+    which the local Ray's workers inherit (on a cluster, set it in the job's runtime environment)."""
     raw = cfg.model_dump(mode="json")
-    for section, key in (("data", "out_dir"), ("classifier", "out_dir"), ("ref_stats", "out_dir"), ("autoencoder", "out_dir"),
-                         ("latents", "out_dir"), ("ray", "storage_path"), ("sweep", "storage_path")):  # fmt: skip
+    for section, key in (("data", "out_dir"), ("classifier", "out_dir"), ("ref_stats", "out_dir"), ("latents", "out_dir"),
+                         ("ray", "storage_path"), ("sweep", "storage_path")):  # fmt: skip
         raw[section][key] = absolute(raw[section][key])
-    raw["tracking"]["tracking_uri"] = tracking_uri(cfg)
+    raw["outputs"]["autoencoder"]["out_dir"] = absolute(raw["outputs"]["autoencoder"]["out_dir"])
+    uri = tracking_uri(cfg)
+    if redact(uri) == uri:
+        raw["tracking"]["tracking_uri"] = uri
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        raw["tracking"]["tracking_uri"] = None
     return config_from_dict(raw, "sweep")
 
 
@@ -158,12 +173,8 @@ def run_trial(sampled: dict, settings: TrialSettings) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(base, sampled, trial_id)
-    job = _with_probe(training_job(cfg), settings.probe)
+    job = replace(training_job(cfg), evaluation=settings.probe)
     train(cfg, job, callbacks=(TuneReportCallback(),), parent_run_id=settings.parent_run_id, run_tags=tags)
-
-
-def _with_probe(job: TrainingJob, probe: dict) -> TrainingJob:
-    return replace(job, extra={**job.extra, "probe": probe})
 
 
 def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, settings: TrialSettings, tags: dict) -> None:
@@ -174,7 +185,7 @@ def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, setti
     s = base.sweep
     interval = s.report_every_steps * s.pbt.perturbation_interval
     cfg = trial_config(base, sampled, trial_id)
-    job = _with_probe(training_job(cfg), settings.probe)
+    job = replace(training_job(cfg), evaluation=settings.probe)
     own = _own_run(cfg, job)
     handed = tune.get_checkpoint()
     if handed is not None:
@@ -190,20 +201,16 @@ def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, setti
         uri, meta = list_checkpoints(own)[0]
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "pointer.json").write_text(json.dumps({"checkpoint": uri, "step": meta["step"]}))
-            tune.report({**meta.get("probe", {}), "step": meta["step"]}, checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report({**meta.get("evaluation", {}), "step": meta["step"]}, checkpoint=tune.Checkpoint.from_directory(directory))
         done = meta["step"]
 
 
 def _signature(cfg: RunConfig, job: TrainingJob) -> str:
-    from gen_core.data import read_manifest
-
-    return job_signature(job, len(read_manifest(cfg.data.out_dir)["class_names"]))
+    return job_signature(cfg, job, len(read_manifest(cfg.data.out_dir)["class_names"]))
 
 
 def _own_run(cfg: RunConfig, job: TrainingJob) -> str:
-    from pipelines.ray_env import run_uri
-
-    return run_uri(cfg, run_directory(cfg, job.family, _signature(cfg, job)))
+    return run_uri(cfg, run_directory(cfg, job.kind, _signature(cfg, job)))
 
 
 def _trial_mlflow_run(cfg: RunConfig, trial_id: str) -> str | None:
@@ -215,8 +222,6 @@ def _trial_mlflow_run(cfg: RunConfig, trial_id: str) -> str | None:
 def _adopt(checkpoint_uri: str, run_uri_: str, signature: str, mlflow_run_id: str | None) -> None:
     """Copy another trial's checkpoint into this run as its newest, re-signed for this config (PBT exploit)."""
     with tempfile.TemporaryDirectory() as local:
-        from gen_core.io import download_directory
-
         download_directory(checkpoint_uri, local)
         meta_path = Path(local) / "meta.json"
         meta = json.loads(meta_path.read_text())
@@ -300,16 +305,39 @@ def _parent_run(cfg: RunConfig, mlflow, resumed: bool) -> str:
         return run.info.run_id
 
 
+def _record_disabled(cfg: RunConfig, logger) -> dict:
+    record = {"enabled": False}
+    with atomic_directory(cfg.sweep.out_dir) as tmp:
+        (tmp / "README.txt").write_text("sweep.enabled is false: no sweep ran. `dvc exp run -S sweep.enabled=true` runs one.\n")
+    atomic_write_json(cfg.sweep.metrics_file, record)
+    logger.info("sweep.enabled is false: nothing to do (dvc exp run -S sweep.enabled=true)")
+    return record
+
+
+def _tuner(cfg: RunConfig, trainable, experiment: str, storage_fs, concurrency: int, resumed: bool):
+    """A new Tuner, or the interrupted sweep's, restored from its storage."""
+    from ray import tune
+
+    s = cfg.sweep
+    if resumed:
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
+    space = {key: tune_domain(dim) for key, dim in s.space[s.family].items()}
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode=s.mode, num_samples=s.num_trials, scheduler=_scheduler(cfg),
+            search_alg=_searcher(cfg, concurrency), max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(name=s.name, storage_path=experiment.rsplit("/", 1)[0], storage_filesystem=storage_fs, verbose=1,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
+    )  # fmt: skip
+
+
 def run(cfg: RunConfig) -> dict:
     logger = log("sweep")
     s = cfg.sweep
     if not s.enabled:
-        record = {"enabled": False}
-        with atomic_directory(s.out_dir) as tmp:
-            (tmp / "README.txt").write_text("sweep.enabled is false: no sweep ran. `dvc exp run -S sweep.enabled=true` runs one.\n")
-        atomic_write_json(s.metrics_file, record)
-        logger.info("sweep.enabled is false: nothing to do (dvc exp run -S sweep.enabled=true)")
-        return record
+        return _record_disabled(cfg, logger)
     check_space(cfg)
     _check_inputs(cfg)
     cfg = with_absolute_paths(cfg)
@@ -338,20 +366,7 @@ def run(cfg: RunConfig) -> dict:
             "resuming" if resumed else "new", s.num_trials, s.family, s.scheduler, s.searcher, concurrency, resources.get("CPU", 0), sweep_root(cfg),
         )  # fmt: skip
         started = time.monotonic()
-        if resumed:
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
-        else:
-            space = {key: tune_domain(dim) for key, dim in s.space[s.family].items()}
-            tuner = tune.Tuner(
-                trainable, param_space=space,
-                tune_config=tune.TuneConfig(
-                    metric=s.metric, mode=s.mode, num_samples=s.num_trials, scheduler=_scheduler(cfg),
-                    search_alg=_searcher(cfg, concurrency), max_concurrent_trials=concurrency,
-                ),
-                run_config=tune.RunConfig(name=s.name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=1,
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
-            )  # fmt: skip
-        results = tuner.fit()
+        results = _tuner(cfg, trainable, experiment, storage_fs, concurrency, resumed).fit()
         wall = time.monotonic() - started
     finally:
         ray.shutdown()
@@ -377,14 +392,9 @@ def trial_rows(cfg: RunConfig, results) -> list[dict]:
     return rows
 
 
-def error_line(error: BaseException) -> str:
-    """The line that says what went wrong: a trial's error is Ray's traceback text, whose last line is the
-    exception (ours are one line already: `StageError: training failed: ...`)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
 def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:
+    """The best finished trial, re-exported, evaluated and gated like any other version; the sweep's
+    outputs (best_params.yaml, trials.csv, sweep.json) and its MLflow parent run."""
     s = cfg.sweep
     rows = trial_rows(cfg, results)
     completed = [row for row in rows if row["status"] == "completed" and row["fid"] is not None]
@@ -395,23 +405,11 @@ def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:
         raise StageError(f"sweep {s.name}: no trial finished" + (f" (first error: {next(iter(errors.values()))})" if errors else ""))
     best = min(completed, key=lambda row: row["fid"])
     sampled = {key: best[key] for key in s.space[s.family]}
-    best_cfg = trial_config(cfg, sampled, best["trial_id"])
     values = family_values(cfg, sampled)
     logger.info("best trial %s: fid %.2f (%s)", best["trial_id"], best["fid"], " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    evaluation, decision = _gate_best(cfg, trial_config(cfg, sampled, best["trial_id"]))
 
-    # the best trial's final checkpoint, exported to <out_dir>/model, then evaluated and gated like any other version
     out = Path(s.out_dir)
-    model_cfg = config_from_dict({**best_cfg.model_dump(mode="json"), s.family: {**best_cfg.model_dump(mode="json")[s.family],
-                                  "out_dir": str(out / "model"), "losses_file": str(out / "losses.csv")}}, "sweep best")  # fmt: skip
-    train(model_cfg, training_job(model_cfg))
-    from pipelines.evaluate import run as evaluate
-    from pipelines.register import register
-
-    gated = config_from_dict({**model_cfg.model_dump(mode="json"), "evaluate": {**cfg.evaluate.model_dump(mode="json"), "out_dir": str(out / "eval")},
-                              "registry": {**cfg.registry.model_dump(mode="json"), "out_dir": str(out / "register")}}, "sweep best")  # fmt: skip
-    evaluation = evaluate(gated, s.family)
-    decision = register(gated, s.family)
-
     overlay = {s.family: {k: (float(v) if isinstance(v, float) else v) for k, v in values.items()}}
     command = "dvc exp run " + " ".join(f"-S {s.family}.{k}={v}" for k, v in overlay[s.family].items())
     header = (f"# Best trial {best['trial_id']} of sweep {s.name}: Inception fid {best['fid']:.3f} on {s.final_fid_samples} samples\n"
@@ -431,19 +429,37 @@ def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:
     }  # fmt: skip
     atomic_write_json(out / "sweep.json", record)
     atomic_write_json(s.metrics_file, record)
-    mlflow = connect(cfg)
-    _close_trial_runs(mlflow, parent, {row["trial_id"]: row["status"] for row in rows})
-    with mlflow.start_run(run_id=parent):
-        mlflow.log_metrics({"best_trial_fid": best["fid"], "eval_fid": evaluation["fid"], "wall_s": wall, "stopped_early": record["stopped_early"]})
-        mlflow.log_artifact(str(out / "trials.csv"))
-        mlflow.log_artifact(str(out / "best_params.yaml"))
-        mlflow.set_tags({"best_trial": best["trial_id"], "promoted": str(decision["promoted"])})
+    _record_in_mlflow(cfg, parent, rows, record, out)
     logger.info(
         "%d trials (%d completed, %d stopped early, %d errors) in %s; trials' own time %s (wall/sum %.2f)",
         len(rows), len(completed), record["stopped_early"], record["errors"], format_duration(wall), format_duration(trial_time),
         record["scheduling_overhead"] or 0,
     )  # fmt: skip
     return record
+
+
+def _gate_best(cfg: RunConfig, best_cfg: RunConfig) -> tuple[dict, dict]:
+    """The best trial's final checkpoint, exported to <sweep.out_dir>/model, then evaluated and gated like
+    any other version -> (evaluation, gate decision)."""
+    s, out = cfg.sweep, Path(cfg.sweep.out_dir)
+    gated = best_cfg.model_copy(update={
+        "outputs": best_cfg.outputs.model_copy(update={s.family: ModelOutputs(out_dir=str(out / "model"), losses_file=str(out / "losses.csv"))}),
+        "evaluate": cfg.evaluate.model_copy(update={"out_dir": str(out / "eval")}),
+        "registry": cfg.registry.model_copy(update={"out_dir": str(out / "register")}),
+    })  # fmt: skip
+    train(gated, training_job(gated))  # the same run directory as the trial's: only exports
+    return evaluate(gated, s.family), register(gated, s.family)
+
+
+def _record_in_mlflow(cfg: RunConfig, parent: str, rows: list[dict], record: dict, out: Path) -> None:
+    mlflow = connect(cfg)
+    _close_trial_runs(mlflow, parent, {row["trial_id"]: row["status"] for row in rows})
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metrics({"best_trial_fid": record["best_trial_fid"], "eval_fid": record["eval_fid"], "wall_s": record["wall_s"],
+                            "stopped_early": record["stopped_early"]})  # fmt: skip
+        mlflow.log_artifact(str(out / "trials.csv"))
+        mlflow.log_artifact(str(out / "best_params.yaml"))
+        mlflow.set_tags({"best_trial": record["best_trial"], "promoted": str(record["promoted"])})
 
 
 def _close_trial_runs(mlflow, parent: str, status: dict[str, str]) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from gen_core.config import RunConfig
@@ -19,15 +21,38 @@ def tracking_uri(cfg: RunConfig) -> str:
     return uri
 
 
+def redact(uri: str | None) -> str | None:
+    """`uri` without the credentials of its userinfo part (https://user:token@host -> https://***@host).
+    Anything that is written, logged or uploaded gets this form, never the real one."""
+    if not uri or "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def persisted_config(cfg: RunConfig) -> dict:
+    """The config as it may be written next to a checkpoint, an export or an MLflow run: no credentials."""
+    dumped = cfg.model_dump(mode="json")
+    dumped["tracking"]["tracking_uri"] = redact(dumped["tracking"]["tracking_uri"])
+    return dumped
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/") + "/health")
+    if parts.username is not None:  # MLflow's client sends URL credentials as basic auth; so does this check
+        token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}".encode())
+        request.add_header("Authorization", "Basic " + token.decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             response.read()
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise StageError(f"MLflow tracking server {uri}: unreachable ({getattr(reason, 'strerror', None) or reason})") from None
+        raise StageError(f"MLflow tracking server {redact(uri)}: unreachable ({getattr(reason, 'strerror', None) or reason})") from None
 
 
 def connect(cfg: RunConfig):

@@ -17,17 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-TINY_OVERRIDES = {
-    "data": {"source": "mnist5k", "max_train_images": 1000, "eval_images": 100, "shard_images": 400},
-    "classifier": {"steps": 60, "batch_size": 64},
-    "gan": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5,
-            "model": {"g_width": 16, "d_width": 16, "z_dim": 32}},
-    "autoencoder": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5, "width": 8},
-    "ldm": {"total_steps": 20, "global_batch_size": 32, "checkpoint_every_steps": 10, "log_every_steps": 5,
-            "denoiser": {"block_out_channels": [32, 32]}, "sampler": {"num_steps": 5}},
-    "evaluate": {"num_samples": 60, "batch_size": 30, "kid_subset_size": 30, "kid_subsets": 5},
-    "ray": {"num_workers": 2, "cpus_per_worker": 1},  # the tests exercise DDP; the default profile runs 1 worker x 2 CPUs
-}  # fmt: skip
+TINY_PROFILE = REPO / "profiles" / "tiny.yaml"  # the params overlay every end-to-end test runs on
 
 
 def free_port() -> int:
@@ -53,16 +43,12 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     return result
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def tiny_params(**sections) -> dict:
+    """params.yaml with the tiny profile merged over it, then `sections` (e.g. data={"out_dir": ...})."""
+    from gen_core.config import merge
+
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    return deep_merge(deep_merge(raw, TINY_OVERRIDES), sections)
+    return merge(merge(raw, yaml.safe_load(TINY_PROFILE.read_text())), sections)
 
 
 def write_params(directory: Path, params: dict) -> Path:

@@ -148,3 +148,12 @@ def test_worker_image_definition():
     for source in re.findall(r"^COPY (\S+) ", text, re.M):
         assert source == "." or (REPO / source).exists(), f"COPY {source}: missing"
     assert IMAGE in text
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_launcher_keeps_the_unauthenticated_job_api_on_localhost(name):
+    """Ray's job API runs whatever it is sent: the head binds its dashboard to 127.0.0.1 (SSH tunnel)."""
+    config = yaml.safe_load((CONFIGS / "ray" / name).read_text())
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert "ray dashboard" in (CONFIGS / "ray" / name).read_text()

@@ -18,7 +18,7 @@ def test_repo_params_parse_and_match_defaults_where_unset():
         ({"gan": {"lr_g": -0.1}}, "params: gan.lr_g: Input should be greater than 0 (got -0.1)"),
         ({"data": {"resolution": 30}}, "params: data: resolution must be a power of two (got 30)"),
         ({"data": {"source": "cifar"}}, "params: data.source: Input should be"),
-        ({"gan": {"global_batch_size": 63}}, "divisible by ray.num_workers"),
+        ({"gan": {"global_batch_size": 63}, "ray": {"num_workers": 2}}, "divisible by ray.num_workers"),
         ({"gan": {"loss": "wasserstein"}}, "params: gan.loss:"),
     ],
 )

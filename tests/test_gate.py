@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pipelines.register import decide
+from pipelines.registry import decide
 
 
 @pytest.mark.parametrize(

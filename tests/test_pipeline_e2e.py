@@ -56,7 +56,7 @@ def test_repro_writes_every_declared_output(pipeline):
 def test_champion_loads_and_generates(pipeline, mlflow_server):
     import mlflow
 
-    from pipelines.register import load_registered_generator
+    from pipelines.registry import load_registered_generator
 
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model("models:/tiny-gan@champion")
@@ -78,7 +78,7 @@ def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline
 
     from gen_core.diffusion import DiffusionGenerator
     from gen_core.sampling import to_uint8
-    from pipelines.register import load_registered_generator
+    from pipelines.registry import load_registered_generator
 
     project, _ = pipeline
     mlflow.set_tracking_uri(mlflow_server)
@@ -130,7 +130,7 @@ def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeli
 
     project, _ = pipeline
     ldm = ["python", "-m", "pipelines.train_ldm", "--set", "ray.strategy=deepspeed", "--set", "ray.deepspeed.config=cluster_configs/deepspeed/zero3.json",
-           "--set", f"ray.storage_path={tmp_path}/ray", "--set", f"ldm.out_dir={tmp_path}/ldm", "--set", f"ldm.losses_file={tmp_path}/ldm.csv",
+           "--set", f"ray.storage_path={tmp_path}/ray", "--set", f"outputs.ldm.out_dir={tmp_path}/ldm", "--set", f"outputs.ldm.losses_file={tmp_path}/ldm.csv",
            "--set", "ldm.checkpoint_every_steps=5"]  # fmt: skip
     first = run_cli([*ldm, "--set", "ldm.total_steps=10"], project)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -142,7 +142,7 @@ def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeli
         p.name for p in (run / "checkpoint_0000010/deepspeed/unet").iterdir()}
 
     # the gate both ways: the champion (v1, 20 steps) was promoted by the repro; this 10-step model is not good enough
-    gated = ["--family", "ldm", "--set", f"ldm.out_dir={tmp_path}/ldm", "--set", f"evaluate.out_dir={tmp_path}/eval",
+    gated = ["--family", "ldm", "--set", f"outputs.ldm.out_dir={tmp_path}/ldm", "--set", f"evaluate.out_dir={tmp_path}/eval",
              "--set", f"registry.out_dir={tmp_path}/register", "--set", "registry.ldm.fid_threshold=0.5"]  # fmt: skip
     assert run_cli(["python", "-m", "pipelines.evaluate", *gated], project).returncode == 0
     rejected = run_cli(["python", "-m", "pipelines.register", "--require-promotion", *gated], project)

@@ -96,7 +96,7 @@ def _mean(values: list[torch.Tensor]) -> list[float]:
 
 
 def _gan_worker(strategy, rank, world, options):
-    from pipelines.train_gan import gan_step
+    from pipelines.gan_step import gan_step
 
     G, D = gan_models()
     G = strategy.wrap("G", G, adam(2e-4), ema=True)
@@ -150,7 +150,7 @@ def _unet_worker(strategy, rank, world, options):
     losses = []
     for step, (x0, y) in enumerate(unet_batches()):
         mine = slice(rank, None, world)
-        loss = diffusion_loss(unet.train, schedule, x0[mine], y[mine], 10, 0.1, rank_noise(step, rank)).mean()
+        loss = diffusion_loss(unet.forward, schedule, x0[mine], y[mine], 10, 0.1, rank_noise(step, rank)).mean()
         unet.backward(loss)
         unet.step()
         strategy.update_ema(unet, 0.9)
@@ -273,7 +273,7 @@ def test_denoiser_two_workers_match_single_process(tmp_path, case):
 
 @pytest.mark.slow
 def test_zero1_without_frozen_d_updates_wrongly_and_the_test_sees_it(tmp_path):
-    """The pitfall the GAN step guards against (STACK.md): no error, just wrong updates."""
+    """The pitfall the GAN step guards against (docs/stack.md): no error, just wrong updates."""
     losses, _ = reference("gan")
     result = run_two_workers(tmp_path, "gan", "zero1", unfrozen_d=True)
     assert not torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-3)

@@ -1,0 +1,382 @@
+"""What a training loop uses on each Ray Train worker, as small objects with one job each.
+
+    worker, report, store = start_worker(worker_config)  # rank, device, strategy; MLflow reporting; checkpoints
+    G = worker.strategy.wrap(...)
+    start_step = store.restore([G, D])                   # newest readable checkpoint in storage, or 0
+    evaluate = checkpoint_evaluator(worker, report)      # None unless the run asked for in-training evaluation
+    for step in ...:
+        ...                                              # the family's own step
+        values = report.step_done(step + 1, losses)      # loss reduce + NaN check at log/checkpoint steps
+        if store.due(step + 1):
+            with store.writing(step + 1, [G, D], values) as checkpoint:
+                ...                                      # gather EMA, sample grid, weights, evaluate
+    report.finished(...)
+
+Every loop shows its log, evaluate and checkpoint steps in order; nothing runs through callbacks.
+Only rank 0 prints and talks to MLflow. Collective calls are marked as such: every rank makes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from gen_core.checkpoint import CheckpointError, load_state, save_weights, write_meta
+from gen_core.config import RunConfig, TrainingConfig
+from gen_core.io import download_directory, filesystem
+from gen_core.training import autocast_dtype
+from pipelines.common import format_duration
+from pipelines.strategy import Part, Strategy, build_strategy, check_resumable
+from pipelines.tracking import persisted_config
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Facts the driver resolves once and hands to every worker."""
+
+    stage: str
+    section: str  # the params section of what is trained (gan | autoencoder | ldm)
+    data_uri: str
+    num_classes: int
+    signature: str
+    run_uri: str  # this run's checkpoint directory (local path or s3://)
+    data_hash: str
+    git_revision: str
+    tracking_uri: str  # credentials already removed (pipelines.tracking.redact): never persisted
+    mlflow_run_id: str
+    extra: dict  # stage-specific inputs (e.g. the autoencoder directory), plain data
+    deepspeed: dict | None = None  # ray.strategy deepspeed: the config file, completed for this run
+    evaluation: dict | None = None  # in-training evaluation (pipelines.probe.ProbeSpec), e.g. for sweep trials
+
+
+# ---------------------------------------------------------------------------
+# The worker: rank, device, strategy
+# ---------------------------------------------------------------------------
+
+
+class Worker:
+    """This process in the Ray Train worker group."""
+
+    def __init__(self, cfg: RunConfig, ctx: RunContext):
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.ctx = cfg, ctx
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.strategy: Strategy = build_strategy(cfg.ray.strategy, self.device, cfg.ray.fsdp, ctx.deepspeed, cfg.ray.deepspeed.config)
+        nodes = set(self.all_gather(ray.get_runtime_context().get_node_id()))
+        spread = f" across {len(nodes)} nodes" if len(nodes) > 1 else ""
+        self.where = f"{self.world_size} worker(s) on {self.device.type}{spread}"  # the loops' start line
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def autocast_dtype(self, precision: str) -> torch.dtype | None:
+        return autocast_dtype(precision, self.device)
+
+    def autocast(self, dtype: torch.dtype | None):
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def all_gather(self, obj) -> list:
+        """Collective: every rank's `obj`, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def all_ok(self, ok: bool) -> bool:
+        """Collective: whether every rank's `ok` holds."""
+        return all(self.all_gather(ok))
+
+    def broadcast(self, obj):
+        """Collective: rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box)
+        return box[0]
+
+
+def start_worker(worker_config: dict) -> tuple[Worker, "Reporter", "CheckpointStore"]:
+    """The prologue of every training loop: this worker, its reporter and its checkpoint store."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # workers do not inherit the stage's environment
+    cfg = RunConfig.model_validate(worker_config["run"])
+    ctx = RunContext(**worker_config["context"])
+    worker = Worker(cfg, ctx)
+    report = Reporter(worker)
+    return worker, report, CheckpointStore(worker, report)
+
+
+# ---------------------------------------------------------------------------
+# Reporting: progress lines, loss reduction, MLflow metrics
+# ---------------------------------------------------------------------------
+
+
+class Reporter:
+    """Progress lines, the loss history and MLflow metrics of one run (rank 0 writes; every rank reduces)."""
+
+    def __init__(self, worker: Worker):
+        from mlflow.tracking import MlflowClient
+
+        self.worker = worker
+        self.section: TrainingConfig = getattr(worker.cfg, worker.ctx.section)
+        self.mlflow = MlflowClient(worker.ctx.tracking_uri) if worker.is_chief else None
+        self.history: list[dict] = []
+        self.started = time.monotonic()
+        self._window_started, self._window_images = time.monotonic(), 0
+
+    def say(self, message: str) -> None:
+        # Train V2 echoes print() twice (logger + stdout); the raw stream is forwarded once.
+        if self.worker.is_chief:
+            sys.__stdout__.write(f"[{self.worker.ctx.stage}] {message}\n")
+            sys.__stdout__.flush()
+
+    def step_done(self, step: int, losses: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """After `step` completed steps: count the images; at log and checkpoint steps reduce the losses
+        over the ranks (collective), stop on a non-finite one, and log at log steps. -> the mean losses
+        at log/checkpoint steps, else None."""
+        s = self.section
+        self._window_images += s.global_batch_size
+        last = step == s.total_steps
+        is_log = step % s.log_every_steps == 0 or last
+        if not (is_log or step % s.checkpoint_every_steps == 0 or last):
+            return None
+        values = self._mean_losses(step, losses)
+        if is_log:
+            self._log_progress(step, values)
+        return values
+
+    def _mean_losses(self, step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """All-reduced means. Checked at every checkpoint too, so non-finite weights are never saved."""
+        stacked = torch.stack([value.detach().float() for value in losses.values()])
+        if self.worker.world_size > 1:
+            torch.distributed.all_reduce(stacked)
+            stacked /= self.worker.world_size
+        values = dict(zip(losses, stacked.tolist()))
+        if not all(np.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite loss at step {step}: " + " ".join(f"{k}={v}" for k, v in values.items()))
+        return values
+
+    def _log_progress(self, step: int, values: dict[str, float]) -> None:
+        s = self.section
+        rate = self._window_images / max(time.monotonic() - self._window_started, 1e-9)
+        self.history.append({"step": step, **values, "img_per_s": rate})
+        eta = (s.total_steps - step) * s.global_batch_size / max(rate, 1e-9)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        self.say(f"step {step}/{s.total_steps} {shown} {rate:.0f} img/s eta {format_duration(eta)}")
+        self.log_metrics({**values, "img_per_s": rate}, step)
+        self._window_started, self._window_images = time.monotonic(), 0
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        if self.mlflow and values:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.mlflow.log_batch(self.worker.ctx.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def log_image(self, png: bytes, step: int) -> None:
+        """A sample grid under its step's name, from a directory of its own (trials run side by side)."""
+        if self.mlflow:
+            with tempfile.TemporaryDirectory() as upload:
+                named = Path(upload) / f"step_{step:07d}.png"
+                named.write_bytes(png)
+                self.mlflow.log_artifact(self.worker.ctx.mlflow_run_id, str(named), artifact_path="samples")
+
+    def resumed(self, meta: dict) -> None:
+        step = meta["step"]
+        self.say(f"resumed from checkpoint at step {step} ({meta.get('strategy', 'ddp')}, written by {meta.get('world_size')} worker(s))")
+        if self.mlflow:  # every resume (a restart after a failure, or a rerun) is a point on this curve
+            self.mlflow.set_tag(self.worker.ctx.mlflow_run_id, "resumed_from_step", str(step))
+            self.log_metrics({"resumed_from_step": step}, step)
+
+    def finished(self, steps_run: int) -> None:
+        self.say(f"finished {steps_run} steps in {format_duration(time.monotonic() - self.started)}")
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint storage
+# ---------------------------------------------------------------------------
+
+
+class CheckpointStore:
+    """The run's checkpoints in storage (local or s3://): restore the newest readable one, write new ones.
+
+    Not ray.train.get_checkpoint() for restoring: Train V2 registers a checkpoint only once its
+    controller consumes the report, so a worker killed soon after reporting loses it and the restarted
+    group would begin again at step 0. Writing goes through ray.train.report, which uploads every
+    rank's files into one checkpoint directory and keeps `checkpoints_to_keep` of them."""
+
+    def __init__(self, worker: Worker, report: Reporter):
+        self.worker, self.report = worker, report
+
+    def due(self, step: int) -> bool:
+        s = self.report.section
+        return step % s.checkpoint_every_steps == 0 or step == s.total_steps
+
+    def restore(self, parts: list[Part]) -> int:
+        """Collective. Load the newest complete, readable checkpoint into `parts` -> its step, or 0."""
+        worker = self.worker
+        found = worker.broadcast(list_checkpoints(worker.ctx.run_uri) if worker.is_chief else None)  # same order on every rank
+        for uri, meta in found:
+            if meta.get("signature") != worker.ctx.signature:
+                raise CheckpointError(f"{uri}: checkpoint signature {meta.get('signature')} does not match this run's {worker.ctx.signature}")
+            check_resumable(meta, worker.strategy.name, worker.world_size, uri)
+            error = ""
+            with tempfile.TemporaryDirectory() as directory:
+                try:
+                    download_directory(uri, directory)
+                    worker.strategy.load_parts(parts, Path(directory))
+                    load_rng(Path(directory), worker.rank)
+                    history = read_history(Path(directory))
+                except CheckpointError as err:  # e.g. a copy cut short by the failure itself
+                    error = str(err)
+            if not worker.all_ok(not error):
+                self.report.say(f"skipping unreadable checkpoint {uri}: {error or 'another rank could not read it'}")
+                continue
+            self.report.history = history
+            self.report.resumed(meta)
+            return int(meta["step"])
+        return 0
+
+    @contextlib.contextmanager
+    def writing(self, step: int, parts: list[Part], metrics: dict[str, float]) -> Iterator["CheckpointWriter"]:
+        """Collective. On entry the strategy has written the training state of `parts` (every rank its
+        shards) and this rank's RNG state; the body adds weights, a sample grid, metrics and meta; on
+        exit rank 0 writes meta.json (every rank's files with their sizes) and every rank reports."""
+        import ray.train
+
+        worker, started = self.worker, time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = CheckpointWriter(Path(tmp), step, dict(metrics))
+            worker.strategy.save_parts(parts, checkpoint.directory)
+            save_rng(checkpoint.directory, worker.rank)
+            yield checkpoint
+            if worker.is_chief:
+                (checkpoint.directory / "losses.csv").write_text(history_csv(self.report.history))
+            files = worker.all_gather(checkpoint.files())
+            if worker.is_chief:
+                write_meta(checkpoint.directory, self._meta(checkpoint, files))
+                if checkpoint.grid is not None:
+                    self.report.log_image(checkpoint.grid, step)
+            has_files = any(checkpoint.directory.iterdir())
+            ray.train.report({"step": step, **checkpoint.metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
+                             checkpoint_dir_name=f"checkpoint_{step:07d}")  # fmt: skip
+        self.report.say(f"checkpoint at step {step} ({time.monotonic() - started:.1f}s)")
+
+    def _meta(self, checkpoint: "CheckpointWriter", files: list[dict]) -> dict:
+        worker, ctx = self.worker, self.worker.ctx
+        return {
+            "step": checkpoint.step, "signature": ctx.signature, "data_hash": ctx.data_hash, "git_revision": ctx.git_revision,
+            "mlflow_run_id": ctx.mlflow_run_id, "strategy": worker.strategy.name, "world_size": worker.world_size,
+            "files": {name: size for rank_files in files for name, size in rank_files.items()},
+            "config": persisted_config(worker.cfg), **checkpoint.meta,
+        }  # fmt: skip
+
+
+@dataclass
+class CheckpointWriter:
+    """One checkpoint being written: what the loop adds between the strategy state and the report."""
+
+    directory: Path
+    step: int
+    metrics: dict[str, float]  # reported with the checkpoint (Tune's schedulers compare these)
+    meta: dict = None
+    grid: bytes | None = None
+
+    def __post_init__(self):
+        self.meta = {} if self.meta is None else self.meta
+
+    def add_weights(self, state_dicts: dict[str, dict]) -> None:
+        """Rank 0: the plain weights that exports read (weights.safetensors)."""
+        save_weights(self.directory, state_dicts)
+
+    def add_sample_grid(self, png: bytes) -> None:
+        """Rank 0: samples.png, also logged to MLflow under the step."""
+        self.grid = png
+        (self.directory / "samples.png").write_bytes(png)
+
+    def add_evaluation(self, values: dict[str, float]) -> None:
+        """Rank 0: in-training evaluation metrics, reported with the checkpoint and kept in its meta."""
+        if values:
+            self.metrics.update(values)
+            self.meta["evaluation"] = dict(self.metrics)
+
+    def files(self) -> dict[str, int]:
+        return {str(p.relative_to(self.directory)): p.stat().st_size for p in self.directory.rglob("*") if p.is_file()}
+
+
+def list_checkpoints(run_uri: str) -> list[tuple[str, dict]]:
+    """(uri, meta) of every complete checkpoint in a run's storage directory, newest step first.
+    Every rank uploads its own files; meta.json lists them all with their sizes, so a checkpoint
+    whose upload was cut short (by the failure itself, say) is left out."""
+    fs, path = filesystem(run_uri)
+    if not fs.exists(path):
+        return []
+    scheme = run_uri.split("://")[0] + "://" if "://" in run_uri else ""
+    found = []
+    for info in fs.ls(path, detail=True):
+        entry = info["name"].rstrip("/")
+        if info["type"] != "directory" or not entry.split("/")[-1].startswith("checkpoint_"):
+            continue
+        try:
+            meta = json.loads(fs.cat_file(f"{entry}/meta.json"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        present = {name[len(entry) + 1 :]: d["size"] for name, d in fs.find(entry, detail=True).items()}
+        if any(present.get(name) != size for name, size in meta.get("files", {}).items()):
+            continue
+        found.append((scheme + entry if scheme and not entry.startswith(scheme) else entry, meta))
+    return sorted(found, key=lambda item: item[1]["step"], reverse=True)
+
+
+def history_csv(history: list[dict]) -> str:
+    if not history:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in history)
+    return buffer.getvalue()
+
+
+def read_history(directory: Path) -> list[dict]:
+    path = directory / "losses.csv"
+    if not path.exists() or not path.read_text().strip():
+        return []
+    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(path.read_text().splitlines())]
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    """This rank's torch RNG state. The loops draw their noise from per-(step, rank) generators, so a
+    resume does not depend on it; it is kept so that any global-RNG use stays resumable too."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    (directory / "rng").mkdir(exist_ok=True)
+    torch.save(state, directory / "rng" / f"rank_{rank:03d}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    path = directory / "rng" / f"rank_{rank:03d}.pt"
+    if path.exists():  # a rank that did not exist in the saving run keeps its seeded state
+        state = load_state(path)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
