@@ -105,7 +105,7 @@ def load_inception(cfg: InceptionConfig, device: torch.device | str = "cpu") -> 
     # TorchScript is a pinned third-party artifact, verified by sha256 above before loading.
     scripted = torch.jit.load(str(path), map_location=device).eval()
     # bf16 only where the hardware runs it natively (as precision `auto` does for the samplers): on a CPU
-    # without AVX512-BF16/AMX autocast emulates it, measured 75x slower than fp32 on a 2-core AMD EPYC
+    # without AVX512-BF16/AMX autocast emulates it: a matrix product ran 75x slower than fp32 on a 2-core AMD EPYC
     return InceptionFeatures(scripted, digest, bf16=cfg.bf16 and bf16_supported(torch.device(device))).to(device)
 
 
