@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -297,11 +297,8 @@ class CheckpointWriter:
     directory: Path
     step: int
     metrics: dict[str, float]  # reported with the checkpoint (Tune's schedulers compare these)
-    meta: dict = None
+    meta: dict = field(default_factory=dict)  # extras for meta.json (e.g. the generator spec)
     grid: bytes | None = None
-
-    def __post_init__(self):
-        self.meta = {} if self.meta is None else self.meta
 
     def add_weights(self, state_dicts: dict[str, dict]) -> None:
         """Rank 0: the plain weights that exports read (weights.safetensors)."""
