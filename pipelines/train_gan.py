@@ -49,7 +49,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     torch.manual_seed(t.seed)
     g_spec, d_spec = gan_specs(t.model, cfg.data.resolution, cfg.data.channels, ctx.num_classes)
     # channels_last: the bf16 conv kernels (oneDNN/AMX on CPU, tensor cores on GPU) prefer NHWC; measured
-    # 1.2x on the D+G step here (benchmarks/gan_throughput.py --layout). Not for the diffusers models,
+    # 1.2x on the D+G step here (benchmarks/gan_throughput.py --layouts channels_last,contiguous). Not for the diffusers models,
     # where GroupNorm made it 0.8x. DDP only: FSDP2 refuses non-contiguous parameters and ZeRO flattens them.
     layout = torch.channels_last if strategy.name == "ddp" else torch.contiguous_format
     G = Generator(g_spec).to(device, memory_format=layout)
