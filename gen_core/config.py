@@ -114,6 +114,14 @@ class TrainingConfig(_Section):
             )
         return self
 
+    def is_log_step(self, step: int) -> bool:
+        """Whether the loop logs after `step` completed steps (the last step always)."""
+        return step % self.log_every_steps == 0 or step == self.total_steps
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        """Whether the loop checkpoints after `step` completed steps (the last step always)."""
+        return step % self.checkpoint_every_steps == 0 or step == self.total_steps
+
     def resume_signature(self) -> dict:
         """What a checkpoint must share with this section to be resumed: every field but `resumable_fields`."""
         return self.model_dump(mode="json", exclude=set(self.resumable_fields))

@@ -247,6 +247,16 @@ def save_ref_stats(stats: FeatureStats, features: np.ndarray, feature_net: str, 
     return buffer.getvalue()
 
 
+def load_inception_reference(ref_stats_dir: str | Path, cfg: InceptionConfig) -> tuple[dict, str]:
+    """-> (<ref_stats_dir>/inception.npz, the sha256 of the Inception network `cfg` names), refused in one
+    line when the statistics were made with another network."""
+    reference = load_ref_stats(f"{ref_stats_dir}/inception.npz")
+    _, feature_sha256 = inception_path(cfg)
+    if reference["feature_sha256"] != feature_sha256:
+        raise FeatureNetError(f"{ref_stats_dir}/inception.npz: made with a different Inception network; rerun ref_stats")
+    return reference, feature_sha256
+
+
 def load_ref_stats(path: str | Path) -> dict:
     with np.load(path, allow_pickle=False) as data:
         return {

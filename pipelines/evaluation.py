@@ -20,7 +20,7 @@ from gen_core.config import InceptionConfig, RunConfig
 from gen_core.generators import load_image_generator, read_generator_meta
 from gen_core.io import atomic_write_json, sha256_file
 from gen_core.metrics import (
-    FeatureStats, fid_from_stats, inception_features, inception_path, kid, load_inception, load_ref_stats, precision_recall,
+    FeatureStats, fid_from_stats, inception_features, kid, load_inception, load_inception_reference, load_ref_stats, precision_recall,
 )  # fmt: skip
 from gen_core.sampling import balanced_labels, to_uint8
 from gen_core.training import autocast_dtype
@@ -116,11 +116,8 @@ def evaluate(cfg: RunConfig, family: str) -> dict:
 def _reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict, str]:
     """-> (Inception reference stats, classifier reference stats, Inception sha256), checked against the
     feature networks in use now."""
-    ref_inception = load_ref_stats(f"{cfg.ref_stats.out_dir}/inception.npz")
+    ref_inception, feature_sha256 = load_inception_reference(cfg.ref_stats.out_dir, cfg.ref_stats.inception)
     ref_classifier = load_ref_stats(f"{cfg.ref_stats.out_dir}/classifier.npz")
-    _, feature_sha256 = inception_path(cfg.ref_stats.inception)
-    if ref_inception["feature_sha256"] != feature_sha256:
-        raise StageError(f"{cfg.ref_stats.out_dir}/inception.npz: made with a different Inception network; rerun ref_stats")
     if ref_classifier["feature_sha256"] != sha256_file(f"{classifier_dir}/classifier.safetensors"):
         raise StageError(f"{cfg.ref_stats.out_dir}/classifier.npz: made with a different classifier; rerun ref_stats")
     return ref_inception, ref_classifier, feature_sha256

@@ -314,7 +314,7 @@ def _record_disabled(cfg: RunConfig, logger) -> dict:
     return record
 
 
-def _tuner(cfg: RunConfig, trainable, experiment: str, storage_fs, concurrency: int, resumed: bool):
+def _tuner(cfg: RunConfig, trainable, storage_path: str, experiment: str, storage_fs, concurrency: int, resumed: bool):
     """A new Tuner, or the interrupted sweep's, restored from its storage."""
     from ray import tune
 
@@ -328,7 +328,7 @@ def _tuner(cfg: RunConfig, trainable, experiment: str, storage_fs, concurrency: 
             metric=s.metric, mode=s.mode, num_samples=s.num_trials, scheduler=_scheduler(cfg),
             search_alg=_searcher(cfg, concurrency), max_concurrent_trials=concurrency,
         ),
-        run_config=tune.RunConfig(name=s.name, storage_path=experiment.rsplit("/", 1)[0], storage_filesystem=storage_fs, verbose=1,
+        run_config=tune.RunConfig(name=s.name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=1,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
     )  # fmt: skip
 
@@ -366,7 +366,7 @@ def run(cfg: RunConfig) -> dict:
             "resuming" if resumed else "new", s.num_trials, s.family, s.scheduler, s.searcher, concurrency, resources.get("CPU", 0), sweep_root(cfg),
         )  # fmt: skip
         started = time.monotonic()
-        results = _tuner(cfg, trainable, experiment, storage_fs, concurrency, resumed).fit()
+        results = _tuner(cfg, trainable, storage_path, experiment, storage_fs, concurrency, resumed).fit()
         wall = time.monotonic() - started
     finally:
         ray.shutdown()

@@ -23,10 +23,10 @@ from gen_core.data import load_split
 from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder, psnr
 from gen_core.io import atomic_write_json
 from gen_core.latents import latent_std, reconstruct, reconstruction_grid_png
-from gen_core.metrics import fid_from_stats, inception_path, inception_stats, load_inception, load_ref_stats
+from gen_core.metrics import fid_from_stats, inception_stats, load_inception, load_inception_reference
 from gen_core.sampling import to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
-from pipelines.common import StageError, inception_progress, log, run_stage
+from pipelines.common import inception_progress, log, run_stage
 from pipelines.ray_train import RunContext, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
 from pipelines.worker import start_worker
 
@@ -131,10 +131,7 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, mlflow) -> 
 def reconstruction_fid(cfg: RunConfig, reconstruction_uint8: torch.Tensor, logger) -> dict:
     """Inception FID of (the first autoencoder.rfid_images of) the eval split's reconstructions against the whole
     eval split (ref_stats). Fewer images bias it upwards: compare it only at the same setting."""
-    reference = load_ref_stats(f"{cfg.ref_stats.out_dir}/inception.npz")
-    _, feature_sha256 = inception_path(cfg.ref_stats.inception)
-    if reference["feature_sha256"] != feature_sha256:
-        raise StageError(f"{cfg.ref_stats.out_dir}/inception.npz: made with a different Inception network; rerun ref_stats")
+    reference, _ = load_inception_reference(cfg.ref_stats.out_dir, cfg.ref_stats.inception)
     net = load_inception(cfg.ref_stats.inception)
     stats, _ = inception_stats(net, reconstruction_uint8, cfg.ref_stats.inception.batch_size, inception_progress(logger))
     return {"fid": fid_from_stats(stats.mu, stats.sigma, reference["mu"], reference["sigma"]), "fid_images": len(reconstruction_uint8)}

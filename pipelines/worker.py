@@ -54,7 +54,7 @@ class RunContext:
     run_uri: str  # this run's checkpoint directory (local path or s3://)
     data_hash: str
     git_revision: str
-    tracking_uri: str  # credentials already removed (pipelines.tracking.redact): never persisted
+    tracking_uri: str  # as configured, credentials included (workers connect with it): never written anywhere
     mlflow_run_id: str
     extra: dict  # stage-specific inputs (e.g. the autoencoder directory), plain data
     deepspeed: dict | None = None  # ray.strategy deepspeed: the config file, completed for this run
@@ -152,11 +152,9 @@ class Reporter:
         """After `step` completed steps: count the images; at log and checkpoint steps reduce the losses
         over the ranks (collective), stop on a non-finite one, and log at log steps. -> the mean losses
         at log/checkpoint steps, else None."""
-        s = self.section
-        self._window_images += s.global_batch_size
-        last = step == s.total_steps
-        is_log = step % s.log_every_steps == 0 or last
-        if not (is_log or step % s.checkpoint_every_steps == 0 or last):
+        self._window_images += self.section.global_batch_size
+        is_log = self.section.is_log_step(step)
+        if not (is_log or self.section.is_checkpoint_step(step)):
             return None
         values = self._mean_losses(step, losses)
         if is_log:
@@ -227,8 +225,7 @@ class CheckpointStore:
         self.worker, self.report = worker, report
 
     def due(self, step: int) -> bool:
-        s = self.report.section
-        return step % s.checkpoint_every_steps == 0 or step == s.total_steps
+        return self.report.section.is_checkpoint_step(step)
 
     def restore(self, parts: list[Part]) -> int:
         """Collective. Load the newest complete, readable checkpoint into `parts` -> its step, or 0."""

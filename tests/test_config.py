@@ -47,3 +47,9 @@ def test_config_is_frozen():
     cfg = RunConfig()
     with pytest.raises(Exception):
         cfg.gan.total_steps = 5
+
+
+def test_log_and_checkpoint_steps_include_the_last_step():
+    gan = load_config(REPO / "params.yaml", ["gan.total_steps=130", "gan.log_every_steps=50", "gan.checkpoint_every_steps=60"]).gan
+    assert [s for s in range(1, 131) if gan.is_log_step(s)] == [50, 100, 130]
+    assert [s for s in range(1, 131) if gan.is_checkpoint_step(s)] == [60, 120, 130]

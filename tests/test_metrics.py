@@ -97,3 +97,13 @@ def test_clean_resize_matches_clean_fid_resizer():
     ours = clean_resize(torch.from_numpy(image)[None, None])[0].numpy().transpose(1, 2, 0)
     theirs = build_resizer("clean")(np.repeat(image[..., None], 3, axis=2))
     assert ours.shape == (299, 299, 3) and np.array_equal(ours, theirs)
+
+
+def test_reference_stats_from_another_inception_network_are_refused_in_one_line(tmp_path):
+    from gen_core.metrics import FeatureNetError, load_inception_reference, save_ref_stats
+
+    stats = FeatureStats(4)
+    stats.update(np.random.default_rng(0).normal(size=(10, 4)))
+    (tmp_path / "inception.npz").write_bytes(save_ref_stats(stats, np.zeros((10, 4), np.float32), "inception-2015-12-05", "0" * 64))
+    with pytest.raises(FeatureNetError, match=r"inception.npz: made with a different Inception network; rerun ref_stats$"):
+        load_inception_reference(tmp_path, InceptionConfig())
