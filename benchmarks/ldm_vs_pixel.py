@@ -133,15 +133,15 @@ def fid_of(cfg, model_dir: Path | str, samples: int, sampler: str, steps: int) -
     model, _ = DiffusionGenerator.from_pretrained(model_dir)
     model.sampler = model.sampler.model_copy(update={"name": sampler, "num_steps": steps})
     classifier, _ = load_classifier(cfg.classifier.out_dir)
-    inception = load_inception(cfg.ref_stats.inception)
+    inception = load_inception(cfg.ref_stats.inception, precision=cfg.evaluate.active.inception_precision)
     started = time.monotonic()
     parts = features_for_indices(model, classifier, inception, np.arange(samples), cfg.evaluate.seed, cfg.evaluate.batch_size,
                                  "cpu", amp_dtype=autocast_dtype(cfg.evaluate.precision, torch.device("cpu")))  # fmt: skip
     stats = FeatureStats(2048)
     stats.update(parts["inception"].astype(np.float64))
-    reference = load_ref_stats(f"{cfg.ref_stats.out_dir}/inception.npz")
+    reference = load_ref_stats(f"{cfg.reference_dir}/inception.npz")
     result = {"fid": fid_from_stats(stats.mu, stats.sigma, reference["mu"], reference["sigma"]),
-              "class_accuracy": parts["correct"] / samples, "samples": samples, "sampler": sampler, "steps": steps,
+              "class_accuracy": float((parts["probabilities"].argmax(1) == parts["labels"]).mean()), "samples": samples, "sampler": sampler, "steps": steps,
               "seconds": time.monotonic() - started}  # fmt: skip
     print(f"[fid] {model_dir} {sampler}-{steps}: fid {result['fid']:.2f} accuracy {result['class_accuracy']:.3f} ({result['seconds']:.0f} s)", flush=True)
     return result

@@ -49,14 +49,20 @@ def train_classifier(
 
 
 @torch.no_grad()
-def classify(model: Classifier, images_uint8: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """-> (predicted labels (N,), features (N, feature_dim) float64)."""
-    predictions, features = [], []
+def classifier_outputs(model: Classifier, images_uint8: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """-> (class probabilities (N, K) float64, features (N, feature_dim) float64)."""
+    probabilities, features = [], []
     for start in range(0, len(images_uint8), batch_size):
         feats = model.features(to_unit(images_uint8[start : start + batch_size]))
         features.append(feats.double().numpy())
-        predictions.append(model.head(feats).argmax(1).numpy())
-    return np.concatenate(predictions), np.concatenate(features)
+        probabilities.append(torch.softmax(model.head(feats).double(), 1).numpy())
+    return np.concatenate(probabilities), np.concatenate(features)
+
+
+def classify(model: Classifier, images_uint8: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """-> (predicted labels (N,), features (N, feature_dim) float64)."""
+    probabilities, features = classifier_outputs(model, images_uint8, batch_size)
+    return probabilities.argmax(1), features
 
 
 def save_classifier(out_dir: str | Path, model: Classifier, meta: dict) -> None:

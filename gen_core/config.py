@@ -73,17 +73,46 @@ class InceptionConfig(_Section):
     url: str = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
     sha256: str | None = None  # required for source=url; downloads are never trusted unverified
     batch_size: int = Field(50, ge=1)
-    # bf16 autocast where the hardware runs it natively (elsewhere fp32): ~1.7x faster on an AMX CPU,
-    # features move ~2% (docs/stack.md), so such FIDs compare only among themselves; the default profile
-    # uses it to fit its budget, published numbers need false.
-    bf16: bool = True
+    # auto: ONNX Runtime for fp32 features on a CPU (2.2x torch there, same features to 1e-6), torch for
+    # bf16 and on GPUs. Precision is the evaluation protocol's (evaluate.protocols.<name>.inception_precision).
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
 
 
 class RefStatsConfig(_Section):
-    """`ref_stats`: FID reference statistics of the eval split."""
+    """`ref_stats`: reference statistics and the real-vs-real floor of the evaluation protocol in use,
+    in <out_dir>/<protocol>/."""
 
     inception: InceptionConfig = InceptionConfig()
     out_dir: str = "data/ref_stats"
+
+
+EVAL_METRIC_MODES: dict[str, str] = {
+    "fid_classifier": "min", "fid": "min", "class_accuracy": "max", "recall_classifier": "max", "recall": "max", "diversity": "max",
+}  # fmt: skip
+
+
+class TrainingEvalConfig(_Section):
+    """Evaluation during training: at every `every_steps` and at the last step (each also a checkpoint step), the EMA model's samples on fixed seeds (sample i: class i mod K, seed evaluate.seed + i),
+    spread over every rank, are measured against the protocol's reference set. The curves go to MLflow
+    and to outputs.<section>.eval_file (DVC plots); the export is the best checkpoint by `metric` (or the
+    last); `patience` stops a run after that many evaluations without improvement."""
+
+    every_steps: int | None = Field(None, ge=1)  # null: no evaluation during training
+    num_samples: int = Field(500, ge=10)
+    inception: bool = False  # also Inception FID, recall and precision (slow on a CPU: ~10 img/s)
+    metric: Literal["fid_classifier", "fid", "class_accuracy", "recall_classifier", "recall", "diversity"] = "fid_classifier"
+    export: Literal["best", "last"] = "best"
+    patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping; null: never stop early
+
+    @model_validator(mode="after")
+    def _metric_measured(self):
+        if self.metric in ("fid", "recall") and not self.inception:
+            raise ValueError(f"evaluation.metric {self.metric} needs evaluation.inception: true")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return EVAL_METRIC_MODES[self.metric]
 
 
 class TrainingConfig(_Section):
@@ -94,7 +123,7 @@ class TrainingConfig(_Section):
     # Fields that may change between a checkpoint and the run that resumes it; every other field
     # is part of the resume signature (a changed value trains afresh in a run directory of its own).
     resumable_fields: ClassVar[frozenset[str]] = frozenset(
-        {"total_steps", "checkpoint_every_steps", "checkpoints_to_keep", "log_every_steps", "sample_grid_seed"}
+        {"total_steps", "checkpoint_every_steps", "checkpoints_to_keep", "log_every_steps", "sample_grid_seed", "evaluation"}
     )
 
     total_steps: int = Field(2000, ge=1)
@@ -114,13 +143,21 @@ class TrainingConfig(_Section):
             )
         return self
 
+    def is_eval_step(self, step: int) -> bool:
+        """Whether the loop evaluates after `step` completed steps (at the last step too, when evaluating at all).
+        Generator sections (gan, ldm) have an `evaluation`; the autoencoder's own measure is its export's rFID."""
+        evaluation = getattr(self, "evaluation", None)
+        every = evaluation.every_steps if evaluation is not None else None
+        return every is not None and (step % every == 0 or step == self.total_steps)
+
     def is_log_step(self, step: int) -> bool:
         """Whether the loop logs after `step` completed steps (the last step always)."""
         return step % self.log_every_steps == 0 or step == self.total_steps
 
     def is_checkpoint_step(self, step: int) -> bool:
-        """Whether the loop checkpoints after `step` completed steps (the last step always)."""
-        return step % self.checkpoint_every_steps == 0 or step == self.total_steps
+        """Whether the loop checkpoints after `step` completed steps: every checkpoint_every_steps, every
+        evaluation step (the best evaluated step is exported from its checkpoint) and the last step."""
+        return step % self.checkpoint_every_steps == 0 or step == self.total_steps or self.is_eval_step(step)
 
     def resume_signature(self) -> dict:
         """What a checkpoint must share with this section to be resumed: every field but `resumable_fields`."""
@@ -148,6 +185,7 @@ class GanConfig(TrainingConfig):
     d_steps_per_g_step: int = Field(1, ge=1)
     ema_halflife_kimg: float = Field(10.0, gt=0)  # EMA of G: half-life in thousands of images
     ema_rampup_ratio: float | None = Field(0.05, gt=0)  # half-life <= this x images seen; null: off
+    evaluation: TrainingEvalConfig = TrainingEvalConfig(every_steps=500)  # evaluation during training
 
 
 class AutoencoderConfig(TrainingConfig):
@@ -240,6 +278,7 @@ class LdmConfig(TrainingConfig):
     global_batch_size: int = Field(128, ge=1)
     total_steps: int = Field(700, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
+    evaluation: TrainingEvalConfig = TrainingEvalConfig(every_steps=500)  # evaluation during training
 
     @model_validator(mode="after")
     def _sampler_steps(self):
@@ -256,16 +295,17 @@ class ModelOutputs(_Section):
     out_dir: str
     losses_file: str
     metrics_file: str | None = None  # train_autoencoder only: reconstruction PSNR and FID (DVC metrics)
+    eval_file: str | None = None  # gan, ldm: the evaluation-during-training curve (DVC plots; a header only when off)
 
 
 class OutputsConfig(_Section):
     """`outputs`: the training stages' locations, apart from their hyperparameters. A sweep trial or a
     benchmark derives its own with `model_copy(update=...)`."""
 
-    gan: ModelOutputs = ModelOutputs(out_dir="models/gan", losses_file="metrics/gan_losses.csv")
+    gan: ModelOutputs = ModelOutputs(out_dir="models/gan", losses_file="metrics/gan_losses.csv", eval_file="metrics/gan_eval.csv")
     autoencoder: ModelOutputs = ModelOutputs(out_dir="models/autoencoder", losses_file="metrics/autoencoder_losses.csv",
                                              metrics_file="metrics/autoencoder.json")  # fmt: skip
-    ldm: ModelOutputs = ModelOutputs(out_dir="models/ldm", losses_file="metrics/ldm_losses.csv")
+    ldm: ModelOutputs = ModelOutputs(out_dir="models/ldm", losses_file="metrics/ldm_losses.csv", eval_file="metrics/ldm_eval.csv")
 
 
 class FsdpConfig(_Section):
@@ -298,22 +338,59 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1)
 
 
-class EvaluateConfig(_Section):
-    """`evaluate`: metrics of generated samples against the eval split."""
+class ProtocolConfig(_Section):
+    """An evaluation protocol. Numbers compare only within one protocol: the gate refuses to compare a
+    candidate with a champion measured under another, and every report shows the protocol's real-vs-real
+    floor (as many real training images as it generates, against its reference set)."""
 
-    num_samples: int = Field(1000, ge=10)
+    num_samples: int = Field(ge=10)  # generated images (and real training images of the floor)
+    reference: Literal["eval", "test"] = "eval"  # eval: the prepared eval split; test: the source's whole test split
+    reference_images: int | None = Field(None, ge=10)  # null: all of the reference split; else exactly this many
+    inception_precision: Literal["fp32", "bf16"] = "fp32"  # bf16: where the hardware runs it natively, else fp32
+    resize: Literal["clean"] = "clean"  # clean-fid's `clean` mode (PIL bicubic on float images)
+
+
+def _default_protocols() -> dict:
+    return {
+        "quick": ProtocolConfig(num_samples=1000, reference="eval", reference_images=1000, inception_precision="bf16"),
+        "standard": ProtocolConfig(num_samples=10000, reference="test", reference_images=10000, inception_precision="fp32"),
+    }
+
+
+class EvaluateConfig(_Section):
+    """`evaluate`: metrics of generated samples against the protocol's reference set."""
+
+    protocol: str = "quick"  # a key of `protocols`: the protocol of the evaluate stage, the gate and ref_stats
+    protocols: dict[str, ProtocolConfig] = Field(default_factory=_default_protocols)
     batch_size: int = Field(50, ge=1)
     seed: int = 2024  # sample i uses generator seeded seed + i: independent of world size
     kid_subset_size: int = Field(100, ge=2)
     kid_subsets: int = Field(50, ge=1)
     pr_neighbors: int = Field(3, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the sampler network (Inception follows ref_stats)
-    out_dir: str = "metrics/eval"  # <out_dir>/<family>.json
+    classifier_score_splits: int = Field(10, ge=1)  # the classifier score's splits (as Inception Score's 10)
+    coverage_recall: float = Field(0.1, ge=0, le=1)  # a class counts as covered when its recall reaches this
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the sampler network (Inception follows the protocol)
+    out_dir: str = "metrics/eval"  # <out_dir>/<protocol>/<family>.json
+
+    @model_validator(mode="after")
+    def _known_protocol(self) -> "EvaluateConfig":
+        if self.protocol not in self.protocols:
+            raise ValueError(f"evaluate.protocol: '{self.protocol}' is not one of evaluate.protocols ({', '.join(self.protocols)})")
+        return self
+
+    @property
+    def active(self) -> ProtocolConfig:
+        return self.protocols[self.protocol]
 
 
 class GateConfig(_Section):
+    """The champion alias moves only when every criterion holds (and FID beats the champion's, measured
+    under the same protocol). The floors reject a collapsed model however low its FID."""
+
     model_name: str
-    fid_threshold: float = Field(150.0, gt=0)  # champion moves only at or below this, and only if better
+    fid_threshold: float = Field(150.0, gt=0)
+    recall_floor: float = Field(0.1, ge=0, le=1)  # real data reaches 0.77 under `quick`; a collapsed GAN 0.003
+    class_accuracy_floor: float = Field(0.5, ge=0, le=1)  # of the pipeline's classifier on the samples
 
 
 class RegistryConfig(_Section):
@@ -410,7 +487,8 @@ class SweepConfig(_Section):
     }
     # What a trial reports at every checkpoint (the schedulers' time unit). Inception `fid` comes only at the end.
     trial_metrics: ClassVar[dict[str, tuple[str, ...]]] = {
-        "gan": ("fid_classifier", "class_accuracy", "d_loss", "g_loss"), "ldm": ("fid_classifier", "class_accuracy", "loss"),
+        "gan": ("fid_classifier", "class_accuracy", "recall_classifier", "diversity", "d_loss", "g_loss"),
+        "ldm": ("fid_classifier", "class_accuracy", "recall_classifier", "diversity", "loss"),
     }
 
     enabled: bool = False  # the dvc `sweep` stage only runs a sweep when true
@@ -493,10 +571,17 @@ class RunConfig(_Section):
                 f"autoencoder.downsample_factor ({self.autoencoder.downsample_factor}) leaves latents under 2x2 "
                 f"at data.resolution {self.data.resolution}"
             )
-        if self.evaluate.kid_subset_size > min(self.evaluate.num_samples, self.data.eval_images):
+        protocol = self.evaluate.active
+        if protocol.reference == "eval" and (protocol.reference_images or 0) > self.data.eval_images:
             raise ValueError(
-                f"evaluate.kid_subset_size ({self.evaluate.kid_subset_size}) exceeds "
-                "evaluate.num_samples or data.eval_images"
+                f"evaluate.protocols.{self.evaluate.protocol}.reference_images ({protocol.reference_images}) exceeds "
+                f"data.eval_images ({self.data.eval_images})"
+            )
+        reference = protocol.reference_images or self.data.eval_images
+        if self.evaluate.kid_subset_size > min(protocol.num_samples, reference):
+            raise ValueError(
+                f"evaluate.kid_subset_size ({self.evaluate.kid_subset_size}) exceeds the samples or reference images "
+                f"of evaluate.protocols.{self.evaluate.protocol}"
             )
         return self
 
@@ -509,7 +594,12 @@ class RunConfig(_Section):
         return getattr(self.outputs, family).out_dir
 
     def eval_file(self, family: Family) -> str:
-        return f"{self.evaluate.out_dir}/{family}.json"
+        return f"{self.evaluate.out_dir}/{self.evaluate.protocol}/{family}.json"
+
+    @property
+    def reference_dir(self) -> str:
+        """The reference statistics and floor of the evaluation protocol in use."""
+        return f"{self.ref_stats.out_dir}/{self.evaluate.protocol}"
 
 
 # ---------------------------------------------------------------------------

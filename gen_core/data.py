@@ -309,7 +309,9 @@ def _shard_bytes(images_nchw: np.ndarray, labels: np.ndarray) -> bytes:
 
 
 def write_prepared(out_dir: str | Path, train: RawSplit, evals: RawSplit, raw: RawDataset, cfg: DataConfig) -> dict:
-    """Write shards + manifest.json into `out_dir` atomically. Returns the manifest."""
+    """Write shards + manifest.json into `out_dir` atomically. Returns the manifest. Besides train and
+    eval, a source with an official test split gets it whole as `test` (the standard evaluation
+    protocol's reference set)."""
     manifest = {
         "source": cfg.source,
         "source_uri": cfg.source_uri or DEFAULT_SOURCE_URIS.get(cfg.source),
@@ -320,7 +322,8 @@ def write_prepared(out_dir: str | Path, train: RawSplit, evals: RawSplit, raw: R
         "skipped": raw.skipped,
     }
     with atomic_directory(out_dir) as tmp:
-        for split_name, split in (("train", train), ("eval", evals)):
+        splits = [("train", train), ("eval", evals)] + ([("test", raw.eval)] if raw.eval is not None else [])
+        for split_name, split in splits:
             shards = []
             for index, start in enumerate(range(0, len(split.labels), cfg.shard_images)):
                 stop = start + cfg.shard_images

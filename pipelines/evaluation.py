@@ -1,5 +1,7 @@
-"""Evaluating an exported generator: FID, KID, classifier-feature FID, class-conditional accuracy,
-precision/recall. Used by the evaluate stage and by the sweep for its best trial.
+"""Evaluating an exported generator under an evaluation protocol (evaluate.protocols): FID, KID,
+precision/recall, classifier-feature FID, class accuracy, classifier score and the per-class metrics
+(gen_core.metrics.sample_metrics), each reported with the protocol's real-vs-real floor. Used by the
+evaluate stage and by the sweep for its best trial.
 
 The exported generator (gen_core.generators) says how it samples. Samples are generated on Ray
 workers (one task per worker, each a strided share of sample indices, streamed in batches). Sample i
@@ -8,6 +10,7 @@ uses seed `evaluate.seed + i` and class i mod K, so the metrics do not depend on
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_core.classifier import classify, load_classifier
+from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import InceptionConfig, RunConfig
 from gen_core.generators import load_image_generator, read_generator_meta
 from gen_core.io import atomic_write_json, sha256_file
 from gen_core.metrics import (
-    FeatureStats, fid_from_stats, inception_features, kid, load_inception, load_inception_reference, load_ref_stats, precision_recall,
+    inception_features, load_inception, load_inception_reference, load_ref_stats, protocol_id, sample_metrics,
 )  # fmt: skip
 from gen_core.sampling import balanced_labels, to_uint8
 from gen_core.training import autocast_dtype
@@ -32,31 +35,35 @@ from pipelines.tracking import connect, training_run
 def features_for_indices(
     generator, classifier, inception, indices: np.ndarray, seed: int, batch_size: int, device, report=None, amp_dtype=None,
 ) -> dict:  # fmt: skip
-    """Generate samples `indices` and return their Inception/classifier features and predictions."""
-    inception_feats, classifier_feats, correct = [], [], 0
+    """Generate samples `indices` -> their Inception and classifier features, classifier probabilities
+    and the classes they were generated for."""
+    inception_feats, classifier_feats, probabilities, all_labels = [], [], [], []
     num_classes = generator.num_classes
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         labels = balanced_labels(chunk, num_classes)
         images = to_uint8(generator.sample(labels, [seed + int(i) for i in chunk], device, autocast_dtype=amp_dtype).cpu())
         inception_feats.append(inception_features(inception, images).astype(np.float32))
-        predictions, feats = classify(classifier, images)
+        probs, feats = classifier_outputs(classifier, images)
         classifier_feats.append(feats.astype(np.float32))
-        correct += int((predictions == labels.numpy()).sum())
+        probabilities.append(probs)
+        all_labels.append(labels.numpy())
         if report:
             report(min(start + batch_size, len(indices)), len(indices))
     return {
-        "inception": np.concatenate(inception_feats), "classifier": np.concatenate(classifier_feats), "correct": correct,
+        "inception": np.concatenate(inception_feats), "classifier": np.concatenate(classifier_feats),
+        "probabilities": np.concatenate(probabilities), "labels": np.concatenate(all_labels), "indices": indices,
+        "inception_precision": inception.precision,
     }  # fmt: skip
 
 
-def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, indices: np.ndarray, seed: int,
-               batch_size: int, precision: str, threads: int, use_gpu: bool, worker: int) -> dict:  # fmt: skip
+def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, inception_precision: str, indices: np.ndarray,
+               seed: int, batch_size: int, precision: str, threads: int, use_gpu: bool, worker: int) -> dict:  # fmt: skip
     torch.set_num_threads(threads)
     device = torch.device("cuda" if use_gpu else "cpu")
     generator, _ = load_image_generator(generator_dir)
     classifier, _ = load_classifier(classifier_dir)
-    inception = load_inception(InceptionConfig(**inception_cfg), device)
+    inception = load_inception(InceptionConfig(**inception_cfg), device, inception_precision)
     started = time.monotonic()
 
     def report(done: int, total: int) -> None:
@@ -65,12 +72,19 @@ def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, ind
         sys.stdout.flush()
 
     amp_dtype = autocast_dtype(precision, device)
-    return features_for_indices(generator.to(device), classifier.to(device), inception, indices, seed, batch_size, device, report, amp_dtype)
+    return features_for_indices(generator.to(device), classifier, inception, indices, seed, batch_size, device, report, amp_dtype)
 
 
-def evaluate(cfg: RunConfig, family: str) -> dict:
-    """Sample the family's exported generator on Ray workers and measure it -> the metrics record,
-    also written to <evaluate.out_dir>/<family>.json and logged to the model's training run."""
+def _merge(parts: list[dict]) -> dict:
+    """The workers' strided shares back in sample order."""
+    order = np.argsort(np.concatenate([p["indices"] for p in parts]))
+    return {key: np.concatenate([p[key] for p in parts])[order] for key in ("inception", "classifier", "probabilities", "labels")}
+
+
+def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
+    """Sample the family's exported generator on Ray workers and measure it under the configured protocol
+    -> the metrics record with the protocol's floor, also written to <evaluate.out_dir>/<protocol>/<family>.json
+    and logged to the model's training run."""
     logger = log("evaluate")
     e = cfg.evaluate
     generator_dir = str(Path(cfg.generator_dir(family)).resolve())
@@ -78,49 +92,53 @@ def evaluate(cfg: RunConfig, family: str) -> dict:
     gen_meta = read_generator_meta(generator_dir)
     if gen_meta.get("family", "gan") != family:
         raise StageError(f"{generator_dir}: holds a {gen_meta.get('family')} model, not {family}")
-    ref_inception, ref_classifier, feature_sha256 = _reference_stats(cfg, classifier_dir)
+    reference, floor = reference_stats(cfg, classifier_dir)
     mlflow = connect(cfg)  # before the sampling: the results go to the model's training run
     run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
 
     parts = _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family)
-    inception_feats = np.concatenate([p["inception"] for p in parts]).astype(np.float64)
-    classifier_feats = np.concatenate([p["classifier"] for p in parts]).astype(np.float64)
-    inception_stats, classifier_stats = FeatureStats(inception_feats.shape[1]), FeatureStats(classifier_feats.shape[1])
-    inception_stats.update(inception_feats)
-    classifier_stats.update(classifier_feats)
-    precision, recall = precision_recall(ref_inception["features"], inception_feats, e.pr_neighbors)
+    used = protocol_id(e.protocol, e.active, parts[0]["inception_precision"])
+    if used != floor["protocol_id"]:
+        raise StageError(f"{cfg.reference_dir}: reference statistics are for {floor['protocol_id']}, the samples were measured as {used}; rerun ref_stats")
     metrics = {
-        "fid": fid_from_stats(inception_stats.mu, inception_stats.sigma, ref_inception["mu"], ref_inception["sigma"]),
-        "kid": kid(ref_inception["features"], inception_feats, e.kid_subsets, e.kid_subset_size, seed=e.seed),
-        "fid_classifier": fid_from_stats(classifier_stats.mu, classifier_stats.sigma, ref_classifier["mu"], ref_classifier["sigma"]),
-        "class_accuracy": sum(p["correct"] for p in parts) / e.num_samples,
-        "precision": precision,
-        "recall": recall,
-        "num_samples": e.num_samples,
-        "step": gen_meta["step"],
-        "feature_sha256": feature_sha256,
-        "family": family,
-        **sampler_settings(gen_meta),
-    }
+        **sample_metrics(reference, _merge(parts), e), "protocol": e.protocol, "protocol_id": used,
+        "floor": {k: floor[k] for k in FLOOR_KEYS}, "step": gen_meta["step"],
+        "feature_sha256": reference["inception"]["feature_sha256"], "family": family, **sampler_settings(gen_meta),
+        **({"model_uri": model_uri} if model_uri else {}),
+    }  # fmt: skip
     atomic_write_json(cfg.eval_file(family), metrics)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=gen_meta["step"])
-        mlflow.set_tag("fid_feature_sha256", feature_sha256)
-    logger.info(
-        "fid %.2f  kid %.4f  fid_classifier %.3f  class_accuracy %.3f  precision %.3f  recall %.3f  (%d samples)",
-        metrics["fid"], metrics["kid"], metrics["fid_classifier"], metrics["class_accuracy"], precision, recall, e.num_samples,
-    )  # fmt: skip
+        mlflow.set_tags({"fid_feature_sha256": metrics["feature_sha256"], "eval_protocol_id": used})
+    logger.info("%s (%s)", report_line(metrics), used)
     return metrics
 
 
-def _reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict, str]:
-    """-> (Inception reference stats, classifier reference stats, Inception sha256), checked against the
-    feature networks in use now."""
-    ref_inception, feature_sha256 = load_inception_reference(cfg.ref_stats.out_dir, cfg.ref_stats.inception)
-    ref_classifier = load_ref_stats(f"{cfg.ref_stats.out_dir}/classifier.npz")
+FLOOR_KEYS = ("fid", "kid", "precision", "recall", "fid_classifier", "class_accuracy", "classifier_score", "classes_covered", "diversity")
+
+
+def report_line(metrics: dict) -> str:
+    """The headline metrics, each with the protocol's real-vs-real floor in brackets."""
+    floor = metrics.get("floor", {})
+    fmt = {"fid": ".2f", "kid": ".4f", "fid_classifier": ".3f", "class_accuracy": ".3f", "classifier_score": ".2f",
+           "precision": ".3f", "recall": ".3f", "classes_covered": "d", "diversity": ".3f"}  # fmt: skip
+    return "  ".join(
+        f"{key} {metrics[key]:{f}}" + (f" [floor {floor[key]:{f}}]" if key in floor else "") for key, f in fmt.items() if key in metrics
+    ) + f"  ({metrics['num_samples']} samples)"
+
+
+def reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict]:
+    """-> ({"inception": ..., "classifier": ...} reference statistics, the floor record), checked against
+    the feature networks in use now."""
+    ref_inception, _ = load_inception_reference(cfg.reference_dir, cfg.ref_stats.inception)
+    ref_classifier = load_ref_stats(f"{cfg.reference_dir}/classifier.npz")
     if ref_classifier["feature_sha256"] != sha256_file(f"{classifier_dir}/classifier.safetensors"):
-        raise StageError(f"{cfg.ref_stats.out_dir}/classifier.npz: made with a different classifier; rerun ref_stats")
-    return ref_inception, ref_classifier, feature_sha256
+        raise StageError(f"{cfg.reference_dir}/classifier.npz: made with a different classifier; rerun ref_stats")
+    try:
+        floor = json.loads(Path(f"{cfg.reference_dir}/floor.json").read_text())
+    except FileNotFoundError:
+        raise StageError(f"{cfg.reference_dir}/floor.json: not found (run the ref_stats stage first)") from None
+    return {"inception": ref_inception, "classifier": ref_classifier}, floor
 
 
 def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str) -> list[dict]:
@@ -128,12 +146,13 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
     e = cfg.evaluate
     ray = init_ray(cfg)
     task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)(_eval_task)
-    workers = min(cfg.ray.num_workers, e.num_samples)
-    logger.info("generating %d %s samples on %d Ray workers", e.num_samples, family, workers)
-    all_indices = np.arange(e.num_samples)
+    num_samples = e.active.num_samples
+    workers = min(cfg.ray.num_workers, num_samples)
+    logger.info("generating %d %s samples on %d Ray workers (protocol %s)", num_samples, family, workers, e.protocol)
+    all_indices = np.arange(num_samples)
     futures = [
-        task.remote(generator_dir, classifier_dir, cfg.ref_stats.inception.model_dump(), all_indices[w::workers], e.seed,
-                    e.batch_size, e.precision, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, w)
+        task.remote(generator_dir, classifier_dir, cfg.ref_stats.inception.model_dump(), e.active.inception_precision,
+                    all_indices[w::workers], e.seed, e.batch_size, e.precision, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, w)
         for w in range(workers)
     ]  # fmt: skip
     try:

@@ -1,100 +1,153 @@
-"""In-training evaluation: metrics a run computes at each of its checkpoints (rank 0), today for
-sweep trials, which register it through RunContext.evaluation so that Tune's schedulers can rank them.
+"""Evaluation during training: one code path for every training stage (`<section>.evaluation`) and for
+sweep trials (which rank trials by it).
 
-- every checkpoint: `fid_classifier` and `class_accuracy` of `num_samples` samples at fixed seeds
-  (classifier features against ref_stats/classifier.npz): cheap enough to judge trials early;
-- the last step: also Inception `fid` on `final_samples` samples against ref_stats/inception.npz.
+At each evaluation step the EMA model's samples on fixed seeds (sample i: class i mod K, seed
+`seed + i`, as in the evaluate stage) are spread over every rank; the features come back to rank 0,
+which measures them against the protocol's reference set with gen_core.metrics.sample_metrics
+(classifier-feature FID, class accuracy, classifier-space recall, per-class diversity; Inception FID and
+recall when asked), logs the curve to MLflow, and keeps the best value by the configured metric. The
+loop records the result in its checkpoint; the best checkpoint is copied to <run>/best/ for the export;
+`patience` evaluations without improvement stop the run.
 
-Sample i has class i mod K and seed `seed + i` (as in the evaluate stage), so every trial and every
-report is judged on the same noise.
+    evaluate = checkpoint_evaluator(worker, report, store)   # None when the run asked for none
+    if evaluate and evaluate.due(step):
+        checkpoint.add_evaluation(evaluate(step, generator_on_rank_0, amp_dtype))   # collective
+    if evaluate and evaluate.stop: break
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from gen_core.classifier import classify, load_classifier
-from gen_core.config import InceptionConfig
-from gen_core.metrics import FeatureStats, fid_from_stats, inception_features, load_inception, load_ref_stats
+from gen_core.classifier import classifier_outputs, load_classifier
+from gen_core.config import EVAL_METRIC_MODES, EvaluateConfig, InceptionConfig, RunConfig
+from gen_core.metrics import inception_features, load_inception, load_ref_stats, sample_metrics
 from gen_core.sampling import balanced_labels, to_uint8
+
+SCALARS = ("fid_classifier", "class_accuracy", "classifier_score", "precision_classifier", "recall_classifier", "diversity",
+           "classes_covered", "fid_classifier_worst_class", "fid", "kid", "precision", "recall")  # fmt: skip
 
 
 @dataclass(frozen=True)
-class ProbeSpec:
-    """What a trial's workers need to compute the probe; plain data, so it travels in RunContext.evaluation."""
+class EvaluationSpec:
+    """What the workers need to evaluate; plain data, so it travels in RunContext.evaluation."""
 
     classifier_dir: str
     ref_stats_dir: str
     inception: dict
+    inception_precision: str
+    settings: dict  # EvaluateConfig fields (KID/precision-recall/classifier-score settings)
     num_samples: int
-    final_samples: int
     seed: int
-    final_step: int  # the trial's last step (a PBT interval's run ends earlier): Inception FID there
+    every_steps: int
+    final_step: int
+    use_inception: bool = False  # Inception metrics at every evaluation
+    final_inception_samples: int = 0  # sweeps: Inception FID on this many samples at final_step only
+    metric: str = "fid_classifier"
+    patience: int | None = None
     batch_size: int = 100
 
+    def due(self, step: int) -> bool:
+        return step % self.every_steps == 0 or step == self.final_step
 
-def checkpoint_evaluator(worker, report) -> Callable[[int, object, object], dict[str, float]] | None:
-    """The run's in-training evaluation, or None when it asked for none (and on ranks other than 0).
-    evaluate(step, generator, amp_dtype) -> metrics, also logged to MLflow at `step`."""
-    spec = worker.ctx.evaluation
-    if not spec or not worker.is_chief:
+
+def evaluation_spec(cfg: RunConfig, section: str) -> dict | None:
+    """The spec of `<section>.evaluation`, or None when it is off."""
+    t = getattr(cfg, section)
+    e = t.evaluation
+    if e.every_steps is None:
         return None
-    probe = Probe(spec, worker.device)
-
-    def evaluate(step: int, generator, amp_dtype) -> dict[str, float]:
-        started = time.monotonic()
-        values = probe(generator, final=step == probe.spec.final_step, amp_dtype=amp_dtype)
-        report.say(f"probe at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()) + f" ({time.monotonic() - started:.1f}s)")
-        report.log_metrics(values, step)
-        return values
-
-    return evaluate
+    return asdict(EvaluationSpec(
+        classifier_dir=cfg.classifier.out_dir, ref_stats_dir=cfg.reference_dir, inception=cfg.ref_stats.inception.model_dump(),
+        inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
+        num_samples=e.num_samples, seed=cfg.evaluate.seed, every_steps=e.every_steps, final_step=t.total_steps,
+        use_inception=e.inception, metric=e.metric, patience=e.patience,
+    ))  # fmt: skip
 
 
-class Probe:
-    def __init__(self, spec: dict, device: torch.device):
-        self.spec = ProbeSpec(**spec)
-        self.device = device
-        self.classifier = load_classifier(self.spec.classifier_dir)[0]  # small CNN: runs on CPU (gen_core.classifier.classify)
-        self.ref_classifier = load_ref_stats(f"{self.spec.ref_stats_dir}/classifier.npz")
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation's outcome, the same on every rank."""
+
+    values: dict[str, float]
+    best: dict  # {"step", "value", "since"}: the best evaluation so far and how many came after it
+    is_best: bool
+    stop: bool
+
+
+def checkpoint_evaluator(worker, report, store) -> "Evaluator | None":
+    spec = worker.ctx.evaluation
+    return Evaluator(EvaluationSpec(**spec), worker, report, store.restored_meta) if spec else None
+
+
+class Evaluator:
+    def __init__(self, spec: EvaluationSpec, worker, report, restored_meta: dict | None):
+        self.spec, self.worker, self.report = spec, worker, report
+        self.settings = EvaluateConfig.model_validate(spec.settings)
+        self.classifier = load_classifier(spec.classifier_dir)[0]  # small CNN: runs on CPU (gen_core.classifier)
+        self.reference = {"classifier": load_ref_stats(f"{spec.ref_stats_dir}/classifier.npz")}
         self._inception = None
+        self.best = (restored_meta or {}).get("evaluation_best")
+        self.stop = False
 
-    def _samples(self, generator, count: int, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = [], []
-        for start in range(0, count, self.spec.batch_size):
-            index = np.arange(start, min(start + self.spec.batch_size, count))
-            y = balanced_labels(index, generator.num_classes)
-            seeds = [self.spec.seed + int(i) for i in index]
-            images.append(to_uint8(generator.sample(y, seeds, self.device, autocast_dtype=amp_dtype).cpu()))
-            labels.append(y)
-        return torch.cat(images), torch.cat(labels)
+    def due(self, step: int) -> bool:
+        return self.spec.due(step)
+
+    @property
+    def inception(self):
+        if self._inception is None:
+            self._inception = load_inception(InceptionConfig(**self.spec.inception), self.worker.device, self.spec.inception_precision)
+            self.reference["inception"] = load_ref_stats(f"{self.spec.ref_stats_dir}/inception.npz")
+        return self._inception
 
     @torch.no_grad()
-    def __call__(self, generator, final: bool, amp_dtype=None) -> dict[str, float]:
-        images, labels = self._samples(generator, self.spec.num_samples, amp_dtype)
-        predictions, features = classify(self.classifier, images)
-        stats = FeatureStats(features.shape[1])
-        stats.update(features)
-        out = {
-            "fid_classifier": fid_from_stats(stats.mu, stats.sigma, self.ref_classifier["mu"], self.ref_classifier["sigma"]),
-            "class_accuracy": float((predictions == labels.numpy()).mean()),
-        }
-        if final:
-            out["fid"] = self.inception_fid(generator, amp_dtype)
-        return out
+    def __call__(self, step: int, generator, amp_dtype) -> Evaluation:
+        """Collective: every rank calls it; `generator` is needed on rank 0 only (the EMA model is gathered there)."""
+        started, worker, spec = time.monotonic(), self.worker, self.spec
+        generator = worker.broadcast(generator)  # the EMA model from rank 0 (ranks of one run trust each other)
+        final_inception = spec.final_inception_samples if step == spec.final_step else 0
+        count = max(spec.num_samples, final_inception)
+        mine = self._features(generator, np.arange(count)[worker.rank :: worker.world_size], amp_dtype, spec.use_inception or final_inception > 0)
+        parts = worker.all_gather(mine)  # collective
+        outcome = self._measure(step, parts, count, final_inception) if worker.is_chief else None
+        outcome = worker.broadcast(outcome)  # collective: every rank learns whether to stop
+        self.best, self.stop = outcome.best, outcome.stop
+        shown = " ".join(f"{k} {v:.4f}" for k, v in outcome.values.items() if k in ("fid", "fid_classifier", "class_accuracy", "recall_classifier", "diversity"))
+        note = " (best)" if outcome.is_best else f" (best {outcome.best['value']:.4f} at step {outcome.best['step']})"
+        self.report.say(f"evaluation at step {step}: {shown}{note} ({time.monotonic() - started:.1f}s)")
+        return outcome
 
-    def inception_fid(self, generator, amp_dtype=None) -> float:
-        if self._inception is None:
-            self._inception = (load_inception(InceptionConfig(**self.spec.inception), self.device),
-                               load_ref_stats(f"{self.spec.ref_stats_dir}/inception.npz"))  # fmt: skip
-        net, ref = self._inception
-        images, _ = self._samples(generator, self.spec.final_samples, amp_dtype)
-        feats = np.concatenate([inception_features(net, images[i : i + 50]) for i in range(0, len(images), 50)])
-        stats = FeatureStats(feats.shape[1])
-        stats.update(feats)
-        return fid_from_stats(stats.mu, stats.sigma, ref["mu"], ref["sigma"])
+    def _features(self, generator, indices: np.ndarray, amp_dtype, with_inception: bool) -> dict:
+        out = {"indices": indices, "classifier": [], "probabilities": [], "labels": [], "inception": []}
+        for start in range(0, len(indices), self.spec.batch_size):
+            chunk = indices[start : start + self.spec.batch_size]
+            labels = balanced_labels(chunk, generator.num_classes)
+            images = to_uint8(generator.sample(labels, [self.spec.seed + int(i) for i in chunk], self.worker.device, autocast_dtype=amp_dtype).cpu())
+            probabilities, feats = classifier_outputs(self.classifier, images)
+            out["classifier"].append(feats), out["probabilities"].append(probabilities), out["labels"].append(labels.numpy())
+            if with_inception:
+                out["inception"].append(inception_features(self.inception, images))
+        return {k: (np.concatenate(v) if isinstance(v, list) and v else v) for k, v in out.items()}
+
+    def _measure(self, step: int, parts: list[dict], count: int, final_inception: int) -> Evaluation:
+        order = np.argsort(np.concatenate([p["indices"] for p in parts]))
+        merged = {k: np.concatenate([p[k] for p in parts])[order] for k in ("classifier", "probabilities", "labels")}
+        cheap = {k: v[: self.spec.num_samples] for k, v in merged.items()}
+        if self.spec.use_inception:
+            cheap["inception"] = np.concatenate([p["inception"] for p in parts])[order][: self.spec.num_samples]
+        metrics = sample_metrics(self.reference, cheap, self.settings)
+        if final_inception:  # the sweep's final Inception FID on its own sample count
+            inception = np.concatenate([p["inception"] for p in parts])[order][:final_inception]
+            full = {**{k: v[:final_inception] for k, v in merged.items()}, "inception": inception}
+            metrics["fid"] = sample_metrics(self.reference, full, self.settings)["fid"]
+        values = {k: float(metrics[k]) for k in SCALARS if k in metrics}
+        self.report.log_metrics({f"during_training/{k}": v for k, v in values.items()}, step)
+        value = values[self.spec.metric]
+        better = self.best is None or (value < self.best["value"] if EVAL_METRIC_MODES[self.spec.metric] == "min" else value > self.best["value"])
+        best = {"step": step, "value": value, "since": 0} if better else {**self.best, "since": self.best["since"] + 1}
+        stop = self.spec.patience is not None and best["since"] >= self.spec.patience and step < self.spec.final_step
+        return Evaluation(values, best, better, stop)

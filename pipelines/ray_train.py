@@ -19,13 +19,14 @@ from typing import Callable
 from gen_core.checkpoint import load_checkpoint
 from gen_core.config import ModelOutputs, RunConfig
 from gen_core.data import dataset_hash, read_manifest
-from gen_core.io import atomic_directory, atomic_write_bytes, download_directory
+from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
 from pipelines.common import StageError, absolute, error_line, git_revision, log
 from pipelines.ray_env import init_ray, run_uri, storage
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import connect, tracking_uri
-from pipelines.worker import RunContext, list_checkpoints
+from pipelines.probe import evaluation_spec
+from pipelines.worker import RunContext, best_checkpoint, list_checkpoints
 
 
 # ---------------------------------------------------------------------------
@@ -60,7 +61,7 @@ class TrainingJob:
     inputs: dict = field(default_factory=dict)  # what else a checkpoint must share to be resumed (the autoencoder)
     extra: dict = field(default_factory=dict)  # stage-specific plain data for the workers (e.g. directories)
     logged_sections: tuple[str, ...] = ("data", "ray")
-    evaluation: dict | None = None  # in-training evaluation (pipelines.probe.ProbeSpec); a sweep sets it
+    evaluation: dict | None = None  # a sweep's own evaluation (pipelines.probe.EvaluationSpec); else <section>.evaluation
 
 
 def job_signature(cfg: RunConfig, job: TrainingJob, num_classes: int) -> str:
@@ -105,11 +106,36 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         context = RunContext(
             stage=job.stage, section=job.section, data_uri=data_uri, num_classes=num_classes, signature=signature,
             run_uri=run_uri(cfg, run_dir), data_hash=data_hash, git_revision=revision, tracking_uri=tracking_uri(cfg),
-            mlflow_run_id=active.info.run_id, extra=job.extra, deepspeed=deepspeed, evaluation=job.evaluation,
+            mlflow_run_id=active.info.run_id, extra=job.extra, deepspeed=deepspeed,
+            evaluation=job.evaluation or evaluation_spec(cfg, job.section),
         )  # fmt: skip
         if export_uri is None:
             export_uri = fit(cfg, job, context, run_dir, callbacks)
-        return job.export(cfg, export_uri, context, mlflow)
+        exported = _exported_checkpoint(cfg, job, context, export_uri)
+        meta = job.export(cfg, exported, context, mlflow)
+        if exported != export_uri:  # the curves run to the last step, past the best one
+            _publish_curves(getattr(cfg.outputs, job.section), export_uri)
+        return meta
+
+
+def _exported_checkpoint(cfg: RunConfig, job: TrainingJob, context: RunContext, last_uri: str) -> str:
+    """The last checkpoint, or with `<section>.evaluation.export: best` the best evaluated one."""
+    evaluation = getattr(cfg, job.section).evaluation
+    if job.evaluation is not None or evaluation.every_steps is None or evaluation.export == "last":
+        return last_uri
+    found = best_checkpoint(context.run_uri)
+    if found is None:
+        return last_uri
+    uri, record = found
+    log(job.stage).info("exporting the best evaluated checkpoint: step %d (%s %.4f)", record["step"], evaluation.metric, record["value"])
+    return uri
+
+
+def _publish_curves(outputs: ModelOutputs, checkpoint_uri: str) -> None:
+    fs, path = filesystem(checkpoint_uri)
+    atomic_write_bytes(outputs.losses_file, fs.cat_file(f"{path.rstrip('/')}/losses.csv"))
+    if outputs.eval_file:
+        atomic_write_bytes(outputs.eval_file, fs.cat_file(f"{path.rstrip('/')}/evaluation.csv"))
 
 
 def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[dict | None, str | None]:
@@ -121,6 +147,9 @@ def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[dict | None, 
         logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
         return None, None
     newest_uri, newest = checkpoints[0]
+    if newest.get("stopped_early"):
+        logger.info("run %s stopped early at step %d (evaluation patience); exporting", run_dir, newest["step"])
+        return newest, newest_uri
     if newest["step"] > total_steps:
         exact = [found for found, meta in checkpoints if meta["step"] == total_steps]
         if not exact:  # exporting the later model would record the wrong step count in dvc.lock and MLflow
@@ -197,10 +226,14 @@ def export_provenance(meta: dict, checkpoint_uri: str, context: RunContext) -> d
 
 def publish_export(outputs: ModelOutputs, local: str, mlflow, write: Callable[[Path], None]) -> None:
     """write(tmp) fills the export directory, which gets the checkpoint's samples.png and replaces
-    outputs.out_dir atomically; the loss history goes to outputs.losses_file; the checkpoint to MLflow."""
+    outputs.out_dir atomically; the loss history goes to outputs.losses_file, the evaluation curve to
+    outputs.eval_file (a header only when the run did not evaluate); the checkpoint to MLflow."""
     with atomic_directory(outputs.out_dir) as tmp:
         write(tmp)
         (tmp / "samples.png").write_bytes((Path(local) / "samples.png").read_bytes())
     atomic_write_bytes(outputs.losses_file, (Path(local) / "losses.csv").read_bytes())
+    if outputs.eval_file:
+        curve = Path(local) / "evaluation.csv"
+        atomic_write_bytes(outputs.eval_file, curve.read_bytes() if curve.exists() and curve.stat().st_size else b"step\n")
     mlflow.log_artifacts(local, artifact_path="checkpoint")
 

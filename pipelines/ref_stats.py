@@ -1,40 +1,95 @@
-"""Stage `ref_stats`: FID reference statistics of the eval split, computed once and cached by DVC.
+"""Stage `ref_stats`: the evaluation protocol's reference statistics and its real-vs-real floor,
+computed once and cached by DVC, in <ref_stats.out_dir>/<evaluate.protocol>/:
 
-Outputs <out_dir>/inception.npz and <out_dir>/classifier.npz: mu, sigma, the features themselves
-(for KID and precision/recall) and the sha256 of the feature network.
+- inception.npz, classifier.npz: mu, sigma, the features themselves (for KID, precision/recall and the
+  per-class metrics), their labels, the sha256 of the feature network and the protocol id;
+- floor.json: every metric the evaluate stage reports, measured on as many real *training* images as
+  the protocol generates (class-balanced, as the samples are) against the reference set. No generator
+  can be expected to beat it at this sample size; reports show it next to each value.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from gen_core.classifier import classify, load_classifier
+from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import RunConfig
-from gen_core.data import load_split
-from gen_core.io import atomic_write_bytes, sha256_file
-from gen_core.metrics import FeatureStats, inception_stats, load_inception, save_ref_stats
+from gen_core.data import DataError, load_split
+from gen_core.io import atomic_write_bytes, atomic_write_json, sha256_file
+from gen_core.metrics import FeatureStats, inception_stats, load_inception, protocol_id, sample_metrics, save_ref_stats
 from pipelines.common import inception_progress, log, run_stage
 
 
-def run(cfg: RunConfig) -> None:
-    logger = log("ref_stats")
-    evals = load_split(cfg.data.out_dir, "eval")
-    images = torch.from_numpy(evals.images)
-    net = load_inception(cfg.ref_stats.inception)
-    stats, feats = inception_stats(net, images, cfg.ref_stats.inception.batch_size, inception_progress(logger))
-    atomic_write_bytes(f"{cfg.ref_stats.out_dir}/inception.npz", save_ref_stats(stats, feats, "inception-2015-12-05", net.sha256))
+def reference_set(cfg: RunConfig) -> tuple[torch.Tensor, np.ndarray]:
+    """The protocol's reference images and labels: the first `reference_images` of its split."""
+    p = cfg.evaluate.active
+    split = load_split(cfg.data.out_dir, p.reference)
+    count = p.reference_images or len(split.labels)
+    if count > len(split.labels):
+        raise DataError(
+            f"evaluate.protocols.{cfg.evaluate.protocol}: needs {count} reference images, the {p.reference} split of "
+            f"{cfg.data.out_dir} has {len(split.labels)}"
+        )
+    return torch.from_numpy(split.images[:count]), split.labels[:count]
 
+
+def floor_set(cfg: RunConfig, num_classes: int) -> tuple[torch.Tensor, np.ndarray]:
+    """`num_samples` real training images, image i of class i mod K (as generated samples are), seeded."""
+    train = load_split(cfg.data.out_dir, "train")
+    rng = np.random.default_rng(cfg.evaluate.seed)
+    count = cfg.evaluate.active.num_samples
+    labels = np.arange(count) % num_classes
+    pick = np.empty(count, np.int64)
+    for c in range(num_classes):
+        members = rng.permutation(np.flatnonzero(train.labels == c))
+        wanted = np.flatnonzero(labels == c)
+        if len(members) < len(wanted):
+            raise DataError(f"evaluate.protocols.{cfg.evaluate.protocol}: the floor needs {len(wanted)} training images of class {c}, there are {len(members)}")
+        pick[wanted] = members[: len(wanted)]
+    return torch.from_numpy(train.images[pick]), labels
+
+
+def run(cfg: RunConfig) -> dict:
+    logger = log("ref_stats")
+    out = cfg.reference_dir
     classifier, _ = load_classifier(cfg.classifier.out_dir)
-    _, cls_feats = classify(classifier, images)
+    cls_sha = sha256_file(f"{cfg.classifier.out_dir}/classifier.safetensors")
+    net = load_inception(cfg.ref_stats.inception, precision=cfg.evaluate.active.inception_precision)
+    pid = protocol_id(cfg.evaluate.protocol, cfg.evaluate.active, net.precision)
+    logger.info("protocol %s (Inception %s, %s backend)", pid, net.precision, net.backend)
+
+    images, labels = reference_set(cfg)
+    stats, feats = inception_stats(net, images, cfg.ref_stats.inception.batch_size, inception_progress(logger))
+    _, cls_feats = classifier_outputs(classifier, images)
     cls_stats = FeatureStats(cls_feats.shape[1])
     cls_stats.update(cls_feats)
-    cls_sha = sha256_file(f"{cfg.classifier.out_dir}/classifier.safetensors")
-    atomic_write_bytes(f"{cfg.ref_stats.out_dir}/classifier.npz", save_ref_stats(cls_stats, cls_feats, "classifier", cls_sha))
-    logger.info("reference statistics of %d eval images -> %s", len(images), cfg.ref_stats.out_dir)
+    inception_npz = save_ref_stats(stats, feats, "inception-2015-12-05", net.sha256, labels, pid)
+    classifier_npz = save_ref_stats(cls_stats, cls_feats, "classifier", cls_sha, labels, pid)
+
+    logger.info("real-vs-real floor: %d training images", cfg.evaluate.active.num_samples)
+    real, real_labels = floor_set(cfg, int(labels.max()) + 1)
+    _, real_feats = inception_stats(net, real, cfg.ref_stats.inception.batch_size, inception_progress(logger))
+    probabilities, real_cls = classifier_outputs(classifier, real)
+    reference = {
+        "inception": {"mu": stats.mu, "sigma": stats.sigma, "features": feats.astype(np.float64), "labels": labels},
+        "classifier": {"mu": cls_stats.mu, "sigma": cls_stats.sigma, "features": cls_feats, "labels": labels},
+    }
+    generated = {"inception": real_feats, "classifier": real_cls, "probabilities": probabilities, "labels": real_labels}
+    floor = {**sample_metrics(reference, generated, cfg.evaluate), "protocol": cfg.evaluate.protocol, "protocol_id": pid,
+             "reference_images": len(labels)}  # fmt: skip
+    atomic_write_bytes(f"{out}/inception.npz", inception_npz)
+    atomic_write_bytes(f"{out}/classifier.npz", classifier_npz)
+    atomic_write_json(f"{out}/floor.json", floor)
+    logger.info(
+        "%d reference images -> %s; floor: fid %.2f  precision %.3f  recall %.3f  class_accuracy %.3f",
+        len(labels), out, floor["fid"], floor["precision"], floor["recall"], floor["class_accuracy"],
+    )  # fmt: skip
+    return floor
 
 
 def main() -> None:
-    run_stage("ref_stats", lambda cfg, args: run(cfg))
+    run_stage("ref_stats", lambda cfg, args: run(cfg) and None)
 
 
 if __name__ == "__main__":

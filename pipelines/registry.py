@@ -1,8 +1,10 @@
 """The model registry: an MLflow model version per exported generator and the gate on the `champion` alias.
 
 Each family has its own registered model (registry.<family>.model_name). The alias moves only if
-FID <= registry.<family>.fid_threshold and FID is better than the current champion's; otherwise the
-version is tagged `rejected` with the reason. Registering the same generator again reuses its version
+FID <= registry.<family>.fid_threshold, recall >= recall_floor, class accuracy >= class_accuracy_floor
+and FID is better than the current champion's, measured under the same evaluation protocol (a champion
+measured under another is not compared: one line, exit 2); otherwise the version is tagged `rejected`
+with every failed criterion. Registering the same generator again reuses its version
 (idempotent). Used by the register stage and by the sweep for its best trial.
 """
 
@@ -15,7 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gen_core.config import RunConfig
+from gen_core.config import GateConfig, RunConfig
 from gen_core.generators import generator_digest, load_image_generator, read_generator_meta, weight_files
 from gen_core.io import atomic_write_json
 from pipelines.common import REPO_ROOT, StageError
@@ -32,16 +34,36 @@ class GateDecision:
     reason: str
 
 
-def decide(fid: float, threshold: float, champion_fid: float | None) -> GateDecision:
-    """Pure gate: promote iff fid <= threshold and (no champion or strictly better than it)."""
+def decide(metrics: dict, gate: GateConfig, champion: dict | None) -> GateDecision:
+    """Pure gate: promote iff FID is finite and at or below the threshold, recall and class accuracy are at
+    or above their floors, and FID is strictly better than the champion's. The reason names every
+    criterion that failed (or, on promotion, every one that held). `champion` (its fid and protocol_id)
+    must have been measured under the candidate's protocol: comparing across protocols is refused."""
+    if champion is not None and champion.get("protocol_id") != metrics["protocol_id"]:
+        raise StageError(
+            f"gate: champion v{champion['version']} was measured under protocol {champion.get('protocol_id') or '(none recorded)'}, "
+            f"this model under {metrics['protocol_id']}: not comparable; set evaluate.protocol to the champion's, or re-evaluate the champion"
+        )
+    fid = metrics["fid"]
+    held, failed = [], []
+
+    def check(ok: bool, text: str) -> None:
+        (held if ok else failed).append(text)
+
     if not math.isfinite(fid):
-        return GateDecision(False, f"fid {fid} is not finite")
-    if fid > threshold:
-        return GateDecision(False, f"fid {fid:.2f} > threshold {threshold:.2f}")
-    if champion_fid is not None and fid >= champion_fid:
-        return GateDecision(False, f"fid {fid:.2f} is not better than champion's {champion_fid:.2f}")
-    versus = f", better than champion's {champion_fid:.2f}" if champion_fid is not None else ", no previous champion"
-    return GateDecision(True, f"fid {fid:.2f} <= threshold {threshold:.2f}{versus}")
+        check(False, f"fid {fid} is not finite")
+    else:
+        check(fid <= gate.fid_threshold, f"fid {fid:.2f} {'<=' if fid <= gate.fid_threshold else '>'} threshold {gate.fid_threshold:.2f}")
+    for key, floor in (("recall", gate.recall_floor), ("class_accuracy", gate.class_accuracy_floor)):
+        value = metrics[key]
+        check(value >= floor, f"{key} {value:.3f} {'>=' if value >= floor else '<'} floor {floor:.3f}")
+    if champion is None:
+        held.append("no previous champion")
+    elif math.isfinite(fid) and fid < champion["fid"]:
+        held.append(f"better than champion's {champion['fid']:.2f}")
+    else:
+        failed.append(f"fid {fid:.2f} is not better than champion's {champion['fid']:.2f}")
+    return GateDecision(not failed, ", ".join(failed or held))
 
 
 def load_registered_generator(model_uri: str):
@@ -85,9 +107,9 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     version = _find_version(client, gate.model_name, run_id, generator_sha256)
     if version is None:
         version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, generator_sha256)
-    for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family).items():
+    for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate).items():
         client.set_model_version_tag(gate.model_name, version.version, key, value)
-    decision = _apply_gate(client, gate, r.alias, version, metrics["fid"])
+    decision = _apply_gate(client, gate, r.alias, version, metrics)
 
     verdict = "PROMOTED" if decision.promoted else "REJECTED"
     line = f"gate: {verdict} {gate.model_name} v{version.version} -> @{r.alias}: {decision.reason}" if decision.promoted else (
@@ -95,8 +117,10 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     )
     print(line, flush=True)
     record = {
-        "model_name": gate.model_name, "version": int(version.version), "alias": r.alias, "fid": metrics["fid"],
-        "threshold": gate.fid_threshold, "run_id": run_id, **asdict(decision),
+        "model_name": gate.model_name, "version": int(version.version), "alias": r.alias, "protocol_id": metrics["protocol_id"],
+        "fid": metrics["fid"], "recall": metrics["recall"], "class_accuracy": metrics["class_accuracy"],
+        "threshold": gate.fid_threshold, "recall_floor": gate.recall_floor, "class_accuracy_floor": gate.class_accuracy_floor,
+        "run_id": run_id, **asdict(decision),
     }  # fmt: skip
     atomic_write_json(f"{r.out_dir}/{family}.json", record)
     if require_promotion and not decision.promoted:
@@ -138,18 +162,29 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
     return version
 
 
-def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: str, family: str) -> dict[str, str]:
+def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: str, family: str, gate: GateConfig) -> dict[str, str]:
+    floor = metrics.get("floor", {})
     return {
         "fid": repr(float(metrics["fid"])),  # full precision: the gate compares against it
-        "kid": f"{metrics['kid']:.6f}", "fid_classifier": f"{metrics['fid_classifier']:.6f}",
-        "class_accuracy": f"{metrics['class_accuracy']:.6f}", "data_hash": gen_meta["data_hash"],
+        **{k: f"{metrics[k]:.6f}" for k in ("kid", "fid_classifier", "class_accuracy", "precision", "recall", "classifier_score", "diversity")},
+        "classes_covered": str(metrics["classes_covered"]), "protocol": metrics["protocol"], "protocol_id": metrics["protocol_id"],
+        **{f"floor_{k}": f"{v:.6f}" for k, v in floor.items() if k in ("fid", "precision", "recall", "class_accuracy")},
+        "gate_fid_threshold": str(gate.fid_threshold), "gate_recall_floor": str(gate.recall_floor),
+        "gate_class_accuracy_floor": str(gate.class_accuracy_floor), "data_hash": gen_meta["data_hash"],
         "fid_feature_sha256": metrics["feature_sha256"], "git_revision": gen_meta["git_revision"], "step": str(gen_meta["step"]),
         "training_run_id": run_id, "generator_sha256": generator_sha256, "model_family": family,
         **{k: str(metrics[k]) for k in ("sampler", "sampler_steps", "guidance_scale") if k in metrics},
     }  # fmt: skip
 
 
-def _apply_gate(client, gate, alias: str, version, fid: float) -> GateDecision:
+def _champion_record(champion) -> dict | None:
+    if champion is None:
+        return None
+    fid = float(champion.tags["fid"]) if "fid" in champion.tags else math.inf
+    return {"version": champion.version, "fid": fid, "protocol_id": champion.tags.get("protocol_id")}
+
+
+def _apply_gate(client, gate: GateConfig, alias: str, version, metrics: dict) -> GateDecision:
     """Move the alias to `version` if the gate says so; tag the version with the outcome."""
     from mlflow.exceptions import MlflowException
 
@@ -159,8 +194,7 @@ def _apply_gate(client, gate, alias: str, version, fid: float) -> GateDecision:
         champion = None
     if champion is not None and champion.version == version.version:
         return GateDecision(True, "already champion")
-    champion_fid = float(champion.tags["fid"]) if champion is not None and "fid" in champion.tags else None
-    decision = decide(fid, gate.fid_threshold, champion_fid)
+    decision = decide(metrics, gate, _champion_record(champion))
     if decision.promoted:
         client.set_registered_model_alias(gate.model_name, alias, version.version)
         client.set_model_version_tag(gate.model_name, version.version, "gate", "promoted")

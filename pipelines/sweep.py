@@ -35,13 +35,13 @@ from pathlib import Path
 
 import yaml
 
-from gen_core.config import LR_RATIO_KEY, ConfigError, ModelOutputs, RunConfig, SearchDimension, config_from_dict
+from gen_core.config import EVAL_METRIC_MODES, LR_RATIO_KEY, ConfigError, ModelOutputs, RunConfig, SearchDimension, config_from_dict
 from gen_core.data import read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, download_directory, filesystem
 from gen_core.metrics import load_ref_stats
 from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser
 from pipelines.evaluation import evaluate
-from pipelines.probe import ProbeSpec
+from pipelines.probe import EvaluationSpec
 from pipelines.ray_env import init_ray, run_uri, storage
 from pipelines.ray_train import TrainingJob, job_signature, run_directory, train
 from pipelines.registry import register
@@ -89,6 +89,7 @@ def trial_config(cfg: RunConfig, sampled: dict, trial_id: str, total_steps: int 
     changes = {
         **family_values(cfg, sampled), "total_steps": total, "checkpoint_every_steps": min(s.report_every_steps, total),
         "log_every_steps": min(section.log_every_steps, total), "checkpoints_to_keep": max(section.checkpoints_to_keep, 2),
+        "evaluation": section.evaluation.model_copy(update={"every_steps": None}),  # the sweep's own evaluation rules a trial
         **({"global_batch_size": s.global_batch_size} if s.global_batch_size else {}),
     }  # fmt: skip
     export = f"{local_root(cfg)}/exports/{trial_id}"
@@ -158,7 +159,7 @@ def training_job(cfg: RunConfig) -> TrainingJob:
 @dataclass(frozen=True)
 class TrialSettings:
     base: dict  # RunConfig with absolute paths
-    probe: dict  # ProbeSpec
+    probe: dict  # EvaluationSpec: the trials' evaluation during training
     parent_run_id: str
 
 
@@ -286,7 +287,7 @@ def _searcher(cfg: RunConfig, concurrency: int):
 
 def _check_inputs(cfg: RunConfig) -> None:
     for name in ("classifier.npz", "inception.npz"):
-        load_ref_stats(f"{cfg.ref_stats.out_dir}/{name}")  # one line if missing (run the ref_stats stage)
+        load_ref_stats(f"{cfg.reference_dir}/{name}")  # one line if missing (run the ref_stats stage)
     if not Path(cfg.classifier.out_dir, "classifier.safetensors").exists():
         raise StageError(f"{cfg.classifier.out_dir}: no trained classifier (run the classifier stage first)")
 
@@ -354,9 +355,11 @@ def run(cfg: RunConfig) -> dict:
         resumed = tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs)
         mlflow = connect(cfg)
         parent = _parent_run(cfg, mlflow, resumed)
-        probe = ProbeSpec(
-            classifier_dir=cfg.classifier.out_dir, ref_stats_dir=cfg.ref_stats.out_dir, inception=cfg.ref_stats.inception.model_dump(),
-            num_samples=s.probe_samples, final_samples=s.final_fid_samples, seed=cfg.evaluate.seed, final_step=s.total_steps,
+        probe = EvaluationSpec(
+            classifier_dir=cfg.classifier.out_dir, ref_stats_dir=cfg.reference_dir, inception=cfg.ref_stats.inception.model_dump(),
+            inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
+            num_samples=s.probe_samples, seed=cfg.evaluate.seed, every_steps=s.report_every_steps, final_step=s.total_steps,
+            final_inception_samples=s.final_fid_samples, metric=s.metric if s.metric in EVAL_METRIC_MODES else "fid_classifier",
         )  # fmt: skip
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, settings=TrialSettings(cfg.model_dump(mode="json"), asdict(probe), parent)), TRIAL_ACTOR,

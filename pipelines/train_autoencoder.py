@@ -129,10 +129,10 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, mlflow) -> 
 
 
 def reconstruction_fid(cfg: RunConfig, reconstruction_uint8: torch.Tensor, logger) -> dict:
-    """Inception FID of (the first autoencoder.rfid_images of) the eval split's reconstructions against the whole
-    eval split (ref_stats). Fewer images bias it upwards: compare it only at the same setting."""
-    reference, _ = load_inception_reference(cfg.ref_stats.out_dir, cfg.ref_stats.inception)
-    net = load_inception(cfg.ref_stats.inception)
+    """Inception FID of (the first autoencoder.rfid_images of) the eval split's reconstructions against the
+    evaluation protocol's reference set (ref_stats). Fewer images bias it upwards: compare it only at the same setting."""
+    reference, _ = load_inception_reference(cfg.reference_dir, cfg.ref_stats.inception)
+    net = load_inception(cfg.ref_stats.inception, precision=cfg.evaluate.active.inception_precision)
     stats, _ = inception_stats(net, reconstruction_uint8, cfg.ref_stats.inception.batch_size, inception_progress(logger))
     return {"fid": fid_from_stats(stats.mu, stats.sigma, reference["mu"], reference["sigma"]), "fid_images": len(reconstruction_uint8)}
 

@@ -60,7 +60,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     start_step = store.restore([G, D])
     G.set_learning_rate(t.lr_g)  # the config's: a PBT hand-off resumes another trial's state with new rates
     D.set_learning_rate(t.lr_d)
-    evaluate = checkpoint_evaluator(worker, report)
+    evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
         f"{worker.where} ({torch.get_num_threads()} threads each), {strategy.describe()}, "
         f"{'bf16' if amp_dtype else 'fp32'}, global batch {t.global_batch_size}, steps {start_step}->{t.total_steps}"
@@ -87,10 +87,13 @@ def train_loop_per_worker(worker_config: dict) -> None:
                     recalibrate_batchnorm(G_ema, seed=t.seed)  # standing stats for the EMA weights
                     checkpoint.add_sample_grid(class_grid_png(GanGenerator(G_ema), t.sample_grid_seed, device))
                     checkpoint.add_weights({"G_ema": G_ema.state_dict()})
-                    if evaluate:
-                        checkpoint.add_evaluation(evaluate(step + 1, GanGenerator(G_ema), amp_dtype))
+                if evaluate and evaluate.due(step + 1):
+                    generator = GanGenerator(G_ema) if G_ema is not None else None
+                    checkpoint.add_evaluation(evaluate(step + 1, generator, amp_dtype))  # collective: samples on every rank
                 checkpoint.meta["generator_spec"] = g_spec.to_dict()
-    report.finished(t.total_steps - start_step)
+        if evaluate and evaluate.stop:  # `patience` evaluations without improvement
+            break
+    report.finished((step + 1 if evaluate and evaluate.stop else t.total_steps) - start_step)
 
 
 # ---------------------------------------------------------------------------

@@ -37,21 +37,25 @@ from pipelines.worker import start_worker
 # ---------------------------------------------------------------------------
 
 
+def training_data(worker, space: str) -> tuple[torch.Tensor, torch.Tensor, AutoencoderKL | None]:
+    """Cached scaled latents (checked against the autoencoder) and, on rank 0, the autoencoder that decodes
+    the sample grids (evaluation sends the whole model to the other ranks); or, in pixel space, the images."""
+    ctx = worker.ctx
+    if space == "pixel":
+        split = load_split(ctx.data_uri, "train")
+        return torch.from_numpy(split.images), torch.from_numpy(split.labels).long(), None
+    data, labels, _ = load_latents(ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
+    vae = AutoencoderKL.from_pretrained(ctx.extra["autoencoder_dir"], use_safetensors=True).to(worker.device).eval() if worker.is_chief else None
+    return data, labels, vae
+
+
 def train_loop_per_worker(worker_config: dict) -> None:
     worker, report, store = start_worker(worker_config)
     cfg, ctx, device, strategy = worker.cfg, worker.ctx, worker.device, worker.strategy
     d = cfg.ldm
     amp_dtype = worker.autocast_dtype(d.precision)
 
-    # --- data: cached scaled latents (checked against the autoencoder), or the images themselves
-    vae = None
-    if d.space == "latent":
-        data, labels, _ = load_latents(ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
-        if worker.is_chief:  # decodes the sample grids
-            vae = AutoencoderKL.from_pretrained(ctx.extra["autoencoder_dir"], use_safetensors=True).to(device).eval()
-    else:
-        split = load_split(ctx.data_uri, "train")
-        data, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels).long()
+    data, labels, vae = training_data(worker, d.space)
 
     # --- denoiser, its EMA and optimizer, wrapped by the strategy; the noise schedule
     torch.manual_seed(d.seed)
@@ -62,7 +66,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     noise_schedule = training_schedule(d.noise)
     start_step = store.restore([unet])
     unet.set_learning_rate(d.lr)  # the config's: a PBT hand-off resumes another trial's state with a new rate
-    evaluate = checkpoint_evaluator(worker, report)
+    evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
         f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
         f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
@@ -89,14 +93,16 @@ def train_loop_per_worker(worker_config: dict) -> None:
         if store.due(step + 1):
             with store.writing(step + 1, [unet], values) as checkpoint:
                 unet_ema = strategy.gather(unet, "ema")  # collective; a plain module on rank 0, None elsewhere
-                if unet_ema is not None:
-                    model = diffusion_generator(d, cfg.data, unet_ema, vae, ctx.num_classes)
+                model = diffusion_generator(d, cfg.data, unet_ema, vae, ctx.num_classes) if unet_ema is not None else None
+                if model is not None:
                     checkpoint.add_sample_grid(class_grid_png(model, d.sample_grid_seed, device))
                     checkpoint.add_weights({"unet_ema": unet_ema.state_dict()})
-                    if evaluate:
-                        checkpoint.add_evaluation(evaluate(step + 1, model, amp_dtype))
+                if evaluate and evaluate.due(step + 1):
+                    checkpoint.add_evaluation(evaluate(step + 1, model, amp_dtype))  # collective: samples on every rank
                 checkpoint.meta.update(autoencoder=ctx.extra.get("autoencoder"), unet_config=unet_config)
-    report.finished(d.total_steps - start_step)
+        if evaluate and evaluate.stop:  # `patience` evaluations without improvement
+            break
+    report.finished((step + 1 if evaluate and evaluate.stop else d.total_steps) - start_step)
 
 
 # ---------------------------------------------------------------------------

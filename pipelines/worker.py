@@ -3,13 +3,15 @@
     worker, report, store = start_worker(worker_config)  # rank, device, strategy; MLflow reporting; checkpoints
     G = worker.strategy.wrap(...)
     start_step = store.restore([G, D])                   # newest readable checkpoint in storage, or 0
-    evaluate = checkpoint_evaluator(worker, report)      # None unless the run asked for in-training evaluation
+    evaluate = checkpoint_evaluator(worker, report, store)  # None unless the run evaluates during training
     for step in ...:
         ...                                              # the family's own step
         values = report.step_done(step + 1, losses)      # loss reduce + NaN check at log/checkpoint steps
         if store.due(step + 1):
             with store.writing(step + 1, [G, D], values) as checkpoint:
                 ...                                      # gather EMA, sample grid, weights, evaluate
+        if evaluate and evaluate.stop:                   # patience ran out
+            break
     report.finished(...)
 
 Every loop shows its log, evaluate and checkpoint steps in order; nothing runs through callbacks.
@@ -38,6 +40,7 @@ from gen_core.config import RunConfig, TrainingConfig
 from gen_core.io import download_directory, filesystem
 from gen_core.training import autocast_dtype
 from pipelines.common import format_duration
+from pipelines.probe import Evaluation
 from pipelines.strategy import Part, Strategy, build_strategy, check_resumable
 from pipelines.tracking import persisted_config
 
@@ -223,6 +226,8 @@ class CheckpointStore:
 
     def __init__(self, worker: Worker, report: Reporter):
         self.worker, self.report = worker, report
+        self.restored_meta: dict | None = None  # meta.json of the checkpoint restore() loaded
+        self.eval_history: list[dict] = []  # the evaluations during training so far (evaluation.csv)
 
     def due(self, step: int) -> bool:
         return self.report.section.is_checkpoint_step(step)
@@ -242,12 +247,13 @@ class CheckpointStore:
                     worker.strategy.load_parts(parts, Path(directory))
                     load_rng(Path(directory), worker.rank)
                     history = read_history(Path(directory))
+                    eval_history = read_history(Path(directory), "evaluation.csv")
                 except CheckpointError as err:  # e.g. a copy cut short by the failure itself
                     error = str(err)
             if not worker.all_ok(not error):
                 self.report.say(f"skipping unreadable checkpoint {uri}: {error or 'another rank could not read it'}")
                 continue
-            self.report.history = history
+            self.report.history, self.eval_history, self.restored_meta = history, eval_history, meta
             self.report.resumed(meta)
             return int(meta["step"])
         return 0
@@ -265,8 +271,11 @@ class CheckpointStore:
             worker.strategy.save_parts(parts, checkpoint.directory)
             save_rng(checkpoint.directory, worker.rank)
             yield checkpoint
+            if checkpoint.evaluation is not None:
+                self.eval_history.append({"step": step, **checkpoint.evaluation.values})
             if worker.is_chief:
                 (checkpoint.directory / "losses.csv").write_text(history_csv(self.report.history))
+                (checkpoint.directory / "evaluation.csv").write_text(history_csv(self.eval_history))
             files = worker.all_gather(checkpoint.files())
             if worker.is_chief:
                 write_meta(checkpoint.directory, self._meta(checkpoint, files))
@@ -275,6 +284,8 @@ class CheckpointStore:
             has_files = any(checkpoint.directory.iterdir())
             ray.train.report({"step": step, **checkpoint.metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
                              checkpoint_dir_name=f"checkpoint_{step:07d}")  # fmt: skip
+            if worker.is_chief and checkpoint.evaluation is not None and checkpoint.evaluation.is_best:
+                keep_best(worker.ctx.run_uri, checkpoint.directory, step, checkpoint.evaluation.best["value"])
         self.report.say(f"checkpoint at step {step} ({time.monotonic() - started:.1f}s)")
 
     def _meta(self, checkpoint: "CheckpointWriter", files: list[dict]) -> dict:
@@ -296,6 +307,7 @@ class CheckpointWriter:
     metrics: dict[str, float]  # reported with the checkpoint (Tune's schedulers compare these)
     meta: dict = field(default_factory=dict)  # extras for meta.json (e.g. the generator spec)
     grid: bytes | None = None
+    evaluation: Evaluation | None = None
 
     def add_weights(self, state_dicts: dict[str, dict]) -> None:
         """Rank 0: the plain weights that exports read (weights.safetensors)."""
@@ -306,11 +318,14 @@ class CheckpointWriter:
         self.grid = png
         (self.directory / "samples.png").write_bytes(png)
 
-    def add_evaluation(self, values: dict[str, float]) -> None:
-        """Rank 0: in-training evaluation metrics, reported with the checkpoint and kept in its meta."""
-        if values:
-            self.metrics.update(values)
-            self.meta["evaluation"] = dict(self.metrics)
+    def add_evaluation(self, evaluation: Evaluation) -> None:
+        """Every rank: the evaluation at this step, reported with the checkpoint (Tune's schedulers read
+        it) and kept in its meta with the best so far; the best checkpoint is also copied to <run>/best/."""
+        self.evaluation = evaluation
+        self.metrics.update(evaluation.values)
+        self.meta.update(evaluation=evaluation.values, evaluation_best=evaluation.best)
+        if evaluation.stop:
+            self.meta["stopped_early"] = True
 
     def files(self) -> dict[str, int]:
         return {str(p.relative_to(self.directory)): p.stat().st_size for p in self.directory.rglob("*") if p.is_file()}
@@ -340,6 +355,37 @@ def list_checkpoints(run_uri: str) -> list[tuple[str, dict]]:
     return sorted(found, key=lambda item: item[1]["step"], reverse=True)
 
 
+BEST_FILES = ("weights.safetensors", "meta.json", "samples.png", "losses.csv", "evaluation.csv")
+
+
+def keep_best(run_uri: str, directory: Path, step: int, value: float) -> None:
+    """Rank 0: copy what an export reads of the checkpoint in `directory` to <run_uri>/best/checkpoint_<step>,
+    then point best/best.json at it (written last: a copy cut short is never pointed at) and drop older copies.
+    Ray keeps only the newest checkpoints_to_keep checkpoints; the best one may be older."""
+    fs, path = filesystem(run_uri)
+    best = f"{path.rstrip('/')}/best"
+    target = f"{best}/checkpoint_{step:07d}"
+    fs.makedirs(target, exist_ok=True)  # local storage; a no-op on object stores
+    for name in BEST_FILES:
+        if (directory / name).exists():
+            fs.put_file(str(directory / name), f"{target}/{name}")
+    with fs.open(f"{best}/best.json", "w") as handle:
+        handle.write(json.dumps({"step": step, "value": value, "checkpoint": f"checkpoint_{step:07d}"}))
+    for entry in fs.ls(best, detail=False):
+        if entry.rstrip("/").split("/")[-1].startswith("checkpoint_") and not entry.rstrip("/").endswith(f"checkpoint_{step:07d}"):
+            fs.rm(entry, recursive=True)
+
+
+def best_checkpoint(run_uri: str) -> tuple[str, dict] | None:
+    """(uri, best.json) of the best evaluated checkpoint kept by keep_best, or None."""
+    fs, path = filesystem(run_uri)
+    pointer = f"{path.rstrip('/')}/best/best.json"
+    if not fs.exists(pointer):
+        return None
+    record = json.loads(fs.cat_file(pointer))
+    return f"{run_uri.rstrip('/')}/best/{record['checkpoint']}", record
+
+
 def history_csv(history: list[dict]) -> str:
     if not history:
         return ""
@@ -350,8 +396,8 @@ def history_csv(history: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def read_history(directory: Path) -> list[dict]:
-    path = directory / "losses.csv"
+def read_history(directory: Path, name: str = "losses.csv") -> list[dict]:
+    path = directory / name
     if not path.exists() or not path.read_text().strip():
         return []
     return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(path.read_text().splitlines())]

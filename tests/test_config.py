@@ -53,3 +53,15 @@ def test_log_and_checkpoint_steps_include_the_last_step():
     gan = load_config(REPO / "params.yaml", ["gan.total_steps=130", "gan.log_every_steps=50", "gan.checkpoint_every_steps=60"]).gan
     assert [s for s in range(1, 131) if gan.is_log_step(s)] == [50, 100, 130]
     assert [s for s in range(1, 131) if gan.is_checkpoint_step(s)] == [60, 120, 130]
+
+
+def test_evaluation_steps_are_checkpoint_steps():
+    """The best evaluated step is exported from its checkpoint, so every evaluation step checkpoints,
+    whatever checkpoint_every_steps says; evaluation off changes nothing."""
+    from gen_core.config import GanConfig
+
+    section = GanConfig(total_steps=100, checkpoint_every_steps=40, evaluation={"every_steps": 30})
+    assert [s for s in range(1, 101) if section.is_eval_step(s)] == [30, 60, 90, 100]
+    assert [s for s in range(1, 101) if section.is_checkpoint_step(s)] == [30, 40, 60, 80, 90, 100]
+    off = GanConfig(total_steps=100, checkpoint_every_steps=40, evaluation={"every_steps": None})
+    assert [s for s in range(1, 101) if off.is_checkpoint_step(s)] == [40, 80, 100] and not any(map(off.is_eval_step, range(101)))

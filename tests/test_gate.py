@@ -2,22 +2,71 @@ import math
 
 import pytest
 
+from gen_core.config import GateConfig
+from pipelines.common import StageError
 from pipelines.registry import decide
+
+QUICK = "quick:1000-vs-eval1000:inception-fp32:clean"
+GATE = GateConfig(model_name="m", fid_threshold=50.0, recall_floor=0.1, class_accuracy_floor=0.5)
+
+
+def candidate(fid: float, recall: float = 0.5, class_accuracy: float = 0.9, protocol_id: str = QUICK) -> dict:
+    return {"fid": fid, "recall": recall, "class_accuracy": class_accuracy, "protocol_id": protocol_id}
+
+
+def champion(fid: float, protocol_id: str | None = QUICK) -> dict:
+    return {"version": "3", "fid": fid, "protocol_id": protocol_id}
 
 
 @pytest.mark.parametrize(
-    ("fid", "threshold", "champion", "promoted", "reason"),
+    ("metrics", "champ", "promoted", "reason"),
     [
-        (40.0, 50.0, None, True, "fid 40.00 <= threshold 50.00, no previous champion"),
-        (50.0, 50.0, None, True, "fid 50.00 <= threshold 50.00"),  # at the threshold passes
-        (50.01, 50.0, None, False, "fid 50.01 > threshold 50.00"),
-        (30.0, 50.0, 35.0, True, "better than champion's 35.00"),
-        (35.0, 50.0, 35.0, False, "not better than champion's 35.00"),  # ties keep the champion
-        (40.0, 50.0, 35.0, False, "not better than champion's 35.00"),
-        (math.nan, 50.0, None, False, "not finite"),
+        (candidate(40.0), None, True, "fid 40.00 <= threshold 50.00, recall 0.500 >= floor 0.100, class_accuracy 0.900 >= floor 0.500, no previous champion"),
+        (candidate(50.0), None, True, "fid 50.00 <= threshold 50.00"),  # at the threshold passes
+        (candidate(50.01), None, False, "fid 50.01 > threshold 50.00"),
+        (candidate(30.0), champion(35.0), True, "better than champion's 35.00"),
+        (candidate(35.0), champion(35.0), False, "not better than champion's 35.00"),  # ties keep the champion
+        (candidate(40.0), champion(35.0), False, "not better than champion's 35.00"),
+        (candidate(math.nan), None, False, "not finite"),
+        (candidate(40.0, recall=0.1), None, True, "recall 0.100 >= floor 0.100"),  # at the floor passes
+        (candidate(40.0, class_accuracy=0.49), None, False, "class_accuracy 0.490 < floor 0.500"),
     ],
 )
-def test_gate_decision(fid, threshold, champion, promoted, reason):
-    decision = decide(fid, threshold, champion)
+def test_gate_decision(metrics, champ, promoted, reason):
+    decision = decide(metrics, GATE, champ)
     assert decision.promoted is promoted
     assert reason in decision.reason
+
+
+def test_a_collapsed_model_is_rejected_however_good_its_fid():
+    """Today's champions had recall 0.003 (per-class mode collapse) with FIDs under the threshold."""
+    decision = decide(candidate(20.0, recall=0.003), GATE, champion(35.0))
+    assert not decision.promoted
+    assert decision.reason == "recall 0.003 < floor 0.100"
+
+
+def test_every_failed_criterion_is_named():
+    decision = decide(candidate(80.0, recall=0.003, class_accuracy=0.2), GATE, champion(35.0))
+    assert not decision.promoted
+    assert decision.reason == (
+        "fid 80.00 > threshold 50.00, recall 0.003 < floor 0.100, class_accuracy 0.200 < floor 0.500, "
+        "fid 80.00 is not better than champion's 35.00"
+    )
+
+
+@pytest.mark.parametrize("champion_protocol", ["standard:10000-vs-test10000:inception-fp32:clean", None])
+def test_the_gate_refuses_to_compare_across_protocols_in_one_line(champion_protocol):
+    with pytest.raises(StageError) as err:
+        decide(candidate(10.0), GATE, champion(35.0, champion_protocol))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("gate: champion v3 was measured under protocol")
+    assert QUICK in message and "not comparable" in message
+
+
+def test_default_gates_reject_the_collapsed_champions_of_the_default_run():
+    """The shipped thresholds: the default run's champions (recall 0.003) must not pass either family's gate."""
+    from gen_core.config import load_config
+
+    registry = load_config("params.yaml").registry
+    for gate in (registry.gan, registry.ldm):
+        assert not decide(candidate(gate.fid_threshold / 2, recall=0.003), gate, None).promoted

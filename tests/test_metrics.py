@@ -6,7 +6,7 @@ from PIL import Image
 from gen_core.config import InceptionConfig
 from gen_core.metrics import (
     INCEPTION_SHA256, FeatureNetError, FeatureStats, clean_resize, fid_from_stats, inception_features, inception_path, kid,
-    load_inception, precision_recall,
+    classifier_score, load_inception, per_class_metrics, precision_recall, sample_metrics,
 )  # fmt: skip
 
 
@@ -90,13 +90,32 @@ def test_fid_agrees_with_clean_fid(tmp_path, inception, real_digits):
     assert value > 10  # two different digits are far apart: the check is not vacuous
 
 
-def test_clean_resize_matches_clean_fid_resizer():
+@pytest.mark.parametrize("shape", [(20, 1, 28, 28), (20, 3, 32, 32), (4, 3, 64, 48), (3, 1, 320, 320)], ids=str)
+def test_clean_resize_matches_clean_fid_resizer(shape):
+    """The batched two-pass resize against clean-fid's per-image PIL one, upscaling and downscaling: equal
+    but for float64 summation order, which may move a value by one float32 ulp (<= 2**-15 at 255)."""
     from cleanfid.resize import build_resizer
 
-    image = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)
-    ours = clean_resize(torch.from_numpy(image)[None, None])[0].numpy().transpose(1, 2, 0)
-    theirs = build_resizer("clean")(np.repeat(image[..., None], 3, axis=2))
-    assert ours.shape == (299, 299, 3) and np.array_equal(ours, theirs)
+    images = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    resize = build_resizer("clean")
+    theirs = np.stack([resize(np.repeat(im, 3, 0).transpose(1, 2, 0) if im.shape[0] == 1 else im.transpose(1, 2, 0))
+                       for im in images]).transpose(0, 3, 1, 2)  # fmt: skip
+    ours = clean_resize(torch.from_numpy(images)).numpy()
+    assert ours.shape == (shape[0], 3, 299, 299) and ours.dtype == np.float32
+    assert np.abs(ours - theirs).max() <= 2**-15
+    assert (ours != theirs).mean() < 1e-5
+
+
+def test_onnxruntime_backend_gives_the_torch_features():
+    """The same checksummed graph on both backends: a pure re-execution, equal to float32 rounding."""
+    torch.set_num_threads(2)
+    cfg = InceptionConfig()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 1, 32, 32), dtype=np.uint8))
+    torch_net = load_inception(cfg.model_copy(update={"backend": "torch"}))
+    onnx_net = load_inception(cfg.model_copy(update={"backend": "onnxruntime"}))
+    assert (torch_net.backend, onnx_net.backend, onnx_net.precision) == ("torch", "onnxruntime", "fp32")
+    a, b = inception_features(torch_net, images), inception_features(onnx_net, images)
+    assert np.abs(a - b).max() / np.abs(a).max() < 1e-5 and np.abs(a).max() > 0.1
 
 
 def test_reference_stats_from_another_inception_network_are_refused_in_one_line(tmp_path):
@@ -107,3 +126,55 @@ def test_reference_stats_from_another_inception_network_are_refused_in_one_line(
     (tmp_path / "inception.npz").write_bytes(save_ref_stats(stats, np.zeros((10, 4), np.float32), "inception-2015-12-05", "0" * 64))
     with pytest.raises(FeatureNetError, match=r"inception.npz: made with a different Inception network; rerun ref_stats$"):
         load_inception_reference(tmp_path, InceptionConfig())
+
+
+def test_classifier_score_spans_one_to_the_class_count():
+    confident = np.eye(10)[np.arange(1000) % 10]  # every class, each sample certain of its own
+    assert classifier_score(confident, 10) == pytest.approx(10.0, rel=1e-6)
+    one_class = np.eye(10)[np.zeros(1000, int)]  # collapsed onto one class
+    assert classifier_score(one_class, 10) == pytest.approx(1.0, rel=1e-6)
+    unsure = np.full((1000, 10), 0.1)
+    assert classifier_score(unsure, 10) == pytest.approx(1.0, rel=1e-6)
+
+
+def _settings(**kw):
+    from gen_core.config import EvaluateConfig
+
+    return EvaluateConfig(**{"kid_subset_size": 50, "kid_subsets": 5, **kw})
+
+
+def _blobs(rng, per_class: int, classes: int = 4, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    centres = np.arange(classes)[:, None] * 4.0 * np.ones(dim)
+    labels = np.arange(per_class * classes) % classes
+    return centres[labels] + rng.normal(size=(len(labels), dim)), labels
+
+
+def test_per_class_metrics_see_a_collapsed_class_that_overall_metrics_hide():
+    """Class 2's samples are one point: overall precision stays high, but class 2's recall and diversity
+    drop to ~0 and its FID stands out."""
+    rng = np.random.default_rng(0)
+    real, real_labels = _blobs(rng, 50)
+    fake, fake_labels = _blobs(rng, 50)
+    fake[fake_labels == 2] = fake[fake_labels == 2][0] + 1e-3 * rng.normal(size=fake[fake_labels == 2].shape)
+    out = per_class_metrics(real, real_labels, fake, fake_labels, 4, k=3)
+    assert out["recall"][2] < 0.1 < 0.5 < min(out["recall"][i] for i in (0, 1, 3))
+    assert out["diversity"][2] < 0.01 and all(0.8 < out["diversity"][i] < 1.25 for i in (0, 1, 3))
+    assert out["fid"][2] > 5 * max(out["fid"][i] for i in (0, 1, 3))
+
+
+def test_sample_metrics_of_real_data_against_itself_is_a_floor_and_of_collapse_is_not():
+    rng = np.random.default_rng(1)
+    ref_feats, ref_labels = _blobs(rng, 60)
+    stats = {"mu": ref_feats.mean(0), "sigma": np.cov(ref_feats, rowvar=False), "features": ref_feats, "labels": ref_labels}
+    reference = {"inception": stats, "classifier": stats}
+    real, labels = _blobs(rng, 60)
+    probabilities = np.eye(4)[labels] * 0.9 + 0.025
+    floor = sample_metrics(reference, {"inception": real, "classifier": real, "probabilities": probabilities, "labels": labels}, _settings())
+    collapsed = real.copy()
+    for c in range(4):  # every class collapsed to one sample: the per-class mode collapse of the default run's GANs
+        collapsed[labels == c] = real[labels == c][0]
+    bad = sample_metrics(reference, {"inception": collapsed, "classifier": collapsed, "probabilities": probabilities, "labels": labels}, _settings())
+    assert floor["recall"] > 0.7 and floor["classes_covered"] == 4 and floor["class_accuracy"] == 1.0
+    assert bad["recall"] < 0.05 and bad["classes_covered"] == 0 and bad["diversity"] < 0.01 and bad["fid"] > floor["fid"]
+    assert floor["classifier_score"] == bad["classifier_score"]  # the classifier score alone cannot see collapse
+    assert floor["num_samples"] == 240 and floor["per_class_features"] == "inception"

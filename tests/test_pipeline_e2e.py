@@ -12,14 +12,15 @@ import pytest
 from tests.conftest import copy_project, run_cli, subprocess_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
+NO_FLOORS = {"recall_floor": 0.0, "class_accuracy_floor": 0.0}  # 20-step models: the floors are tested in test_gate.py
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, mlflow_server):
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
     write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"}, ray={"strategy": "fsdp"},
-                                      registry={"gan": {"model_name": "tiny-gan", "fid_threshold": 1000.0},
-                                                "ldm": {"model_name": "tiny-ldm", "fid_threshold": 1000.0}}))  # fmt: skip
+                                      registry={"gan": {"model_name": "tiny-gan", "fid_threshold": 1000.0, **NO_FLOORS},
+                                                "ldm": {"model_name": "tiny-ldm", "fid_threshold": 1000.0, **NO_FLOORS}}))  # fmt: skip
     result = run_cli(["dvc", "repro"], project, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return project, result
@@ -27,19 +28,25 @@ def pipeline(tmp_path_factory, mlflow_server):
 
 def test_repro_writes_every_declared_output(pipeline):
     project, result = pipeline
-    for path in ("data/prepared/manifest.json", "models/classifier/classifier.safetensors", "data/ref_stats/inception.npz",
-                 "data/ref_stats/classifier.npz", "models/gan/generator.safetensors", "metrics/gan_losses.csv",
+    for path in ("data/prepared/manifest.json", "models/classifier/classifier.safetensors", "data/ref_stats/quick/inception.npz",
+                 "data/ref_stats/quick/classifier.npz", "data/ref_stats/quick/floor.json", "models/gan/generator.safetensors", "metrics/gan_losses.csv",
                  "models/autoencoder/diffusion_pytorch_model.safetensors", "metrics/autoencoder.json",
                  "data/latents/latents.safetensors", "models/ldm/unet/diffusion_pytorch_model.safetensors",
                  "models/ldm/vae/config.json", "models/ldm/scheduler/scheduler_config.json", "metrics/ldm_losses.csv",
-                 "metrics/eval/gan.json", "metrics/eval/ldm.json", "metrics/register/gan.json", "metrics/register/ldm.json",
+                 "metrics/eval/quick/gan.json", "metrics/eval/quick/ldm.json", "metrics/register/gan.json", "metrics/register/ldm.json",
                  "dvc.lock"):  # fmt: skip
         assert (project / path).exists(), path
     for family in ("gan", "ldm"):
-        metrics = json.loads((project / f"metrics/eval/{family}.json").read_text())
-        assert set(metrics) >= {"fid", "kid", "fid_classifier", "class_accuracy", "precision", "recall"}
+        metrics = json.loads((project / f"metrics/eval/quick/{family}.json").read_text())
+        assert set(metrics) >= {"fid", "kid", "fid_classifier", "class_accuracy", "precision", "recall", "classifier_score",
+                                "recall_per_class", "classes_covered", "diversity_per_class", "fid_classifier_per_class"}
         assert metrics["family"] == family and 0 < metrics["fid"] < 1000 and 0 <= metrics["class_accuracy"] <= 1
-    assert json.loads((project / "metrics/eval/ldm.json").read_text())["sampler"] == "dpmsolver++"
+        assert metrics["protocol"] == "quick" and metrics["protocol_id"].startswith("quick:60-vs-eval100:inception-")
+        assert len(metrics["recall_per_class"]) == 10 and 1 <= metrics["classifier_score"] <= 10
+        floor = json.loads((project / "data/ref_stats/quick/floor.json").read_text())
+        assert metrics["floor"]["fid"] == floor["fid"] and floor["protocol_id"] == metrics["protocol_id"]
+        assert floor["fid"] < metrics["fid"] and floor["class_accuracy"] > 0.8  # real images: the classifier knows them
+    assert json.loads((project / "metrics/eval/quick/ldm.json").read_text())["sampler"] == "dpmsolver++"
     autoencoder = json.loads((project / "metrics/autoencoder.json").read_text())
     assert autoencoder["psnr_db"] > 5 and autoencoder["fid"] > 0 and autoencoder["scaling_factor"] > 0
     losses = (project / "metrics/gan_losses.csv").read_text().splitlines()
@@ -47,6 +54,7 @@ def test_repro_writes_every_declared_output(pipeline):
     assert (project / "metrics/ldm_losses.csv").read_text().splitlines()[0] == "step,loss,img_per_s"
     assert result.stdout.count("2 worker(s) on cpu, fsdp (shard block") == 2  # train_autoencoder, train_ldm
     assert "2 worker(s) on cpu (1 threads each), fsdp (shard block" in result.stdout  # train_gan
+    assert "[floor " in result.stdout  # every report shows the floor next to the value
     assert "gate: PROMOTED tiny-gan v1 -> @champion" in result.stdout
     assert "gate: PROMOTED tiny-ldm v1 -> @champion" in result.stdout
     shown = run_cli(["dvc", "metrics", "show", "--json"], project)
@@ -69,7 +77,8 @@ def test_champion_loads_and_generates(pipeline, mlflow_server):
     again = to_uint8(G.sample(torch.tensor([0, 3, 9]), [1, 2, 3])).numpy()
     assert np.array_equal(images, again)
     version = mlflow.MlflowClient().get_model_version_by_alias("tiny-gan", "champion")
-    assert {"fid", "data_hash", "fid_feature_sha256", "gate"} <= set(version.tags) and version.tags["gate"] == "promoted"
+    assert {"fid", "recall", "protocol_id", "floor_fid", "gate_recall_floor", "data_hash", "fid_feature_sha256", "gate"} <= set(version.tags)
+    assert version.tags["gate"] == "promoted"
 
 
 def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline, mlflow_server):

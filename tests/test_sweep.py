@@ -25,7 +25,7 @@ def sweep_params(root: Path, **sweep) -> dict:
     params = tiny_params(
         data={"out_dir": str(root / "prepared")}, classifier={"out_dir": str(root / "classifier"), "metrics_file": str(root / "classifier.json")},
         ref_stats={"out_dir": str(root / "ref_stats")},
-        registry={"gan": {"fid_threshold": 10_000.0}},  # tiny models: the gate itself is tested elsewhere
+        registry={"gan": {"fid_threshold": 10_000.0, "recall_floor": 0.0, "class_accuracy_floor": 0.0}},  # tiny models: the gate itself is tested elsewhere
     )  # fmt: skip
     params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
     params["sweep"] = {
@@ -108,7 +108,7 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
     # the best model went through the same evaluate + gate as any version, and is the champion now
     decision = json.loads((out / "register" / "gan.json").read_text())
     assert decision["promoted"] and decision["version"] == record["model_version"]
-    assert json.loads((out / "eval" / "gan.json").read_text())["num_samples"] == 60
+    assert json.loads((out / "eval" / "quick" / "gan.json").read_text())["num_samples"] == 60
 
     # MLflow: one parent run, one child run per trial with its params and metric curve
     import mlflow

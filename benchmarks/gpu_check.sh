@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with one CUDA GPU, in at most ~8 minutes, a short training of each family
+# (gan, autoencoder, ldm) under ddp, fsdp and deepspeed (ZeRO-2), the img/s of each, Inception img/s
+# (torch fp32 and bf16 on the GPU), and the evaluate stage of both families; then one table.
+#
+#   benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
+#   benchmarks/gpu_check.sh --dry-run  # anywhere: syntax, the overlay validates, every command's --help parses
+#
+# It works in a copy of the tracked files under $WORK (default: a temp dir; $OUT/gpu_check when $OUT is
+# set), with the tiny profile's data and models but GPU-sized step counts, so nothing in the checkout
+# changes. Each row says ok or FAILED with the log file to read.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
+PY=$(command -v "${PYTHON:-python}"); [[ "$PY" = /* ]] || PY="$PWD/$PY"  # absolute: the check runs in a copy
+WORK=${WORK:-${OUT:+$OUT/gpu_check}}
+WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$WORK"
+STEPS=${GPU_CHECK_STEPS:-300}
+
+git ls-files -z | xargs -0 -I{} cp --parents {} "$WORK/" 2>/dev/null || rsync -a --exclude .git ./ "$WORK/"
+cd "$WORK"
+cat > gpu.yaml <<EOF
+# gpu_check overlay (over profiles/tiny.yaml): one GPU worker, GPU-sized batches, short runs
+ray: {num_workers: 1, use_gpu: true, cpus_per_worker: 4}
+gan: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50}
+autoencoder: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50}
+ldm: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50}
+tracking: {tracking_uri: "sqlite:///$WORK/mlflow.db"}
+EOF
+ARGS=(--overlay profiles/tiny.yaml --overlay gpu.yaml)
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true
+
+if [ "$DRY" = 1 ]; then
+  bash -n "$OLDPWD/benchmarks/gpu_check.sh" || exit 1
+  $PY -c "from gen_core.config import load_config; c = load_config('params.yaml', overlays=['profiles/tiny.yaml', 'gpu.yaml']); \
+assert c.ray.use_gpu and c.gan.total_steps == $STEPS; print('overlay ok')" || exit 1
+  for stage in prepare classifier ref_stats train_gan train_autoencoder encode_latents train_ldm evaluate; do
+    $PY -m pipelines.$stage --help >/dev/null || { echo "pipelines.$stage --help failed"; exit 1; }
+  done
+  echo "dry run ok: would run in $WORK: prepare, classifier, ref_stats; train_{gan,autoencoder,ldm} x {ddp,fsdp,deepspeed};"
+  echo "Inception img/s (torch fp32/bf16 on cuda); evaluate --family gan|ldm"
+  exit 0
+fi
+
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run with --dry-run')" || exit 1
+ROWS=()
+step() {  # step NAME LOG CMD...: run, time, record ok/FAILED
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  if "$@" >"$log" 2>&1; then ROWS+=("$name|ok|$((SECONDS - t0))|$(rate "$log")"); else ROWS+=("$name|FAILED ($log)|$((SECONDS - t0))|"); fi
+  echo "[gpu_check] $name: ${ROWS[-1]}"
+}
+rate() { grep -o '[0-9.]* img/s' "$1" | tail -1; }
+
+step prepare logs_prepare.txt $PY -m pipelines.prepare "${ARGS[@]}"
+step classifier logs_classifier.txt $PY -m pipelines.classifier "${ARGS[@]}"
+step ref_stats logs_ref_stats.txt $PY -m pipelines.ref_stats "${ARGS[@]}"
+for strategy in ddp fsdp deepspeed; do
+  S=(--set ray.strategy=$strategy --set ray.run_name=gpu-$strategy)
+  step "train_gan $strategy" logs_gan_$strategy.txt $PY -m pipelines.train_gan "${ARGS[@]}" "${S[@]}"
+  step "train_autoencoder $strategy" logs_ae_$strategy.txt $PY -m pipelines.train_autoencoder "${ARGS[@]}" "${S[@]}"
+  step "encode_latents ($strategy AE)" logs_latents_$strategy.txt $PY -m pipelines.encode_latents "${ARGS[@]}"
+  step "train_ldm $strategy" logs_ldm_$strategy.txt $PY -m pipelines.train_ldm "${ARGS[@]}" "${S[@]}"
+done
+step "inception cuda" logs_inception.txt $PY - <<'EOF'
+import time, torch
+from gen_core.config import InceptionConfig
+from gen_core.metrics import load_inception
+x = torch.rand(200, 3, 299, 299, device="cuda") * 255
+for precision in ("fp32", "bf16"):
+    net = load_inception(InceptionConfig(backend="torch"), "cuda", precision)
+    net(x[:50]); torch.cuda.synchronize(); t = time.perf_counter()
+    for i in range(0, 200, 50): net(x[i:i + 50])
+    torch.cuda.synchronize(); print(f"inception {net.precision}: {200 / (time.perf_counter() - t):.1f} img/s")
+EOF
+step "evaluate gan" logs_eval_gan.txt $PY -m pipelines.evaluate --family gan "${ARGS[@]}"
+step "evaluate ldm" logs_eval_ldm.txt $PY -m pipelines.evaluate --family ldm "${ARGS[@]}"
+
+echo; echo "gpu_check $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $STEPS steps, work dir $WORK"
+echo "| step | result | seconds | last img/s |"; echo "|---|---|---|---|"
+for row in "${ROWS[@]}"; do echo "| ${row//|/ | } |"; done
+grep -h "inception .*img/s" logs_inception.txt 2>/dev/null
+! printf '%s\n' "${ROWS[@]}" | grep -q FAILED

@@ -1,0 +1,69 @@
+"""Evaluation during training on a real 2-worker Ray Train run: the curve at every evaluation step
+(samples spread over both ranks), the best checkpoint exported rather than the last, early stopping
+after `patience` evaluations without improvement, and a rerun that exports instead of training on."""
+
+import csv
+import json
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO, run_cli, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def rows(path):
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """prepare -> classifier -> ref_stats of the tiny profile, once for the module."""
+    root = tmp_path_factory.mktemp("evaluation")
+    params = tiny_params(data={"out_dir": str(root / "prepared")}, classifier={"out_dir": str(root / "classifier"),
+                         "metrics_file": str(root / "classifier.json")}, ref_stats={"out_dir": str(root / "ref_stats")})  # fmt: skip
+    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    path = write_params(root, params)
+    for stage in ("prepare", "classifier", "ref_stats"):
+        result = run_cli(["python", "-m", f"pipelines.{stage}", "--params", str(path)], REPO)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return root, path
+
+
+def test_training_evaluates_exports_the_best_checkpoint_and_stops_early(upstream):
+    root, params = upstream
+    out = root / "gan"
+    command = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray",
+               "--set", f"outputs.gan.out_dir={out}", "--set", f"outputs.gan.losses_file={root}/losses.csv",
+               "--set", f"outputs.gan.eval_file={root}/eval.csv", "--set", "gan.total_steps=80", "--set", "gan.checkpoint_every_steps=10",
+               "--set", "gan.checkpoints_to_keep=1", "--set", "gan.evaluation={every_steps: 10, num_samples: 60, patience: 1}"]  # fmt: skip
+    first = run_cli(command, REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    curve = rows(root / "eval.csv")
+    steps = [int(r["step"]) for r in curve]
+    values = [float(r["fid_classifier"]) for r in curve]
+    assert steps == list(range(10, steps[-1] + 1, 10)) and {"class_accuracy", "recall_classifier", "diversity"} <= set(curve[0])
+    assert first.stdout.count("evaluation at step ") == len(steps)
+
+    # the best evaluation is what was exported, though Ray kept only the newest checkpoint
+    best = min(range(len(values)), key=values.__getitem__)
+    exported = json.loads((out / "generator.json").read_text())
+    assert exported["step"] == steps[best], (steps, values)
+    assert f"exporting the best evaluated checkpoint: step {steps[best]}" in first.stdout
+
+    # early stopping: the tiny GAN's curve is noisy, so one evaluation without improvement (patience 1)
+    # comes well before step 80; the run ends there, one evaluation after its best
+    assert steps[-1] < 80 and len(steps) - 1 - best == 1, (steps, values)
+    assert f"finished {steps[-1]} steps" in first.stdout
+
+    # the curve is in MLflow too, at its steps
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    history = mlflow.MlflowClient().get_metric_history(exported["mlflow_run_id"], "during_training/fid_classifier")
+    assert sorted(m.step for m in history) == steps
+
+    # a rerun neither trains on past the early stop nor exports another checkpoint
+    again = run_cli(command, REPO)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"stopped early at step {steps[-1]}" in again.stdout and "resuming" not in again.stdout
+    assert json.loads((out / "generator.json").read_text())["step"] == steps[best]
