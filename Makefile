@@ -18,12 +18,14 @@ test: setup
 test-fast: setup   # the inner loop: everything but the end-to-end runs (a few minutes)
 	python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
 
-# Both families' champions at the standard protocol (10k samples vs the 10k test split, fp32 Inception),
-# with its floor; writes metrics/eval/standard/<family>.json. About 1.5 h on 2 CPU cores (RESULTS.md).
+# Both families' models from the last `make repro` (models/gan, models/ldm) at the standard protocol (10k samples
+# vs the whole 10k test split, fp32 Inception), with its floor: metrics/eval/standard/<family>.json. A registered
+# version instead: python -m pipelines.evaluate --family gan --model models:/genforge-gan@champion --set evaluate.protocol=standard
+# Hours on 2 CPU cores (20k Inception images for the floor, 10k per family; RESULTS.md).
 eval-standard: setup
 	python -m pipelines.ref_stats --set evaluate.protocol=standard
-	python -m pipelines.evaluate --family gan --model models:/genforge-gan@champion --set evaluate.protocol=standard
-	python -m pipelines.evaluate --family ldm --model models:/genforge-ldm@champion --set evaluate.protocol=standard
+	python -m pipelines.evaluate --family gan --set evaluate.protocol=standard
+	python -m pipelines.evaluate --family ldm --set evaluate.protocol=standard
 
 bench: setup
 	python benchmarks/gan_throughput.py

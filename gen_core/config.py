@@ -352,7 +352,7 @@ class ProtocolConfig(_Section):
 
 def _default_protocols() -> dict:
     return {
-        "quick": ProtocolConfig(num_samples=1000, reference="eval", reference_images=1000, inception_precision="bf16"),
+        "quick": ProtocolConfig(num_samples=1000, reference="eval", inception_precision="bf16"),
         "standard": ProtocolConfig(num_samples=10000, reference="test", reference_images=10000, inception_precision="fp32"),
     }
 

@@ -131,11 +131,11 @@ def inception_path(cfg: InceptionConfig) -> tuple[Path, str]:
     return path, actual
 
 
-def protocol_id(name: str, protocol: ProtocolConfig, inception_precision: str) -> str:
+def protocol_id(name: str, protocol: ProtocolConfig, inception_precision: str, reference_images: int) -> str:
     """What makes two measurements comparable, as one string: the gate compares it, reports carry it.
-    `inception_precision` is what ran (bf16 falls back to fp32 where the hardware has no native bf16)."""
-    reference = protocol.reference_images or "all"
-    return f"{name}:{protocol.num_samples}-vs-{protocol.reference}{reference}:inception-{inception_precision}:{protocol.resize}"
+    `inception_precision` is what ran (bf16 falls back to fp32 where the hardware has no native bf16);
+    `reference_images` is the reference set's actual size (protocol.reference_images, or the whole split)."""
+    return f"{name}:{protocol.num_samples}-vs-{protocol.reference}{reference_images}:inception-{inception_precision}:{protocol.resize}"
 
 
 def inception_backend(cfg: InceptionConfig, device: torch.device, precision: str) -> str:

@@ -97,7 +97,7 @@ def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
 
     parts = _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family)
-    used = protocol_id(e.protocol, e.active, parts[0]["inception_precision"])
+    used = protocol_id(e.protocol, e.active, parts[0]["inception_precision"], reference["inception"]["count"])
     if used != floor["protocol_id"]:
         raise StageError(f"{cfg.reference_dir}: reference statistics are for {floor['protocol_id']}, the samples were measured as {used}; rerun ref_stats")
     metrics = {
@@ -108,7 +108,8 @@ def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     }  # fmt: skip
     atomic_write_json(cfg.eval_file(family), metrics)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=gen_meta["step"])
+        # one metric name per protocol (eval_quick/fid, eval_standard/fid): curves of different protocols never mix
+        mlflow.log_metrics({f"eval_{e.protocol}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=gen_meta["step"])
         mlflow.set_tags({"fid_feature_sha256": metrics["feature_sha256"], "eval_protocol_id": used})
     logger.info("%s (%s)", report_line(metrics), used)
     return metrics

@@ -25,8 +25,10 @@ import torch
 
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import EVAL_METRIC_MODES, EvaluateConfig, InceptionConfig, RunConfig
+from gen_core.io import filesystem
 from gen_core.metrics import inception_features, load_inception, load_ref_stats, sample_metrics
 from gen_core.sampling import balanced_labels, to_uint8
+from pipelines.common import StageError, absolute
 
 SCALARS = ("fid_classifier", "class_accuracy", "classifier_score", "precision_classifier", "recall_classifier", "diversity",
            "classes_covered", "fid_classifier_worst_class", "fid", "kid", "precision", "recall")  # fmt: skip
@@ -58,11 +60,19 @@ class EvaluationSpec:
 def evaluation_spec(cfg: RunConfig, section: str) -> dict | None:
     """The spec of `<section>.evaluation`, or None when it is off."""
     t = getattr(cfg, section)
-    e = t.evaluation
-    if e.every_steps is None:
+    e = getattr(t, "evaluation", None)
+    if e is None or e.every_steps is None:
         return None
+    classifier_dir, reference_dir = absolute(cfg.classifier.out_dir), absolute(cfg.reference_dir)  # workers run elsewhere
+    needed = [f"{classifier_dir}/classifier.safetensors", f"{reference_dir}/classifier.npz"] + ([f"{reference_dir}/inception.npz"] if e.inception else [])
+    missing = [path for path in needed if not filesystem(path)[0].exists(path)]
+    if missing:
+        raise StageError(
+            f"{section}.evaluation: {missing[0]} not found (run the classifier and ref_stats stages first, "
+            f"or set {section}.evaluation.every_steps: null to train without evaluating)"
+        )
     return asdict(EvaluationSpec(
-        classifier_dir=cfg.classifier.out_dir, ref_stats_dir=cfg.reference_dir, inception=cfg.ref_stats.inception.model_dump(),
+        classifier_dir=classifier_dir, ref_stats_dir=reference_dir, inception=cfg.ref_stats.inception.model_dump(),
         inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
         num_samples=e.num_samples, seed=cfg.evaluate.seed, every_steps=e.every_steps, final_step=t.total_steps,
         use_inception=e.inception, metric=e.metric, patience=e.patience,

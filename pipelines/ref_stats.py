@@ -56,10 +56,10 @@ def run(cfg: RunConfig) -> dict:
     classifier, _ = load_classifier(cfg.classifier.out_dir)
     cls_sha = sha256_file(f"{cfg.classifier.out_dir}/classifier.safetensors")
     net = load_inception(cfg.ref_stats.inception, precision=cfg.evaluate.active.inception_precision)
-    pid = protocol_id(cfg.evaluate.protocol, cfg.evaluate.active, net.precision)
+    images, labels = reference_set(cfg)
+    pid = protocol_id(cfg.evaluate.protocol, cfg.evaluate.active, net.precision, len(labels))
     logger.info("protocol %s (Inception %s, %s backend)", pid, net.precision, net.backend)
 
-    images, labels = reference_set(cfg)
     stats, feats = inception_stats(net, images, cfg.ref_stats.inception.batch_size, inception_progress(logger))
     _, cls_feats = classifier_outputs(classifier, images)
     cls_stats = FeatureStats(cls_feats.shape[1])

@@ -22,6 +22,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     params = tiny_params(data={"out_dir": str(root / "prepared")})
     params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    params["gan"]["evaluation"] = {"every_steps": None}  # training alone: no classifier or reference statistics here
     path = write_params(root, params)
     assert run_cli(["python", "-m", "pipelines.prepare", "--params", str(path)], REPO).returncode == 0
     return root, path
