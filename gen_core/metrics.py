@@ -335,7 +335,7 @@ def _mean_pairwise_distance(features: np.ndarray) -> float:
 
 
 def per_class_metrics(
-    real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray, num_classes: int, k: int,
+    real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray, num_classes: int, k: int, with_fid: bool = True,
 ) -> dict[str, list[float]]:  # fmt: skip
     """Per class c (real images of class c against samples conditioned on c):
     - recall: share of the class's real images inside the samples' k-NN manifold (mode coverage);
@@ -349,7 +349,8 @@ def per_class_metrics(
             raise ValueError(f"class {c}: {len(r)} real and {len(f)} generated images; per-class metrics need more than k={k} of each")
         out["recall"].append(precision_recall(r, f, k)[1])
         out["diversity"].append(_mean_pairwise_distance(f) / max(_mean_pairwise_distance(r), 1e-12))
-        out["fid"].append(fid_from_stats(f.mean(0), np.cov(f, rowvar=False), r.mean(0), np.cov(r, rowvar=False)))
+        if with_fid:  # at 2048-d two eigendecompositions a class: skipped where only recall and diversity are wanted
+            out["fid"].append(fid_from_stats(f.mean(0), np.cov(f, rowvar=False), r.mean(0), np.cov(r, rowvar=False)))
     return out
 
 
@@ -381,7 +382,8 @@ def sample_metrics(reference: dict, generated: dict, settings) -> dict:
             precision=precision, recall=recall,
         )  # fmt: skip
         per_class_space, ref_space, feats = "inception", ref_inc, inc
-    per_class = per_class_metrics(ref_space["features"], ref_space["labels"], feats, labels, num_classes, settings.pr_neighbors)
+    per_class = per_class_metrics(ref_space["features"], ref_space["labels"], feats, labels, num_classes, settings.pr_neighbors,
+                                  with_fid=per_class_space == "classifier")  # fmt: skip
     cls_per_class = per_class if per_class_space == "classifier" else per_class_metrics(
         ref_cls["features"], ref_cls["labels"], cls, labels, num_classes, settings.pr_neighbors
     )  # fmt: skip

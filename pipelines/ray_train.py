@@ -120,8 +120,8 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
 
 def _exported_checkpoint(cfg: RunConfig, job: TrainingJob, context: RunContext, last_uri: str) -> str:
     """The last checkpoint, or with `<section>.evaluation.export: best` the best evaluated one."""
-    evaluation = getattr(cfg, job.section).evaluation
-    if job.evaluation is not None or evaluation.every_steps is None or evaluation.export == "last":
+    evaluation = getattr(getattr(cfg, job.section), "evaluation", None)  # generator sections only
+    if job.evaluation is not None or evaluation is None or evaluation.every_steps is None or evaluation.export == "last":
         return last_uri
     found = best_checkpoint(context.run_uri)
     if found is None:

@@ -390,7 +390,8 @@ def history_csv(history: list[dict]) -> str:
     if not history:
         return ""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    # every column that any row has (a sweep trial's last evaluation adds Inception `fid`), blank where a row has none
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in history for key in row)), restval="")
     writer.writeheader()
     writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in history)
     return buffer.getvalue()
@@ -400,7 +401,8 @@ def read_history(directory: Path, name: str = "losses.csv") -> list[dict]:
     path = directory / name
     if not path.exists() or not path.read_text().strip():
         return []
-    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(path.read_text().splitlines())]
+    rows = csv.DictReader(path.read_text().splitlines())
+    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v != ""} for row in rows]
 
 
 def save_rng(directory: Path, rank: int) -> None:

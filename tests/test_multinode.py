@@ -64,7 +64,7 @@ def test_job_submit_deepspeed_across_two_nodes_with_s3_checkpoints(two_node_clus
     submitted = run_cli([str(VENV_BIN / "ray"), "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(REPO), "--",
                          "python", "-m", "pipelines.train_gan", "--params", str(cluster_params), "--set", "ray.strategy=deepspeed",
                          "--set", "ray.storage_path=s3://cluster/ray", "--set", f"outputs.gan.out_dir={out}",
-                         "--set", f"outputs.gan.losses_file={out}.csv"], REPO, two_node_cluster["env"], timeout=600)  # fmt: skip
+                         "--set", f"outputs.gan.losses_file={out}.csv", "--set", f"outputs.gan.eval_file={out}.eval.csv"], REPO, two_node_cluster["env"], timeout=600)  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout[-3000:]
     assert "succeeded" in submitted.stdout.lower()
     assert "2 worker(s) on cpu across 2 nodes" in submitted.stdout and "deepspeed ZeRO-2" in submitted.stdout
@@ -83,7 +83,7 @@ def test_python_api_fsdp_across_two_nodes_with_shared_storage(two_node_cluster, 
     storage = two_node_cluster["root"] / "shared-ray"
     env = {**two_node_cluster["env"], "RAY_ADDRESS": two_node_cluster["gcs"]}
     result = run_cli(["python", "-m", "pipelines.train_gan", "--params", str(cluster_params), "--set", "ray.strategy=fsdp",
-                      "--set", f"ray.storage_path={storage}", "--set", f"outputs.gan.out_dir={out}", "--set", f"outputs.gan.losses_file={out}.csv"],
+                      "--set", f"ray.storage_path={storage}", "--set", f"outputs.gan.out_dir={out}", "--set", f"outputs.gan.losses_file={out}.csv", "--set", f"outputs.gan.eval_file={out}.eval.csv"],
                      REPO, env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 worker(s) on cpu across 2 nodes" in result.stdout and "fsdp (shard block" in result.stdout

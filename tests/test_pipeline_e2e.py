@@ -139,7 +139,7 @@ def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeli
 
     project, _ = pipeline
     ldm = ["python", "-m", "pipelines.train_ldm", "--set", "ray.strategy=deepspeed", "--set", "ray.deepspeed.config=cluster_configs/deepspeed/zero3.json",
-           "--set", f"ray.storage_path={tmp_path}/ray", "--set", f"outputs.ldm.out_dir={tmp_path}/ldm", "--set", f"outputs.ldm.losses_file={tmp_path}/ldm.csv",
+           "--set", f"ray.storage_path={tmp_path}/ray", "--set", f"outputs.ldm.out_dir={tmp_path}/ldm", "--set", f"outputs.ldm.losses_file={tmp_path}/ldm.csv", "--set", f"outputs.ldm.eval_file={tmp_path}/ldm_eval.csv",
            "--set", "ldm.checkpoint_every_steps=5"]  # fmt: skip
     first = run_cli([*ldm, "--set", "ldm.total_steps=10"], project)
     assert first.returncode == 0, first.stderr[-2000:]

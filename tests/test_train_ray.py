@@ -33,7 +33,7 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     out = root / "gan"
     common = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray",
               "--set", f"outputs.gan.out_dir={out}", "--set", "gan.checkpoint_every_steps=5",
-              "--set", f"outputs.gan.losses_file={root}/losses.csv"]  # fmt: skip
+              "--set", f"outputs.gan.losses_file={root}/losses.csv", "--set", f"outputs.gan.eval_file={root}/eval.csv"]  # fmt: skip
     first = run_cli([*common, "--set", "gan.total_steps=10"], REPO)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "2 worker(s) on cpu" in first.stdout and "step 10/10" in first.stdout
@@ -150,7 +150,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(prepared):
     cmd = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray-kill",
            "--set", "ray.max_failures=1", "--set", "ray.strategy=fsdp", "--set", "gan.total_steps=60",
            "--set", "gan.checkpoint_every_steps=10", "--set", "gan.log_every_steps=50", "--set", f"outputs.gan.out_dir={out}",
-           "--set", f"outputs.gan.losses_file={root}/killed.csv"]  # fmt: skip
+           "--set", f"outputs.gan.losses_file={root}/killed.csv", "--set", f"outputs.gan.eval_file={root}/killed.eval.csv"]  # fmt: skip
     process = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, killed_pid, saved_before_kill = [], None, None
     deadline = time.monotonic() + 300
