@@ -92,8 +92,8 @@ EVAL_METRIC_MODES: dict[str, str] = {
 
 
 class TrainingEvalConfig(_Section):
-    """Evaluation during training: at every `every_steps` and at the last step (each also a checkpoint step), the EMA model's samples on fixed seeds (sample i: class i mod K, seed evaluate.seed + i),
-    spread over every rank, are measured against the protocol's reference set. The curves go to MLflow
+    """Evaluation during training: at every `every_steps` and at the last step (each also a checkpoint step),
+    the EMA model's samples on fixed seeds (sample i: class i mod K, seed evaluate.seed + i), spread over every rank, are measured against the protocol's reference set. The curves go to MLflow
     and to outputs.<section>.eval_file (DVC plots); the export is the best checkpoint by `metric` (or the
     last); `patience` stops a run after that many evaluations without improvement."""
 
@@ -109,10 +109,6 @@ class TrainingEvalConfig(_Section):
         if self.metric in ("fid", "recall") and not self.inception:
             raise ValueError(f"evaluation.metric {self.metric} needs evaluation.inception: true")
         return self
-
-    @property
-    def mode(self) -> str:
-        return EVAL_METRIC_MODES[self.metric]
 
 
 class TrainingConfig(_Section):

@@ -138,12 +138,16 @@ def protocol_id(name: str, protocol: ProtocolConfig, inception_precision: str, r
     return f"{name}:{protocol.num_samples}-vs-{protocol.reference}{reference_images}:inception-{inception_precision}:{protocol.resize}"
 
 
+def _onnx_installed() -> bool:
+    """The ONNX path needs both: `onnx` for torch's exporter, `onnxruntime` to run the graph."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
 def inception_backend(cfg: InceptionConfig, device: torch.device, precision: str) -> str:
     """`auto`: ONNX Runtime for fp32 features on a CPU when it is installed, else torch."""
     if cfg.backend != "auto":
         return cfg.backend
-    onnx_ok = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-    return "onnxruntime" if device.type == "cpu" and precision == "fp32" and onnx_ok else "torch"
+    return "onnxruntime" if device.type == "cpu" and precision == "fp32" and _onnx_installed() else "torch"
 
 
 def load_inception(cfg: InceptionConfig, device: torch.device | str = "cpu", precision: str = "fp32") -> InceptionFeatures:
@@ -156,8 +160,8 @@ def load_inception(cfg: InceptionConfig, device: torch.device | str = "cpu", pre
     backend = inception_backend(cfg, device, used)
     if backend == "onnxruntime" and (used != "fp32" or device.type != "cpu"):
         raise FeatureNetError(f"ref_stats.inception.backend=onnxruntime: runs fp32 on the CPU only (here: {used} on {device.type})")
-    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-        raise FeatureNetError("ref_stats.inception.backend=onnxruntime: onnxruntime is not installed (scripts/setup.sh installs it)")
+    if backend == "onnxruntime" and not _onnx_installed():
+        raise FeatureNetError("ref_stats.inception.backend=onnxruntime: onnx or onnxruntime is not installed (scripts/setup.sh installs both)")
     # TorchScript is a pinned third-party artifact, verified by sha256 above before loading.
     scripted = torch.jit.load(str(path), map_location=device).eval()
     return InceptionFeatures(scripted, digest, used, backend, device)

@@ -26,7 +26,7 @@ import torch
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import EVAL_METRIC_MODES, EvaluateConfig, InceptionConfig, RunConfig
 from gen_core.io import filesystem
-from gen_core.metrics import inception_features, load_inception, load_ref_stats, sample_metrics
+from gen_core.metrics import fid_from_stats, inception_features, load_inception, load_ref_stats, sample_metrics
 from gen_core.sampling import balanced_labels, to_uint8
 from pipelines.common import StageError, absolute
 
@@ -145,15 +145,13 @@ class Evaluator:
 
     def _measure(self, step: int, parts: list[dict], count: int, final_inception: int) -> Evaluation:
         order = np.argsort(np.concatenate([p["indices"] for p in parts]))
-        merged = {k: np.concatenate([p[k] for p in parts])[order] for k in ("classifier", "probabilities", "labels")}
-        cheap = {k: v[: self.spec.num_samples] for k, v in merged.items()}
-        if self.spec.use_inception:
-            cheap["inception"] = np.concatenate([p["inception"] for p in parts])[order][: self.spec.num_samples]
+        keys = ("classifier", "probabilities", "labels") + (("inception",) if self.spec.use_inception or final_inception else ())
+        merged = {k: np.concatenate([p[k] for p in parts])[order] for k in keys}
+        cheap = {k: v[: self.spec.num_samples] for k, v in merged.items() if k != "inception" or self.spec.use_inception}
         metrics = sample_metrics(self.reference, cheap, self.settings)
-        if final_inception:  # the sweep's final Inception FID on its own sample count
-            inception = np.concatenate([p["inception"] for p in parts])[order][:final_inception]
-            full = {**{k: v[:final_inception] for k, v in merged.items()}, "inception": inception}
-            metrics["fid"] = sample_metrics(self.reference, full, self.settings)["fid"]
+        if final_inception:  # the sweep's final Inception FID on its own sample count: the FID alone
+            inception, reference = merged["inception"][:final_inception], self.reference["inception"]
+            metrics["fid"] = fid_from_stats(inception.mean(0), np.cov(inception, rowvar=False), reference["mu"], reference["sigma"])
         values = {k: float(metrics[k]) for k in SCALARS if k in metrics}
         self.report.log_metrics({f"during_training/{k}": v for k, v in values.items()}, step)
         value = values[self.spec.metric]

@@ -34,9 +34,10 @@ def reference_set(cfg: RunConfig) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(split.images[:count]), split.labels[:count]
 
 
-def floor_set(cfg: RunConfig, num_classes: int) -> tuple[torch.Tensor, np.ndarray]:
+def floor_set(cfg: RunConfig) -> tuple[torch.Tensor, np.ndarray]:
     """`num_samples` real training images, image i of class i mod K (as generated samples are), seeded."""
     train = load_split(cfg.data.out_dir, "train")
+    num_classes = train.num_classes
     rng = np.random.default_rng(cfg.evaluate.seed)
     count = cfg.evaluate.active.num_samples
     labels = np.arange(count) % num_classes
@@ -68,7 +69,7 @@ def run(cfg: RunConfig) -> dict:
     classifier_npz = save_ref_stats(cls_stats, cls_feats, "classifier", cls_sha, labels, pid)
 
     logger.info("real-vs-real floor: %d training images", cfg.evaluate.active.num_samples)
-    real, real_labels = floor_set(cfg, int(labels.max()) + 1)
+    real, real_labels = floor_set(cfg)
     _, real_feats = inception_stats(net, real, cfg.ref_stats.inception.batch_size, inception_progress(logger))
     probabilities, real_cls = classifier_outputs(classifier, real)
     reference = {
