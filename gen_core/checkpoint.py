@@ -79,6 +79,8 @@ def load_state(path: str | Path):
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent}: incomplete checkpoint ({path.name} missing)") from None
     except Exception as err:  # corrupt zip / unpickling refused
+        if "Weights only load failed" in str(err):  # torch's text goes on to explain how to load it unsafely: not here
+            raise CheckpointError(f"{path}: unreadable (refused by the safe loader: it holds objects other than tensors and plain data)") from None
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 

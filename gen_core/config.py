@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf / .nan are refused everywhere
 
 
 # ---------------------------------------------------------------------------
@@ -403,6 +403,11 @@ class TrackingConfig(_Section):
 
     tracking_uri: str | None = None
     experiment: str = "genforge"
+    # where a new experiment keeps its artifacts; null: <the sqlite file's directory>/mlartifacts for a
+    # sqlite store, the server's own setting for an http(s) one
+    artifact_location: str | None = None
+    # how long a client waits for a tracking server that does not answer (retries with backoff), then one line
+    server_wait_s: float = Field(45.0, gt=0, le=3600)
 
 
 Family = Literal["gan", "ldm"]
@@ -621,7 +626,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as err:  # e.g. `[` unclosed, or a !!python/... tag (safe_load builds plain data only)
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -643,15 +652,29 @@ def config_from_dict(raw: dict, source: str = "params") -> RunConfig:
         raise ConfigError(_format_error(source, err)) from None
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"{path}: file not found")
+def _read_yaml(path: Path, required: bool = False) -> dict:
+    """A params (or overlay) file as a mapping. `required`: an empty file is refused, since running on
+    the code's defaults instead of the file's settings would be silent and wrong."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a params file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: unreadable ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML") from None
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', None) or type(err).__name__})") from None
+    if raw is None:
+        if required:
+            raise ConfigError(f"{path}: empty; a params file must set the run (params.yaml is the full example)")
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return raw
@@ -667,7 +690,7 @@ def merge(base: dict, overlay: dict) -> dict:
 
 def load_config(path: str | Path = "params.yaml", overrides: list[str] = (), overlays: list[str | Path] = ()) -> RunConfig:
     """params file, then each overlay file (e.g. a sweep's best_params.yaml) merged over it, then --set overrides."""
-    raw = _read_yaml(Path(path))
+    raw = _read_yaml(Path(path), required=True)
     for overlay in overlays:
         raw = merge(raw, _read_yaml(Path(overlay)))
     source = " + ".join([str(path), *map(str, overlays)])

@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import io
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ def read_idx(uri: str) -> np.ndarray:
     if len(blob) < header:
         raise DataError(f"{uri}: truncated idx header")
     dims = struct.unpack(f">{ndim}I", blob[4:header])
-    expected = int(np.prod(dims)) if dims else 0
+    expected = math.prod(dims) if dims else 0  # Python ints: np.prod of uint32 dims wraps around
     if len(blob) - header != expected:
         raise DataError(f"{uri}: payload is {len(blob) - header} bytes, header {list(dims)} needs {expected}")
     return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(dims)
@@ -159,17 +160,34 @@ def read_digits() -> RawDataset:
 
 
 def decode_image(blob: bytes, name: str, channels: int) -> np.ndarray:
-    """Decode PNG/JPEG bytes to (H, W, C) uint8. Truncated or corrupt files raise DataError."""
+    """Decode PNG/JPEG bytes to (H, W, C) uint8. Truncated or corrupt files raise DataError.
+
+    8-bit gray, RGB, palette, bilevel and CMYK convert as PIL does (alpha is dropped); 16-bit gray is
+    scaled to 8 bits (v / 257, rounded), not clipped. Float images and integer images beyond 16 bits
+    have no faithful 8-bit form: refused (DataError)."""
     try:
         with Image.open(io.BytesIO(blob)) as probe:
             probe.verify()  # catches truncated/corrupt data that a lazy open would not
         with Image.open(io.BytesIO(blob)) as image:
             image.load()
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = _to_8bit(image, name).convert("L" if channels == 1 else "RGB")
+    except DataError:
+        raise
     except Exception as err:  # PIL raises many types for bad bytes
         raise DataError(f"{name}: corrupt or unreadable image ({type(err).__name__})") from None
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
+
+
+def _to_8bit(image: Image.Image, name: str) -> Image.Image:
+    if image.mode == "F":
+        raise DataError(f"{name}: floating-point image (mode F, {image.format}): no faithful 8-bit form; save it as 8- or 16-bit PNG")
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"{name}: {image.mode} image with values {values.min()}..{values.max()}: only 8- and 16-bit images are accepted")
+    return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
 
 
 def read_image_folder(root: str, channels: int, on_bad_image: str, fit) -> RawDataset:
@@ -186,7 +204,7 @@ def read_image_folder(root: str, channels: int, on_bad_image: str, fit) -> RawDa
         for file in files:
             name = f"{root.rstrip('/')}/{Path(class_dir).name}/{Path(file).name}"
             try:
-                images.append(fit(decode_image(fs.cat_file(file), name, channels), name))
+                images.append(fit(decode_image(_read_file(fs, file, name), name, channels), name))
             except DataError as err:
                 if on_bad_image == "error":
                     raise
@@ -204,6 +222,17 @@ def read_image_folder(root: str, channels: int, on_bad_image: str, fit) -> RawDa
     )
 
 
+def _read_file(fs, path: str, name: str) -> bytes:
+    try:
+        if fs.isdir(path):
+            raise DataError(f"{name}: a directory, not an image file")
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise DataError(f"{name}: unreadable (file not found: a dangling link?)") from None
+    except OSError as err:
+        raise DataError(f"{name}: unreadable ({err.strerror or type(err).__name__})") from None
+
+
 # ---------------------------------------------------------------------------
 # Fitting to the model resolution
 # ---------------------------------------------------------------------------
@@ -213,11 +242,14 @@ def fit_image(image: np.ndarray, name: str, resolution: int, channels: int, mode
     """(H, W, C) uint8 -> (resolution, resolution, channels) uint8.
 
     `pad` centres the image on black without resampling (exact pixels, MNIST 28 -> 32);
-    an image larger than the resolution is a dimension error. `resize` is bicubic.
+    an image larger than the resolution is a dimension error. `resize` is bicubic. An image with a side
+    under half the resolution is refused either way (a 1x1 image would become a flat or black square).
     """
     if image.shape[-1] != channels:
         image = image.repeat(3, axis=-1) if channels == 3 else np.round(image.mean(-1, keepdims=True)).astype(np.uint8)
     height, width = image.shape[:2]
+    if min(height, width) * 2 < resolution:  # mostly border (pad) or detail invented (resize), e.g. a 1x1 image
+        raise DataError(f"{name}: too small ({height}x{width}): images need at least half the resolution {resolution} per side")
     if mode == "pad":
         if height > resolution or width > resolution:
             raise DataError(f"{name}: wrong dimensions {height}x{width}, larger than resolution {resolution} (use resize)")

@@ -1,14 +1,13 @@
 """Shared plumbing for stage entry points: arguments, typed config, one-line errors, provenance.
 
-Expected failures (bad config, bad data, a missing upstream output, an unreachable server, a failed
-training run) end as one line on stderr and exit code 2. The full traceback, including what Ray
+Expected failures (bad config, bad data, a missing upstream output, an unreachable server or S3
+endpoint, a file-system error on a named path, a failed training run) end as one line on stderr and exit code 2. The full traceback, including what Ray
 wrapped, is printed before that line when GENFORGE_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import subprocess
@@ -65,6 +64,31 @@ def error_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+def unreachable_storage(err: BaseException) -> str | None:
+    """One line for an S3 endpoint that cannot be reached (botocore's connection errors, found anywhere
+    in the exception's chain, e.g. under s3fs or pyarrow), or None for any other error."""
+    try:
+        from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+    except ImportError:
+        return None
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (EndpointConnectionError, ConnectTimeoutError)):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+            return f"S3 endpoint {endpoint} unreachable: {str(err).splitlines()[0]} (check AWS_ENDPOINT_URL and the network)"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def file_error(err: BaseException) -> str | None:
+    """One line for a file-system error about a named path (an output directory under a file, no
+    permission, a full disk), or None."""
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror or type(err).__name__}"
+    return None
+
+
 def debugging() -> bool:
     return os.environ.get("GENFORGE_DEBUG", "") not in ("", "0")
 
@@ -79,10 +103,13 @@ def run_stage(name: str, body: Callable[[RunConfig, argparse.Namespace], int | N
     try:
         cfg = load_config(args.params, args.overrides, args.overlays)
         code = body(cfg, args) or 0
-    except EXPECTED_ERRORS as err:
+    except Exception as err:
+        line = str(err) if isinstance(err, EXPECTED_ERRORS) else unreachable_storage(err) or file_error(err)
+        if line is None:
+            raise
         if debugging():
             traceback.print_exception(err, file=sys.stderr)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
     logging.getLogger(name).info("done in %.1f s", time.monotonic() - started)
     sys.exit(code)

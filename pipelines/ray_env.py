@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from gen_core.config import RunConfig
 from gen_core.io import filesystem
-from pipelines.common import REPO_ROOT, StageError, absolute
+from pipelines.common import REPO_ROOT, StageError, absolute, debugging
+
+
+def ray_defaults() -> None:
+    """Environment defaults for a Ray this process starts (its raylets and workers inherit them)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-worker progress lines differ on purpose
+    # Offline and private by default: no usage-stats reports, no cloud-metadata probes (RAY_USAGE_STATS_ENABLED=1 opts in).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def init_ray(cfg: RunConfig):
@@ -16,7 +25,7 @@ def init_ray(cfg: RunConfig):
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-worker progress lines differ on purpose
+    ray_defaults()
     try:
         if address:
             # Join as is: under `ray job submit` the job's own runtime env (working_dir) applies.
@@ -32,6 +41,52 @@ def init_ray(cfg: RunConfig):
     except ConnectionError as err:
         raise StageError(f"Ray cluster at {address}: unreachable ({err})") from None
     return ray
+
+
+def route_ray_logs(log_path: Path) -> None:
+    """Ray's own driver-side log lines (its start-up notices, warnings) go to `log_path`, not stderr,
+    where they would come before the stage's one-line error; GENFORGE_DEBUG=1 keeps them on stderr too."""
+    import importlib
+    import logging
+
+    importlib.import_module("ray")  # sets up the "ray" logger's stderr handler, which is replaced here
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("ray")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not debugging():
+            logger.removeHandler(handler)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(log_path) for h in logger.handlers):
+        file_handler = logging.FileHandler(log_path)
+        file_handler.setFormatter(logging.Formatter("(driver) %(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(file_handler)
+
+
+def route_worker_logs(log_path: Path) -> Path:
+    """Ray forwards every worker's and actor's stdout and stderr to this driver. Keep it all in
+    `log_path` (appended), and show on the console only stdout, which carries the progress lines:
+    stderr holds Ray's warnings and, when a run fails, the worker and controller tracebacks, which would
+    bury the stage's one-line error. GENFORGE_DEBUG=1 shows everything, as Ray does."""
+    import functools
+
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sink = open(log_path, "a", buffering=1)
+    sink.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
+    show = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+
+    def handle(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
+        sink.writelines(f"({who}{' stderr' if data['is_err'] else ''}) {line}\n" for line in data["lines"])
+        if debugging() or not data["is_err"]:
+            show(data)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("genforge_logs")
+    dispatcher.add_handler("genforge_logs", handle)
+    return log_path
 
 
 def storage(cfg: RunConfig, path: str | None = None) -> tuple[str, object | None]:

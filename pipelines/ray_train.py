@@ -21,10 +21,10 @@ from gen_core.config import ModelOutputs, RunConfig
 from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
-from pipelines.common import StageError, absolute, error_line, git_revision, log
-from pipelines.ray_env import init_ray, run_uri, storage
+from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log
+from pipelines.ray_env import init_ray, route_ray_logs, route_worker_logs, run_uri, storage
 from pipelines.strategy import check_resumable, deepspeed_config
-from pipelines.tracking import connect, tracking_uri
+from pipelines.tracking import RunLog, connect, tracking_uri
 from pipelines.probe import evaluation_spec
 from pipelines.worker import RunContext, best_checkpoint, list_checkpoints
 
@@ -57,7 +57,7 @@ class TrainingJob:
     kind: str  # what is trained, in the run directory's name and the MLflow tag: gan | autoencoder | ldm | pixel
     section: str  # the params section of its hyperparameters (gan | autoencoder | ldm), also its `outputs` entry
     worker_loop: Callable[[dict], None]  # runs on every Ray Train worker with {"run": config, "context": RunContext}
-    export: Callable[[RunConfig, str, RunContext, object], dict]  # (cfg, checkpoint_uri, context, mlflow) -> meta
+    export: Callable[[RunConfig, str, RunContext, RunLog], dict]  # (cfg, checkpoint_uri, context, run_log) -> meta
     inputs: dict = field(default_factory=dict)  # what else a checkpoint must share to be resumed (the autoencoder)
     extra: dict = field(default_factory=dict)  # stage-specific plain data for the workers (e.g. directories)
     logged_sections: tuple[str, ...] = ("data", "ray")
@@ -98,24 +98,31 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
     mlflow = connect(cfg)
     run_id = existing["mlflow_run_id"] if existing else None
     data_hash, revision = dataset_hash(data_uri), git_revision()
-    run_name = None if run_id else f"{cfg.ray.run_name}-{job.kind}"
-    with mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=None if run_id else parent_run_id) as active:
-        if existing is None:
-            mlflow.log_params(flat_params(cfg, (job.section, *job.logged_sections)))
-            mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "trained_kind": job.kind, **(run_tags or {})})
-        context = RunContext(
+
+    def run_context(mlflow_run_id: str) -> RunContext:
+        return RunContext(
             stage=job.stage, section=job.section, data_uri=data_uri, num_classes=num_classes, signature=signature,
             run_uri=run_uri(cfg, run_dir), data_hash=data_hash, git_revision=revision, tracking_uri=tracking_uri(cfg),
-            mlflow_run_id=active.info.run_id, extra=job.extra, deepspeed=deepspeed,
+            mlflow_run_id=mlflow_run_id, extra=job.extra, deepspeed=deepspeed,
             evaluation=job.evaluation or evaluation_spec(cfg, job.section),
         )  # fmt: skip
-        if export_uri is None:
+
+    if export_uri is None:  # training: the MLflow run is open (and marked FAILED if training fails)
+        run_name = None if run_id else f"{cfg.ray.run_name}-{job.kind}"
+        with mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=None if run_id else parent_run_id) as active:
+            if existing is None:
+                mlflow.log_params(flat_params(cfg, (job.section, *job.logged_sections)))
+                mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "trained_kind": job.kind, **(run_tags or {})})
+            context = run_context(active.info.run_id)
             export_uri = fit(cfg, job, context, run_dir, callbacks)
-        exported = _exported_checkpoint(cfg, job, context, export_uri)
-        meta = job.export(cfg, exported, context, mlflow)
-        if exported != export_uri:  # the curves run to the last step, past the best one
-            _publish_curves(getattr(cfg.outputs, job.section), export_uri)
-        return meta
+    else:
+        context = run_context(run_id)
+    # The run is closed: exporting logs to it without reopening it, so a failed export leaves its status alone.
+    exported = _exported_checkpoint(cfg, job, context, export_uri)
+    meta = job.export(cfg, exported, context, RunLog(context.mlflow_run_id))
+    if exported != export_uri:  # the curves run to the last step, past the best one
+        _publish_curves(getattr(cfg.outputs, job.section), export_uri)
+    return meta
 
 
 def _exported_checkpoint(cfg: RunConfig, job: TrainingJob, context: RunContext, last_uri: str) -> str:
@@ -142,7 +149,13 @@ def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[dict | None, 
     """-> (meta of the run's newest checkpoint or None, the checkpoint to export without training or None).
     Resuming is checked here, before Ray starts."""
     logger, total_steps, uri = log(job.stage), getattr(cfg, job.section).total_steps, run_uri(cfg, run_dir)
-    checkpoints = list_checkpoints(uri)
+    skipped: list[tuple[str, str]] = []
+    checkpoints = list_checkpoints(uri, skipped)
+    for where, why in skipped:
+        logger.warning("skipping checkpoint %s: %s", where, why)
+    if not checkpoints and skipped:
+        raise StageError(f"{uri}: none of its {len(skipped)} checkpoint(s) is complete, so this run will not start over from step 0 "
+                         f"on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set ray.run_name to train afresh")  # fmt: skip
     if not checkpoints:
         logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
         return None, None
@@ -172,7 +185,12 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     import ray as ray_module
 
     owns_ray = not ray_module.is_initialized()  # inside a Tune trial Ray is already up and not ours to stop
+    worker_log = REPO_ROOT / "logs" / f"{run_dir}.log" if owns_ray else None
+    if worker_log:
+        route_ray_logs(worker_log)
     ray = init_ray(cfg)
+    if worker_log:
+        route_worker_logs(worker_log)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -193,7 +211,8 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker failures: one line for the user, the chain under GENFORGE_DEBUG=1
-        raise StageError(f"training failed: {error_line(err)}") from err
+        where = f" (worker logs: {worker_log.relative_to(REPO_ROOT)})" if worker_log else ""
+        raise StageError(f"training failed: {error_line(err)}{where}") from err
     finally:
         if owns_ray:
             ray.shutdown()
@@ -224,7 +243,7 @@ def export_provenance(meta: dict, checkpoint_uri: str, context: RunContext) -> d
     }  # fmt: skip
 
 
-def publish_export(outputs: ModelOutputs, local: str, mlflow, write: Callable[[Path], None]) -> None:
+def publish_export(outputs: ModelOutputs, local: str, run_log: RunLog, write: Callable[[Path], None]) -> None:
     """write(tmp) fills the export directory, which gets the checkpoint's samples.png and replaces
     outputs.out_dir atomically; the loss history goes to outputs.losses_file, the evaluation curve to
     outputs.eval_file (a header only when the run did not evaluate); the checkpoint to MLflow."""
@@ -235,5 +254,5 @@ def publish_export(outputs: ModelOutputs, local: str, mlflow, write: Callable[[P
     if outputs.eval_file:
         curve = Path(local) / "evaluation.csv"
         atomic_write_bytes(outputs.eval_file, curve.read_bytes() if curve.exists() and curve.stat().st_size else b"step\n")
-    mlflow.log_artifacts(local, artifact_path="checkpoint")
+    run_log.log_artifacts(local, "checkpoint")
 

@@ -1,11 +1,21 @@
 """The model registry: an MLflow model version per exported generator and the gate on the `champion` alias.
 
-Each family has its own registered model (registry.<family>.model_name). The alias moves only if
-FID <= registry.<family>.fid_threshold, recall >= recall_floor, class accuracy >= class_accuracy_floor
-and FID is better than the current champion's, measured under the same evaluation protocol (a champion
-measured under another is not compared: one line, exit 2); otherwise the version is tagged `rejected`
-with every failed criterion. Registering the same generator again reuses its version
-(idempotent). Used by the register stage and by the sweep for its best trial.
+Each family has its own registered model (registry.<family>.model_name). A version passes the gate if
+FID <= registry.<family>.fid_threshold, recall >= recall_floor and class accuracy >= class_accuracy_floor,
+measured under the evaluation protocol in use (a champion measured under another is not compared: one
+line, exit 2). The alias moves to a passing version only if its FID is strictly better than the champion's;
+a version that does not get it is tagged `rejected` with every failed criterion.
+
+Correct under concurrency without a lock (MLflow has no compare-and-set on aliases):
+- Idempotency key: the generator's sha256, tagged when the version is created. Registering the same
+  generator again returns its version; two processes that create one at the same time both end on the
+  lowest-numbered one (the other is deleted by its maker).
+- A converging rule: after tagging its version, a process computes the champion from the registry's
+  contents alone (`converge`: the passing version with the lowest FID, or the champion if none beats it),
+  moves the alias if needed and re-reads until a read confirms it. Whichever process moves last also reads
+  last, so every run ends with the best passing version as champion, whatever the interleaving.
+A version tagged `revoked` (any value) never wins: the way to retire a champion is to tag it and rerun register.
+Used by the register stage and by the sweep for its best trial.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from gen_core.config import GateConfig, RunConfig
 from gen_core.generators import generator_digest, load_image_generator, read_generator_meta, weight_files
 from gen_core.io import atomic_write_json
 from pipelines.common import REPO_ROOT, StageError
-from pipelines.tracking import connect, training_run
+from pipelines.tracking import connect, server_calls, tracking_uri, training_run
 
 MODEL_CODE = REPO_ROOT / "pipelines" / "mlflow_model.py"
 # explicit: inferring them takes ~8 s
@@ -34,31 +44,39 @@ class GateDecision:
     reason: str
 
 
+def criteria(record: dict, gate: GateConfig) -> tuple[list[str], list[str]]:
+    """The gate's own criteria for one model (its fid, recall, class_accuracy) -> (held, failed), as text."""
+    held, failed = [], []
+    fid = record["fid"]
+    if not math.isfinite(fid):
+        failed.append(f"fid {fid} is not finite")
+    else:
+        (held if fid <= gate.fid_threshold else failed).append(f"fid {fid:.2f} {'<=' if fid <= gate.fid_threshold else '>'} threshold {gate.fid_threshold:.2f}")
+    for key, floor in (("recall", gate.recall_floor), ("class_accuracy", gate.class_accuracy_floor)):
+        value = record[key]
+        (held if value >= floor else failed).append(f"{key} {value:.3f} {'>=' if value >= floor else '<'} floor {floor:.3f}")
+    return held, failed
+
+
 def decide(metrics: dict, gate: GateConfig, champion: dict | None) -> GateDecision:
     """Pure gate: promote iff FID is finite and at or below the threshold, recall and class accuracy are at
-    or above their floors, and FID is strictly better than the champion's. The reason names every
-    criterion that failed (or, on promotion, every one that held). `champion` (its fid and protocol_id)
-    must have been measured under the candidate's protocol: comparing across protocols is refused."""
+    or above their floors, and FID is strictly better than the champion's, unless the champion itself
+    fails this gate (a champion crowned before a floor existed is replaced by any model that passes).
+    The reason names every criterion that failed (or, on promotion, every one that held). `champion`
+    (its version, fid, protocol_id and, if known, recall and class_accuracy) must have been measured
+    under the candidate's protocol: comparing across protocols is refused."""
     if champion is not None and champion.get("protocol_id") != metrics["protocol_id"]:
         raise StageError(
             f"gate: champion v{champion['version']} was measured under protocol {champion.get('protocol_id') or '(none recorded)'}, "
             f"this model under {metrics['protocol_id']}: not comparable; set evaluate.protocol to the champion's, or re-evaluate the champion"
         )
+    held, failed = criteria(metrics, gate)
     fid = metrics["fid"]
-    held, failed = [], []
-
-    def check(ok: bool, text: str) -> None:
-        (held if ok else failed).append(text)
-
-    if not math.isfinite(fid):
-        check(False, f"fid {fid} is not finite")
-    else:
-        check(fid <= gate.fid_threshold, f"fid {fid:.2f} {'<=' if fid <= gate.fid_threshold else '>'} threshold {gate.fid_threshold:.2f}")
-    for key, floor in (("recall", gate.recall_floor), ("class_accuracy", gate.class_accuracy_floor)):
-        value = metrics[key]
-        check(value >= floor, f"{key} {value:.3f} {'>=' if value >= floor else '<'} floor {floor:.3f}")
+    champion_fails = criteria({"recall": 1.0, "class_accuracy": 1.0, **champion}, gate)[1] if champion else []
     if champion is None:
         held.append("no previous champion")
+    elif champion_fails:
+        held.append(f"champion v{champion['version']} fails this gate ({', '.join(champion_fails)})")
     elif math.isfinite(fid) and fid < champion["fid"]:
         held.append(f"better than champion's {champion['fid']:.2f}")
     else:
@@ -77,13 +95,6 @@ def load_registered_generator(model_uri: str):
     return generator
 
 
-def _find_version(client, name: str, run_id: str, generator_sha256: str):
-    for version in client.search_model_versions(f"name='{name}'"):
-        if version.run_id == run_id and version.tags.get("generator_sha256") == generator_sha256:
-            return version
-    return None
-
-
 def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = False) -> dict:
     """Register the family's exported generator (idempotent), tag it with its metrics and let the gate
     decide about the alias -> the decision record, also written to <registry.out_dir>/<family>.json."""
@@ -95,21 +106,17 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     generator_sha256 = generator_digest(generator_dir)
 
     mlflow = connect(cfg)
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
-    try:
-        client.get_registered_model(gate.model_name)
-    except MlflowException:
-        client.create_registered_model(gate.model_name, description=f"genforge class-conditional generator ({family})")
-    version = _find_version(client, gate.model_name, run_id, generator_sha256)
-    if version is None:
-        version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, generator_sha256)
-    for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate).items():
-        client.set_model_version_tag(gate.model_name, version.version, key, value)
-    decision = _apply_gate(client, gate, r.alias, version, metrics)
+    with server_calls(tracking_uri(cfg), f"registering {generator_dir} as {gate.model_name} (rerun register: it is idempotent)"):
+        client = mlflow.MlflowClient()
+        run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
+        _ensure_registered_model(client, gate.model_name, family)
+        version = _version_of(client, gate.model_name, generator_sha256)
+        if version is None:
+            print(f"registering {generator_dir} (sha256 {generator_sha256[:12]}) as a new version of {gate.model_name}", flush=True)
+            version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, generator_sha256)
+        for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate).items():
+            client.set_model_version_tag(gate.model_name, version.version, key, value)
+        decision = _apply_gate(client, gate, r.alias, version.version, metrics)
 
     verdict = "PROMOTED" if decision.promoted else "REJECTED"
     line = f"gate: {verdict} {gate.model_name} v{version.version} -> @{r.alias}: {decision.reason}" if decision.promoted else (
@@ -128,6 +135,40 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     return record
 
 
+def _ensure_registered_model(client, name: str, family: str) -> None:
+    """Create the registered model unless it exists; a concurrent creator winning the race is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(name, description=f"genforge class-conditional generator ({family})")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _all_versions(client, name: str) -> list:
+    """Every version of `name`, all pages."""
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", max_results=1000, page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return versions
+
+
+def _version_of(client, name: str, generator_sha256: str):
+    """The version that holds this generator: the lowest-numbered one tagged with its sha256, or None."""
+    same = [v for v in _all_versions(client, name) if v.tags.get("generator_sha256") == generator_sha256]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
 def _evaluation(cfg: RunConfig, family: str, gen_meta: dict) -> dict:
     """The evaluate stage's record of this very model (same step and family), or one line."""
     eval_file = cfg.eval_file(family)
@@ -141,22 +182,31 @@ def _evaluation(cfg: RunConfig, family: str, gen_meta: dict) -> dict:
 
 
 def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: str, generator_sha256: str):
-    """Log the generator as an MLflow "model from code" under its training run and register it."""
+    """Log the generator as an MLflow "model from code" linked to its training run (without reopening
+    that run: its status stays what training left) and register it, tagged with its sha256 at creation.
+    Another process registering the same generator at the same time may have made a version too: the
+    lowest-numbered one is kept and the others deleted by their makers, so both end on the same version."""
     import pandas as pd
+    from mlflow.models import Model
 
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "generator"
         for path in weight_files(generator_dir):  # weights and configs; not the sample grid
             (artifact / path.relative_to(generator_dir)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, artifact / path.relative_to(generator_dir))
-        info = mlflow.pyfunc.log_model(
-            name="generator", python_model=str(MODEL_CODE), artifacts={"generator": str(artifact)},
-            code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
+        info = Model.log(
+            artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(MODEL_CODE),
+            artifacts={"generator": str(artifact)}, code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
             input_example=pd.DataFrame({"label": [0, 1], "seed": [0, 1]}),
         )  # fmt: skip
-    version = mlflow.register_model(info.model_uri, model_name, tags={"generator_sha256": generator_sha256})
-    version = client.get_model_version(model_name, version.version)
-    # log_model's source is a models:/m-... URI; the run id links the version to its training run
+    made = mlflow.register_model(info.model_uri, model_name, tags={"generator_sha256": generator_sha256})
+    kept = _version_of(client, model_name, generator_sha256)
+    if kept is not None and kept.version != made.version:
+        client.delete_model_version(model_name, made.version)
+        print(f"{model_name} v{kept.version} holds this generator already (registered concurrently): v{made.version} deleted", flush=True)
+        return kept
+    version = client.get_model_version(model_name, made.version)
+    # the source is a models:/m-... URI; the run id links the version to its training run
     if version.run_id != run_id:
         client.set_model_version_tag(model_name, version.version, "training_run_id", run_id)
     return version
@@ -165,8 +215,9 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
 def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: str, family: str, gate: GateConfig) -> dict[str, str]:
     floor = metrics.get("floor", {})
     return {
-        "fid": repr(float(metrics["fid"])),  # full precision: the gate compares against it
-        **{k: f"{metrics[k]:.6f}" for k in ("kid", "fid_classifier", "class_accuracy", "precision", "recall", "classifier_score", "diversity")},
+        # full precision where the gate reads them back (pipelines.registry.converge)
+        **{k: repr(float(metrics[k])) for k in ("fid", "recall", "class_accuracy")},
+        **{k: f"{metrics[k]:.6f}" for k in ("kid", "fid_classifier", "precision", "classifier_score", "diversity")},
         "classes_covered": str(metrics["classes_covered"]), "protocol": metrics["protocol"], "protocol_id": metrics["protocol_id"],
         **{f"floor_{k}": f"{v:.6f}" for k, v in floor.items() if k in ("fid", "precision", "recall", "class_accuracy")},
         "gate_fid_threshold": str(gate.fid_threshold), "gate_recall_floor": str(gate.recall_floor),
@@ -177,30 +228,75 @@ def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: 
     }  # fmt: skip
 
 
-def _champion_record(champion) -> dict | None:
-    if champion is None:
-        return None
-    fid = float(champion.tags["fid"]) if "fid" in champion.tags else math.inf
-    return {"version": champion.version, "fid": fid, "protocol_id": champion.tags.get("protocol_id")}
+def _gate_record(version) -> dict:
+    """What the gate reads of a registered version: its number, the gate's metrics (inf/0 when untagged:
+    a version whose tags were never written cannot win), its protocol, and whether it was revoked."""
+    tags = version.tags
+
+    def number(key: str, missing: float) -> float:
+        try:
+            return float(tags[key])
+        except (KeyError, ValueError):
+            return missing
+
+    return {
+        "version": str(version.version), "fid": number("fid", math.inf), "recall": number("recall", 0.0),
+        "class_accuracy": number("class_accuracy", 0.0), "protocol_id": tags.get("protocol_id"), "revoked": "revoked" in tags,
+    }  # fmt: skip
 
 
-def _apply_gate(client, gate: GateConfig, alias: str, version, metrics: dict) -> GateDecision:
-    """Move the alias to `version` if the gate says so; tag the version with the outcome."""
-    from mlflow.exceptions import MlflowException
+def converge(versions: list[dict], champion: str | None, gate: GateConfig, protocol_id: str) -> str | None:
+    """Pure: which version should hold the alias, given every version's gate record and the current
+    champion's number. Candidates are the versions measured under `protocol_id`, not revoked, that pass
+    every criterion of `gate`. The champion stays if it is a candidate with the lowest FID (ties never
+    displace it); otherwise the candidate with the lowest FID, then the lowest number, takes the alias;
+    with no candidate the alias stays where it is. The answer depends on the registry's contents only,
+    not on who asks or when, which is what makes concurrent registrations end on the same champion."""
+    candidates = [v for v in versions if v["protocol_id"] == protocol_id and not v["revoked"] and not criteria(v, gate)[1]]
+    if not candidates:
+        return champion
+    best = min(v["fid"] for v in candidates)
+    if any(v["version"] == champion and v["fid"] == best for v in candidates):
+        return champion
+    return min((v for v in candidates if v["fid"] == best), key=lambda v: int(v["version"]))["version"]
 
-    try:
-        champion = client.get_model_version_by_alias(gate.model_name, alias)
-    except MlflowException:
-        champion = None
-    if champion is not None and champion.version == version.version:
-        return GateDecision(True, "already champion")
-    decision = decide(metrics, gate, _champion_record(champion))
-    if decision.promoted:
-        client.set_registered_model_alias(gate.model_name, alias, version.version)
-        client.set_model_version_tag(gate.model_name, version.version, "gate", "promoted")
-        if "rejected" in version.tags:
-            client.delete_model_version_tag(gate.model_name, version.version, "rejected")
+
+def _apply_gate(client, gate: GateConfig, alias: str, mine: str, metrics: dict) -> GateDecision:
+    """Move the alias to the version `converge` names, re-reading the registry after every move until a
+    read confirms it (MLflow has no compare-and-set: a process that acted on a stale read sees its move
+    was wrong on the next read and corrects it; the last process to move reads last). Then tag `mine`
+    with its outcome."""
+    first_champion = None
+    for attempt in range(20):
+        versions = [_gate_record(v) for v in _all_versions(client, gate.model_name)]
+        champion = client.get_registered_model(gate.model_name).aliases.get(alias)
+        champion = str(champion) if champion is not None else None
+        if attempt == 0:
+            first_champion = champion
+        records = {v["version"]: v for v in versions}
+        if champion is not None and champion in records and champion != mine:
+            decide(metrics, gate, records[champion])  # raises if the champion was measured under another protocol
+        target = converge(versions, champion, gate, metrics["protocol_id"])
+        if target == champion:
+            break
+        client.set_registered_model_alias(gate.model_name, alias, target)
     else:
-        client.set_model_version_tag(gate.model_name, version.version, "gate", "rejected")
-        client.set_model_version_tag(gate.model_name, version.version, "rejected", decision.reason)
+        raise StageError(f"gate: {gate.model_name}@{alias} did not settle after 20 moves (other processes keep moving it)")
+
+    tags = client.get_model_version(gate.model_name, mine).tags
+    if champion == mine:
+        if first_champion == mine:
+            decision = GateDecision(True, "already champion")
+        else:  # the champion this process found first, which `mine` displaced (or none)
+            decision = decide(metrics, gate, records.get(first_champion) if first_champion is not None else None)
+            decision = GateDecision(True, decision.reason)
+        client.set_model_version_tag(gate.model_name, mine, "gate", "promoted")
+        if "rejected" in tags:
+            client.delete_model_version_tag(gate.model_name, mine, "rejected")
+        return decision
+    decision = decide(metrics, gate, records.get(champion) if champion is not None else None)
+    if decision.promoted:  # passes everything, yet another version holds the alias: `mine` was revoked
+        decision = GateDecision(False, f"revoked ({tags.get('revoked')}); v{champion} holds @{alias}")
+    client.set_model_version_tag(gate.model_name, mine, "gate", "rejected")
+    client.set_model_version_tag(gate.model_name, mine, "rejected", decision.reason)
     return decision

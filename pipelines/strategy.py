@@ -161,7 +161,15 @@ class Strategy:
         torch.save(state, directory / "state.pt")
 
     def load_parts(self, parts: list[Part], directory: Path) -> None:
+        """All or nothing: every part's weights, optimizer and EMA state is checked (present, same keys
+        and shapes as the live module) before any is applied."""
         state = load_state(directory / "state.pt")
+        for part in parts:
+            for key, live in ((part.name, part.module), (f"{part.name}_ema", part.ema)):
+                if live is not None:
+                    _check_matches(state, key, live.state_dict(), directory / "state.pt")
+            if not isinstance(state.get(f"opt_{part.name}"), dict):
+                raise CheckpointError(f"{directory / 'state.pt'}: no optimizer state for {part.name}")
         for part in parts:
             part.module.load_state_dict(state[part.name])
             part.optimizer.load_state_dict(state[f"opt_{part.name}"])
@@ -307,7 +315,17 @@ class DeepSpeedStrategy(Strategy):
             part.engine.save_checkpoint(str(directory / "deepspeed"), tag=part.name, client_state=client)
 
     def load_parts(self, parts: list[Part], directory: Path) -> None:
-        """ZeRO partitions belong to a world size: another one is refused in one line (by the caller's check)."""
+        """ZeRO partitions belong to a world size: another one is refused in one line (by the caller's check).
+        All or nothing: every file DeepSpeed will read on this rank (each part's model states and this
+        rank's optimizer partition) is first loaded with the same safe loader, so a refused file leaves
+        no part loaded."""
+        for part in parts:
+            files = [path for path in sorted((directory / "deepspeed" / part.name).glob("*.pt"))
+                     if path.name.startswith("mp_rank_") or f"zero_pp_rank_{self.rank}_" in path.name]  # fmt: skip
+            if not files:
+                raise CheckpointError(f"{directory}: no DeepSpeed checkpoint for {part.name}")
+            for path in files:
+                part.engine.checkpoint_engine.load(str(path), map_location="cpu")
         for part in parts:
             loaded, client = part.engine.load_checkpoint(str(directory / "deepspeed"), tag=part.name, load_optimizer_states=True,
                                                          load_lr_scheduler_states=False)  # fmt: skip
@@ -390,6 +408,14 @@ class SafeCheckpointEngine:
                 return torch.load(path, map_location=map_location, weights_only=True)
             except Exception as err:  # an unexpected type is refused, never unpickled
                 raise CheckpointError(f"{path}: refused to load ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def _check_matches(state: dict, key: str, live: dict, where: Path) -> None:
+    saved = state.get(key)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: no {key} weights")
+    if saved.keys() != live.keys() or any(getattr(saved[k], "shape", None) != getattr(live[k], "shape", None) for k in live):
+        raise CheckpointError(f"{where}: {key} weights do not fit this model (other keys or shapes)")
 
 
 def deepspeed_safe_globals() -> list:

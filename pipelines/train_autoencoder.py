@@ -27,7 +27,7 @@ from gen_core.metrics import fid_from_stats, inception_stats, load_inception, lo
 from gen_core.sampling import to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
 from pipelines.common import inception_progress, log, run_stage
-from pipelines.ray_train import RunContext, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
+from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
 from pipelines.worker import start_worker
 
 GRID_IMAGES = 32  # fixed eval images shown over their reconstructions
@@ -97,7 +97,7 @@ def training_job(cfg: RunConfig) -> TrainingJob:
                        export=export)  # fmt: skip
 
 
-def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, mlflow) -> dict:
+def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: RunLog) -> dict:
     """Measure the latent scale and the reconstruction metrics, then write the diffusers-format model."""
     logger, a, outputs = log("train_autoencoder"), cfg.autoencoder, cfg.outputs.autoencoder
     with tempfile.TemporaryDirectory() as local:
@@ -121,9 +121,9 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, mlflow) -> 
             vae.save_pretrained(tmp, safe_serialization=True)
             atomic_write_json(tmp / "autoencoder.json", export_meta)
 
-        publish_export(outputs, local, mlflow, write)
+        publish_export(outputs, local, run_log, write)
         atomic_write_json(outputs.metrics_file, metrics)
-        mlflow.log_metrics({f"recon_{k}": float(v) for k, v in metrics.items() if k != "step"}, step=meta["step"])
+        run_log.log_metrics({f"recon_{k}": float(v) for k, v in metrics.items() if k != "step"}, step=meta["step"])
     logger.info("exported autoencoder at step %d -> %s", meta["step"], outputs.out_dir)
     return export_meta
 

@@ -26,7 +26,7 @@ from gen_core.training import batch_indices, step_generator
 from pipelines.common import log, run_stage
 from pipelines.gan_step import gan_step
 from pipelines.probe import checkpoint_evaluator
-from pipelines.ray_train import RunContext, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
+from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
 from pipelines.worker import start_worker
 
 
@@ -105,12 +105,12 @@ def training_job(cfg: RunConfig) -> TrainingJob:
     return TrainingJob(stage="train_gan", kind="gan", section="gan", worker_loop=train_loop_per_worker, export=export)
 
 
-def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, mlflow) -> dict:
+def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: RunLog) -> dict:
     """EMA generator -> <outputs.gan.out_dir> (safetensors), loss history -> DVC plots, checkpoint -> MLflow."""
     with tempfile.TemporaryDirectory() as local:
         weights, meta = fetch_checkpoint(checkpoint_uri, local)
         export_meta = {"family": "gan", "generator_spec": meta["generator_spec"], **export_provenance(meta, checkpoint_uri, context)}
-        publish_export(cfg.outputs.gan, local, mlflow, lambda tmp: export_generator(tmp, weights["G_ema"], export_meta))
+        publish_export(cfg.outputs.gan, local, run_log, lambda tmp: export_generator(tmp, weights["G_ema"], export_meta))
     log("train_gan").info("exported EMA generator at step %d -> %s", meta["step"], cfg.outputs.gan.out_dir)
     return export_meta
 

@@ -28,7 +28,7 @@ from gen_core.sampling import class_grid_png, to_unit
 from gen_core.training import batch_indices, step_generator
 from pipelines.common import absolute, log, run_stage
 from pipelines.probe import checkpoint_evaluator
-from pipelines.ray_train import RunContext, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
+from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
 from pipelines.worker import start_worker
 
 
@@ -124,7 +124,7 @@ def training_job(cfg: RunConfig) -> TrainingJob:
     )  # fmt: skip
 
 
-def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, mlflow) -> dict:
+def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: RunLog) -> dict:
     """EMA denoiser (+ autoencoder) -> <outputs.ldm.out_dir> in diffusers format, losses -> DVC plots, checkpoint -> MLflow."""
     with tempfile.TemporaryDirectory() as local:
         weights, meta = fetch_checkpoint(checkpoint_uri, local)
@@ -135,7 +135,7 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, mlflow) -> 
         unet.load_state_dict(weights["unet_ema"])
         model = diffusion_generator(cfg.ldm, cfg.data, unet.eval(), vae, context.num_classes)
         export_meta = {"autoencoder": meta.get("autoencoder"), **export_provenance(meta, checkpoint_uri, context)}
-        publish_export(cfg.outputs.ldm, local, mlflow, lambda tmp: model.save_pretrained(tmp, export_meta))
+        publish_export(cfg.outputs.ldm, local, run_log, lambda tmp: model.save_pretrained(tmp, export_meta))
     log("train_ldm").info("exported EMA denoiser at step %d -> %s", meta["step"], cfg.outputs.ldm.out_dir)
     return export_meta
 

@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -42,7 +43,7 @@ from gen_core.training import autocast_dtype
 from pipelines.common import format_duration
 from pipelines.probe import Evaluation
 from pipelines.strategy import Part, Strategy, build_strategy, check_resumable
-from pipelines.tracking import persisted_config
+from pipelines.tracking import adopt_credentials, persisted_config
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class Reporter:
 
         self.worker = worker
         self.section: TrainingConfig = getattr(worker.cfg, worker.ctx.section)
-        self.mlflow = MlflowClient(worker.ctx.tracking_uri) if worker.is_chief else None
+        self.mlflow = MlflowClient(adopt_credentials(worker.ctx.tracking_uri)) if worker.is_chief else None
         self.history: list[dict] = []
         self.started = time.monotonic()
         self._window_started, self._window_images = time.monotonic(), 0
@@ -228,14 +229,20 @@ class CheckpointStore:
         self.worker, self.report = worker, report
         self.restored_meta: dict | None = None  # meta.json of the checkpoint restore() loaded
         self.eval_history: list[dict] = []  # the evaluations during training so far (evaluation.csv)
+        self.name_suffix = ""  # after passing over newer checkpoints: new checkpoint names get a unique suffix
 
     def due(self, step: int) -> bool:
         return self.report.section.is_checkpoint_step(step)
 
     def restore(self, parts: list[Part]) -> int:
-        """Collective. Load the newest complete, readable checkpoint into `parts` -> its step, or 0."""
-        worker = self.worker
-        found = worker.broadcast(list_checkpoints(worker.ctx.run_uri) if worker.is_chief else None)  # same order on every rank
+        """Collective. Load the newest complete, readable checkpoint into `parts` -> its step, or 0 for a
+        run with no checkpoint. Every checkpoint passed over is said in one line. A run whose checkpoints
+        all fail to load stops (CheckpointError) rather than train from step 0 over them."""
+        worker, skipped = self.worker, []
+        found = worker.broadcast(list_checkpoints(worker.ctx.run_uri, skipped) if worker.is_chief else None)  # same order on every rank
+        skipped = worker.broadcast(skipped if worker.is_chief else None)
+        for uri, why in skipped:
+            self.report.say(f"skipping checkpoint {uri}: {why}")
         for uri, meta in found:
             if meta.get("signature") != worker.ctx.signature:
                 raise CheckpointError(f"{uri}: checkpoint signature {meta.get('signature')} does not match this run's {worker.ctx.signature}")
@@ -249,13 +256,23 @@ class CheckpointStore:
                     history = read_history(Path(directory))
                     eval_history = read_history(Path(directory), "evaluation.csv")
                 except CheckpointError as err:  # e.g. a copy cut short by the failure itself
-                    error = str(err)
+                    error = str(err).replace(directory, uri)  # name the checkpoint in storage, not the download
             if not worker.all_ok(not error):
+                skipped.append((uri, error or "another rank could not read it"))
                 self.report.say(f"skipping unreadable checkpoint {uri}: {error or 'another rank could not read it'}")
                 continue
             self.report.history, self.eval_history, self.restored_meta = history, eval_history, meta
+            if any(named_step(other) >= meta["step"] for other, _ in skipped):
+                # New checkpoints must not reuse a passed-over one's name: Ray's retention still lists the
+                # old one and would delete the new one in its place when it retires it.
+                self.name_suffix = "_" + worker.broadcast(uuid.uuid4().hex[:6] if worker.is_chief else None)
             self.report.resumed(meta)
             return int(meta["step"])
+        if skipped:
+            raise CheckpointError(
+                f"{worker.ctx.run_uri}: none of its {len(skipped)} checkpoint(s) can be loaded, so this run will not start over from "
+                f"step 0 on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set ray.run_name to train afresh"
+            )
         return 0
 
     @contextlib.contextmanager
@@ -283,7 +300,7 @@ class CheckpointStore:
                     self.report.log_image(checkpoint.grid, step)
             has_files = any(checkpoint.directory.iterdir())
             ray.train.report({"step": step, **checkpoint.metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
-                             checkpoint_dir_name=f"checkpoint_{step:07d}")  # fmt: skip
+                             checkpoint_dir_name=f"checkpoint_{step:07d}{self.name_suffix}")  # fmt: skip
             if worker.is_chief and checkpoint.evaluation is not None and checkpoint.evaluation.is_best:
                 keep_best(worker.ctx.run_uri, checkpoint.directory, step, checkpoint.evaluation.best["value"])
         self.report.say(f"checkpoint at step {step} ({time.monotonic() - started:.1f}s)")
@@ -331,28 +348,47 @@ class CheckpointWriter:
         return {str(p.relative_to(self.directory)): p.stat().st_size for p in self.directory.rglob("*") if p.is_file()}
 
 
-def list_checkpoints(run_uri: str) -> list[tuple[str, dict]]:
+def list_checkpoints(run_uri: str, skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, dict]]:
     """(uri, meta) of every complete checkpoint in a run's storage directory, newest step first.
     Every rank uploads its own files; meta.json lists them all with their sizes, so a checkpoint
-    whose upload was cut short (by the failure itself, say) is left out."""
+    whose upload was cut short (by the failure itself, say) is left out. Each checkpoint left out is
+    appended to `skipped` as (uri, why), for the caller to say."""
     fs, path = filesystem(run_uri)
     if not fs.exists(path):
         return []
     scheme = run_uri.split("://")[0] + "://" if "://" in run_uri else ""
-    found = []
+    found, skipped = [], skipped if skipped is not None else []
     for info in fs.ls(path, detail=True):
         entry = info["name"].rstrip("/")
         if info["type"] != "directory" or not entry.split("/")[-1].startswith("checkpoint_"):
             continue
+        uri = scheme + entry if scheme and not entry.startswith(scheme) else entry
         try:
             meta = json.loads(fs.cat_file(f"{entry}/meta.json"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except FileNotFoundError:
+            skipped.append((uri, "meta.json missing (written last: the checkpoint is incomplete)"))
+            continue
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            skipped.append((uri, f"meta.json is not JSON ({err})"))
+            continue
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("files", {}), dict):
+            skipped.append((uri, "meta.json is malformed (no integer step or no file list)"))
             continue
         present = {name[len(entry) + 1 :]: d["size"] for name, d in fs.find(entry, detail=True).items()}
-        if any(present.get(name) != size for name, size in meta.get("files", {}).items()):
+        short = [name for name, size in meta.get("files", {}).items() if present.get(name) != size]
+        if short:
+            skipped.append((uri, f"{len(short)} file(s) missing or of the wrong size, e.g. {short[0]}"))
             continue
-        found.append((scheme + entry if scheme and not entry.startswith(scheme) else entry, meta))
+        found.append((uri, meta))
     return sorted(found, key=lambda item: item[1]["step"], reverse=True)
+
+
+def named_step(uri: str) -> int:
+    """The step in a checkpoint directory's name (checkpoint_0002000 or checkpoint_0002000_1a2b3c)."""
+    try:
+        return int(uri.rstrip("/").rsplit("/", 1)[-1].split("_")[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 BEST_FILES = ("weights.safetensors", "meta.json", "samples.png", "losses.csv", "evaluation.csv")

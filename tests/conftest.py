@@ -109,11 +109,11 @@ def moto_s3():
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process with a sqlite backend, on 127.0.0.1."""
+    """A real `mlflow server` process with a sqlite backend and 2 workers (requests really run concurrently), on 127.0.0.1."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     process = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=subprocess_env(),
     )  # fmt: skip

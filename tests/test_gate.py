@@ -70,3 +70,38 @@ def test_default_gates_reject_the_collapsed_champions_of_the_default_run():
     registry = load_config("params.yaml").registry
     for gate in (registry.gan, registry.ldm):
         assert not decide(candidate(gate.fid_threshold / 2, recall=0.003), gate, None).promoted
+
+
+def version(number: int, fid: float, recall: float = 0.5, class_accuracy: float = 0.9, protocol_id: str = QUICK, revoked: bool = False) -> dict:
+    return {"version": str(number), "fid": fid, "recall": recall, "class_accuracy": class_accuracy, "protocol_id": protocol_id, "revoked": revoked}
+
+
+@pytest.mark.parametrize(
+    ("versions", "champ", "expected"),
+    [
+        ([version(1, 40.0)], None, "1"),
+        ([version(1, 40.0), version(2, 30.0)], None, "2"),  # whoever asks, the best passing version
+        ([version(1, 40.0), version(2, 30.0)], "1", "2"),
+        ([version(1, 40.0), version(2, 30.0)], "2", "2"),  # a stale move to v1 is undone by the next read
+        ([version(1, 30.0), version(2, 30.0)], None, "1"),  # ties: the lower version number
+        ([version(1, 30.0), version(2, 30.0)], "2", "2"),  # ...but a tie never displaces the champion
+        ([version(1, 60.0)], None, None),  # over the threshold: no champion rather than a bad one
+        ([version(1, 40.0), version(2, 20.0, recall=0.003)], "1", "1"),  # collapsed: never wins
+        ([version(1, 40.0), version(2, 20.0, protocol_id="standard:x")], "1", "1"),  # other protocol: not a candidate
+        ([version(1, 40.0), version(2, math.inf)], None, "1"),  # untagged (crashed before tagging): never wins
+        ([version(1, 20.0, revoked=True), version(2, 40.0)], "1", "2"),  # a revoked champion is replaced
+        ([version(1, 20.0, revoked=True)], "1", "1"),  # ...but never by nothing
+        ([version(1, 45.0, recall=0.0), version(2, 49.0)], "1", "2"),  # a champion failing today's gate keeps only what nothing beats
+    ],
+)
+def test_converge_names_the_best_passing_version_whoever_asks(versions, champ, expected):
+    from pipelines.registry import converge
+
+    assert converge(versions, champ, GATE, QUICK) == expected
+
+
+def test_a_champion_that_fails_todays_gate_is_replaced_by_any_model_that_passes():
+    """Champions crowned before the recall floor existed (recall 0.003) must not block healthy models forever."""
+    collapsed = {**champion(20.0), "recall": 0.003, "class_accuracy": 0.9}
+    decision = decide(candidate(45.0), GATE, collapsed)
+    assert decision.promoted and "champion v3 fails this gate (recall 0.003 < floor 0.100)" in decision.reason

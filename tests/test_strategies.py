@@ -9,6 +9,7 @@ frozen, gradient clipping at DeepSpeed's default) moves them by >1e-3 within 4 s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gen_core.checkpoint import CheckpointError
 from gen_core.config import ConfigError, FsdpConfig
 from gen_core.losses import discriminator_loss, generator_loss
 from gen_core.models import Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, requires_grad, update_ema
@@ -73,18 +75,31 @@ def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, d
     strategy.save_parts(parts, directory)
     dist.barrier()
     before = summary()
+    if options.get("tamper") and rank == 0:  # one part's optimizer files become a pickle the safe loader refuses
+        for path in directory.glob(f"deepspeed/{options['tamper']}/*optim_states.pt"):
+            torch.save({"optimizer_state_dict": argparse.Namespace(code="not data")}, path)
+    dist.barrier()
     for part in parts:
         with torch.no_grad():
             for p in part.module.parameters():
                 p.add_(1.0)
-    strategy.load_parts(parts, directory)
-    after = summary()
+    perturbed, load_error = _param_sums(parts), None
+    try:
+        strategy.load_parts(parts, directory)
+    except CheckpointError as err:
+        load_error = str(err)
+    after, after_params = summary(), _param_sums(parts)
     if rank == 0:
         files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-        (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "before": before, "after": after, "files": files}))
+        (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "before": before, "after": after, "files": files,
+                                                           "load_error": load_error, "perturbed": perturbed, "after_params": after_params}))  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # skip C++ static destructors: DeepSpeed's comm op can abort ("terminate called...") at interpreter exit
+
+
+def _param_sums(parts) -> list[float]:
+    return [float(sum(p.detach().double().sum() for p in part.module.parameters())) for part in parts]
 
 
 def _mean(values: list[torch.Tensor]) -> list[float]:
@@ -285,6 +300,14 @@ def test_deepspeed_default_clipping_would_change_the_update(tmp_path):
     losses, _ = reference("gan")
     clipped = run_two_workers(tmp_path, "gan", "zero2", gradient_clipping=1e-3)
     assert not torch.allclose(torch.tensor(clipped["losses"]), torch.tensor(losses), rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_deepspeed_checkpoint_with_one_refused_file_loads_no_part(tmp_path):
+    """D's optimizer files are refused by the safe loader: G (loaded first) must not be loaded either."""
+    result = run_two_workers(tmp_path, "gan", "zero2", tamper="D")
+    assert result["load_error"] is not None and "D/zero_pp_rank_0_mp_rank_00_optim_states.pt: refused to load" in result["load_error"]
+    assert result["after_params"] == result["perturbed"]  # neither G nor D took the checkpoint's weights
 
 
 def test_deepspeed_config_files(tmp_path):

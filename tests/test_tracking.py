@@ -47,7 +47,7 @@ def test_a_sweep_never_puts_credentials_into_trial_configs(monkeypatch):
 
 def test_unreachable_server_error_does_not_print_the_password():
     with pytest.raises(StageError) as err:
-        check_reachable("http://alice:s3cr3t@127.0.0.1:9", timeout_s=2)
+        check_reachable("http://alice:s3cr3t@127.0.0.1:9", wait_s=2)
     assert "s3cr3t" not in str(err.value) and "http://***@127.0.0.1:9" in str(err.value)
 
 
@@ -60,3 +60,54 @@ def test_errors_are_one_line_and_the_traceback_is_there_under_genforge_debug(tmp
     loud = run_cli(command, REPO, env=subprocess_env(GENFORGE_DEBUG="1"))
     assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr
     assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
+
+
+def test_artifacts_live_next_to_a_sqlite_store_outside_the_repo(tmp_path, monkeypatch):
+    """The experiment's artifact location was pinned to the repo's mlartifacts/ whatever store was configured."""
+    import mlflow
+
+    from pipelines.tracking import connect
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "elsewhere" / "mlflow.db"
+    store.parent.mkdir()
+    cfg = load_config(REPO / "params.yaml", [f"tracking.tracking_uri=sqlite:///{store}", "tracking.experiment=away"])
+    try:
+        connect(cfg)
+        with mlflow.start_run() as run:
+            mlflow.log_text("hello", "note.txt")
+        assert (store.parent / "mlartifacts" / run.info.run_id / "artifacts" / "note.txt").exists()
+        other = tmp_path / "chosen"
+        connect(load_config(REPO / "params.yaml", [f"tracking.tracking_uri=sqlite:///{store}", "tracking.experiment=chosen",
+                                                   f"tracking.artifact_location={other}"]))  # fmt: skip
+        assert mlflow.get_experiment_by_name("chosen").artifact_location == other.resolve().as_uri()
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+def test_credentials_in_the_uri_leave_it_for_mlflows_auth_variables(monkeypatch):
+    from pipelines.tracking import adopt_credentials
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert adopt_credentials("http://alice:s3%40cret@127.0.0.1:5000/base") == "http://127.0.0.1:5000/base"
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3@cret"
+    assert adopt_credentials("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_ray_usage_stats_are_off_unless_the_user_opts_in(monkeypatch):
+    """Ray's own decision (usage_lib) under the environment a stage gives the Ray it starts."""
+    from ray._common.usage import usage_lib
+
+    from pipelines.ray_env import ray_defaults
+
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    assert usage_lib.usage_stats_enabled()  # Ray's default: on (so the check below is not vacuous)
+    ray_defaults()
+    assert not usage_lib.usage_stats_enabled()
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    ray_defaults()
+    assert usage_lib.usage_stats_enabled()  # an explicit opt-in stands

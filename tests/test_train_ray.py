@@ -55,6 +55,19 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     assert len([p for p in (root / "ray").iterdir() if p.is_dir()]) == 2
     again = run_cli([*common, "--set", "gan.total_steps=20"], REPO)  # the original run is intact
     assert again.returncode == 0 and "already trained to step 20" in again.stdout
+    # an export that fails (its directory's parent is a file) is one line, and leaves the finished training run's status alone
+    (root / "blocker").write_text("a file, not a directory")
+    blocked = run_cli([*common, "--set", "gan.total_steps=20", "--set", f"outputs.gan.out_dir={root}/blocker/gan"], REPO)
+    assert blocked.returncode == 2 and blocked.stderr.strip().splitlines() == [f"error: {root}/blocker: Not a directory"], blocked.stderr
+    from mlflow.tracking import MlflowClient
+
+    tracking = yaml.safe_load(params.read_text())["tracking"]["tracking_uri"]
+    assert MlflowClient(tracking).get_run(meta["mlflow_run_id"]).info.status == "FINISHED"
+    # checkpoint storage on an S3 endpoint that does not answer: one line, before Ray starts
+    unreachable = subprocess_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")
+    s3 = run_cli([*common, "--set", "gan.total_steps=20", "--set", "ray.storage_path=s3://checkpoints/runs"], REPO, env=unreachable)
+    assert s3.returncode == 2 and "Traceback" not in s3.stderr
+    assert s3.stderr.strip().splitlines()[0].startswith("error: S3 endpoint http://127.0.0.1:9 unreachable: Could not connect to the endpoint URL")
     # a shorter run than the one stored: never export the step-20 model as if it were the step-12 one
     shorter = run_cli([*common, "--set", "gan.total_steps=12"], REPO)
     assert shorter.returncode == 2 and "past gan.total_steps 12" in shorter.stderr, shorter.stderr[-2000:]
@@ -76,10 +89,65 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     (checkpoint / "meta.json").write_text(json.dumps({**meta, "files": {**meta["files"], "state.pt": (checkpoint / "state.pt").stat().st_size}}))
     diverged = run_cli([*common, "--set", "gan.total_steps=30"], REPO)
     assert diverged.returncode == 2, diverged.stderr[-2000:]
-    last = diverged.stderr.strip().splitlines()[-1]  # Ray's own worker logs come before it
-    assert last == "error: training failed: FloatingPointError: non-finite loss at step 25: d_loss=nan g_loss=nan"
+    # one line: the workers' and Ray's tracebacks are in the run's log file, not on the console
+    run_log = f"logs/{checkpoint.parent.name}.log"
+    assert diverged.stderr.strip().splitlines() == [
+        f"error: training failed: FloatingPointError: non-finite loss at step 25: d_loss=nan g_loss=nan (worker logs: {run_log})"]
+    assert "Traceback" not in diverged.stdout and "Traceback" in (REPO / run_log).read_text()
     assert json.loads((out / "generator.json").read_text())["step"] == 20 and losses(root / "losses.csv")[-1] == 20
     assert not any((checkpoint.parent / f"checkpoint_{step:07d}").exists() for step in (25, 30))  # nothing written after step 20
+
+    # the newest checkpoint tampered with (a state.pt the safe loader refuses, sizes in meta.json matching): skipped
+    # in one line naming it in storage, the run resumes from the one before, and keeps checkpoints_to_keep of them
+    tampered = _tamper(checkpoint)
+    fallback = run_cli([*common, "--set", "gan.total_steps=30"], REPO)
+    assert fallback.returncode == 0, fallback.stderr[-2000:]
+    assert f"skipping unreadable checkpoint {checkpoint}: {checkpoint}/state.pt: unreadable (refused by the safe loader" in fallback.stdout
+    assert "tmp" not in fallback.stdout.split("skipping unreadable checkpoint")[1].splitlines()[0].replace(str(root), "")
+    assert "resumed from checkpoint at step 15" in fallback.stdout
+    assert json.loads((out / "generator.json").read_text())["step"] == 30
+    kept = sorted(p.name for p in checkpoint.parent.glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2 and kept[-1].startswith("checkpoint_0000030_"), kept  # new names never collide with the skipped one
+    assert not checkpoint.exists() or (checkpoint / "state.pt").read_bytes() == tampered  # retired, never overwritten
+
+
+def _tamper(checkpoint) -> bytes:
+    """Replace state.pt by a pickle that weights_only loading refuses; keep meta.json's sizes consistent."""
+    import argparse
+
+    import torch
+
+    torch.save({"G": argparse.Namespace(payload="code, not data")}, checkpoint / "state.pt")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (checkpoint / "meta.json").write_text(json.dumps({**meta, "files": {**meta["files"], "state.pt": (checkpoint / "state.pt").stat().st_size}}))
+    return (checkpoint / "state.pt").read_bytes()
+
+
+def test_a_run_whose_only_checkpoint_cannot_load_stops_and_never_overwrites_it(prepared):
+    """Found on a copy of a real run: the driver said "resuming from step 2000", the worker skipped the
+    unreadable checkpoint, trained from step 0 for ten minutes and overwrote it. Also: malformed meta.json."""
+    root, params = prepared
+    common = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray-only",
+              "--set", f"outputs.gan.out_dir={root}/only", "--set", f"outputs.gan.losses_file={root}/only.csv",
+              "--set", f"outputs.gan.eval_file={root}/only.eval.csv", "--set", "gan.checkpoint_every_steps=5"]  # fmt: skip
+    assert run_cli([*common, "--set", "gan.total_steps=5"], REPO).returncode == 0
+    (checkpoint,) = (p for p in (root / "ray-only").glob("*/checkpoint_*") if p.is_dir())
+    tampered = _tamper(checkpoint)
+    refused = run_cli([*common, "--set", "gan.total_steps=10"], REPO)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert f"{checkpoint.parent}: none of its 1 checkpoint(s) can be loaded" in refused.stderr and f"{checkpoint}/state.pt: unreadable" in refused.stderr
+    assert (checkpoint / "state.pt").read_bytes() == tampered and [p.name for p in checkpoint.parent.glob("checkpoint_*") if p.is_dir()] == [checkpoint.name]
+
+    for bad, why in (("[]", "meta.json is malformed"), ("{}", "meta.json is malformed"), ("{not json", "meta.json is not JSON")):
+        (checkpoint / "meta.json").write_text(bad)
+        result = run_cli([*common, "--set", "gan.total_steps=10"], REPO)
+        assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+        assert f"skipping checkpoint {checkpoint}: {why}" in result.stdout
+        assert result.stderr.strip().splitlines() == [
+            f"error: {checkpoint.parent}: none of its 1 checkpoint(s) is complete, so this run will not start over from step 0 on top "
+            f"of them; newest: {checkpoint}: {result.stdout.split(f'skipping checkpoint {checkpoint}: ')[1].splitlines()[0]}. "
+            "Repair or remove them, or set ray.run_name to train afresh"]
 
 
 def test_s3_idx_source(tmp_path, moto_s3, real_digits):
