@@ -456,6 +456,9 @@ class PbtConfig(_Section):
     perturbation_interval: int = Field(1, ge=1)  # in reports
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
+    # true: every trial waits at each perturbation point and the bottom quantile then exploits the top (deterministic,
+    # idles the fast trials); false: a trial exploits when it reports, against whatever the others reported last
+    synch: bool = False
 
 
 def _default_space() -> dict:

@@ -116,7 +116,7 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
             version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, generator_sha256)
         for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate).items():
             client.set_model_version_tag(gate.model_name, version.version, key, value)
-        decision = _apply_gate(client, gate, r.alias, version.version, metrics)
+        decision = _apply_gate(client, gate, r.alias, str(version.version), metrics)  # a str over REST, an int from sqlite
 
     verdict = "PROMOTED" if decision.promoted else "REJECTED"
     line = f"gate: {verdict} {gate.model_name} v{version.version} -> @{r.alias}: {decision.reason}" if decision.promoted else (

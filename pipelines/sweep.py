@@ -267,7 +267,7 @@ def _scheduler(cfg: RunConfig):
         return PopulationBasedTraining(
             time_attr="training_iteration", perturbation_interval=s.pbt.perturbation_interval,
             hyperparam_mutations={key: tune_domain(dim) for key, dim in space.items()},
-            quantile_fraction=s.pbt.quantile_fraction, resample_probability=s.pbt.resample_probability, synch=False,
+            quantile_fraction=s.pbt.quantile_fraction, resample_probability=s.pbt.resample_probability, synch=s.pbt.synch,
         )  # fmt: skip
     return FIFOScheduler()
 

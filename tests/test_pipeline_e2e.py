@@ -113,9 +113,10 @@ def test_register_is_idempotent(pipeline):
 
 def test_unreachable_tracking_server_is_one_line(pipeline):
     project, _ = pipeline
-    result = run_cli(["python", "-m", "pipelines.register", "--set", "tracking.tracking_uri=http://127.0.0.1:9"], project)
+    result = run_cli(["python", "-m", "pipelines.register", "--set", "tracking.tracking_uri=http://127.0.0.1:9", "--set", "tracking.server_wait_s=3"], project)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: MLflow tracking server http://127.0.0.1:9: unreachable (Connection refused)"]
+    assert result.stderr.strip().splitlines() == ["error: MLflow tracking server http://127.0.0.1:9: unreachable for 3 s (Connection refused)"]
+    assert "retrying for up to 3 s" in result.stdout  # a server restarting is waited for, and the wait is said
 
 
 def test_model_trained_against_another_tracking_store_is_one_line_before_sampling(pipeline, tmp_path):
