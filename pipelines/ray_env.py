@@ -62,7 +62,7 @@ def route_ray_logs(log_path: Path) -> None:
         logger.addHandler(file_handler)
 
 
-def route_worker_logs(log_path: Path) -> Path:
+def route_worker_logs(log_path: Path) -> None:
     """Ray forwards every worker's and actor's stdout and stderr to this driver. Keep it all in
     `log_path` (appended), and show on the console only stdout, which carries the progress lines:
     stderr holds Ray's warnings and, when a run fails, the worker and controller tracebacks, which would
@@ -86,7 +86,6 @@ def route_worker_logs(log_path: Path) -> Path:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("genforge_logs")
     dispatcher.add_handler("genforge_logs", handle)
-    return log_path
 
 
 def storage(cfg: RunConfig, path: str | None = None) -> tuple[str, object | None]:

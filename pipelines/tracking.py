@@ -133,9 +133,9 @@ def connect(cfg: RunConfig):
         if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
             try:
                 mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg, uri))
-            except mlflow.exceptions.MlflowException as err:
+            except mlflow.exceptions.MlflowException as err:  # another process creating it in between is fine
                 if "already exists" not in str(err) and "RESOURCE_ALREADY_EXISTS" not in str(err):
-                    raise  # another process created it in between: that is fine
+                    raise
         mlflow.set_experiment(cfg.tracking.experiment)
     return mlflow
 
