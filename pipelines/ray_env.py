@@ -34,8 +34,10 @@ def init_ray(cfg: RunConfig):
             needed = cfg.ray.num_workers * cfg.ray.cpus_per_worker
             # The dashboard (127.0.0.1 only) backs the State API that Train V2's placement-group
             # cleaner polls; without it every run logs a warning per second.
+            # address="local": without it Ray joins a cluster that `ray start` left running on this machine
+            # (and then refuses num_cpus); an unset ray.address means a Ray of this stage's own.
             ray.init(
-                num_cpus=max(os.cpu_count() or 1, needed),
+                address="local", num_cpus=max(os.cpu_count() or 1, needed),
                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}},
             )  # fmt: skip
     except ConnectionError as err:

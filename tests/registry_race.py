@@ -3,9 +3,9 @@
     python tests/registry_race.py RACES.json OUT_DIR
 
 RACES.json: a list of races, each a list of argument lists for pipelines.register. For every race
-this process forks one child per argument list (the imports are paid once, here, so a race costs
-seconds), the children wait on one barrier and then run the register stage's real entry point, each
-with its own stdout/stderr files: OUT_DIR/<race>-<i>.out|.err|.rc.
+this process forks one child per argument list (the imports and MLflow's package scan are paid once,
+here, so a race costs seconds), the children wait on one barrier and then run the register stage's
+real entry point, each with its own stdout/stderr files: OUT_DIR/<race>-<i>.out|.err|.rc.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import os
 import sys
 from pathlib import Path
 
+from mlflow.utils.requirements_utils import _init_modules_to_packages_map
+
 import pipelines.register  # noqa: F401  (imported before forking: the children start warm)
+
+# Also warm: MLflow maps every installed package's files to its modules (about 3 s of CPU) the first time a
+# process logs a model, to check the model's requirements; every child would otherwise redo it.
+_init_modules_to_packages_map()
 
 
 def _child(barrier, args: list[str], prefix: str) -> None:

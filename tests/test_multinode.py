@@ -5,14 +5,13 @@ moto_server) and through the Python API (RAY_ADDRESS; checkpoints on a shared pa
 
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, run_cli, subprocess_env, tiny_params, write_params
+from tests.conftest import REPO, VENV_BIN, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -21,11 +20,8 @@ pytestmark = pytest.mark.slow
 def two_node_cluster(tmp_path_factory, moto_s3):
     root = tmp_path_factory.mktemp("cluster")
     temp = Path(tempfile.mkdtemp(prefix="gf", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
-    port, dashboard = free_port(), free_port()
-    env = subprocess_env(RAY_AUTH_MODE="disabled")  # carries the moto endpoint and credentials to both nodes
-    head = run_cli([str(VENV_BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2", "--temp-dir", str(temp / "head"),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--disable-usage-stats"], root, env)  # fmt: skip
-    assert head.returncode == 0, head.stderr
+    env = subprocess_env(RAY_AUTH_MODE="disabled", RAY_ADDRESS=None)  # carries the moto endpoint and credentials to both nodes
+    port, dashboard = start_ray_head(temp / "head", env, num_cpus=2)
     try:
         node = run_cli([str(VENV_BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
                         "--temp-dir", str(temp / "node2"), "--disable-usage-stats"], root, env)  # fmt: skip
@@ -39,7 +35,7 @@ def two_node_cluster(tmp_path_factory, moto_s3):
             pytest.fail(f"second node did not join: {status.stdout}")
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "root": root}
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
 
 
