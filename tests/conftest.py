@@ -154,21 +154,25 @@ def stop_ray(temp_dir: Path, gcs_port: int) -> None:
     for daemon in daemons:
         with contextlib.suppress(psutil.NoSuchProcess):
             processes.update(daemon.children(recursive=True))
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(list(processes), timeout=15)
-    for process in alive:
+    for process in processes:  # as `ray stop --force` does
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+    psutil.wait_procs(list(processes), timeout=10)
+
+
+def other_ray_ports() -> list[str]:
+    """`ray start` flags for the ports that default to fixed numbers (the job agent's 52365, the client server's
+    10001): two Ray nodes on one machine would both take them, and the second one's job agent would be missing."""
+    return ["--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port())]
 
 
 def start_ray_head(temp_dir: Path, env: dict, num_cpus: int) -> tuple[int, int]:
     """`ray start --head` on 127.0.0.1 with its own temp dir and ports -> (GCS port, dashboard port)."""
-    port, dashboard, client = free_port(), free_port(), free_port()
+    port, dashboard = free_port(), free_port()
+    temp_dir.mkdir(parents=True, exist_ok=True)
     head = run_cli([str(VENV_BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", str(num_cpus),
                     "--temp-dir", str(temp_dir), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                    "--ray-client-server-port", str(client), "--disable-usage-stats"], temp_dir, env)  # fmt: skip
+                    *other_ray_ports(), "--disable-usage-stats"], temp_dir, env)  # fmt: skip
     assert head.returncode == 0, head.stderr
     return port, dashboard
 
@@ -194,6 +198,26 @@ def shared_ray(request):
         SHARED_RAY.clear()
         stop_ray(temp_dir, port)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def upstream_sections(root: Path) -> dict:
+    """params sections that place the prepared data, the classifier and the reference statistics under `root`."""
+    return {"data": {"out_dir": str(root / "prepared")}, "ref_stats": {"out_dir": str(root / "ref_stats")},
+            "classifier": {"out_dir": str(root / "classifier"), "metrics_file": str(root / "classifier.json")}}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tmp_path_factory) -> Path:
+    """prepare -> classifier -> ref_stats of the tiny profile (tracked in its mlflow.db), once for the session:
+    what the sweeps and the in-training evaluation read."""
+    root = tmp_path_factory.mktemp("upstream")
+    params = tiny_params(**upstream_sections(root))
+    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    path = write_params(root, params)
+    for stage in ("prepare", "classifier", "ref_stats"):
+        result = run_cli(["python", "-m", f"pipelines.{stage}", "--params", str(path)], REPO)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, write_params
+from tests.conftest import REPO, VENV_BIN, other_ray_ports, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def two_node_cluster(tmp_path_factory, moto_s3):
     port, dashboard = start_ray_head(temp / "head", env, num_cpus=2)
     try:
         node = run_cli([str(VENV_BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
-                        "--temp-dir", str(temp / "node2"), "--disable-usage-stats"], root, env)  # fmt: skip
+                        "--temp-dir", str(temp / "node2"), *other_ray_ports(), "--disable-usage-stats"], root, env)  # fmt: skip
         assert node.returncode == 0, node.stderr
         for _ in range(30):  # the second node registers a few seconds after `ray start` returns
             status = run_cli([str(VENV_BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"], root, env)

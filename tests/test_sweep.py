@@ -16,15 +16,14 @@ import pytest
 import yaml
 
 from gen_core.config import ConfigError, load_config
-from tests.conftest import REPO, VENV_BIN, run_cli, subprocess_env, tiny_params, write_params
+from tests.conftest import REPO, VENV_BIN, run_cli, subprocess_env, tiny_params, upstream_sections, write_params
 
 RATIO_ONLY = {"gan": {"lr_d_over_lr_g": {"type": "loguniform", "low": 0.25, "high": 16.0}}}
 
 
 def sweep_params(root: Path, **sweep) -> dict:
     params = tiny_params(
-        data={"out_dir": str(root / "prepared")}, classifier={"out_dir": str(root / "classifier"), "metrics_file": str(root / "classifier.json")},
-        ref_stats={"out_dir": str(root / "ref_stats")},
+        **upstream_sections(root),
         registry={"gan": {"fid_threshold": 10_000.0, "recall_floor": 0.0, "class_accuracy_floor": 0.0}},  # tiny models: the gate itself is tested elsewhere
     )  # fmt: skip
     params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
@@ -37,13 +36,9 @@ def sweep_params(root: Path, **sweep) -> dict:
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """prepare -> classifier -> ref_stats, once for the module (tiny profile)."""
-    root = tmp_path_factory.mktemp("sweep")
-    path = write_params(root, sweep_params(root))
-    for stage in ("prepare", "classifier", "ref_stats"):
-        assert run_cli(["python", "-m", f"pipelines.{stage}", "--params", str(path)], REPO).returncode == 0
-    return root
+def upstream(tiny_upstream):
+    """The session's prepare -> classifier -> ref_stats; each sweep writes under its own name beside them."""
+    return tiny_upstream
 
 
 def run_sweep(root: Path, name: str, timeout: int = 600, **sweep) -> tuple[subprocess.CompletedProcess, Path]:

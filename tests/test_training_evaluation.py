@@ -8,7 +8,7 @@ import json
 import mlflow
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_params, write_params
+from tests.conftest import REPO, run_cli, tiny_params, upstream_sections, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -18,17 +18,12 @@ def rows(path):
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """prepare -> classifier -> ref_stats of the tiny profile, once for the module."""
+def upstream(tmp_path_factory, tiny_upstream):
+    """The session's prepare -> classifier -> ref_stats; this module's runs and MLflow store of its own."""
     root = tmp_path_factory.mktemp("evaluation")
-    params = tiny_params(data={"out_dir": str(root / "prepared")}, classifier={"out_dir": str(root / "classifier"),
-                         "metrics_file": str(root / "classifier.json")}, ref_stats={"out_dir": str(root / "ref_stats")})  # fmt: skip
+    params = tiny_params(**upstream_sections(tiny_upstream))
     params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
-    path = write_params(root, params)
-    for stage in ("prepare", "classifier", "ref_stats"):
-        result = run_cli(["python", "-m", f"pipelines.{stage}", "--params", str(path)], REPO)
-        assert result.returncode == 0, result.stderr[-2000:]
-    return root, path
+    return root, write_params(root, params)
 
 
 def test_training_evaluates_exports_the_best_checkpoint_and_stops_early(upstream):
