@@ -119,10 +119,18 @@ def log(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def git_revision() -> str:
+# What the pipeline itself rewrites while it runs (DVC's lock file, the committed metrics outs): changed, they
+# do not make a run's code differ from its commit. Before this, every stage after the first one recorded "-dirty".
+PIPELINE_WRITES = ("dvc.lock", "metrics")
+
+
+def git_revision(root: Path = REPO_ROOT) -> str:
+    """HEAD's commit, with "-dirty" when a tracked file other than the pipeline's own records differs from it."""
+    unchanged = [f":(top,exclude){path}" for path in PIPELINE_WRITES]
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *unchanged],
+                               cwd=root, capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if rev.returncode:

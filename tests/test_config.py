@@ -53,6 +53,11 @@ def test_log_and_checkpoint_steps_include_the_last_step():
     gan = load_config(REPO / "params.yaml", ["gan.total_steps=130", "gan.log_every_steps=50", "gan.checkpoint_every_steps=60"]).gan
     assert [s for s in range(1, 131) if gan.is_log_step(s)] == [50, 100, 130]
     assert [s for s in range(1, 131) if gan.is_checkpoint_step(s)] == [60, 120, 130]
+    # a run shorter than the intervals (`dvc exp run -S gan.total_steps=50` with the default 250 and 50) is valid:
+    # it logs and checkpoints at its last step
+    short = load_config(REPO / "params.yaml", ["gan.total_steps=30", "gan.evaluation.every_steps=null"]).gan
+    assert short.checkpoint_every_steps > 30 and short.log_every_steps > 30
+    assert [s for s in range(1, 31) if short.is_checkpoint_step(s)] == [30] == [s for s in range(1, 31) if short.is_log_step(s)]
 
 
 def test_evaluation_steps_are_checkpoint_steps():

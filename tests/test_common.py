@@ -1,0 +1,30 @@
+"""pipelines.common: what every stage records about where its code came from."""
+
+import subprocess
+
+from pipelines.common import git_revision
+
+
+def test_git_revision_is_dirty_for_changed_code_not_for_what_the_pipeline_writes(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True, text=True)
+
+    (tmp_path / "metrics").mkdir()
+    for name in ("train.py", "params.yaml", "dvc.lock", "metrics/eval.json"):
+        (tmp_path / name).write_text("1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD").stdout.strip()
+
+    (tmp_path / "dvc.lock").write_text("2\n")  # what `dvc repro` rewrites as it goes
+    (tmp_path / "metrics" / "eval.json").write_text("2\n")
+    (tmp_path / "scratch.txt").write_text("untracked\n")
+    assert git_revision(tmp_path) == head
+    assert git_revision(tmp_path / "metrics") == head  # the paths are the repository's, whatever the directory
+    (tmp_path / "params.yaml").write_text("2\n")  # a changed config is a changed tree
+    assert git_revision(tmp_path) == f"{head}-dirty"
+    git("checkout", "params.yaml")
+    (tmp_path / "train.py").write_text("2\n")
+    assert git_revision(tmp_path) == f"{head}-dirty"
+    assert git_revision(tmp_path / "metrics") == f"{head}-dirty"
