@@ -115,7 +115,7 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
             print(f"registering {generator_dir} (sha256 {generator_sha256[:12]}) as a new version of {gate.model_name}", flush=True)
             version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, generator_sha256)
         for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate).items():
-            client.set_model_version_tag(gate.model_name, version.version, key, value)
+            _write(client.set_model_version_tag, gate.model_name, version.version, key, value)
         decision = _apply_gate(client, gate, r.alias, str(version.version), metrics)  # a str over REST, an int from sqlite
 
     verdict = "PROMOTED" if decision.promoted else "REJECTED"
@@ -133,6 +133,24 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     if require_promotion and not decision.promoted:
         return {**record, "exit_code": 1}
     return record
+
+
+def _write(call, *args) -> None:
+    """One registry write (a tag, an alias) that another process may make at the same moment. MLflow's SQL
+    store writes by reading, then inserting or updating: of two first writes at once, one fails on the unique
+    key (sqlite: "UNIQUE constraint failed", an error response, not a lost connection), and the same write
+    made again updates. A tag deleted by the other process first is gone, as this one wanted."""
+    from mlflow.exceptions import RestException
+
+    for attempt in range(3):
+        try:
+            call(*args)
+            return
+        except RestException as err:
+            if call.__name__ == "delete_model_version_tag" and err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return
+            if attempt == 2:
+                raise
 
 
 def _ensure_registered_model(client, name: str, family: str) -> None:
@@ -208,7 +226,7 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
     version = client.get_model_version(model_name, made.version)
     # the source is a models:/m-... URI; the run id links the version to its training run
     if version.run_id != run_id:
-        client.set_model_version_tag(model_name, version.version, "training_run_id", run_id)
+        _write(client.set_model_version_tag, model_name, version.version, "training_run_id", run_id)
     return version
 
 
@@ -279,7 +297,7 @@ def _apply_gate(client, gate: GateConfig, alias: str, mine: str, metrics: dict) 
         target = converge(versions, champion, gate, metrics["protocol_id"])
         if target == champion:
             break
-        client.set_registered_model_alias(gate.model_name, alias, target)
+        _write(client.set_registered_model_alias, gate.model_name, alias, target)
     else:
         raise StageError(f"gate: {gate.model_name}@{alias} did not settle after 20 moves (other processes keep moving it)")
 
@@ -290,13 +308,13 @@ def _apply_gate(client, gate: GateConfig, alias: str, mine: str, metrics: dict) 
         else:  # the champion this process found first, which `mine` displaced (or none)
             decision = decide(metrics, gate, records.get(first_champion) if first_champion is not None else None)
             decision = GateDecision(True, decision.reason)
-        client.set_model_version_tag(gate.model_name, mine, "gate", "promoted")
+        _write(client.set_model_version_tag, gate.model_name, mine, "gate", "promoted")
         if "rejected" in tags:
-            client.delete_model_version_tag(gate.model_name, mine, "rejected")
+            _write(client.delete_model_version_tag, gate.model_name, mine, "rejected")
         return decision
     decision = decide(metrics, gate, records.get(champion) if champion is not None else None)
     if decision.promoted:  # passes everything, yet another version holds the alias: `mine` was revoked
         decision = GateDecision(False, f"revoked ({tags.get('revoked')}); v{champion} holds @{alias}")
-    client.set_model_version_tag(gate.model_name, mine, "gate", "rejected")
-    client.set_model_version_tag(gate.model_name, mine, "rejected", decision.reason)
+    _write(client.set_model_version_tag, gate.model_name, mine, "gate", "rejected")
+    _write(client.set_model_version_tag, gate.model_name, mine, "rejected", decision.reason)
     return decision
