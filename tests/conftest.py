@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,19 +28,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-SHARED_RAY: dict[str, str] = {}  # RAY_ADDRESS and RAY_TMPDIR of the session's shared Ray cluster, while it runs
-
-
-def subprocess_env(**extra: str | None) -> dict:
-    """The environment of a command a test runs. Stages join the session's shared Ray cluster when there
-    is one (RAY_ADDRESS); `RAY_ADDRESS=None` runs a stage as a user without a cluster does, on a Ray of its own.
-    An `extra` value of None removes that variable."""
+def subprocess_env(**extra: str) -> dict:
     # Ray Train's controller polls its workers every 2 s by default, so each short training run waited
     # up to that long after its last step; 0.5 s saves about 3 s per run (measured) and changes nothing else.
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **SHARED_RAY}  # fmt: skip
+           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # fmt: skip
+    env.pop("RAY_ADDRESS")
     env.update(extra)
-    return {key: value for key, value in env.items() if value is not None}
+    return env
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -141,13 +135,13 @@ def mlflow_server(tmp_path_factory):
 
 
 def stop_ray(temp_dir: Path, gcs_port: int) -> None:
-    """Stop the Ray cluster started with `temp_dir` and `gcs_port`: its daemons and their children (workers,
-    agents). `ray stop` would stop every Ray on the machine, the session's shared cluster included."""
+    """Stop the Ray cluster started with `temp_dir` and `gcs_port` (0: not known): its daemons and their children (workers,
+    agents). `ray stop` would stop every Ray on the machine, a developer's own included."""
     import psutil
 
     def ours(process: psutil.Process) -> bool:
         args = process.info["cmdline"] or []
-        return any(str(temp_dir) in arg or arg.endswith(f":{gcs_port}") for arg in args)
+        return any(str(temp_dir) in arg or (gcs_port and arg.endswith(f":{gcs_port}")) for arg in args)
 
     daemons = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid() and ours(p)]
     processes = set(daemons)
@@ -175,29 +169,6 @@ def start_ray_head(temp_dir: Path, env: dict, num_cpus: int) -> tuple[int, int]:
                     *other_ray_ports(), "--disable-usage-stats"], temp_dir, env)  # fmt: skip
     assert head.returncode == 0, head.stderr
     return port, dashboard
-
-
-@pytest.fixture(scope="session", autouse=True)
-def shared_ray(request):
-    """One Ray cluster for every stage a slow test runs: a run that joins it skips starting and stopping a Ray
-    of its own (measured: about 5 s and 10 CPU-seconds a run). Its workers inherit the environment it starts
-    with, so it starts after moto_server (the S3 endpoint and keys). Not started for the fast subset."""
-    if not any(item.get_closest_marker("slow") for item in request.session.items):
-        yield None
-        return
-    request.getfixturevalue("moto_s3")
-    temp_dir = Path(tempfile.mkdtemp(prefix="gfr", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
-    # RAY_TMPDIR is where a stage without RAY_ADDRESS starts its own Ray, and where it finds this cluster's address
-    # file, as it would find the one of a `ray start` that a user left running (it must not join it).
-    env = subprocess_env(RAY_ADDRESS=None, RAY_TMPDIR=str(temp_dir))
-    port, _ = start_ray_head(temp_dir / "ray", env, num_cpus=2)
-    SHARED_RAY.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_TMPDIR=str(temp_dir))
-    try:
-        yield SHARED_RAY["RAY_ADDRESS"]
-    finally:
-        SHARED_RAY.clear()
-        stop_ray(temp_dir, port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def upstream_sections(root: Path) -> dict:

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 def two_node_cluster(tmp_path_factory, moto_s3):
     root = tmp_path_factory.mktemp("cluster")
     temp = Path(tempfile.mkdtemp(prefix="gf", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
-    env = subprocess_env(RAY_AUTH_MODE="disabled", RAY_ADDRESS=None)  # carries the moto endpoint and credentials to both nodes
-    port, dashboard = start_ray_head(temp / "head", env, num_cpus=2)
+    env = subprocess_env(RAY_AUTH_MODE="disabled")  # carries the moto endpoint and credentials to both nodes
+    port, dashboard = start_ray_head(temp / "ray", env, num_cpus=2)  # temp/ray: where RAY_TMPDIR=temp makes Ray look
     try:
         node = run_cli([str(VENV_BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
                         "--temp-dir", str(temp / "node2"), *other_ray_ports(), "--disable-usage-stats"], root, env)  # fmt: skip
@@ -33,7 +33,7 @@ def two_node_cluster(tmp_path_factory, moto_s3):
             time.sleep(2)
         else:
             pytest.fail(f"second node did not join: {status.stdout}")
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "root": root}
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "root": root, "temp": temp}
     finally:
         stop_ray(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
@@ -87,3 +87,16 @@ def test_python_api_fsdp_across_two_nodes_with_shared_storage(two_node_cluster, 
     assert meta["step"] == 10
     shards = sorted(p.name for p in storage.glob("*/checkpoint_0000010/fsdp/*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_a_stage_without_an_address_starts_its_own_ray_beside_a_running_cluster(two_node_cluster, cluster_params):
+    """`ray start` leaves its address where ray.init() looks when given none (RAY_TMPDIR/ray/ray_current_cluster).
+    A stage with ray.address and RAY_ADDRESS unset must start a Ray of its own, not join that cluster: joining, Ray
+    refused the stage's num_cpus with a ValueError traceback."""
+    temp = two_node_cluster["temp"]
+    assert (temp / "ray" / "ray_current_cluster").read_text().strip().endswith(two_node_cluster["gcs"].split(":")[1])
+    code = ("import sys; from gen_core.config import load_config; from pipelines.ray_env import init_ray; "
+            "ray = init_ray(load_config(sys.argv[1])); print('nodes', len(ray.nodes()), 'cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
+    result = run_cli(["python", "-c", code, str(cluster_params)], REPO, {**two_node_cluster["env"], "RAY_TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nodes 1 cpus 4.0" in result.stdout  # its own: one node, sized for the job's 2 x 2 CPUs (the cluster has 2 nodes)

@@ -21,9 +21,7 @@ def pipeline(tmp_path_factory, mlflow_server):
     write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"}, ray={"strategy": "fsdp"},
                                       registry={"gan": {"model_name": "tiny-gan", "fid_threshold": 1000.0, **NO_FLOORS},
                                                 "ldm": {"model_name": "tiny-ldm", "fid_threshold": 1000.0, **NO_FLOORS}}))  # fmt: skip
-    # As a user without a cluster runs it: every stage starts a Ray of its own (RAY_ADDRESS unset), although the
-    # session's shared cluster has left its address file where Ray looks for one that `ray start` left running.
-    result = run_cli(["dvc", "repro"], project, env=subprocess_env(RAY_ADDRESS=None), timeout=900)
+    result = run_cli(["dvc", "repro"], project, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return project, result
 
