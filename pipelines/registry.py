@@ -135,11 +135,11 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     return record
 
 
-def _write(call, *args) -> None:
+def _write(call, *args, missing_ok: bool = False) -> None:
     """One registry write (a tag, an alias) that another process may make at the same moment. MLflow's SQL
     store writes by reading, then inserting or updating: of two first writes at once, one fails on the unique
     key (sqlite: "UNIQUE constraint failed", an error response, not a lost connection), and the same write
-    made again updates. A tag deleted by the other process first is gone, as this one wanted."""
+    made again updates. `missing_ok`: for a delete, finding nothing (the other process deleted it first) is done."""
     from mlflow.exceptions import RestException
 
     for attempt in range(3):
@@ -147,7 +147,7 @@ def _write(call, *args) -> None:
             call(*args)
             return
         except RestException as err:
-            if call.__name__ == "delete_model_version_tag" and err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            if missing_ok and err.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return
             if attempt == 2:
                 raise
@@ -310,7 +310,7 @@ def _apply_gate(client, gate: GateConfig, alias: str, mine: str, metrics: dict) 
             decision = GateDecision(True, decision.reason)
         _write(client.set_model_version_tag, gate.model_name, mine, "gate", "promoted")
         if "rejected" in tags:
-            _write(client.delete_model_version_tag, gate.model_name, mine, "rejected")
+            _write(client.delete_model_version_tag, gate.model_name, mine, "rejected", missing_ok=True)
         return decision
     decision = decide(metrics, gate, records.get(champion) if champion is not None else None)
     if decision.promoted:  # passes everything, yet another version holds the alias: `mine` was revoked

@@ -135,13 +135,13 @@ def mlflow_server(tmp_path_factory):
 
 
 def stop_ray(temp_dir: Path, gcs_port: int) -> None:
-    """Stop the Ray cluster started with `temp_dir` and `gcs_port` (0: not known): its daemons and their children (workers,
+    """Stop the Ray cluster started with `temp_dir` and `gcs_port`: its daemons and their children (workers,
     agents). `ray stop` would stop every Ray on the machine, a developer's own included."""
     import psutil
 
     def ours(process: psutil.Process) -> bool:
         args = process.info["cmdline"] or []
-        return any(str(temp_dir) in arg or (gcs_port and arg.endswith(f":{gcs_port}")) for arg in args)
+        return any(str(temp_dir) in arg or arg.endswith(f":{gcs_port}") for arg in args)
 
     daemons = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid() and ours(p)]
     processes = set(daemons)
