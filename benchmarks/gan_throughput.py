@@ -35,9 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gen_core.config import load_config  # noqa: E402
-from gen_core.losses import discriminator_loss, generator_loss  # noqa: E402
-from gen_core.models import Discriminator, Generator, requires_grad  # noqa: E402
-from gen_core.models import gan_specs  # noqa: E402
+from gen_core.losses import discriminator_loss, gan_objective, generator_loss  # noqa: E402
+from gen_core.models import build_discriminator, build_generator, gan_specs, requires_grad  # noqa: E402
 
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -46,25 +45,27 @@ LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_
 def bare_loop(cfg, steps: int, amp: bool, threads: int, layout: str = "channels_last") -> float:
     torch.set_num_threads(threads)
     g_spec, d_spec = gan_specs(cfg.gan.model, cfg.data.resolution, cfg.data.channels, 10)
-    G = Generator(g_spec).to(memory_format=LAYOUTS[layout])  # as the train_gan loop does under ddp
-    D = Discriminator(d_spec).to(memory_format=LAYOUTS[layout])
+    G = build_generator(g_spec).to(memory_format=LAYOUTS[layout])  # as the train_gan loop does under ddp
+    D = build_discriminator(d_spec).to(memory_format=LAYOUTS[layout])
+    objective = gan_objective(cfg.gan)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.gan.lr_g, betas=(cfg.gan.adam_beta1, cfg.gan.adam_beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.gan.lr_d, betas=(cfg.gan.adam_beta1, cfg.gan.adam_beta2))
     batch = cfg.gan.global_batch_size
     real = (torch.rand(batch, g_spec.channels, g_spec.resolution, g_spec.resolution) * 2 - 1).to(memory_format=LAYOUTS[layout])
     labels = torch.randint(0, 10, (batch,))
+    noise = torch.Generator().manual_seed(0)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             with torch.no_grad():
                 fake = G(torch.randn(batch, g_spec.z_dim), labels)
-            d_loss = discriminator_loss(cfg.gan.loss, D, real, fake, labels).mean()
+            d_loss = discriminator_loss(objective, D, real, fake, labels, noise, objective.penalised)[0].mean()
         opt_D.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_D.step()
         requires_grad(D, False)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            g_loss = generator_loss(cfg.gan.loss, D, G(torch.randn(batch, g_spec.z_dim), labels), labels).mean()
+            g_loss = generator_loss(objective, D, G(torch.randn(batch, g_spec.z_dim), labels), labels, real, noise).mean()
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_G.step()

@@ -95,7 +95,8 @@ def worker(rank: int, world: int, port: int, family: str, case: str, steps: int,
 def _gan(cfg, strategy, rank, world, autocast):
     from gen_core.models import ema_beta
     from gen_core.training import step_generator
-    from gen_core.models import Discriminator, Generator, gan_specs
+    from gen_core.losses import gan_objective
+    from gen_core.models import build_discriminator, build_generator, gan_specs
     from pipelines.gan_step import gan_step
 
     t = cfg.gan
@@ -103,14 +104,14 @@ def _gan(cfg, strategy, rank, world, autocast):
     g_spec, d_spec = gan_specs(t.model, cfg.data.resolution, cfg.data.channels, 10)
     layout = torch.channels_last if strategy.name == "ddp" else torch.contiguous_format  # as in the loop
     betas = (t.adam_beta1, t.adam_beta2)
-    G = strategy.wrap("G", Generator(g_spec).to(memory_format=layout), lambda p: torch.optim.Adam(p, lr=t.lr_g, betas=betas), ema=True)
-    D = strategy.wrap("D", Discriminator(d_spec).to(memory_format=layout), lambda p: torch.optim.Adam(p, lr=t.lr_d, betas=betas))
+    G = strategy.wrap("G", build_generator(g_spec).to(memory_format=layout), lambda p: torch.optim.Adam(p, lr=t.lr_g, betas=betas), ema=True)
+    D = strategy.wrap("D", build_discriminator(d_spec).to(memory_format=layout), lambda p: torch.optim.Adam(p, lr=t.lr_d, betas=betas))
     n = t.global_batch_size // world
     real = torch.rand(n, 1, 32, 32) * 2 - 1
     labels = torch.randint(0, 10, (n,))
 
     def step(i):
-        gan_step(G, D, real, labels, step_generator(0, i, rank), g_spec.z_dim, t.loss, t.d_steps_per_g_step, autocast)
+        gan_step(G, D, real, labels, step_generator(0, i, rank), g_spec.z_dim, gan_objective(t), t.d_steps_per_g_step, autocast, i)
         strategy.update_ema(G, ema_beta(t.global_batch_size, (i + 1) * t.global_batch_size, t.ema_halflife_kimg, t.ema_rampup_ratio))
 
     return step, [G, D], G

@@ -96,11 +96,14 @@ def export_generator(directory: str | Path, state_dict: dict, meta: dict) -> Non
 
 
 def load_generator(directory: str | Path):
-    """-> (Generator in eval mode, meta) from generator.safetensors + generator.json."""
-    from gen_core.models import Generator, GeneratorSpec
+    """-> (generator network in eval mode, meta) from generator.safetensors + generator.json."""
+    from gen_core.models import GAN_ARCHS, GeneratorSpec, build_generator
 
     state, meta = load_generator_export(directory)
-    generator = Generator(GeneratorSpec(**meta["generator_spec"]))
+    spec = GeneratorSpec(**meta["generator_spec"])
+    if spec.arch not in GAN_ARCHS:
+        raise CheckpointError(f"{directory}/generator.json: unknown generator arch {spec.arch!r} (known: {', '.join(GAN_ARCHS)})")
+    generator = build_generator(spec)
     generator.load_state_dict(state)
     return generator.eval(), meta
 

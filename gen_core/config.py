@@ -155,19 +155,42 @@ class TrainingConfig(_Section):
 
 
 class GanModelConfig(_Section):
-    """Class-conditional DCGAN sizes. Resolution and channels come from `data`."""
+    """The GAN's networks: a preset of gen_core.models.GAN_ARCHS and its sizes. Resolution and channels come from `data`."""
 
+    arch: Literal["dcgan", "resnet"] = "dcgan"  # dcgan: the seed's baseline; resnet: SNGAN-style blocks (README)
     z_dim: int = Field(64, ge=1)
     g_width: int = Field(32, ge=8)  # channels at the highest resolution, doubled per downsample
     d_width: int = Field(32, ge=8)
     spectral_norm: bool = True
+    mbstd_group: int = Field(0, ge=0)  # D's minibatch standard deviation over groups of this many samples; 0: off
+
+
+class GanRegularizationConfig(_Section):
+    """Gradient penalties of the D loss (gen_core.losses). 0 switches one off."""
+
+    r1_gamma: float = Field(0.0, ge=0)  # zero-centred penalty gamma/2 |grad D(real)|^2
+    r2_gamma: float = Field(0.0, ge=0)  # the same on fakes (R3GAN uses both)
+    gp_lambda: float = Field(0.0, ge=0)  # WGAN-GP on interpolates; only with loss: wgan
+    interval: int = Field(1, ge=1)  # lazy: every k-th D step with weight k; D's rate and betas scaled by k/(k+1)
+
+
+class GanScheduleConfig(_Section):
+    """Ramps over the first `ramp_kimg` thousand images (cosine from the start value to the configured one, then
+    constant), as R3GAN ramps its rates and penalties. null: no ramp."""
+
+    ramp_kimg: float | None = Field(None, gt=0)
+    lr_start_ratio: float = Field(1.0, gt=0)  # the learning rates start at this multiple of lr_g / lr_d
+    gamma_start_ratio: float = Field(1.0, gt=0)  # r1/r2 gamma start at this multiple of theirs
 
 
 class GanConfig(TrainingConfig):
     """`train_gan`: Ray Train run of the conditional GAN."""
 
     model: GanModelConfig = GanModelConfig()
-    loss: Literal["nonsaturating", "hinge"] = "hinge"
+    loss: Literal["nonsaturating", "hinge", "wgan", "rpgan"] = "hinge"  # rpgan: relativistic pairing (R3GAN)
+    regularization: GanRegularizationConfig = GanRegularizationConfig()
+    augment: list[Literal["color", "translation", "cutout"]] = []  # DiffAugment policy for every D input; []: off
+    schedule: GanScheduleConfig = GanScheduleConfig()
     lr_g: float = Field(2e-4, gt=0, le=1)
     lr_d: float = Field(4e-4, gt=0, le=1)  # TTUR: D at 2x the learning rate of G
     adam_beta1: float = Field(0.0, ge=0, lt=1)
@@ -176,6 +199,23 @@ class GanConfig(TrainingConfig):
     ema_halflife_kimg: float = Field(10.0, gt=0)  # EMA of G: half-life in thousands of images
     ema_rampup_ratio: float | None = Field(0.05, gt=0)  # half-life <= this x images seen; null: off
     evaluation: TrainingEvalConfig = TrainingEvalConfig(every_steps=500)  # evaluation during training
+
+    @model_validator(mode="after")
+    def _objective(self):
+        r = self.regularization
+        if r.gp_lambda and self.loss != "wgan":
+            raise ValueError(f"regularization.gp_lambda is WGAN-GP's penalty and needs loss: wgan (got {self.loss}); "
+                             "zero-centred penalties are r1_gamma / r2_gamma")  # fmt: skip
+        if self.loss == "wgan" and not (r.gp_lambda or self.model.spectral_norm):
+            raise ValueError("loss wgan needs a Lipschitz constraint on D: regularization.gp_lambda > 0 or model.spectral_norm: true")
+        if len(set(self.augment)) != len(self.augment):
+            raise ValueError(f"augment lists a transform twice: {self.augment}")
+        return self
+
+    @property
+    def penalised(self) -> bool:
+        r = self.regularization
+        return bool(r.r1_gamma or r.r2_gamma or r.gp_lambda)
 
 
 class AutoencoderConfig(TrainingConfig):
@@ -559,6 +599,12 @@ class RunConfig(_Section):
                     f"{name}.global_batch_size ({section.global_batch_size}) must be divisible by "
                     f"ray.num_workers ({self.ray.num_workers})"
                 )
+        group = self.gan.model.mbstd_group
+        if group and (self.gan.global_batch_size // self.ray.num_workers) % group:
+            raise ValueError(
+                f"gan.model.mbstd_group ({group}) must divide the per-worker batch (gan.global_batch_size / ray.num_workers = "
+                f"{self.gan.global_batch_size // self.ray.num_workers}), so that no group mixes real and fake images"
+            )
         sweep_batch = self.sweep.global_batch_size or self.family(self.sweep.family).global_batch_size
         if sweep_batch % self.sweep.workers_per_trial:
             raise ValueError(

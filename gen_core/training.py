@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import torch
 
@@ -54,3 +55,12 @@ def config_signature(obj: dict) -> str:
     """Stable short hash of a JSON-able dict (what a checkpoint must match to be resumed)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
+
+
+def ramp(start_ratio: float, images_seen: int, ramp_kimg: float | None) -> float:
+    """A multiplier that rises (or falls) from `start_ratio` to 1 along a half cosine over the first `ramp_kimg`
+    thousand images, then stays 1 (R3GAN's schedules for rates and penalties). No ramp: 1."""
+    if ramp_kimg is None or start_ratio == 1.0:
+        return 1.0
+    progress = min(images_seen / (ramp_kimg * 1000), 1.0)
+    return start_ratio + (1.0 - start_ratio) * (0.5 - 0.5 * math.cos(math.pi * progress))

@@ -20,9 +20,10 @@ from gen_core.checkpoint import export_generator
 from gen_core.config import RunConfig
 from gen_core.data import load_split
 from gen_core.generators import GanGenerator
-from gen_core.models import Discriminator, Generator, ema_beta, gan_specs, recalibrate_batchnorm
+from gen_core.losses import gan_objective
+from gen_core.models import build_discriminator, build_generator, ema_beta, gan_specs, recalibrate_batchnorm
 from gen_core.sampling import class_grid_png, to_unit
-from gen_core.training import batch_indices, step_generator
+from gen_core.training import batch_indices, ramp, step_generator
 from pipelines.common import log, run_stage
 from pipelines.gan_step import gan_step
 from pipelines.probe import checkpoint_evaluator
@@ -52,26 +53,36 @@ def train_loop_per_worker(worker_config: dict) -> None:
     # 1.2x on the D+G step here (benchmarks/gan_throughput.py --layouts channels_last,contiguous). Not for the diffusers models,
     # where GroupNorm made it 0.8x. DDP only: FSDP2 refuses non-contiguous parameters and ZeRO flattens them.
     layout = torch.channels_last if strategy.name == "ddp" else torch.contiguous_format
-    G = Generator(g_spec).to(device, memory_format=layout)
-    D = Discriminator(d_spec).to(device, memory_format=layout)
-    betas = (t.adam_beta1, t.adam_beta2)
+    G = build_generator(g_spec).to(device, memory_format=layout)
+    D = build_discriminator(d_spec).to(device, memory_format=layout)
+    objective = gan_objective(t)
+    c = objective.d_optimizer_scale  # lazy regularisation: D's rate and betas scaled by k/(k+1) (StyleGAN2)
+    lr_d, betas = t.lr_d * c, (t.adam_beta1, t.adam_beta2)
     G = strategy.wrap("G", G, lambda params: torch.optim.Adam(params, lr=t.lr_g, betas=betas), ema=True)
-    D = strategy.wrap("D", D, lambda params: torch.optim.Adam(params, lr=t.lr_d, betas=betas))
+    D = strategy.wrap("D", D, lambda params: torch.optim.Adam(params, lr=lr_d, betas=(betas[0] ** c, betas[1] ** c)))
     start_step = store.restore([G, D])
-    G.set_learning_rate(t.lr_g)  # the config's: a PBT hand-off resumes another trial's state with new rates
-    D.set_learning_rate(t.lr_d)
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
         f"{worker.where} ({torch.get_num_threads()} threads each), {strategy.describe()}, "
-        f"{'bf16' if amp_dtype else 'fp32'}, global batch {t.global_batch_size}, steps {start_step}->{t.total_steps}"
+        f"{'bf16' if amp_dtype else 'fp32'}, global batch {t.global_batch_size}, steps {start_step}->{t.total_steps}, "
+        f"{describe_recipe(t)}"
     )
+    penalties: dict[str, torch.Tensor] = {}  # the latest values of the (lazy) penalties, for the log
 
     for step in range(start_step, t.total_steps):
         # --- D and G steps on this rank's share of the global batch
         noise = step_generator(t.seed, step, worker.rank)
         index = batch_indices(step, t.global_batch_size, len(labels), t.seed, worker.rank, worker.world_size)
         real, y = to_unit(images[index]).to(device), labels[index].to(device)
-        losses = gan_step(G, D, real, y, noise, g_spec.z_dim, t.loss, t.d_steps_per_g_step, lambda: worker.autocast(amp_dtype))
+        # the config's rates (a PBT hand-off resumes another trial's state with new ones), on the schedule's ramp
+        lr_ramp = ramp(t.schedule.lr_start_ratio, step * t.global_batch_size, t.schedule.ramp_kimg)
+        G.set_learning_rate(t.lr_g * lr_ramp)
+        D.set_learning_rate(lr_d * lr_ramp)
+        gamma_scale = ramp(t.schedule.gamma_start_ratio, step * t.global_batch_size, t.schedule.ramp_kimg)
+        losses = gan_step(G, D, real, y, noise, g_spec.z_dim, objective, t.d_steps_per_g_step, lambda: worker.autocast(amp_dtype),
+                          step, gamma_scale)  # fmt: skip
+        penalties.update((k, losses.pop(k)) for k in ("r1", "r2", "gp") if k in losses)
+        losses.update(penalties)
 
         # --- EMA of G, in G's own layout (sharded under FSDP)
         strategy.update_ema(G, ema_beta(t.global_batch_size, (step + 1) * t.global_batch_size, t.ema_halflife_kimg, t.ema_rampup_ratio))
@@ -99,6 +110,18 @@ def train_loop_per_worker(worker_config: dict) -> None:
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
+
+
+def describe_recipe(t) -> str:
+    """One line for the log: networks, loss, penalties, augmentation."""
+    r, m = t.regularization, t.model
+    parts = [f"{m.arch} G{m.g_width}/D{m.d_width}" + (f" mbstd{m.mbstd_group}" if m.mbstd_group else ""), t.loss]
+    parts += [f"{name} {value:g}" for name, value in (("r1", r.r1_gamma), ("r2", r.r2_gamma), ("gp", r.gp_lambda)) if value]
+    if t.penalised and r.interval > 1:
+        parts.append(f"every {r.interval} D steps")
+    if t.augment:
+        parts.append("DiffAugment " + ",".join(t.augment))
+    return " ".join(parts)
 
 
 def training_job(cfg: RunConfig) -> TrainingJob:

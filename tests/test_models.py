@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from gen_core.losses import discriminator_loss, generator_loss
+from gen_core.losses import GanObjective, discriminator_loss, generator_loss
 from gen_core.models import Classifier, Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, update_ema
 from gen_core.sampling import balanced_labels, image_grid, sample_gan, seeded_latents, to_uint8
 from gen_core.training import batch_indices, step_generator
@@ -35,14 +35,21 @@ class ConstantD(torch.nn.Module):
 def test_loss_values():
     real, fake, y = torch.zeros(3, 1, 8, 8), torch.zeros(3, 1, 8, 8), torch.zeros(3, dtype=torch.long)
     D = ConstantD(0.5, -2.0)
-    hinge = discriminator_loss("hinge", D, real, fake, y)
-    assert torch.allclose(hinge, torch.full((3,), 0.5 + 0.0))  # relu(1-0.5) + relu(1-2)
-    ns = discriminator_loss("nonsaturating", D, real, fake, y)
-    expected = torch.nn.functional.softplus(torch.tensor(-0.5)) + torch.nn.functional.softplus(torch.tensor(-2.0))
-    assert torch.allclose(ns, expected.expand(3))
+    softplus = torch.nn.functional.softplus
+    hinge, penalties = discriminator_loss(GanObjective("hinge"), D, real, fake, y)
+    assert torch.allclose(hinge, torch.full((3,), 0.5 + 0.0)) and penalties == {}  # relu(1-0.5) + relu(1-2)
+    ns, _ = discriminator_loss(GanObjective("nonsaturating"), D, real, fake, y)
+    assert torch.allclose(ns, (softplus(torch.tensor(-0.5)) + softplus(torch.tensor(-2.0))).expand(3))
+    wgan, _ = discriminator_loss(GanObjective("wgan"), D, real, fake, y)
+    assert torch.allclose(wgan, torch.full((3,), -2.0 - 0.5))  # D(fake) - D(real)
+    rp, _ = discriminator_loss(GanObjective("rpgan"), D, real, fake, y)
+    assert torch.allclose(rp, softplus(torch.tensor(-2.0 - 0.5)).expand(3))  # -log sigmoid(D(real) - D(fake))
     g_fake = lambda images, labels: torch.full((len(images),), 1.5)  # noqa: E731
-    assert torch.allclose(generator_loss("hinge", g_fake, fake, y), torch.full((3,), -1.5))
-    assert torch.allclose(generator_loss("nonsaturating", g_fake, fake, y), torch.nn.functional.softplus(torch.tensor(-1.5)).expand(3))
+    assert torch.allclose(generator_loss(GanObjective("hinge"), g_fake, fake, y), torch.full((3,), -1.5))
+    assert torch.allclose(generator_loss(GanObjective("wgan"), g_fake, fake, y), torch.full((3,), -1.5))
+    assert torch.allclose(generator_loss(GanObjective("nonsaturating"), g_fake, fake, y), softplus(torch.tensor(-1.5)).expand(3))
+    # rpgan's G loss pairs each fake with a real: softplus(D(real) - D(fake)) = softplus(0.5 - (-2))
+    assert torch.allclose(generator_loss(GanObjective("rpgan"), D, fake, y, real), softplus(torch.tensor(2.5)).expand(3))
 
 
 def test_ema_moves_toward_model_and_copies_buffers():

@@ -1,0 +1,162 @@
+"""GAN recipes side by side at equal wall-clock: each recipe trains with the real `train_gan` stage for a
+step count that fills the same time budget, then the real `evaluate` stage measures it under the chosen
+protocol with that protocol's real-vs-real floor. Rows go to benchmarks/quality.json (one object per
+row, replacing a row of the same family/recipe/profile/protocol) and a markdown table is printed.
+
+    python benchmarks/gan_recipes.py --budget-s 300 --recipes dcgan-hinge,dcgan-hinge-diffaug
+    python benchmarks/gan_recipes.py --list
+
+Equal wall-clock: before training, every recipe's D+G step runs 15 times in this process (the bare loop
+of benchmarks/gan_throughput.py, the layout and precision the stage uses) and the step count is
+budget x img/s / batch, so the runs are deterministic and the budget is met to the probe's accuracy.
+`train_wall_s` is the stage's own training time ("finished N steps in Xs"), Ray start-up excluded.
+Needs the prepare, classifier and ref_stats outputs of the params in use (`dvc repro ref_stats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gan_throughput import bare_loop  # noqa: E402
+
+from gen_core.config import load_config  # noqa: E402
+
+AUGMENT = "[color,translation,cutout]"
+RPGAN = ["gan.loss=rpgan", "gan.regularization.r1_gamma=1.0", "gan.regularization.r2_gamma=1.0"]
+# one factor at a time from the seed's recipe (dcgan-hinge), then combinations
+RECIPES: dict[str, list[str]] = {
+    "dcgan-hinge": [],
+    "dcgan-hinge-diffaug": [f"gan.augment={AUGMENT}"],
+    "dcgan-hinge-mbstd": ["gan.model.mbstd_group=4"],
+    "dcgan-nonsaturating": ["gan.loss=nonsaturating"],
+    "dcgan-wgan-gp": ["gan.loss=wgan", "gan.regularization.gp_lambda=10.0", "gan.model.spectral_norm=false"],
+    "dcgan-rpgan-r1r2": RPGAN,
+    "dcgan-rpgan-r1r2-lazy4": RPGAN + ["gan.regularization.interval=4"],
+    "dcgan-rpgan-r1r2-diffaug": RPGAN + [f"gan.augment={AUGMENT}"],
+    "resnet-hinge": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16"],
+    "resnet-hinge-diffaug": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16", f"gan.augment={AUGMENT}"],
+    "resnet-rpgan-r1r2": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16"] + RPGAN,
+}
+
+
+def overrides_for(recipe: str) -> list[str]:
+    return RECIPES[recipe]
+
+
+def probe_img_s(params: Path, overlays: list[str], sets: list[str]) -> float:
+    cfg = load_config(params, sets, overlays)
+    return bare_loop(cfg, 15, False, cfg.ray.cpus_per_worker * cfg.ray.num_workers, "channels_last")
+
+
+def run(cmd: list[str], log: Path) -> float:
+    started = time.monotonic()
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    if code:
+        raise SystemExit(f"{cmd[2]} failed (exit {code}); see {log}")
+    return time.monotonic() - started
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", default="dcgan-hinge,dcgan-hinge-diffaug,dcgan-rpgan-r1r2-lazy4,dcgan-wgan-gp,resnet-hinge")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per recipe (this machine)")
+    parser.add_argument("--profile", default="default", help="the name recorded in the rows (what params/overlays are)")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--overlay", action="append", default=[])
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra override for every recipe")
+    parser.add_argument("--eval-every", type=int, default=6, help="in-training evaluations per run (the curve)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs/gan_recipes")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/quality.json")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        for name, sets in RECIPES.items():
+            print(f"{name:28s} {' '.join(sets) or '(params as they are)'}")
+        return
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown[0]!r} (--list shows them)")
+
+    base = load_config(args.params, args.sets, args.overlay)
+    batch = base.gan.global_batch_size
+    print(f"probing img/s of {len(recipes)} recipes (bare D+G step, {base.ray.cpus_per_worker * base.ray.num_workers} threads)", flush=True)
+    rates = {r: probe_img_s(args.params, args.overlay, args.sets + overrides_for(r)) for r in recipes}
+    for recipe in recipes:
+        steps = max(int(args.budget_s * rates[recipe] / batch), 1)
+        every = max(steps // args.eval_every, 1)
+        work = args.work / recipe
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        common = ["--params", str(args.params), *sum((["--overlay", o] for o in args.overlay), [])]
+        sets = args.sets + overrides_for(recipe) + [
+            f"gan.total_steps={steps}", f"gan.evaluation.every_steps={every}", f"gan.checkpoint_every_steps={every}",
+            f"ray.storage_path={work}/runs", f"outputs.gan.out_dir={work}/gan", f"outputs.gan.losses_file={work}/losses.csv",
+            f"outputs.gan.eval_file={work}/eval.csv", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", f"evaluate.out_dir={work}/eval",
+        ]  # fmt: skip
+        flags = common + sum((["--set", s] for s in sets), [])
+        log = work / "log.txt"
+        print(f"{recipe}: {rates[recipe]:.0f} img/s probed -> {steps} steps ({steps * batch} images), evaluating every {every}", flush=True)
+        run([sys.executable, "-m", "pipelines.train_gan", *flags], log)
+        finished = re.findall(r"finished (\d+) steps in ([\d.]+)s", log.read_text())
+        train_wall = float(finished[-1][1]) if finished else float("nan")
+        run([sys.executable, "-m", "pipelines.evaluate", "--family", "gan", *flags], log)
+        cfg = load_config(args.params, sets, args.overlay)
+        metrics = json.loads(next((work / "eval").rglob("gan.json")).read_text())
+        curve = [{"step": int(row["step"]), "images": int(row["step"]) * batch, "train_s": round(int(row["step"]) / steps * train_wall, 1),
+                  **{k: float(row[k]) for k in ("fid_classifier", "recall_classifier", "class_accuracy", "diversity") if row.get(k)}}
+                 for row in csv.DictReader((work / "eval.csv").read_text().splitlines())]  # fmt: skip
+        protocol = cfg.evaluate.active
+        row = {
+            "family": "gan", "recipe": recipe, "overrides": overrides_for(recipe), "profile": args.profile,
+            "protocol": {"name": cfg.evaluate.protocol, "id": metrics["protocol_id"], "num_samples": protocol.num_samples,
+                         "reference": f"{protocol.reference} split, {protocol.reference_images or cfg.data.eval_images} images",
+                         "inception": protocol.inception_precision},
+            "train_wall_s": train_wall, "images_seen": steps * batch, "exported_step": metrics["step"],
+            **{k: metrics.get(k) for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
+            "fid_floor": metrics["floor"].get("fid"), "recall_floor": metrics["floor"].get("recall"),
+            "curve": curve, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "date": datetime.date.today().isoformat(), "commit": git_commit(),
+        }  # fmt: skip
+        shutil.copy(work / "gan/samples.png", work / f"{recipe}.png")
+        rows = json.loads(args.out.read_text()) if args.out.exists() else []
+        key = lambda r: (r["family"], r["recipe"], r["profile"], r["protocol"]["id"])  # noqa: E731
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"{recipe}: fid {row['fid']:.1f} [floor {row['fid_floor']:.1f}] recall {row['recall']:.3f} precision {row['precision']:.3f} "
+              f"class acc {row['class_accuracy']:.3f} ({train_wall:.0f} s training, {steps} steps)", flush=True)  # fmt: skip
+    print_table(json.loads(args.out.read_text()))
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| recipe | profile | protocol | train s | images | FID [floor] | KID | precision | recall | class acc |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['profile']} | {r['protocol']['id']} | {r['train_wall_s']:.0f} | {r['images_seen']} | "
+              f"{r['fid']:.1f} [{r['fid_floor']:.1f}] | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
