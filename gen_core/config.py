@@ -103,6 +103,9 @@ class TrainingEvalConfig(_Section):
     metric: Literal["fid_classifier", "fid", "class_accuracy", "recall_classifier", "recall", "diversity"] = "fid_classifier"
     export: Literal["best", "last"] = "best"
     patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping; null: never stop early
+    # "mode collapse suspected" warning when a class's sample diversity (mean pairwise classifier-feature distance)
+    # falls under this fraction of the real images' of that class; null: no warning
+    collapse_warning: float | None = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _metric_measured(self):
@@ -599,6 +602,11 @@ class RunConfig(_Section):
                     f"{name}.global_batch_size ({section.global_batch_size}) must be divisible by "
                     f"ray.num_workers ({self.ray.num_workers})"
                 )
+        if self.gan.penalised and self.ray.strategy != "ddp":
+            raise ValueError(
+                f"gan.regularization (r1/r2/gp) needs ray.strategy ddp: its double backward through D fails under "
+                f"{self.ray.strategy} (FSDP2 frees the gathered weights it needs, ZeRO's gradient hooks fire early)"
+            )
         group = self.gan.model.mbstd_group
         if group and (self.gan.global_batch_size // self.ray.num_workers) % group:
             raise ValueError(

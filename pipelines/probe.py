@@ -25,6 +25,7 @@ import torch
 
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import EVAL_METRIC_MODES, EvaluateConfig, InceptionConfig, RunConfig
+from gen_core.data import read_manifest
 from gen_core.io import filesystem
 from gen_core.metrics import fid_from_stats, inception_features, load_inception, load_ref_stats, sample_metrics
 from gen_core.sampling import balanced_labels, to_uint8
@@ -51,6 +52,7 @@ class EvaluationSpec:
     final_inception_samples: int = 0  # sweeps: Inception FID on this many samples at final_step only
     metric: str = "fid_classifier"
     patience: int | None = None
+    collapse_warning: float | None = None
     batch_size: int = 100
 
     def due(self, step: int) -> bool:
@@ -75,7 +77,7 @@ def evaluation_spec(cfg: RunConfig, section: str) -> dict | None:
         classifier_dir=classifier_dir, ref_stats_dir=reference_dir, inception=cfg.ref_stats.inception.model_dump(),
         inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
         num_samples=e.num_samples, seed=cfg.evaluate.seed, every_steps=e.every_steps, final_step=t.total_steps,
-        use_inception=e.inception, metric=e.metric, patience=e.patience,
+        use_inception=e.inception, metric=e.metric, patience=e.patience, collapse_warning=e.collapse_warning,
     ))  # fmt: skip
 
 
@@ -94,6 +96,14 @@ def checkpoint_evaluator(worker, report, store) -> "Evaluator | None":
     return Evaluator(EvaluationSpec(**spec), worker, report, store.restored_meta) if spec else None
 
 
+def collapse_warnings(diversity_per_class: list[float], class_names: list[str], ratio: float | None, step: int) -> list[str]:
+    """One line per class whose samples' diversity is under `ratio` of the real images' (1 = as varied as real)."""
+    if ratio is None:
+        return []
+    return [f"WARNING mode collapse suspected: class {c} ({class_names[c] if c < len(class_names) else c}) diversity {d:.2f} of real at step {step}"
+            for c, d in enumerate(diversity_per_class) if d < ratio]  # fmt: skip
+
+
 class Evaluator:
     def __init__(self, spec: EvaluationSpec, worker, report, restored_meta: dict | None):
         self.spec, self.worker, self.report = spec, worker, report
@@ -101,6 +111,7 @@ class Evaluator:
         self.classifier = load_classifier(spec.classifier_dir)[0]  # small CNN: runs on CPU (gen_core.classifier)
         self.reference = {"classifier": load_ref_stats(f"{spec.ref_stats_dir}/classifier.npz")}
         self._inception = None
+        self.class_names = read_manifest(worker.ctx.data_uri)["class_names"]
         self.best = (restored_meta or {}).get("evaluation_best")
         self.stop = False
 
@@ -126,7 +137,8 @@ class Evaluator:
         outcome = self._measure(step, parts, count, final_inception) if worker.is_chief else None
         outcome = worker.broadcast(outcome)  # collective: every rank learns whether to stop
         self.best, self.stop = outcome.best, outcome.stop
-        shown = " ".join(f"{k} {v:.4f}" for k, v in outcome.values.items() if k in ("fid", "fid_classifier", "class_accuracy", "recall_classifier", "diversity"))
+        shown = " ".join(f"{k} {v:.4f}" for k, v in outcome.values.items()
+                         if k in ("fid", "fid_classifier", "class_accuracy", "recall_classifier", "diversity", "min_class_diversity", "classes_covered"))  # fmt: skip
         note = " (best)" if outcome.is_best else f" (best {outcome.best['value']:.4f} at step {outcome.best['step']})"
         self.report.say(f"evaluation at step {step}: {shown}{note} ({time.monotonic() - started:.1f}s)")
         return outcome
@@ -153,7 +165,13 @@ class Evaluator:
             inception, reference = merged["inception"][:final_inception], self.reference["inception"]
             metrics["fid"] = fid_from_stats(inception.mean(0), np.cov(inception, rowvar=False), reference["mu"], reference["sigma"])
         values = {k: float(metrics[k]) for k in SCALARS if k in metrics}
+        per_class = metrics.get("diversity_per_class") or []
+        if per_class:
+            values["min_class_diversity"] = float(min(per_class))
         self.report.log_metrics({f"during_training/{k}": v for k, v in values.items()}, step)
+        self.report.log_metrics({f"during_training/diversity_class_{c}": float(v) for c, v in enumerate(per_class)}, step)
+        for line in collapse_warnings(per_class, self.class_names, self.spec.collapse_warning, step):
+            self.report.say(line)
         value = values[self.spec.metric]
         better = self.best is None or (value < self.best["value"] if EVAL_METRIC_MODES[self.spec.metric] == "min" else value > self.best["value"])
         best = {"step": step, "value": value, "since": 0} if better else {**self.best, "since": self.best["since"] + 1}

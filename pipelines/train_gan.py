@@ -1,4 +1,4 @@
-"""Stage `train_gan`: a class-conditional DCGAN on Ray Train (ray.strategy: ddp | fsdp | deepspeed; gloo on CPU, nccl on GPU).
+"""Stage `train_gan`: a class-conditional GAN (gan.model.arch: dcgan | resnet; recipes in the README) on Ray Train (ray.strategy: ddp | fsdp | deepspeed; gloo on CPU, nccl on GPU).
 
     python -m pipelines.train_gan [--params params.yaml] [--set gan.total_steps=100]
     ray job submit --working-dir . -- python -m pipelines.train_gan --set data.out_dir=/abs/path
@@ -47,19 +47,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
     images, labels = torch.from_numpy(split.images), torch.from_numpy(split.labels)
 
     # --- models and optimizers (same seeded init everywhere), wrapped by the strategy
-    torch.manual_seed(t.seed)
     g_spec, d_spec = gan_specs(t.model, cfg.data.resolution, cfg.data.channels, ctx.num_classes)
-    # channels_last: the bf16 conv kernels (oneDNN/AMX on CPU, tensor cores on GPU) prefer NHWC; measured
-    # 1.2x on the D+G step here (benchmarks/gan_throughput.py --layouts channels_last,contiguous). Not for the diffusers models,
-    # where GroupNorm made it 0.8x. DDP only: FSDP2 refuses non-contiguous parameters and ZeRO flattens them.
-    layout = torch.channels_last if strategy.name == "ddp" else torch.contiguous_format
-    G = build_generator(g_spec).to(device, memory_format=layout)
-    D = build_discriminator(d_spec).to(device, memory_format=layout)
-    objective = gan_objective(t)
-    c = objective.d_optimizer_scale  # lazy regularisation: D's rate and betas scaled by k/(k+1) (StyleGAN2)
-    lr_d, betas = t.lr_d * c, (t.adam_beta1, t.adam_beta2)
-    G = strategy.wrap("G", G, lambda params: torch.optim.Adam(params, lr=t.lr_g, betas=betas), ema=True)
-    D = strategy.wrap("D", D, lambda params: torch.optim.Adam(params, lr=lr_d, betas=(betas[0] ** c, betas[1] ** c)))
+    G, D, objective, lr_d = wrapped_models(t, g_spec, d_spec, strategy, device)
     start_step = store.restore([G, D])
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
@@ -105,6 +94,23 @@ def train_loop_per_worker(worker_config: dict) -> None:
         if evaluate and evaluate.stop:  # `patience` evaluations without improvement
             break
     report.finished((step + 1 if evaluate and evaluate.stop else t.total_steps) - start_step)
+
+
+def wrapped_models(t, g_spec, d_spec, strategy, device):
+    """-> (G, D) as the strategy's Parts with their Adam optimizers, the objective, D's base learning rate."""
+    torch.manual_seed(t.seed)
+    # channels_last: the bf16 conv kernels (oneDNN/AMX on CPU, tensor cores on GPU) prefer NHWC; measured
+    # 1.2x on the D+G step here (benchmarks/gan_throughput.py --layouts channels_last,contiguous). Not for the diffusers models,
+    # where GroupNorm made it 0.8x. DDP only: FSDP2 refuses non-contiguous parameters and ZeRO flattens them.
+    layout = torch.channels_last if strategy.name == "ddp" else torch.contiguous_format
+    G = build_generator(g_spec).to(device, memory_format=layout)
+    D = build_discriminator(d_spec).to(device, memory_format=layout)
+    objective = gan_objective(t)
+    c = objective.d_optimizer_scale  # lazy regularisation: D's rate and betas scaled by k/(k+1) (StyleGAN2)
+    lr_d, betas = t.lr_d * c, (t.adam_beta1, t.adam_beta2)
+    G = strategy.wrap("G", G, lambda params: torch.optim.Adam(params, lr=t.lr_g, betas=betas), ema=True)
+    D = strategy.wrap("D", D, lambda params: torch.optim.Adam(params, lr=lr_d, betas=(betas[0] ** c, betas[1] ** c)))
+    return G, D, objective, lr_d
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,17 @@ def test_repo_params_parse_and_match_defaults_where_unset():
         ({"data": {"source": "cifar"}}, "params: data.source: Input should be"),
         ({"gan": {"global_batch_size": 63}, "ray": {"num_workers": 2}}, "divisible by ray.num_workers"),
         ({"gan": {"loss": "wasserstein"}}, "params: gan.loss:"),
+        # the GAN recipes' bad combinations
+        ({"gan": {"regularization": {"gp_lambda": 10}}}, "gp_lambda is WGAN-GP's penalty and needs loss: wgan (got hinge)"),
+        ({"gan": {"loss": "wgan", "model": {"spectral_norm": False}}}, "loss wgan needs a Lipschitz constraint on D"),
+        ({"gan": {"augment": ["color", "color"]}}, "augment lists a transform twice"),
+        ({"gan": {"augment": ["flip"]}}, "params: gan.augment.0: Input should be 'color', 'translation' or 'cutout'"),
+        ({"gan": {"model": {"arch": "stylegan"}}}, "params: gan.model.arch: Input should be 'dcgan' or 'resnet'"),
+        ({"gan": {"regularization": {"interval": 0}}}, "params: gan.regularization.interval: Input should be greater than or equal to 1"),
+        ({"gan": {"regularization": {"r1_gamma": 1}}, "ray": {"strategy": "fsdp"}}, "gan.regularization (r1/r2/gp) needs ray.strategy ddp"),
+        ({"gan": {"regularization": {"r2_gamma": 1}}, "ray": {"strategy": "deepspeed"}}, "its double backward through D fails under deepspeed"),
+        ({"gan": {"model": {"mbstd_group": 5}}}, "gan.model.mbstd_group (5) must divide the per-worker batch"),
+        ({"gan": {"schedule": {"ramp_kimg": 0}}}, "params: gan.schedule.ramp_kimg: Input should be greater than 0"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(raw, message):

@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 
 from gen_core.checkpoint import CheckpointError
 from gen_core.config import ConfigError, FsdpConfig
-from gen_core.losses import discriminator_loss, generator_loss
-from gen_core.models import Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, requires_grad, update_ema
+from gen_core.losses import GanObjective, discriminator_loss, generator_loss
+from gen_core.models import (Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, build_discriminator, build_generator,
+                             requires_grad, update_ema)  # fmt: skip
 from pipelines.strategy import deepspeed_config
 from tests.conftest import REPO
 
@@ -33,9 +34,21 @@ ZERO = {f"zero{n}": REPO / f"cluster_configs/deepspeed/zero{n}.json" for n in (1
 CASES = {"ddp": ("ddp", None), "fsdp": ("fsdp", None), **{name: ("deepspeed", path) for name, path in ZERO.items()}}
 
 
-def gan_models():
+HINGE = GanObjective("hinge")
+# The modern recipe's parts in one objective: the relativistic pairing, R1 + R2 (a double backward through the
+# strategy's D) on every other D step, DiffAugment; on the ResNet preset with minibatch stddev and no spectral
+# norm (R3GAN's D has none; it also makes per-rank D forwards equal to the reference's per-share ones).
+PENALISED = GanObjective("rpgan", r1_gamma=1.0, r2_gamma=0.5, interval=2, augment=("color", "translation", "cutout"))
+# What fsdp and DeepSpeed run of it: the penalties' double backward breaks there (FSDP2 frees the gathered
+# weights the second backward needs; ZeRO's gradient hooks fire during the first), so the config refuses them.
+UNPENALISED = GanObjective("rpgan", augment=("color", "translation", "cutout"))
+
+
+def gan_models(objective: GanObjective = HINGE):
     torch.manual_seed(0)
-    return Generator(GeneratorSpec(32, 1, 10, Z_DIM, 8)), Discriminator(DiscriminatorSpec(32, 1, 10, 8, True))
+    if objective == HINGE:
+        return Generator(GeneratorSpec(32, 1, 10, Z_DIM, 8)), Discriminator(DiscriminatorSpec(32, 1, 10, 8, True))
+    return build_generator(GeneratorSpec(32, 1, 10, Z_DIM, 8, "resnet")), build_discriminator(DiscriminatorSpec(32, 1, 10, 8, False, "resnet", 2))
 
 
 def gan_batches():
@@ -113,7 +126,8 @@ def _mean(values: list[torch.Tensor]) -> list[float]:
 def _gan_worker(strategy, rank, world, options):
     from pipelines.gan_step import gan_step
 
-    G, D = gan_models()
+    objective = options.get("objective", HINGE)
+    G, D = gan_models(objective)
     G = strategy.wrap("G", G, adam(2e-4), ema=True)
     D = strategy.wrap("D", D, adam(4e-4))
     if options.get("unfrozen_d"):  # the pitfall: D's parameters take part in the G step
@@ -121,9 +135,9 @@ def _gan_worker(strategy, rank, world, options):
     losses = []
     for step, (real, y) in enumerate(gan_batches()):
         mine = slice(rank, None, world)
-        out = gan_step(G, D, real[mine], y[mine], rank_noise(step, rank), Z_DIM, "hinge", 1, contextlib.nullcontext)
+        out = gan_step(G, D, real[mine], y[mine], rank_noise(step, rank), Z_DIM, objective, 1, contextlib.nullcontext, step)
         strategy.update_ema(G, 0.9)
-        losses.append(_mean([out["d_loss"], out["g_loss"]]))
+        losses.append(_mean([out["d_loss"], out["g_loss"]] + ([out["r1"], out["r2"]] if "r1" in out else [])))
 
     def summary():
         ema = strategy.gather(G, "ema")
@@ -221,6 +235,38 @@ def gan_reference() -> tuple[list, float]:
     return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
 
 
+def modern_gan_reference(objective: GanObjective) -> tuple[list, float]:
+    """The penalised objective in one process: each rank's share with that rank's noise (z, augmentation) and
+    its own D forward (no spectral norm, minibatch-stddev groups inside a share), so the mean of the shares'
+    losses is what the ranks' averaged gradients descend; penalties by plain double backward."""
+    G, D = gan_models(objective)
+    ema = copy.deepcopy(G)
+    opt_G, opt_D = adam(2e-4)(G.parameters()), adam(4e-4)(D.parameters())
+    out = []
+    for step, (real, y) in enumerate(gan_batches()):
+        noise = [rank_noise(step, r) for r in range(2)]
+        shares = [(real[r::2], y[r::2]) for r in range(2)]
+        with torch.no_grad():
+            fakes = [G(torch.randn(BATCH // 2, Z_DIM, generator=noise[r]), ys) for r, (_, ys) in enumerate(shares)]
+        d_terms = [discriminator_loss(objective, D, xs, fakes[r], ys, noise[r], objective.regularizes_at(step)) for r, (xs, ys) in enumerate(shares)]
+        d_loss = sum(loss.mean() for loss, _ in d_terms) / 2
+        opt_D.zero_grad()
+        d_loss.backward()
+        opt_D.step()
+        requires_grad(D, False)
+        g_terms = [generator_loss(objective, D, G(torch.randn(BATCH // 2, Z_DIM, generator=noise[r]), ys), ys, xs, noise[r]).mean()
+                   for r, (xs, ys) in enumerate(shares)]  # fmt: skip
+        g_loss = sum(g_terms) / 2
+        opt_G.zero_grad()
+        g_loss.backward()
+        opt_G.step()
+        requires_grad(D, True)
+        update_ema(ema, G, 0.9)
+        penalties = [float(sum(p[k] for _, p in d_terms) / 2) for k in ("r1", "r2")] if d_terms[0][1] else []
+        out.append([d_loss.item(), g_loss.item()] + penalties)
+    return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
+
+
 def unet_reference() -> tuple[list, float]:
     from gen_core.config import NoiseScheduleConfig
     from gen_core.diffusion import diffusion_loss, training_schedule
@@ -247,7 +293,8 @@ REFERENCES = {}
 
 def reference(family: str):
     if family not in REFERENCES:
-        REFERENCES[family] = gan_reference() if family == "gan" else unet_reference()
+        REFERENCES[family] = {"gan": gan_reference, "penalised": lambda: modern_gan_reference(PENALISED),
+                              "unpenalised": lambda: modern_gan_reference(UNPENALISED), "unet": unet_reference}[family]()  # fmt: skip
     return REFERENCES[family]
 
 
@@ -264,6 +311,21 @@ def test_gan_two_workers_match_single_process(tmp_path, case):
     assert result["after"] == result["before"]  # the checkpoint restored the EMA (and, below, the form)
     expected = {"ddp": "state.pt", "fsdp": "fsdp/__1_0.distcp", "zero1": "deepspeed/G/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     assert expected.get(case, "deepspeed/D/zero_pp_rank_1_mp_rank_00_optim_states.pt") in result["files"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_modern_gan_two_workers_match_single_process(tmp_path, case):
+    """RpGAN + DiffAugment on the ResNet with minibatch stddev; under ddp also lazy R1/R2 (a double backward
+    through the wrapped D), which the other strategies refuse (test_config)."""
+    name = "penalised" if case == "ddp" else "unpenalised"
+    losses, ema_sum = reference(name)
+    result = run_two_workers(tmp_path, "gan", case, objective=PENALISED if case == "ddp" else UNPENALISED)
+    got = result["losses"]
+    assert [len(row) for row in got] == [len(row) for row in losses] == ([4, 2, 4, 2] if case == "ddp" else [2] * 4)  # R1/R2 on steps 0, 2
+    for mine, theirs in zip(got, losses):
+        assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), rtol=RTOL, atol=1e-6), (got, losses)
+    assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
 
 
 @pytest.mark.slow

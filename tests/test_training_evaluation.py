@@ -4,6 +4,7 @@ after `patience` evaluations without improvement, and a rerun that exports inste
 
 import csv
 import json
+import re
 
 import mlflow
 import pytest
@@ -32,7 +33,7 @@ def test_training_evaluates_exports_the_best_checkpoint_and_stops_early(upstream
     command = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray",
                "--set", f"outputs.gan.out_dir={out}", "--set", f"outputs.gan.losses_file={root}/losses.csv",
                "--set", f"outputs.gan.eval_file={root}/eval.csv", "--set", "gan.total_steps=80", "--set", "gan.checkpoint_every_steps=10",
-               "--set", "gan.checkpoints_to_keep=1", "--set", "gan.evaluation={every_steps: 10, num_samples: 60, patience: 1}"]  # fmt: skip
+               "--set", "gan.checkpoints_to_keep=1", "--set", "gan.evaluation={every_steps: 10, num_samples: 60, patience: 1, collapse_warning: 1.0}"]  # fmt: skip
     first = run_cli(command, REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     curve = rows(root / "eval.csv")
@@ -40,6 +41,11 @@ def test_training_evaluates_exports_the_best_checkpoint_and_stops_early(upstream
     values = [float(r["fid_classifier"]) for r in curve]
     assert steps == list(range(10, steps[-1] + 1, 10)) and {"class_accuracy", "recall_classifier", "diversity"} <= set(curve[0])
     assert first.stdout.count("evaluation at step ") == len(steps)
+    # collapse watch: at 1.0 every class less varied than the real images is named, with its diversity ratio
+    warned = re.findall(r"mode collapse suspected: class (\d) \(([a-z0-9-]+)\) diversity ([\d.]+) of real at step 10\n", first.stdout)
+    assert warned and all(float(ratio) < 1.0 for *_, ratio in warned), first.stdout[-3000:]
+    assert {"min_class_diversity", "classes_covered"} <= set(curve[0])
+    assert float(curve[0]["min_class_diversity"]) == pytest.approx(min(float(r) for *_, r in warned), abs=0.005)
 
     # the best evaluation is what was exported, though Ray kept only the newest checkpoint
     best = min(range(len(values)), key=values.__getitem__)
