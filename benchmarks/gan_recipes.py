@@ -90,7 +90,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs/gan_recipes")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/quality.json")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--plot", type=Path, help="only plot the in-training curves of --out's rows of --profile to this PNG")
     args = parser.parse_args()
+    if args.plot:
+        plot_curves(json.loads(args.out.read_text()), args.profile, args.plot)
+        return
     if args.list:
         for name, sets in RECIPES.items():
             print(f"{name:28s} {' '.join(sets) or '(params as they are)'}")
@@ -148,6 +152,26 @@ def main() -> None:
         print(f"{recipe}: fid {row['fid']:.1f} [floor {row['fid_floor']:.1f}] recall {row['recall']:.3f} precision {row['precision']:.3f} "
               f"class acc {row['class_accuracy']:.3f} ({train_wall:.0f} s training, {steps} steps)", flush=True)  # fmt: skip
     print_table(json.loads(args.out.read_text()))
+
+
+def plot_curves(rows: list[dict], profile: str, path: Path) -> None:
+    """Classifier-feature FID and recall during training against training seconds, one line per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fid, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in (r for r in rows if r["family"] == "gan" and r["profile"] == profile):
+        seconds = [p["train_s"] for p in row["curve"]]
+        ax_fid.plot(seconds, [p["fid_classifier"] for p in row["curve"]], marker="o", label=f"{row['recipe']} (FID {row['fid']:.1f})")
+        ax_recall.plot(seconds, [p["recall_classifier"] for p in row["curve"]], marker="o", label=row["recipe"])
+    ax_fid.set(xlabel="training seconds (2-core CPU)", ylabel="classifier-feature FID (500 samples)", yscale="log", title=f"{profile}: FID during training")
+    ax_recall.set(xlabel="training seconds (2-core CPU)", ylabel="classifier-space recall (500 samples)", title="recall during training")
+    ax_fid.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def print_table(rows: list[dict]) -> None:
