@@ -74,6 +74,12 @@ def run(cmd: list[str], log: Path) -> float:
     return time.monotonic() - started
 
 
+def training_seconds(log: str) -> float:
+    """The stage's own training time from its last "finished N steps in 12m03s" line (Ray start-up excluded)."""
+    found = re.findall(r"finished \d+ steps in (?:(\d+)m)?(\d+)s", log)
+    return float(int(found[-1][0] or 0) * 60 + int(found[-1][1])) if found else float("nan")
+
+
 def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -124,8 +130,7 @@ def main() -> None:
         log = work / "log.txt"
         print(f"{recipe}: {rates[recipe]:.0f} img/s probed -> {steps} steps ({steps * batch} images), evaluating every {every}", flush=True)
         run([sys.executable, "-m", "pipelines.train_gan", *flags], log)
-        finished = re.findall(r"finished (\d+) steps in ([\d.]+)s", log.read_text())
-        train_wall = float(finished[-1][1]) if finished else float("nan")
+        train_wall = training_seconds(log.read_text())
         run([sys.executable, "-m", "pipelines.evaluate", "--family", "gan", *flags], log)
         cfg = load_config(args.params, sets, args.overlay)
         metrics = json.loads(next((work / "eval").rglob("gan.json")).read_text())
