@@ -43,6 +43,7 @@ RECIPES: dict[str, list[str]] = {
     "dcgan-hinge": [],
     "dcgan-hinge-diffaug": [f"gan.augment={AUGMENT}"],
     "dcgan-hinge-mbstd": ["gan.model.mbstd_group=4"],
+    "dcgan-hinge-diffaug-mbstd": [f"gan.augment={AUGMENT}", "gan.model.mbstd_group=4"],
     "dcgan-nonsaturating": ["gan.loss=nonsaturating"],
     "dcgan-wgan-gp": ["gan.loss=wgan", "gan.regularization.gp_lambda=10.0", "gan.model.spectral_norm=false"],
     "dcgan-rpgan-r1r2": RPGAN,
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--overlay", action="append", default=[])
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra override for every recipe")
+    parser.add_argument("--img-s", type=float, help="skip the probe and size every recipe for this rate (one measured by an earlier probe)")
     parser.add_argument("--eval-every", type=int, default=6, help="in-training evaluations per run (the curve)")
     parser.add_argument("--work", type=Path, default=REPO / "runs/gan_recipes")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/quality.json")
@@ -112,8 +114,8 @@ def main() -> None:
 
     base = load_config(args.params, args.sets, args.overlay)
     batch = base.gan.global_batch_size
-    print(f"probing img/s of {len(recipes)} recipes (bare D+G step, {base.ray.cpus_per_worker * base.ray.num_workers} threads)", flush=True)
-    rates = {r: probe_img_s(args.params, args.overlay, args.sets + overrides_for(r)) for r in recipes}
+    print(f"probing img/s of {0 if args.img_s else len(recipes)} recipes (bare D+G step, {base.ray.cpus_per_worker * base.ray.num_workers} threads)", flush=True)
+    rates = {r: args.img_s or probe_img_s(args.params, args.overlay, args.sets + overrides_for(r)) for r in recipes}
     for recipe in recipes:
         steps = max(int(args.budget_s * rates[recipe] / batch), 1)
         every = max(steps // args.eval_every, 1)
