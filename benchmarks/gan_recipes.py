@@ -99,7 +99,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/quality.json")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--plot", type=Path, help="only plot the in-training curves of --out's rows of --profile to this PNG")
+    parser.add_argument("--wall-from-logs", action="store_true",
+                        help="only re-read train_wall_s (and the curve's seconds) of --out's rows from the logs under --work")  # fmt: skip
     args = parser.parse_args()
+    if args.wall_from_logs:
+        rescan_wall(args.out, args.work)
+        return
     if args.plot:
         plot_curves(json.loads(args.out.read_text()), args.profile, args.plot)
         return
@@ -159,6 +164,18 @@ def main() -> None:
         print(f"{recipe}: fid {row['fid']:.1f} [floor {row['fid_floor']:.1f}] recall {row['recall']:.3f} precision {row['precision']:.3f} "
               f"class acc {row['class_accuracy']:.3f} ({train_wall:.0f} s training, {steps} steps)", flush=True)  # fmt: skip
     print_table(json.loads(args.out.read_text()))
+
+
+def rescan_wall(out: Path, work: Path) -> None:
+    rows = json.loads(out.read_text())
+    for row in rows:
+        log = work / row["recipe"] / "log.txt"
+        if log.exists():
+            row["train_wall_s"] = training_seconds(log.read_text())
+            steps = row["images_seen"] // (row["curve"][0]["images"] // row["curve"][0]["step"])
+            for point in row["curve"]:
+                point["train_s"] = round(point["step"] / steps * row["train_wall_s"], 1)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def plot_curves(rows: list[dict], profile: str, path: Path) -> None:

@@ -42,14 +42,14 @@ def _model(root: Path, seed: int, fid: float, run_id: str) -> tuple[Path, Path]:
     """An exported tiny GAN generator (weights from `seed`) and the evaluate record saying `fid`."""
     from gen_core.checkpoint import export_generator
     from gen_core.config import load_config
-    from gen_core.models import Generator, gan_specs
+    from gen_core.models import build_generator, gan_specs
 
     cfg = load_config(write_params(root, tiny_params()))
     spec, _ = gan_specs(cfg.gan.model, cfg.data.resolution, cfg.data.channels, 10)
     torch.manual_seed(seed)
     generator_dir, eval_dir = root / f"gen-{seed}", root / f"eval-{seed}"
     meta = {"family": "gan", "generator_spec": spec.__dict__, "step": 7, "mlflow_run_id": run_id, "data_hash": "d", "git_revision": "r"}
-    export_generator(generator_dir, Generator(spec).state_dict(), meta)
+    export_generator(generator_dir, build_generator(spec).state_dict(), meta)
     record = {
         "step": 7, "family": "gan", "protocol": "quick", "protocol_id": PROTOCOL_ID, "fid": fid, "kid": 0.1, "fid_classifier": 5.0,
         "class_accuracy": 0.9, "precision": 0.5, "recall": 0.5, "classifier_score": 5.0, "diversity": 0.9, "classes_covered": 10,
