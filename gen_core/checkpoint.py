@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gen_core.io import atomic_write_bytes, atomic_write_json
+from gen_core.io import atomic_write_json
 
 
 class CheckpointError(RuntimeError):

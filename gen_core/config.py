@@ -160,10 +160,10 @@ class TrainingConfig(_Section):
 class GanModelConfig(_Section):
     """The GAN's networks: a preset of gen_core.models.GAN_ARCHS and its sizes. Resolution and channels come from `data`."""
 
-    arch: Literal["dcgan", "resnet"] = "dcgan"  # dcgan: the seed's baseline; resnet: SNGAN-style blocks (README)
+    arch: Literal["dcgan", "resnet"] = "resnet"  # resnet: SNGAN-style blocks; dcgan: the seed's baseline (README)
     z_dim: int = Field(64, ge=1)
-    g_width: int = Field(32, ge=8)  # channels at the highest resolution, doubled per downsample
-    d_width: int = Field(32, ge=8)
+    g_width: int = Field(16, ge=8)  # channels at the highest resolution, doubled per downsample
+    d_width: int = Field(16, ge=8)
     spectral_norm: bool = True
     mbstd_group: int = Field(0, ge=0)  # D's minibatch standard deviation over groups of this many samples; 0: off
 
@@ -189,6 +189,7 @@ class GanScheduleConfig(_Section):
 class GanConfig(TrainingConfig):
     """`train_gan`: Ray Train run of the conditional GAN."""
 
+    total_steps: int = Field(1200, ge=1)
     model: GanModelConfig = GanModelConfig()
     loss: Literal["nonsaturating", "hinge", "wgan", "rpgan"] = "hinge"  # rpgan: relativistic pairing (R3GAN)
     regularization: GanRegularizationConfig = GanRegularizationConfig()

@@ -371,11 +371,13 @@ def run(cfg: RunConfig) -> dict:
         started = time.monotonic()
         results = _tuner(cfg, trainable, storage_path, experiment, storage_fs, concurrency, resumed).fit()
         wall = time.monotonic() - started
+        if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
+            raise StageError(f"sweep {s.name} interrupted after {format_duration(wall)}; run the same command again to resume it")
+        # The best trial is evaluated on this same Ray: a second local Ray started in one process can
+        # crash that process at exit (SIGSEGV in Ray's core worker teardown, seen in CI).
+        return finish(cfg, results, wall, parent, logger)
     finally:
         ray.shutdown()
-    if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
-        raise StageError(f"sweep {s.name} interrupted after {format_duration(wall)}; run the same command again to resume it")
-    return finish(cfg, results, wall, parent, logger)
 
 
 def trial_rows(cfg: RunConfig, results) -> list[dict]:

@@ -1,7 +1,4 @@
 import gzip
-import io
-import json
-import shutil
 import struct
 from pathlib import Path
 

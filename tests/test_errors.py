@@ -14,7 +14,7 @@ from PIL import Image
 from gen_core.config import ConfigError, load_config
 from gen_core.data import DataError, decode_image, fit_image, read_idx, read_source
 from gen_core.config import DataConfig
-from tests.conftest import REPO, run_cli, subprocess_env
+from tests.conftest import run_cli, subprocess_env
 
 GOOD = "data:\n  source: mnist5k\n"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import copy_project, run_cli, subprocess_env, tiny_params, write_params
+from tests.conftest import copy_project, run_cli, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 NO_FLOORS = {"recall_floor": 0.0, "class_accuracy_floor": 0.0}  # 20-step models: the floors are tested in test_gate.py
