@@ -32,8 +32,8 @@ class StageError(RuntimeError):
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, FeatureNetError, StageError)
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def stage_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, add_help=add_help)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
         "--overlay", dest="overlays", action="append", default=[], metavar="FILE",
@@ -93,8 +93,12 @@ def debugging() -> bool:
     return os.environ.get("GENFORGE_DEBUG", "") not in ("", "0")
 
 
-def run_stage(name: str, body: Callable[[RunConfig, argparse.Namespace], int | None], parser: argparse.ArgumentParser | None = None) -> None:
-    """Parse args, load the typed config, run `body`, and turn expected failures into one line + exit 2."""
+def run_stage(
+    name: str, body: Callable[[RunConfig, argparse.Namespace], int | None], parser: argparse.ArgumentParser | None = None,
+    report_time: bool = True,
+) -> None:
+    """Parse args, load the typed config, run `body`, and turn expected failures into one line + exit 2.
+    `report_time`: end with a "done in" log line (stages; not the `genforge` command, whose output may be JSON)."""
     parser = parser or stage_parser(f"genforge {name} stage")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
@@ -111,7 +115,8 @@ def run_stage(name: str, body: Callable[[RunConfig, argparse.Namespace], int | N
             traceback.print_exception(err, file=sys.stderr)
         print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
-    logging.getLogger(name).info("done in %.1f s", time.monotonic() - started)
+    if report_time:
+        logging.getLogger(name).info("done in %.1f s", time.monotonic() - started)
     sys.exit(code)
 
 

@@ -15,7 +15,10 @@ Correct under concurrency without a lock (MLflow has no compare-and-set on alias
   moves the alias if needed and re-reads until a read confirms it. Whichever process moves last also reads
   last, so every run ends with the best passing version as champion, whatever the interleaving.
 A version tagged `revoked` (any value) never wins: the way to retire a champion is to tag it and rerun register.
-Used by the register stage and by the sweep for its best trial.
+A person can promote outside the gate only through `promote(..., override=REASON)` (`genforge promote`):
+the version is tagged gate=override with the reason, who and when, and is pinned: registrations leave it in
+place (and say so) until `promote` is run again. Used by the register stage, the sweep for its best trial
+and the `genforge` command.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from pipelines.tracking import connect, server_calls, tracking_uri, training_run
 MODEL_CODE = REPO_ROOT / "pipelines" / "mlflow_model.py"
 # explicit: inferring them takes ~8 s
 PIP_REQUIREMENTS = ["torch==2.14.1", "diffusers==0.42.1", "safetensors", "numpy", "fsspec", "pandas", "pydantic>=2.6", "pyyaml"]
+# A version a person promoted past the gate (`promote(..., override=REASON)`): tag gate=override, plus these.
+OVERRIDE, OVERRIDE_REASON, OVERRIDE_BY, OVERRIDE_AT = "override", "gate_override", "gate_override_by", "gate_override_at"
 
 
 @dataclass(frozen=True)
@@ -86,13 +91,13 @@ def decide(metrics: dict, gate: GateConfig, champion: dict | None) -> GateDecisi
 
 def load_registered_generator(model_uri: str):
     """Build a generator (GAN or diffusion) from a registered version, e.g. models:/genforge-ldm@champion,
-    using only its safetensors weights and JSON configs: no code from the registry is executed."""
+    using only its safetensors weights and JSON configs: no code from the registry is executed.
+    -> (generator, its generator.json)."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts/generator", dst_path=tmp)
-        generator, _ = load_image_generator(local)
-    return generator
+        return load_image_generator(local)
 
 
 def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = False) -> dict:
@@ -117,6 +122,8 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
         for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate).items():
             _write(client.set_model_version_tag, gate.model_name, version.version, key, value)
         decision = _apply_gate(client, gate, r.alias, str(version.version), metrics)  # a str over REST, an int from sqlite
+        card = model_card(family, metrics, gen_meta, gate, decision, run_id)
+        _write(client.update_model_version, gate.model_name, version.version, card)
 
     verdict = "PROMOTED" if decision.promoted else "REJECTED"
     line = f"gate: {verdict} {gate.model_name} v{version.version} -> @{r.alias}: {decision.reason}" if decision.promoted else (
@@ -133,6 +140,86 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
     if require_promotion and not decision.promoted:
         return {**record, "exit_code": 1}
     return record
+
+
+def model_card(family: str, metrics: dict, gen_meta: dict, gate: GateConfig, decision: GateDecision, run_id: str) -> str:
+    """The registered version's description (Markdown in MLflow's UI): what it is, its metrics beside the
+    protocol's real-vs-real floor, the gate's thresholds and decision, and where it came from."""
+    floor = metrics.get("floor", {})
+    rows = [f"| {key} | {metrics[key]:.4g} | {floor[key]:.4g} |" if key in floor else f"| {key} | {metrics[key]:.4g} | |"
+            for key in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity") if key in metrics]  # fmt: skip
+    sampler = f", sampler {metrics['sampler']} x {metrics['sampler_steps']}" if "sampler" in metrics else ""
+    return "\n".join([
+        f"**genforge {family}** generator at step {gen_meta['step']}{sampler}. Training run `{run_id}`: its sample grids are "
+        "the run's `samples` images (step slider on the run page).",
+        "",
+        f"Measured under protocol `{metrics['protocol_id']}` (the floor: real images against the same reference).",
+        "",
+        "| metric | this model | real-vs-real floor |", "|---|---|---|", *rows,
+        "",
+        f"**Gate at registration: {'promoted' if decision.promoted else 'rejected'}** ({decision.reason}). Thresholds: fid <= "
+        f"{gate.fid_threshold}, recall >= {gate.recall_floor}, class_accuracy >= {gate.class_accuracy_floor}.",
+        "",
+        f"Data `{gen_meta['data_hash']}`, code `{gen_meta['git_revision']}`.",
+    ])  # fmt: skip
+
+
+def promote(cfg: RunConfig, family: str, version: str, override: str | None = None) -> dict:
+    """A person's promotion of `version` (`genforge promote`). Without `override`: an override pin on the
+    champion ends and the gate runs for `version` exactly as `register` runs it (the alias ends on the best
+    passing version, which may be another). With `override` (the reason, required): `version` becomes
+    champion whatever the gate says, recorded on it (gate=override, reason, who, when) and pinned.
+    -> the decision record (also what the gate criteria say of the version)."""
+    from mlflow.exceptions import MlflowException
+
+    gate, alias = getattr(cfg.registry, family), cfg.registry.alias
+    mlflow = connect(cfg)
+    with server_calls(tracking_uri(cfg), f"promoting {gate.model_name} v{version}"):
+        client = mlflow.MlflowClient()
+        try:
+            record = _gate_record(client.get_model_version(gate.model_name, version))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise StageError(f"{gate.model_name} v{version}: no such version") from None
+        measured = math.isfinite(record["fid"]) and record["protocol_id"] is not None
+        held, failed = criteria(record, gate) if measured else ([], ["no gate metrics (not registered by the register stage)"])
+        if override is not None:
+            decision = _override(client, gate.model_name, alias, record["version"], override)
+        elif not measured:
+            raise StageError(f"{gate.model_name} v{version}: {failed[0]}; only --override REASON promotes it")
+        else:
+            _unpin(client, gate.model_name, alias)
+            decision = _apply_gate(client, gate, alias, record["version"], record)
+    return {"model_name": gate.model_name, "version": int(version), "alias": alias, "criteria_held": held, "criteria_failed": failed,
+            "override": override, **asdict(decision)}  # fmt: skip
+
+
+def _override(client, name: str, alias: str, version: str, reason: str) -> GateDecision:
+    """Crown `version` past the gate: recorded on the version first, so a registration that reads the
+    alias already sees the pin."""
+    import datetime
+    import getpass
+
+    if not reason.strip():
+        raise StageError("--override needs a reason (it is recorded on the version)")
+    by, at = getpass.getuser(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for key, value in (("gate", OVERRIDE), (OVERRIDE_REASON, reason.strip()), (OVERRIDE_BY, by), (OVERRIDE_AT, at)):
+        _write(client.set_model_version_tag, name, version, key, value)
+    _write(client.set_registered_model_alias, name, alias, version)
+    return GateDecision(True, f"by override of {by} at {at}: {reason.strip()}")
+
+
+def _unpin(client, name: str, alias: str) -> None:
+    """End an override pin on the current champion (its reason, who and when stay as a record)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return
+    if champion.tags.get("gate") == OVERRIDE:
+        _write(client.set_model_version_tag, name, champion.version, "gate", "override ended")
 
 
 def _write(call, *args, missing_ok: bool = False) -> None:
@@ -260,6 +347,7 @@ def _gate_record(version) -> dict:
     return {
         "version": str(version.version), "fid": number("fid", math.inf), "recall": number("recall", 0.0),
         "class_accuracy": number("class_accuracy", 0.0), "protocol_id": tags.get("protocol_id"), "revoked": "revoked" in tags,
+        "pinned": tags.get(OVERRIDE_REASON, "") if tags.get("gate") == OVERRIDE else None,
     }  # fmt: skip
 
 
@@ -268,8 +356,11 @@ def converge(versions: list[dict], champion: str | None, gate: GateConfig, proto
     champion's number. Candidates are the versions measured under `protocol_id`, not revoked, that pass
     every criterion of `gate`. The champion stays if it is a candidate with the lowest FID (ties never
     displace it); otherwise the candidate with the lowest FID, then the lowest number, takes the alias;
-    with no candidate the alias stays where it is. The answer depends on the registry's contents only,
-    not on who asks or when, which is what makes concurrent registrations end on the same champion."""
+    with no candidate the alias stays where it is. A champion promoted by override is pinned: it stays.
+    The answer depends on the registry's contents only, not on who asks or when, which is what makes
+    concurrent registrations end on the same champion."""
+    if any(v["version"] == champion and v.get("pinned") is not None for v in versions):
+        return champion
     candidates = [v for v in versions if v["protocol_id"] == protocol_id and not v["revoked"] and not criteria(v, gate)[1]]
     if not candidates:
         return champion
@@ -292,7 +383,7 @@ def _apply_gate(client, gate: GateConfig, alias: str, mine: str, metrics: dict) 
         if attempt == 0:
             first_champion = champion
         records = {v["version"]: v for v in versions}
-        if champion is not None and champion in records and champion != mine:
+        if champion is not None and champion in records and champion != mine and records[champion]["pinned"] is None:
             decide(metrics, gate, records[champion])  # raises if the champion was measured under another protocol
         target = converge(versions, champion, gate, metrics["protocol_id"])
         if target == champion:
@@ -301,20 +392,34 @@ def _apply_gate(client, gate: GateConfig, alias: str, mine: str, metrics: dict) 
     else:
         raise StageError(f"gate: {gate.model_name}@{alias} did not settle after 20 moves (other processes keep moving it)")
 
+    return _verdict(client, gate, alias, mine, metrics, champion, first_champion, records)
+
+
+def _verdict(client, gate: GateConfig, alias: str, mine: str, metrics: dict, champion: str | None, first_champion: str | None,
+             records: dict[str, dict]) -> GateDecision:  # fmt: skip
+    """`mine`'s outcome once the alias has settled on `champion`, tagged on `mine` (gate, rejected)."""
+    pinned = records[champion]["pinned"] if champion in records else None
+    if champion == mine and pinned is not None:
+        return GateDecision(True, f"already champion, by override ({pinned})")
+    failed = criteria(metrics, gate)[1]
     tags = client.get_model_version(gate.model_name, mine).tags
-    if champion == mine:
+    if champion == mine and not failed:
         if first_champion == mine:
             decision = GateDecision(True, "already champion")
         else:  # the champion this process found first, which `mine` displaced (or none)
-            decision = decide(metrics, gate, records.get(first_champion) if first_champion is not None else None)
-            decision = GateDecision(True, decision.reason)
+            decision = GateDecision(True, decide(metrics, gate, records.get(first_champion) if first_champion is not None else None).reason)
         _write(client.set_model_version_tag, gate.model_name, mine, "gate", "promoted")
         if "rejected" in tags:
             _write(client.delete_model_version_tag, gate.model_name, mine, "rejected", missing_ok=True)
         return decision
-    decision = decide(metrics, gate, records.get(champion) if champion is not None else None)
-    if decision.promoted:  # passes everything, yet another version holds the alias: `mine` was revoked
-        decision = GateDecision(False, f"revoked ({tags.get('revoked')}); v{champion} holds @{alias}")
+    if champion == mine:  # a champion that fails today's gate keeps the alias only while no version passes it
+        decision = GateDecision(False, f"keeps @{alias} only because no version passes the gate: {', '.join(failed)}")
+    elif pinned is not None:
+        decision = GateDecision(False, f"v{champion} holds @{alias} by override ({pinned}); genforge promote moves it")
+    else:
+        decision = decide(metrics, gate, records.get(champion) if champion is not None else None)
+        if decision.promoted:  # passes everything, yet another version holds the alias: `mine` was revoked
+            decision = GateDecision(False, f"revoked ({tags.get('revoked')}); v{champion} holds @{alias}")
     _write(client.set_model_version_tag, gate.model_name, mine, "gate", "rejected")
     _write(client.set_model_version_tag, gate.model_name, mine, "rejected", decision.reason)
     return decision

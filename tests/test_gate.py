@@ -72,8 +72,10 @@ def test_default_gates_reject_the_collapsed_champions_of_the_default_run():
         assert not decide(candidate(gate.fid_threshold / 2, recall=0.003), gate, None).promoted
 
 
-def version(number: int, fid: float, recall: float = 0.5, class_accuracy: float = 0.9, protocol_id: str = QUICK, revoked: bool = False) -> dict:
-    return {"version": str(number), "fid": fid, "recall": recall, "class_accuracy": class_accuracy, "protocol_id": protocol_id, "revoked": revoked}
+def version(number: int, fid: float, recall: float = 0.5, class_accuracy: float = 0.9, protocol_id: str = QUICK, revoked: bool = False,
+            pinned: str | None = None) -> dict:  # fmt: skip
+    return {"version": str(number), "fid": fid, "recall": recall, "class_accuracy": class_accuracy, "protocol_id": protocol_id, "revoked": revoked,
+            "pinned": pinned}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -92,6 +94,8 @@ def version(number: int, fid: float, recall: float = 0.5, class_accuracy: float 
         ([version(1, 20.0, revoked=True), version(2, 40.0)], "1", "2"),  # a revoked champion is replaced
         ([version(1, 20.0, revoked=True)], "1", "1"),  # ...but never by nothing
         ([version(1, 45.0, recall=0.0), version(2, 49.0)], "1", "2"),  # a champion failing today's gate keeps only what nothing beats
+        ([version(1, 90.0, pinned="demo"), version(2, 20.0)], "1", "1"),  # promoted by override: pinned until `promote` runs
+        ([version(1, 90.0, pinned="demo"), version(2, 20.0)], "2", "2"),  # ...a pin on a version that is not champion means nothing
     ],
 )
 def test_converge_names_the_best_passing_version_whoever_asks(versions, champ, expected):

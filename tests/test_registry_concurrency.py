@@ -22,6 +22,7 @@ from tests.conftest import REPO, VENV_BIN, free_port, subprocess_env, tiny_param
 pytestmark = pytest.mark.slow
 REPETITIONS = 5
 PROTOCOL_ID = "quick:1000-vs-eval1000:inception-fp32:clean"
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 def _client(url: str):
@@ -48,7 +49,8 @@ def _model(root: Path, seed: int, fid: float, run_id: str) -> tuple[Path, Path]:
     spec, _ = gan_specs(cfg.gan.model, cfg.data.resolution, cfg.data.channels, 10)
     torch.manual_seed(seed)
     generator_dir, eval_dir = root / f"gen-{seed}", root / f"eval-{seed}"
-    meta = {"family": "gan", "generator_spec": spec.__dict__, "step": 7, "mlflow_run_id": run_id, "data_hash": "d", "git_revision": "r"}
+    meta = {"family": "gan", "generator_spec": spec.__dict__, "step": 7, "mlflow_run_id": run_id, "data_hash": "d", "git_revision": "r",
+            "class_names": list(CLASS_NAMES)}  # fmt: skip
     export_generator(generator_dir, build_generator(spec).state_dict(), meta)
     record = {
         "step": 7, "family": "gan", "protocol": "quick", "protocol_id": PROTOCOL_ID, "fid": fid, "kid": 0.1, "fid_classifier": 5.0,
