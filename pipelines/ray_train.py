@@ -113,6 +113,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
             if existing is None:
                 mlflow.log_params(flat_params(cfg, (job.section, *job.logged_sections)))
                 mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "trained_kind": job.kind, **(run_tags or {})})
+                log_dataset(mlflow, cfg, data_uri, data_hash)
             context = run_context(active.info.run_id)
             export_uri = fit(cfg, job, context, run_dir, callbacks)
     else:
@@ -221,6 +222,36 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     if storage_fs:  # pyarrow paths drop the scheme; keep a URI that fsspec can open
         return f"{cfg.ray.storage_path.rstrip('/')}/{run_dir}/{Path(result.checkpoint.path).name}"
     return result.checkpoint.path
+
+
+def log_dataset(mlflow, cfg: RunConfig, data_uri: str, data_hash: str) -> None:
+    """The prepared data as the run's training input (MLflow's Datasets panel): its location, the content
+    hash the checkpoints carry, and the md5 DVC recorded for it in dvc.lock when DVC made it."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all of them the same here)
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(data_uri)
+    mlflow.log_input(MetaDataset(source, name=f"{cfg.data.source}-prepared", digest=data_hash), context="training")
+    md5 = dvc_out_md5(cfg.data.out_dir)
+    if md5:
+        mlflow.set_tag("data_dvc_md5", md5)
+
+
+def dvc_out_md5(out_dir: str) -> str | None:
+    """dvc.lock's md5 of the `prepare` stage output at `out_dir` (relative to the repo), or None."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())
+        outs = lock["stages"]["prepare"]["outs"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    wanted = (REPO_ROOT / out_dir).resolve()  # an absolute out_dir stays itself
+    return next((o.get("md5") for o in outs if (REPO_ROOT / o["path"]).resolve() == wanted), None)
 
 
 # ---------------------------------------------------------------------------

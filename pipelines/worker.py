@@ -196,12 +196,13 @@ class Reporter:
             self.mlflow.log_batch(self.worker.ctx.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
     def log_image(self, png: bytes, step: int) -> None:
-        """A sample grid under its step's name, from a directory of its own (trials run side by side)."""
+        """A sample grid as MLflow's step-keyed image "samples": the run page's image viewer has a step
+        slider, and runs compare side by side (synchronous: on disk before the checkpoint is reported)."""
         if self.mlflow:
-            with tempfile.TemporaryDirectory() as upload:
-                named = Path(upload) / f"step_{step:07d}.png"
-                named.write_bytes(png)
-                self.mlflow.log_artifact(self.worker.ctx.mlflow_run_id, str(named), artifact_path="samples")
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(png))
+            self.mlflow.log_image(self.worker.ctx.mlflow_run_id, image, key="samples", step=step, synchronous=True)
 
     def resumed(self, meta: dict) -> None:
         step = meta["step"]

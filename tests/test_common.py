@@ -28,3 +28,14 @@ def test_git_revision_is_dirty_for_changed_code_not_for_what_the_pipeline_writes
     (tmp_path / "train.py").write_text("2\n")
     assert git_revision(tmp_path) == f"{head}-dirty"
     assert git_revision(tmp_path / "metrics") == f"{head}-dirty"
+
+
+def test_the_dvc_md5_of_the_prepared_data_is_read_from_dvc_lock():
+    import yaml
+
+    from pipelines.ray_train import dvc_out_md5
+    from tests.conftest import REPO
+
+    (out,) = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+    assert dvc_out_md5(out["path"]) == dvc_out_md5(str(REPO / out["path"])) == out["md5"]
+    assert dvc_out_md5("data/elsewhere") is None

@@ -60,8 +60,16 @@ def test_training_evaluates_exports_the_best_checkpoint_and_stops_early(upstream
 
     # the curve is in MLflow too, at its steps
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    history = mlflow.MlflowClient().get_metric_history(exported["mlflow_run_id"], "during_training/fid_classifier")
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(exported["mlflow_run_id"], "during_training/fid_classifier")
     assert sorted(m.step for m in history) == steps
+    # ...and the sample grid of every checkpoint, as MLflow's step-keyed image (the run page's step slider)
+    images = [f.path for f in client.list_artifacts(exported["mlflow_run_id"], "images") if f.path.endswith(".png")]
+    assert sorted(int(path.split("+step+")[1].split("+")[0]) for path in images) == steps and all("images/samples+" in p for p in images)
+    # ...and the training data as the run's dataset input, with the content hash the export carries
+    (data_input,) = client.get_run(exported["mlflow_run_id"]).inputs.dataset_inputs
+    assert data_input.dataset.digest == exported["data_hash"] and data_input.dataset.name == "mnist5k-prepared"
+    assert [tag.value for tag in data_input.tags if tag.key == "mlflow.data.context"] == ["training"]
 
     # a rerun neither trains on past the early stop nor exports another checkpoint
     again = run_cli(command, REPO)
