@@ -29,6 +29,29 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
+# `dvc plots show` offline: its HTML template (.dvc/config: plots.html_template) carries vega, vega-lite and vega-embed,
+# installed here from the npm registry (pinned); without npm, a template with DVC's CDN scripts (blank when offline).
+PLOTS_STAMP="$VENV/.genforge-plots"
+if [ ! -f .dvc/offline_template.html ] || [ "$(cat "$PLOTS_STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing vega for offline DVC plots"
+  if command -v npm >/dev/null && npm install --prefix "$VENV/vega" --no-save --no-audit --no-fund \
+       vega@6.4.0 vega-lite@6.5.0 vega-embed@7.3.0 >>"$VENV/install.log" 2>&1; then
+    "$VENV/bin/python" scripts/plots_template.py "$VENV/vega/node_modules" .dvc/offline_template.html
+  else
+    echo "[setup] warning: npm could not install vega; dvc plots show will load it from a CDN (log: $VENV/install.log)" >&2
+    "$VENV/bin/python" scripts/plots_template.py --cdn .dvc/offline_template.html
+  fi
+  echo "$want" > "$PLOTS_STAMP"
+fi
+
+# A headless browser for the test that renders `dvc plots show` (Debian's chromium-headless-shell); optional.
+if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  $SUDO apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null 2>&1; } \
+    || echo "[setup] warning: could not install chromium-headless-shell; the DVC plots rendering test will be skipped" >&2
+fi
+
 # DeepSpeed's CPU accelerator JIT-compiles its shared-memory collective op (C++, about 60 s on 2 cores) in the first
 # process that initialises DeepSpeed's comm; build it once here, not inside the first training run.
 # (Cached under ~/.cache/torch_extensions; a venv at another path builds it again.)

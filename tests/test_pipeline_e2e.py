@@ -4,14 +4,19 @@ loading each family's champion back, and the denoiser under DeepSpeed ZeRO-3 on 
 whose worse model the FID gate rejects."""
 
 import json
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from tests.conftest import copy_project, run_cli, tiny_params, write_params
+from tests.conftest import REPO, copy_project, run_cli, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
+BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 NO_FLOORS = {"recall_floor": 0.0, "class_accuracy_floor": 0.0}  # 20-step models: the floors are tested in test_gate.py
 
 
@@ -70,7 +75,7 @@ def test_champion_loads_and_generates(pipeline, mlflow_server):
     model = mlflow.pyfunc.load_model("models:/tiny-gan@champion")
     images = model.predict(pd.DataFrame({"label": [0, 3, 9], "seed": [1, 2, 3]}))
     assert images.shape == (3, 1, 32, 32) and images.dtype == np.uint8 and images.std() > 0
-    G = load_registered_generator("models:/tiny-gan@champion")  # safetensors + JSON only
+    G, _ = load_registered_generator("models:/tiny-gan@champion")  # safetensors + JSON only
     from gen_core.sampling import to_uint8
     import torch
 
@@ -79,6 +84,9 @@ def test_champion_loads_and_generates(pipeline, mlflow_server):
     version = mlflow.MlflowClient().get_model_version_by_alias("tiny-gan", "champion")
     assert {"fid", "recall", "protocol_id", "floor_fid", "gate_recall_floor", "data_hash", "fid_feature_sha256", "gate"} <= set(version.tags)
     assert version.tags["gate"] == "promoted"
+    card = version.description  # the model card: metrics beside their floor, the gate with its thresholds
+    assert "**Gate at registration: promoted**" in card and "| metric | this model | real-vs-real floor |" in card, card
+    assert f"| recall | {float(version.tags['recall']):.4g} | {float(version.tags['floor_recall']):.4g} |" in card, card
 
 
 def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline, mlflow_server):
@@ -94,7 +102,7 @@ def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline
     model = mlflow.pyfunc.load_model("models:/tiny-ldm@champion")
     images = model.predict(pd.DataFrame({"label": [0, 3, 9], "seed": [1, 2, 3]}))
     assert images.shape == (3, 1, 32, 32) and images.dtype == np.uint8 and images.std() > 0
-    registered = load_registered_generator("models:/tiny-ldm@champion")
+    registered, _ = load_registered_generator("models:/tiny-ldm@champion")
     exported, _ = DiffusionGenerator.from_pretrained(project / "models/ldm")  # the diffusers-format export
     for generator in (registered, exported):
         assert np.array_equal(images, to_uint8(generator.sample(torch.tensor([0, 3, 9]), [1, 2, 3])).numpy())
@@ -175,3 +183,27 @@ def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeli
     assert refused.returncode == 2 and "\n" not in refused.stderr.strip()
     assert refused.stderr.strip().startswith(f"error: {latents}: latents were scaled by ")
     assert json.loads((tmp_path / "ldm/generator.json").read_text())["step"] == 10  # the export is untouched
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium (scripts/setup.sh installs chromium-headless-shell where apt works)")
+def test_dvc_plots_render_offline_in_a_browser(pipeline, tmp_path):
+    """`dvc plots show` with the template scripts/setup.sh builds (Vega inlined) draws every chart of dvc.yaml's
+    top-level plots, with its title, its step axis and a line, in headless Chromium with no network; the sample
+    grids are image plots."""
+    project, _ = pipeline
+    shutil.copy(REPO / ".dvc" / "offline_template.html", project / ".dvc")  # what setup.sh writes in every clone
+    shown = run_cli(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], project)
+    assert shown.returncode == 0 and "failed to load" not in shown.stdout + shown.stderr, shown.stdout + shown.stderr
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in html and "<script src=" not in html  # nothing to fetch
+    dom = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000", "--dump-dom",
+                          (tmp_path / "plots" / "index.html").as_uri()], capture_output=True, text=True, timeout=180).stdout  # fmt: skip
+    charts = dom.split('class="vega-embed')[1:]
+    titles = [next(iter(p.values()))["title"] for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"] if isinstance(p, dict)]
+    assert len(charts) == len(titles), f"{len(charts)} charts drawn for {len(titles)} defined"
+    for title in titles:
+        (chart,) = [c for c in charts if f">{title}</text>" in c.replace("&quot;", '"')]
+        assert ">training step</text>" in chart, title  # the x axis is the step, labelled
+        lines = re.findall(r'class="mark-line role-mark[^"]*".*?<path[^>]* d="([^"]+)"', chart, flags=re.S)
+        assert any("L" in d for d in lines), f"{title}: no line drawn"
+    assert html.count("<img") >= 2 and "models/gan/samples.png" in html and "models/ldm/samples.png" in html
