@@ -18,8 +18,9 @@ reports Inception `fid` on `sweep.final_fid_samples` samples, which picks the be
 Tune's state lives in <sweep.storage_path>/<sweep.name>; running the same name again resumes an
 interrupted sweep with Tuner.restore. MLflow gets one parent run per sweep and one child run per
 trial. Outputs in <sweep.out_dir>/: best_params.yaml (an overlay for params.yaml), trials.csv,
-model/ (the best trial's export), eval.json and register.json; <sweep.metrics_file> (DVC metrics).
-The best model is evaluated (1000-sample evaluate stage) and goes through the same FID gate.
+model/ (the best trial's export), best_trial_params.yaml (its full config), eval/ and register/ (what the
+evaluate and register stages wrote for it); <sweep.metrics_file> (DVC metrics). The best model is evaluated
+and gated by those two stages, run as processes of their own, exactly as after a training stage.
 With `sweep.enabled: false` the stage only records that it is off.
 """
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,11 +43,9 @@ from gen_core.data import read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, download_directory, filesystem
 from gen_core.metrics import load_ref_stats
 from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser
-from pipelines.evaluation import evaluate
 from pipelines.probe import EvaluationSpec
 from pipelines.ray_env import init_ray, run_uri, storage
 from pipelines.ray_train import TrainingJob, job_signature, run_directory, train
-from pipelines.registry import register
 from pipelines.tracking import connect, redact, tracking_uri
 from pipelines.worker import history_csv, list_checkpoints
 
@@ -371,13 +372,11 @@ def run(cfg: RunConfig) -> dict:
         started = time.monotonic()
         results = _tuner(cfg, trainable, storage_path, experiment, storage_fs, concurrency, resumed).fit()
         wall = time.monotonic() - started
-        if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
-            raise StageError(f"sweep {s.name} interrupted after {format_duration(wall)}; run the same command again to resume it")
-        # The best trial is evaluated on this same Ray: a second local Ray started in one process can
-        # crash that process at exit (SIGSEGV in Ray's core worker teardown, seen in CI).
-        return finish(cfg, results, wall, parent, logger)
     finally:
         ray.shutdown()
+    if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
+        raise StageError(f"sweep {s.name} interrupted after {format_duration(wall)}; run the same command again to resume it")
+    return finish(cfg, results, wall, parent, logger)
 
 
 def trial_rows(cfg: RunConfig, results) -> list[dict]:
@@ -453,7 +452,17 @@ def _gate_best(cfg: RunConfig, best_cfg: RunConfig) -> tuple[dict, dict]:
         "registry": cfg.registry.model_copy(update={"out_dir": str(out / "register")}),
     })  # fmt: skip
     train(gated, training_job(gated))  # the same run directory as the trial's: only exports
-    return evaluate(gated, s.family), register(gated, s.family)
+    # Evaluated and registered by the stages themselves, each in a process of its own: this process has had
+    # its Ray (Tune's), and a second local Ray started in one process crashed it at exit once in CI (SIGSEGV);
+    # nor can the evaluation reuse Tune's Ray, where a stopped trial's worker group can keep its CPUs.
+    # The config file holds no credentials (with_absolute_paths moved them to the environment).
+    params = out / "best_trial_params.yaml"
+    atomic_write_bytes(params, yaml.safe_dump(gated.model_dump(mode="json"), sort_keys=False).encode())
+    for stage in ("evaluate", "register"):
+        done = subprocess.run([sys.executable, "-m", f"pipelines.{stage}", "--params", str(params), "--family", s.family], check=False)
+        if done.returncode:
+            raise StageError(f"sweep {s.name}: the {stage} stage failed on the best trial (exit {done.returncode}; its error is above)")
+    return json.loads(Path(gated.eval_file(s.family)).read_text()), json.loads(Path(gated.registry.out_dir, f"{s.family}.json").read_text())
 
 
 def _record_in_mlflow(cfg: RunConfig, parent: str, rows: list[dict], record: dict, out: Path) -> None:

@@ -17,8 +17,10 @@ from tests.conftest import REPO
 
 PACKAGES = ("gen_core", "pipelines")
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
-# Files a module uses by path rather than by import: MLflow loads the registered model's code file.
-RUNTIME_FILES = {"pipelines/registry.py": ("pipelines/mlflow_model.py",)}
+# Files a module uses by path rather than by import: MLflow loads the registered model's code file; the sweep
+# runs the evaluate and register stages on its best trial as processes of their own.
+RUNTIME_FILES = {"pipelines/registry.py": ("pipelines/mlflow_model.py",),
+                 "pipelines/sweep.py": ("pipelines/evaluate.py", "pipelines/register.py")}  # fmt: skip
 # The one sanctioned stage-to-stage use: the sweep trains trials through each family's job factory.
 SWEEP_TRAINS = {("pipelines/sweep.py", "pipelines/train_gan.py"), ("pipelines/sweep.py", "pipelines/train_ldm.py")}
 
