@@ -90,7 +90,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
     num_classes = len(manifest["class_names"])
     signature = job_signature(cfg, job, num_classes)
     run_dir = run_directory(cfg, job.kind, signature)
-    existing, export_uri = _plan(cfg, job, run_dir)
+    run_dir, existing, export_uri = _plan(cfg, job, run_dir)
     deepspeed = None
     if cfg.ray.strategy == "deepspeed":  # the file is read here: workers may run elsewhere
         deepspeed = deepspeed_config(absolute(cfg.ray.deepspeed.config), getattr(cfg, job.section).global_batch_size, cfg.ray.num_workers)
@@ -146,9 +146,11 @@ def _publish_curves(outputs: ModelOutputs, checkpoint_uri: str) -> None:
         atomic_write_bytes(outputs.eval_file, fs.cat_file(f"{path.rstrip('/')}/evaluation.csv"))
 
 
-def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[dict | None, str | None]:
-    """-> (meta of the run's newest checkpoint or None, the checkpoint to export without training or None).
-    Resuming is checked here, before Ray starts."""
+def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[str, dict | None, str | None]:
+    """-> (the run directory, meta of its newest checkpoint or None, the checkpoint to export without training
+    or None). Resuming is checked here, before Ray starts. A longer total_steps resumes the run; a shorter one
+    than it was trained to, with no checkpoint at that step, is a run of its own (`<run_dir>-to<N>`): the later
+    model must not be exported as the shorter run's (`dvc exp run -S gan.total_steps=50` after a full run)."""
     logger, total_steps, uri = log(job.stage), getattr(cfg, job.section).total_steps, run_uri(cfg, run_dir)
     skipped: list[tuple[str, str]] = []
     checkpoints = list_checkpoints(uri, skipped)
@@ -159,26 +161,27 @@ def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[dict | None, 
                          f"on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set ray.run_name to train afresh")  # fmt: skip
     if not checkpoints:
         logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
-        return None, None
+        return run_dir, None, None
     newest_uri, newest = checkpoints[0]
     if newest.get("stopped_early"):
         logger.info("run %s stopped early at step %d (evaluation patience); exporting", run_dir, newest["step"])
-        return newest, newest_uri
+        return run_dir, newest, newest_uri
     if newest["step"] > total_steps:
         exact = [found for found, meta in checkpoints if meta["step"] == total_steps]
-        if not exact:  # exporting the later model would record the wrong step count in dvc.lock and MLflow
-            raise StageError(
-                f"{uri}: already trained to step {newest['step']}, past {job.section}.total_steps "
-                f"{total_steps}, with no checkpoint at that step; set ray.run_name to train afresh"
-            )
+        if not exact and not run_dir.endswith(f"-to{total_steps}"):
+            logger.info("run %s is trained to step %d, past %s.total_steps %d with no checkpoint there: a shorter run of its own",
+                        run_dir, newest["step"], job.section, total_steps)  # fmt: skip
+            return _plan(cfg, job, f"{run_dir}-to{total_steps}")
+        if not exact:  # cannot happen: a -to<N> run never trains past N
+            raise StageError(f"{uri}: trained to step {newest['step']}, past {job.section}.total_steps {total_steps}")
         logger.info("run %s has a checkpoint at step %d; exporting it", run_dir, total_steps)
-        return newest, exact[0]
+        return run_dir, newest, exact[0]
     if newest["step"] == total_steps:
         logger.info("run %s already trained to step %d; exporting", run_dir, total_steps)
-        return newest, newest_uri
+        return run_dir, newest, newest_uri
     check_resumable(newest, cfg.ray.strategy, cfg.ray.num_workers, uri)
     logger.info("resuming run %s from step %d (%s)", run_dir, newest["step"], cfg.ray.strategy)
-    return newest, None
+    return run_dir, newest, None
 
 
 def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, callbacks: tuple = ()) -> str:

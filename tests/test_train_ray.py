@@ -68,10 +68,15 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     s3 = run_cli([*common, "--set", "gan.total_steps=20", "--set", "ray.storage_path=s3://checkpoints/runs"], REPO, env=unreachable)
     assert s3.returncode == 2 and "Traceback" not in s3.stderr
     assert s3.stderr.strip().splitlines()[0].startswith("error: S3 endpoint http://127.0.0.1:9 unreachable: Could not connect to the endpoint URL")
-    # a shorter run than the one stored: never export the step-20 model as if it were the step-12 one
-    shorter = run_cli([*common, "--set", "gan.total_steps=12"], REPO)
-    assert shorter.returncode == 2 and "past gan.total_steps 12" in shorter.stderr, shorter.stderr[-2000:]
-    assert json.loads((out / "generator.json").read_text())["step"] == 20  # the export is untouched
+    # a shorter run than the one stored (`dvc exp run -S gan.total_steps=12`): never the step-20 model exported as the
+    # step-12 one; the shorter run trains in a run directory of its own and leaves the longer one alone
+    short_out = root / "gan-short"
+    shorter = run_cli([*common, "--set", "gan.total_steps=12", "--set", f"outputs.gan.out_dir={short_out}",
+                       "--set", f"outputs.gan.losses_file={root}/short-losses.csv"], REPO)  # fmt: skip
+    assert shorter.returncode == 0, shorter.stderr[-2000:]
+    assert "past gan.total_steps 12 with no checkpoint there: a shorter run of its own" in shorter.stdout and "steps 0->12" in shorter.stdout
+    assert json.loads((short_out / "generator.json").read_text())["step"] == 12
+    assert len(list((root / "ray").glob("genforge-gan-*-to12"))) == 1 and json.loads((out / "generator.json").read_text())["step"] == 20
     # a resume under another strategy would misread the checkpoint: refused in one line before Ray starts
     other = run_cli([*common, "--set", "gan.total_steps=25", "--set", "ray.strategy=fsdp"], REPO)
     assert other.returncode == 2 and "\n" not in other.stderr.strip()
