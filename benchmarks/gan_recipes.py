@@ -76,9 +76,10 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def training_seconds(log: str) -> float:
-    """The stage's own training time from its last "finished N steps in 12m03s" line (Ray start-up excluded)."""
+    """The stage's own training time from its "finished N steps in 12m03s" lines (Ray start-up excluded), summed:
+    a resumed run prints one per leg."""
     found = re.findall(r"finished \d+ steps in (?:(\d+)m)?(\d+)s", log)
-    return float(int(found[-1][0] or 0) * 60 + int(found[-1][1])) if found else float("nan")
+    return float(sum(int(m or 0) * 60 + int(s) for m, s in found)) if found else float("nan")
 
 
 def git_commit() -> str:
@@ -101,7 +102,14 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="only plot the in-training curves of --out's rows of --profile to this PNG")
     parser.add_argument("--wall-from-logs", action="store_true",
                         help="only re-read train_wall_s (and the curve's seconds) of --out's rows from the logs under --work")  # fmt: skip
+    parser.add_argument("--record", metavar="RECIPE", help="only add the row of a run the stages already made (with --train-log and "
+                        "the run's --params/--overlay/--set), under this recipe name")  # fmt: skip
+    parser.add_argument("--train-log", type=Path, action="append", default=[],
+                        help="with --record: the train_gan stage's console output (repeat for each leg of a resumed run)")  # fmt: skip
     args = parser.parse_args()
+    if args.record:
+        record(args)
+        return
     if args.wall_from_logs:
         rescan_wall(args.out, args.work)
         return
@@ -137,32 +145,53 @@ def main() -> None:
         log = work / "log.txt"
         print(f"{recipe}: {rates[recipe]:.0f} img/s probed -> {steps} steps ({steps * batch} images), evaluating every {every}", flush=True)
         run([sys.executable, "-m", "pipelines.train_gan", *flags], log)
-        train_wall = training_seconds(log.read_text())
         run([sys.executable, "-m", "pipelines.evaluate", "--family", "gan", *flags], log)
         cfg = load_config(args.params, sets, args.overlay)
-        metrics = json.loads(next((work / "eval").rglob("gan.json")).read_text())
-        curve = [{"step": int(row["step"]), "images": int(row["step"]) * batch, "train_s": round(int(row["step"]) / steps * train_wall, 1),
-                  **{k: float(row[k]) for k in ("fid_classifier", "recall_classifier", "class_accuracy", "diversity") if row.get(k)}}
-                 for row in csv.DictReader((work / "eval.csv").read_text().splitlines())]  # fmt: skip
-        protocol = cfg.evaluate.active
-        row = {
-            "family": "gan", "recipe": recipe, "overrides": overrides_for(recipe), "profile": args.profile,
-            "protocol": {"name": cfg.evaluate.protocol, "id": metrics["protocol_id"], "num_samples": protocol.num_samples,
-                         "reference": f"{protocol.reference} split, {protocol.reference_images or cfg.data.eval_images} images",
-                         "inception": protocol.inception_precision},
-            "train_wall_s": train_wall, "images_seen": steps * batch, "exported_step": metrics["step"],
-            **{k: metrics.get(k) for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
-            "fid_floor": metrics["floor"].get("fid"), "recall_floor": metrics["floor"].get("recall"),
-            "curve": curve, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "date": datetime.date.today().isoformat(), "commit": git_commit(),
-        }  # fmt: skip
+        row = make_row(recipe, args.profile, cfg, json.loads(next((work / "eval").rglob("gan.json")).read_text()), log.read_text(),
+                       (work / "eval.csv").read_text())  # fmt: skip
         shutil.copy(work / "gan/samples.png", work / f"{recipe}.png")
-        rows = json.loads(args.out.read_text()) if args.out.exists() else []
-        key = lambda r: (r["family"], r["recipe"], r["profile"], r["protocol"]["id"])  # noqa: E731
-        rows = [r for r in rows if key(r) != key(row)] + [row]
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"{recipe}: fid {row['fid']:.1f} [floor {row['fid_floor']:.1f}] recall {row['recall']:.3f} precision {row['precision']:.3f} "
-              f"class acc {row['class_accuracy']:.3f} ({train_wall:.0f} s training, {steps} steps)", flush=True)  # fmt: skip
+        save_row(args.out, row)
+    print_table(json.loads(args.out.read_text()))
+
+
+def make_row(recipe: str, profile: str, cfg, metrics: dict, train_log: str, eval_csv: str) -> dict:
+    """One quality.json row from what the stages wrote: the evaluate record, the training log (its
+    "finished N steps in ..." line) and the in-training evaluation curve."""
+    batch, steps, train_wall = cfg.gan.global_batch_size, cfg.gan.total_steps, training_seconds(train_log)
+    curve = [{"step": int(row["step"]), "images": int(row["step"]) * batch, "train_s": round(int(row["step"]) / steps * train_wall, 1),
+              **{k: float(row[k]) for k in ("fid_classifier", "recall_classifier", "class_accuracy", "diversity") if row.get(k)}}
+             for row in csv.DictReader(eval_csv.splitlines())]  # fmt: skip
+    protocol = cfg.evaluate.active
+    row = {
+        "family": "gan", "recipe": recipe, "overrides": overrides_for(recipe), "profile": profile,
+        "protocol": {"name": cfg.evaluate.protocol, "id": metrics["protocol_id"], "num_samples": protocol.num_samples,
+                     "reference": f"{protocol.reference} split, {protocol.reference_images or cfg.data.eval_images} images",
+                     "inception": protocol.inception_precision},
+        "train_wall_s": train_wall, "images_seen": steps * batch, "exported_step": metrics["step"],
+        **{k: metrics.get(k) for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
+        "fid_floor": metrics["floor"].get("fid"), "recall_floor": metrics["floor"].get("recall"),
+        "curve": curve, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(), "commit": git_commit(),
+    }  # fmt: skip
+    print(f"{recipe}: fid {row['fid']:.1f} [floor {row['fid_floor']:.1f}] recall {row['recall']:.3f} precision {row['precision']:.3f} "
+          f"class acc {row['class_accuracy']:.3f} ({train_wall:.0f} s training, {steps} steps)", flush=True)  # fmt: skip
+    return row
+
+
+def save_row(out: Path, row: dict) -> None:
+    """Add `row` to quality.json, replacing a row of the same family, recipe, profile and protocol."""
+    rows = json.loads(out.read_text()) if out.exists() else []
+    key = lambda r: (r["family"], r["recipe"], r["profile"], r["protocol"]["id"])  # noqa: E731
+    out.write_text(json.dumps([r for r in rows if key(r) != key(row)] + [row], indent=1) + "\n")
+
+
+def record(args: argparse.Namespace) -> None:
+    """--record RECIPE: a row for a run the stages made themselves (e.g. a profile's `train_gan` + `evaluate`
+    with --overlay), from its training log, its in-training curve (outputs.gan.eval_file) and its evaluate record."""
+    cfg = load_config(args.params, args.sets, args.overlay)
+    metrics = json.loads(Path(cfg.eval_file("gan")).read_text())
+    logs = "".join(path.read_text() for path in args.train_log)
+    save_row(args.out, make_row(args.record, args.profile, cfg, metrics, logs, Path(cfg.outputs.gan.eval_file).read_text()))
     print_table(json.loads(args.out.read_text()))
 
 
