@@ -144,10 +144,7 @@ def reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict]:
 
 def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str) -> list[dict]:
     """One Ray task per worker, each a strided share of the sample indices -> their features."""
-    import ray as ray_module
-
     e = cfg.evaluate
-    owns_ray = not ray_module.is_initialized()  # the sweep evaluates its best trial on the Ray it already runs
     ray = init_ray(cfg)
     task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)(_eval_task)
     num_samples = e.active.num_samples
@@ -162,8 +159,7 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
     try:
         return ray.get(futures)
     finally:
-        if owns_ray:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def sampler_settings(gen_meta: dict) -> dict:
