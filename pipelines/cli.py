@@ -19,7 +19,7 @@ import sys
 from gen_core.config import RunConfig
 from gen_core.io import atomic_write_bytes
 from pipelines.common import StageError, run_stage, stage_parser
-from pipelines.registry import OVERRIDE, OVERRIDE_AT, OVERRIDE_BY, OVERRIDE_REASON, _gate_record, criteria, load_registered_generator, promote
+from pipelines.registry import OVERRIDE, OVERRIDE_AT, OVERRIDE_BY, OVERRIDE_REASON, gate_record, criteria, load_registered_generator, promote
 from pipelines.tracking import connect, server_calls, tracking_uri
 
 FAMILIES = ("gan", "ldm")
@@ -151,7 +151,7 @@ def champion_report(client, cfg: RunConfig, family: str) -> dict:
         report["flags"] = report["flags"] or [f"no version holds @{alias}"]
         return report
     version = client.get_model_version(gate.model_name, str(number))
-    tags, record = version.tags, _gate_record(version)
+    tags, record = version.tags, gate_record(version)
     report.update(version=int(version.version), gate=tags.get("gate"), protocol=tags.get("protocol"), protocol_id=record["protocol_id"],
                   **{k: float(tags[k]) for k in ("fid", "floor_fid", "precision", "recall", "class_accuracy", "kid") if k in tags})  # fmt: skip
     if tags.get("gate") == OVERRIDE:

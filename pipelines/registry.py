@@ -177,7 +177,7 @@ def promote(cfg: RunConfig, family: str, version: str, override: str | None = No
     with server_calls(tracking_uri(cfg), f"promoting {gate.model_name} v{version}"):
         client = mlflow.MlflowClient()
         try:
-            record = _gate_record(client.get_model_version(gate.model_name, version))
+            record = gate_record(client.get_model_version(gate.model_name, version))
         except MlflowException as err:
             if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -333,7 +333,7 @@ def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: 
     }  # fmt: skip
 
 
-def _gate_record(version) -> dict:
+def gate_record(version) -> dict:
     """What the gate reads of a registered version: its number, the gate's metrics (inf/0 when untagged:
     a version whose tags were never written cannot win), its protocol, and whether it was revoked."""
     tags = version.tags
@@ -377,7 +377,7 @@ def _apply_gate(client, gate: GateConfig, alias: str, mine: str, metrics: dict) 
     with its outcome."""
     first_champion = None
     for attempt in range(20):
-        versions = [_gate_record(v) for v in _all_versions(client, gate.model_name)]
+        versions = [gate_record(v) for v in _all_versions(client, gate.model_name)]
         champion = client.get_registered_model(gate.model_name).aliases.get(alias)
         champion = str(champion) if champion is not None else None
         if attempt == 0:
