@@ -3,14 +3,18 @@ precision/recall, classifier-feature FID, class accuracy, classifier score and t
 (gen_core.metrics.sample_metrics), each reported with the protocol's real-vs-real floor. Used by the
 evaluate stage and by the sweep for its best trial.
 
-The exported generator (gen_core.generators) says how it samples. Samples are generated on Ray
-workers (one task per worker, each a strided share of sample indices, streamed in batches). Sample i
-uses seed `evaluate.seed + i` and class i mod K, so the metrics do not depend on the number of workers.
+The exported generator (gen_core.generators) says how it samples. On a Ray cluster (ray.address or
+RAY_ADDRESS), or locally across several GPUs, samples are generated on Ray workers (one task per worker,
+each a strided share of sample indices, streamed in batches). Otherwise this process samples them itself,
+with all ray.num_workers x ray.cpus_per_worker threads: a local Ray would only add its start-up (seconds
+of CPU on a laptop) to the same work. Sample i uses seed `evaluate.seed + i` and class i mod K, so the
+metrics do not depend on where or on how many workers the samples were made.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,7 +62,7 @@ def features_for_indices(
 
 
 def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, inception_precision: str, indices: np.ndarray,
-               seed: int, batch_size: int, precision: str, threads: int, use_gpu: bool, worker: int) -> dict:  # fmt: skip
+               seed: int, batch_size: int, precision: str, threads: int, use_gpu: bool, worker: int | None) -> dict:  # fmt: skip
     torch.set_num_threads(threads)
     device = torch.device("cuda" if use_gpu else "cpu")
     generator, _ = load_image_generator(generator_dir)
@@ -68,7 +72,8 @@ def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, inc
 
     def report(done: int, total: int) -> None:
         rate = done / (time.monotonic() - started)
-        sys.stdout.write(f"[evaluate] worker {worker}: {done}/{total} samples, {rate:.1f} img/s, eta {format_duration((total - done) / rate)}\n")
+        who = "" if worker is None else f" worker {worker}:"
+        sys.stdout.write(f"[evaluate]{who} {done}/{total} samples, {rate:.1f} img/s, eta {format_duration((total - done) / rate)}\n")
         sys.stdout.flush()
 
     amp_dtype = autocast_dtype(precision, device)
@@ -82,7 +87,7 @@ def _merge(parts: list[dict]) -> dict:
 
 
 def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
-    """Sample the family's exported generator on Ray workers and measure it under the configured protocol
+    """Sample the family's exported generator (in this process or on Ray workers) and measure it under the configured protocol
     -> the metrics record with the protocol's floor, also written to <evaluate.out_dir>/<protocol>/<family>.json
     and logged to the model's training run."""
     logger = log("evaluate")
@@ -96,7 +101,7 @@ def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     mlflow = connect(cfg)  # before the sampling: the results go to the model's training run
     run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
 
-    parts = _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family)
+    parts = _sample(cfg, generator_dir, classifier_dir, logger, family)
     used = protocol_id(e.protocol, e.active, parts[0]["inception_precision"], reference["inception"]["count"])
     if used != floor["protocol_id"]:
         raise StageError(f"{cfg.reference_dir}: reference statistics are for {floor['protocol_id']}, the samples were measured as {used}; rerun ref_stats")
@@ -140,6 +145,19 @@ def reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict]:
     except FileNotFoundError:
         raise StageError(f"{cfg.reference_dir}/floor.json: not found (run the ref_stats stage first)") from None
     return {"inception": ref_inception, "classifier": ref_classifier}, floor
+
+
+def _sample(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str) -> list[dict]:
+    """The samples' features, as one part per worker: in this process (one part) unless the work belongs on Ray."""
+    e = cfg.evaluate
+    num_samples = e.active.num_samples
+    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if on_cluster or (cfg.ray.use_gpu and cfg.ray.num_workers > 1):
+        return _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family)
+    threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    logger.info("generating %d %s samples in this process, %d threads (protocol %s)", num_samples, family, threads, e.protocol)
+    return [_eval_task(generator_dir, classifier_dir, cfg.ref_stats.inception.model_dump(), e.active.inception_precision,
+                       np.arange(num_samples), e.seed, e.batch_size, e.precision, threads, cfg.ray.use_gpu, None)]  # fmt: skip
 
 
 def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str) -> list[dict]:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, other_ray_ports, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, write_params
+from tests.conftest import (
+    REPO, VENV_BIN, other_ray_ports, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, upstream_sections, write_params,
+)  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -74,19 +76,50 @@ def test_job_submit_deepspeed_across_two_nodes_with_s3_checkpoints(two_node_clus
         assert f"deepspeed/G/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
 
 
-def test_python_api_fsdp_across_two_nodes_with_shared_storage(two_node_cluster, cluster_params):
+@pytest.fixture(scope="module")
+def api_run(two_node_cluster, cluster_params):
+    """train_gan through the Python API on the cluster (RAY_ADDRESS), FSDP, checkpoints on a shared path."""
     out = two_node_cluster["root"] / "gan-api"
     storage = two_node_cluster["root"] / "shared-ray"
     env = {**two_node_cluster["env"], "RAY_ADDRESS": two_node_cluster["gcs"]}
     result = run_cli(["python", "-m", "pipelines.train_gan", "--params", str(cluster_params), "--set", "ray.strategy=fsdp",
                       "--set", f"ray.storage_path={storage}", "--set", f"outputs.gan.out_dir={out}", "--set", f"outputs.gan.losses_file={out}.csv", "--set", f"outputs.gan.eval_file={out}.eval.csv"],
                      REPO, env)  # fmt: skip
+    return result, out, storage
+
+
+def test_python_api_fsdp_across_two_nodes_with_shared_storage(api_run):
+    result, out, storage = api_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 worker(s) on cpu across 2 nodes" in result.stdout and "fsdp (shard block" in result.stdout
     meta = json.loads((out / "generator.json").read_text())
     assert meta["step"] == 10
     shards = sorted(p.name for p in storage.glob("*/checkpoint_0000010/fsdp/*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_evaluate_on_the_cluster_measures_what_it_measures_in_process(two_node_cluster, api_run, tiny_upstream):
+    """On a cluster the evaluate stage samples on Ray workers (one task per worker, one per node here); on one
+    machine it samples in its own process. Sample i has seed evaluate.seed + i and class i mod K either way, so
+    both give the same metrics (up to float summation order: the batches hold other samples)."""
+    root, (trained, generator, _) = two_node_cluster["root"], api_run
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    params = tiny_params(**upstream_sections(tiny_upstream))  # the session's classifier and reference statistics
+    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"  # where the model's training run is
+    params["ray"].update(num_workers=2, cpus_per_worker=2)
+    (root / "eval").mkdir()
+    path = write_params(root / "eval", params)
+    common = ["python", "-m", "pipelines.evaluate", "--family", "gan", "--params", str(path), "--set", f"outputs.gan.out_dir={generator}"]
+    here = run_cli([*common, "--set", f"evaluate.out_dir={root}/eval-here"], REPO)
+    assert here.returncode == 0, here.stderr[-2000:]
+    assert "in this process, 4 threads" in here.stderr + here.stdout
+    there = run_cli([*common, "--set", f"evaluate.out_dir={root}/eval-cluster"], REPO, {**two_node_cluster["env"], "RAY_ADDRESS": two_node_cluster["gcs"]})
+    assert there.returncode == 0, there.stderr[-2000:]
+    assert "on 2 Ray workers" in there.stderr + there.stdout
+    local, cluster = (json.loads((root / d / "quick" / "gan.json").read_text()) for d in ("eval-here", "eval-cluster"))
+    assert local["num_samples"] == cluster["num_samples"] == 60
+    for key in ("fid", "kid", "precision", "recall", "fid_classifier", "class_accuracy", "classifier_score"):
+        assert cluster[key] == pytest.approx(local[key], rel=1e-3, abs=1e-4), key
 
 
 def test_a_stage_without_an_address_starts_its_own_ray_beside_a_running_cluster(two_node_cluster, cluster_params):
