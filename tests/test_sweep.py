@@ -124,9 +124,10 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
 @pytest.mark.slow
 def test_pbt_exploits_by_handing_a_checkpoint_over(upstream):
     result, _ = run_sweep(
-        upstream, "pbt", scheduler="pbt", num_trials=2, total_steps=30, report_every_steps=10,
+        upstream, "pbt", scheduler="pbt", num_trials=2, total_steps=20, report_every_steps=10,
         # synchronous: the worse of the two trials exploits the better at the first perturbation point whatever the
         # order in which they report (asynchronous PBT exploited or not depending on the machine's load)
+        # one perturbation point (step 10 of 20) is enough to see it; each interval is a Ray Train run per trial
         pbt={"perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.5, "synch": True},
         space={"gan": {"lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3}, "lr_d_over_lr_g": RATIO_ONLY["gan"]["lr_d_over_lr_g"]}},
     )  # fmt: skip
