@@ -8,7 +8,8 @@ from PIL import Image
 
 from gen_core.config import DataConfig
 from gen_core.data import (
-    DataError, dataset_hash, fit_image, load_split, read_idx, read_source, split_train_eval, write_prepared,
+    DataError, RawDataset, RawSplit, dataset_hash, fit_image, load_split, read_idx, read_source, settings_that_do_not_fit,
+    split_train_eval, write_prepared,
 )  # fmt: skip
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -176,3 +177,23 @@ def test_failed_write_leaves_previous_output_intact(tmp_path, monkeypatch):
         write_prepared(out, train, evals, raw, cfg)
     assert (out / "manifest.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no temp dirs left behind
+
+
+def test_a_small_dataset_gets_every_setting_that_does_not_fit_at_once_and_the_suggestions_fit():
+    """80 images in 4 classes under params.yaml's defaults (1,000 eval images, 1,000 samples, KID subsets of 100, k=3):
+    every data-size setting is listed with a value that fits, and with those values nothing is left to change."""
+    from gen_core.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 20)
+    raw = RawDataset(RawSplit(rng.integers(0, 255, (80, 32, 32, 3), dtype=np.uint8), labels), None, ["a", "b", "c", "d"])
+    source = ["data.source=image_folder", "data.source_uri=/nowhere", "data.channels=3"]
+    fixes = settings_that_do_not_fit(load_config(repo / "params.yaml", source), raw)
+    assert list(fixes) == ["data.eval_images", "evaluate.protocols.quick.num_samples", "evaluate.kid_subset_size", "evaluate.pr_neighbors"]
+    assert fixes["data.eval_images"][:2] == (1000, 16)
+    assert fixes["evaluate.protocols.quick.num_samples"][0] == 1000 and fixes["evaluate.protocols.quick.num_samples"][1] <= 64
+    fitted = load_config(repo / "params.yaml", [*source, *(f"{key}={fits}" for key, (_, fits, _) in fixes.items())])
+    assert settings_that_do_not_fit(fitted, raw) == {}
+    train, evals = split_train_eval(raw, fitted.data)
+    assert len(evals.labels) == 16 and len(train.labels) == 64
