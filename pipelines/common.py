@@ -32,8 +32,10 @@ class StageError(RuntimeError):
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, FeatureNetError, StageError)
 
 
-def stage_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, add_help=add_help)
+def stage_parser(description: str, add_help: bool = True, stage: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every stage takes; `stage` (its name in dvc.yaml) adds the params sections it depends on to --help."""
+    parser = argparse.ArgumentParser(description=description, add_help=add_help, epilog=params_epilog(stage) if stage else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
         "--overlay", dest="overlays", action="append", default=[], metavar="FILE",
@@ -46,11 +48,32 @@ def stage_parser(description: str, add_help: bool = True) -> argparse.ArgumentPa
     return parser
 
 
-def family_parser(description: str) -> argparse.ArgumentParser:
+def family_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The parser of the stages that run once per model family (evaluate, register)."""
-    parser = stage_parser(description)
+    parser = stage_parser(description, stage=stage)
     parser.add_argument("--family", choices=["gan", "ldm"], default="gan", help="model family (default: gan)")
     return parser
+
+
+def stage_params(stage: str) -> list[str]:
+    """The params.yaml sections (or keys) the stage depends on, as dvc.yaml declares them (DVC reruns it when they change)."""
+    import yaml
+
+    try:
+        body = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"][stage]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    return [str(p) for p in body.get("do", body).get("params", [])]
+
+
+def params_epilog(stage: str) -> str | None:
+    sections = stage_params(stage)
+    if not sections:
+        return None
+    import textwrap
+
+    return textwrap.fill(f"params.yaml: this stage depends on {', '.join(sections)} (dvc.yaml reruns it when they change), "
+                         "and reads the locations of its inputs and outputs (data.out_dir, outputs.*, ...).", 100)  # fmt: skip
 
 
 def error_line(err: BaseException) -> str:
@@ -99,7 +122,7 @@ def run_stage(
 ) -> None:
     """Parse args, load the typed config, run `body`, and turn expected failures into one line + exit 2.
     `report_time`: end with a "done in" log line (stages; not the `genforge` command, whose output may be JSON)."""
-    parser = parser or stage_parser(f"genforge {name} stage")
+    parser = parser or stage_parser(f"genforge {name} stage", stage=name)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

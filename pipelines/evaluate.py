@@ -34,7 +34,7 @@ def run(cfg, args) -> None:
 
 
 def main() -> None:
-    parser = family_parser("genforge evaluate stage")
+    parser = family_parser("genforge evaluate stage", "evaluate")
     parser.add_argument("--model", help="a registered version to evaluate instead of the export, e.g. models:/genforge-gan@champion")
     run_stage("evaluate", run, parser)
 

@@ -13,7 +13,7 @@ from pipelines.registry import register
 
 
 def main() -> None:
-    parser = family_parser("genforge register stage: MLflow model version + FID gate")
+    parser = family_parser("genforge register stage: MLflow model version + FID gate", "register")
     parser.add_argument("--require-promotion", action="store_true", help="exit 1 if the version does not become champion")
     run_stage("register", lambda cfg, args: register(cfg, args.family, args.require_promotion).get("exit_code", 0), parser)
 

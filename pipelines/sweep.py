@@ -490,7 +490,7 @@ def _close_trial_runs(mlflow, parent: str, status: dict[str, str]) -> None:
 
 
 def main() -> None:
-    run_stage("sweep", lambda cfg, args: run(cfg) and None, stage_parser("genforge sweep stage (Ray Tune)"))
+    run_stage("sweep", lambda cfg, args: run(cfg) and None, stage_parser("genforge sweep stage (Ray Tune)", stage="sweep"))
 
 
 if __name__ == "__main__":

@@ -39,3 +39,24 @@ def test_the_dvc_md5_of_the_prepared_data_is_read_from_dvc_lock():
     (out,) = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
     assert dvc_out_md5(out["path"]) == dvc_out_md5(str(REPO / out["path"])) == out["md5"]
     assert dvc_out_md5("data/elsewhere") is None
+
+
+def test_every_stage_help_lists_the_params_it_depends_on():
+    """`--help` names the params.yaml sections of the stage's dvc.yaml entry (one source: dvc.yaml)."""
+    import sys
+
+    import yaml
+
+    from pipelines.common import REPO_ROOT, stage_params
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, body in stages.items():
+        declared = body.get("do", body).get("params", [])
+        assert stage_params(name) == declared and declared, name
+    # through the real entry points: the default parser, a per-family one, the sweep's own
+    runs = {stage: subprocess.Popen([sys.executable, "-m", f"pipelines.{stage}", "--help"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+            for stage in ("train_gan", "evaluate", "sweep")}  # fmt: skip
+    for stage, process in runs.items():
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        assert f"this stage depends on {', '.join(stage_params(stage))}" in " ".join(out.split()), out
