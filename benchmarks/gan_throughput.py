@@ -83,7 +83,7 @@ def ray_path(params_path: Path, workers: int, cpus_per_worker: int, steps: int, 
     """Run the real train_gan stage and read the steady-state img/s from its loss history."""
     out = work / f"ray{workers}"
     cmd = [sys.executable, "-m", "pipelines.train_gan", "--params", str(params_path),
-           "--set", f"ray.num_workers={workers}", "--set", f"ray.cpus_per_worker={cpus_per_worker}", "--set", f"ray.storage_path={out}/ray", "--set", f"ray.run_name=bench{workers}",
+           "--set", f"ray.num_workers={workers}", "--set", f"ray.cpus_per_worker={cpus_per_worker}", "--set", f"ray.storage_path={out}/ray", "--set", f"gan.run_name=bench{workers}",
            "--set", f"gan.total_steps={steps}", "--set", f"gan.checkpoint_every_steps={steps}",
            "--set", f"gan.log_every_steps={max(steps // 4, 1)}", "--set", f"outputs.gan.out_dir={out}/gan",
            "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", "--set", f"outputs.gan.losses_file={out}/losses.csv"]  # fmt: skip

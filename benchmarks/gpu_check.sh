@@ -57,7 +57,7 @@ step prepare logs_prepare.txt $PY -m pipelines.prepare "${ARGS[@]}"
 step classifier logs_classifier.txt $PY -m pipelines.classifier "${ARGS[@]}"
 step ref_stats logs_ref_stats.txt $PY -m pipelines.ref_stats "${ARGS[@]}"
 for strategy in ddp fsdp deepspeed; do
-  S=(--set ray.strategy=$strategy --set ray.run_name=gpu-$strategy)
+  S=(--set ray.strategy=$strategy --set gan.run_name=gpu-$strategy --set autoencoder.run_name=gpu-$strategy --set ldm.run_name=gpu-$strategy)
   step "train_gan $strategy" logs_gan_$strategy.txt $PY -m pipelines.train_gan "${ARGS[@]}" "${S[@]}"
   step "train_autoencoder $strategy" logs_ae_$strategy.txt $PY -m pipelines.train_autoencoder "${ARGS[@]}" "${S[@]}"
   step "encode_latents ($strategy AE)" logs_latents_$strategy.txt $PY -m pipelines.encode_latents "${ARGS[@]}"

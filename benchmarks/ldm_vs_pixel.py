@@ -115,7 +115,7 @@ def train_stage(args, space: str, work: Path) -> tuple[Path, float]:
            "--set", f"ldm.global_batch_size={args.train_batch}", "--set", f"ldm.checkpoint_every_steps={args.train_steps}",
            "--set", f"ldm.log_every_steps={max(args.train_steps // 10, 1)}", "--set", f"outputs.ldm.out_dir={out}",
            "--set", f"outputs.ldm.losses_file={work}/{space}_losses.csv", "--set", f"ray.storage_path={work}/ray",
-           "--set", "ray.run_name=bench", "--set", f"tracking.tracking_uri=sqlite:///{work}/bench.db"]  # fmt: skip
+           "--set", "ldm.run_name=bench", "--set", f"tracking.tracking_uri=sqlite:///{work}/bench.db"]  # fmt: skip
     print(f"[train {space}] {args.train_steps} steps at batch {args.train_batch}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     rows = list(csv.DictReader((work / f"{space}_losses.csv").read_text().splitlines()))

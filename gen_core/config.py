@@ -125,6 +125,9 @@ class TrainingConfig(_Section):
         {"total_steps", "checkpoint_every_steps", "checkpoints_to_keep", "log_every_steps", "sample_grid_seed", "evaluation"}
     )
 
+    # Names the run, not what it is: part of the run directory's name, not of the resume signature. One per
+    # family, so renaming one family's run (to train it afresh) leaves the other families' DVC stages up to date.
+    run_name: str = Field("genforge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # <ray.storage_path>/<run_name>-<kind>-<signature>
     total_steps: int = Field(2000, ge=1)
     global_batch_size: int = Field(64, ge=1)  # split evenly over ray.num_workers
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware runs it natively
@@ -153,8 +156,8 @@ class TrainingConfig(_Section):
         return step % self.checkpoint_every_steps == 0 or step == self.total_steps or self.is_eval_step(step)
 
     def resume_signature(self) -> dict:
-        """What a checkpoint must share with this section to be resumed: every field but `resumable_fields`."""
-        return self.model_dump(mode="json", exclude=set(self.resumable_fields))
+        """What a checkpoint must share with this section to be resumed: every field but `resumable_fields` and the run's name."""
+        return self.model_dump(mode="json", exclude={*self.resumable_fields, "run_name"})
 
 
 class GanModelConfig(_Section):
@@ -367,9 +370,15 @@ class RayConfig(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     fsdp: FsdpConfig = FsdpConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
-    storage_path: str = "runs/ray"  # local path or s3:// URL; checkpoints live here
-    run_name: str = "genforge"  # runs live in <storage_path>/<run_name>-<family>-<config signature>
+    storage_path: str = "runs/ray"  # local path or s3:// URL; checkpoints live in <storage_path>/<section.run_name>-<kind>-<signature>
     max_failures: int = Field(0, ge=-1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_name_moved(cls, data):
+        if isinstance(data, dict) and "run_name" in data:
+            raise ValueError("ray.run_name is now per family: set gan.run_name, autoencoder.run_name or ldm.run_name")
+        return data
 
 
 class ProtocolConfig(_Section):

@@ -2,7 +2,7 @@
 
 A stage describes itself as a `TrainingJob` (its worker loop, its export) and calls `train`:
 
-- the run directory <ray.storage_path>/<ray.run_name>-<kind>-<signature>: the same config
+- the run directory <ray.storage_path>/<section.run_name>-<kind>-<signature>: the same config
   resumes there (also with a larger total_steps), a changed one trains afresh in its own;
 - the MLflow run (created once, continued on resume);
 - fitting with TorchTrainer, then exporting from the final checkpoint.
@@ -75,8 +75,9 @@ def job_signature(cfg: RunConfig, job: TrainingJob, num_classes: int) -> str:
     })  # fmt: skip
 
 
-def run_directory(cfg: RunConfig, kind: str, signature: str) -> str:
-    return f"{cfg.ray.run_name}-{kind}-{signature[:8]}"
+def run_directory(cfg: RunConfig, job: TrainingJob, signature: str) -> str:
+    """<section.run_name>-<kind>-<signature>: the run's name is per family (gan.run_name, ...)."""
+    return f"{getattr(cfg, job.section).run_name}-{job.kind}-{signature[:8]}"
 
 
 def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run_id: str | None = None,
@@ -89,7 +90,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         raise StageError(f"{data_uri}: prepared shape {manifest['shape']} does not match data.channels/resolution")
     num_classes = len(manifest["class_names"])
     signature = job_signature(cfg, job, num_classes)
-    run_dir = run_directory(cfg, job.kind, signature)
+    run_dir = run_directory(cfg, job, signature)
     run_dir, existing, export_uri = _plan(cfg, job, run_dir)
     deepspeed = None
     if cfg.ray.strategy == "deepspeed":  # the file is read here: workers may run elsewhere
@@ -108,7 +109,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         )  # fmt: skip
 
     if export_uri is None:  # training: the MLflow run is open (and marked FAILED if training fails)
-        run_name = None if run_id else f"{cfg.ray.run_name}-{job.kind}"
+        run_name = None if run_id else f"{getattr(cfg, job.section).run_name}-{job.kind}"
         with mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=None if run_id else parent_run_id) as active:
             if existing is None:
                 mlflow.log_params(flat_params(cfg, (job.section, *job.logged_sections)))
@@ -158,7 +159,7 @@ def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[str, dict | N
         logger.warning("skipping checkpoint %s: %s", where, why)
     if not checkpoints and skipped:
         raise StageError(f"{uri}: none of its {len(skipped)} checkpoint(s) is complete, so this run will not start over from step 0 "
-                         f"on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set ray.run_name to train afresh")  # fmt: skip
+                         f"on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set {job.section}.run_name to train afresh")  # fmt: skip
     if not checkpoints:
         logger.info("new run %s in %s", run_dir, cfg.ray.storage_path)
         return run_dir, None, None
@@ -179,7 +180,7 @@ def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[str, dict | N
     if newest["step"] == total_steps:
         logger.info("run %s already trained to step %d; exporting", run_dir, total_steps)
         return run_dir, newest, newest_uri
-    check_resumable(newest, cfg.ray.strategy, cfg.ray.num_workers, uri)
+    check_resumable(newest, cfg.ray.strategy, cfg.ray.num_workers, uri, job.section)
     logger.info("resuming run %s from step %d (%s)", run_dir, newest["step"], cfg.ray.strategy)
     return run_dir, newest, None
 

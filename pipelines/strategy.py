@@ -346,13 +346,13 @@ def build_strategy(name: str, device: torch.device, fsdp: FsdpConfig | None = No
     return Strategy(device)
 
 
-def check_resumable(meta: dict, strategy: str, world_size: int, where: str) -> None:
+def check_resumable(meta: dict, strategy: str, world_size: int, where: str, section: str) -> None:
     """A checkpoint's form belongs to its strategy; ZeRO partitions also to its world size. The driver
     calls this before Ray starts, the workers again before loading."""
     saved, workers = meta.get("strategy", "ddp"), meta.get("world_size")
     if saved != strategy:
         raise CheckpointError(f"{where}: checkpoint at step {meta['step']} was written with ray.strategy={saved}; "
-                              f"resume with it, or set ray.run_name to train afresh")  # fmt: skip
+                              f"resume with it, or set {section}.run_name to train afresh")  # fmt: skip
     if saved == "deepspeed" and workers != world_size:
         raise CheckpointError(f"{where}: DeepSpeed ZeRO checkpoint at step {meta['step']} was written by {workers} workers; "
                               f"resume with ray.num_workers={workers} (ddp and fsdp checkpoints load into any worker count)")  # fmt: skip

@@ -95,10 +95,10 @@ def trial_config(cfg: RunConfig, sampled: dict, trial_id: str, total_steps: int 
     }  # fmt: skip
     export = f"{local_root(cfg)}/exports/{trial_id}"
     trial = cfg.model_copy(update={
-        s.family: section.model_copy(update=changes),
+        s.family: section.model_copy(update={**changes, "run_name": f"trial-{trial_id}"}),
         "outputs": cfg.outputs.model_copy(update={s.family: ModelOutputs(out_dir=export, losses_file=f"{export}.losses.csv")}),
         "ray": cfg.ray.model_copy(update={"num_workers": s.workers_per_trial, "storage_path": f"{sweep_root(cfg)}/train",
-                                          "run_name": f"trial-{trial_id}", "max_failures": 0}),
+                                          "max_failures": 0}),
     })  # fmt: skip
     return config_from_dict(trial.model_dump(mode="json"), f"sweep trial {trial_id}")  # model_copy does not validate
 
@@ -212,7 +212,7 @@ def _signature(cfg: RunConfig, job: TrainingJob) -> str:
 
 
 def _own_run(cfg: RunConfig, job: TrainingJob) -> str:
-    return run_uri(cfg, run_directory(cfg, job.kind, _signature(cfg, job)))
+    return run_uri(cfg, run_directory(cfg, job, _signature(cfg, job)))
 
 
 def _trial_mlflow_run(cfg: RunConfig, trial_id: str) -> str | None:

@@ -3,7 +3,7 @@
     python -m pipelines.train_gan [--params params.yaml] [--set gan.total_steps=100]
     ray job submit --working-dir . -- python -m pipelines.train_gan --set data.out_dir=/abs/path
 
-Checkpoints live in <ray.storage_path>/<ray.run_name>-gan-<config signature> (pipelines.ray_train).
+Checkpoints live in <ray.storage_path>/<gan.run_name>-gan-<config signature> (pipelines.ray_train).
 A rerun with the same model/optimizer config resumes from the latest checkpoint there (the step
 count continues, also when total_steps grew); a changed config trains afresh in its own directory.
 Outputs: <outputs.gan.out_dir>/ (EMA generator as safetensors + generator.json + samples.png) and

@@ -249,7 +249,7 @@ class CheckpointStore:
         for uri, meta in found:
             if meta.get("signature") != worker.ctx.signature:
                 raise CheckpointError(f"{uri}: checkpoint signature {meta.get('signature')} does not match this run's {worker.ctx.signature}")
-            check_resumable(meta, worker.strategy.name, worker.world_size, uri)
+            check_resumable(meta, worker.strategy.name, worker.world_size, uri, worker.ctx.section)
             error = ""
             with tempfile.TemporaryDirectory() as directory:
                 try:
@@ -274,7 +274,7 @@ class CheckpointStore:
         if skipped:
             raise CheckpointError(
                 f"{worker.ctx.run_uri}: none of its {len(skipped)} checkpoint(s) can be loaded, so this run will not start over from "
-                f"step 0 on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set ray.run_name to train afresh"
+                f"step 0 on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set {worker.ctx.section}.run_name to train afresh"
             )
         return 0
 

@@ -66,6 +66,23 @@ def test_repro_writes_every_declared_output(pipeline):
     assert "fid" in shown.stdout
 
 
+def test_renaming_one_familys_run_leaves_the_other_familys_stages_up_to_date(pipeline):
+    """`dvc exp run -S gan.run_name=fresh` (train the GAN afresh) reruns the GAN's stages only: the run's name is
+    per family, so the autoencoder, latents and denoiser stay up to date."""
+    project, _ = pipeline
+    params = project / "params.yaml"
+    original = params.read_text()
+    try:
+        before = set(json.loads(run_cli(["dvc", "status", "--json"], project).stdout or "{}"))
+        changed = yaml.safe_load(original)
+        changed["gan"]["run_name"] = "fresh"
+        params.write_text(yaml.safe_dump(changed, sort_keys=False))
+        stale = set(json.loads(run_cli(["dvc", "status", "--json"], project).stdout or "{}")) - before
+        assert "train_gan" in stale and not stale & {"train_autoencoder", "encode_latents", "train_ldm", "evaluate@ldm", "register@ldm"}, stale
+    finally:
+        params.write_text(original)
+
+
 def test_champion_loads_and_generates(pipeline, mlflow_server):
     import mlflow
 

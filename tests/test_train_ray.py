@@ -80,7 +80,7 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     # a resume under another strategy would misread the checkpoint: refused in one line before Ray starts
     other = run_cli([*common, "--set", "gan.total_steps=25", "--set", "ray.strategy=fsdp"], REPO)
     assert other.returncode == 2 and "\n" not in other.stderr.strip()
-    assert other.stderr.strip().endswith("checkpoint at step 20 was written with ray.strategy=ddp; resume with it, or set ray.run_name to train afresh")
+    assert other.stderr.strip().endswith("checkpoint at step 20 was written with ray.strategy=ddp; resume with it, or set gan.run_name to train afresh")
 
     # weights gone non-finite (its D set to NaN in the newest checkpoint: no valid config produces that in a
     # few steps): the resumed run stops at the first loss check, in one line, and writes nothing
@@ -152,7 +152,7 @@ def test_a_run_whose_only_checkpoint_cannot_load_stops_and_never_overwrites_it(p
         assert result.stderr.strip().splitlines() == [
             f"error: {checkpoint.parent}: none of its 1 checkpoint(s) is complete, so this run will not start over from step 0 on top "
             f"of them; newest: {checkpoint}: {result.stdout.split(f'skipping checkpoint {checkpoint}: ')[1].splitlines()[0]}. "
-            "Repair or remove them, or set ray.run_name to train afresh"]
+            "Repair or remove them, or set gan.run_name to train afresh"]
 
 
 def test_s3_idx_source(tmp_path, moto_s3, real_digits):
