@@ -83,6 +83,34 @@ def test_renaming_one_familys_run_leaves_the_other_familys_stages_up_to_date(pip
         params.write_text(original)
 
 
+def test_outputs_go_to_an_s3_remote_and_come_back(pipeline, moto_s3):
+    """README "Sharing data and models": `dvc push` to an S3 remote (a real moto_server), then a deleted model is
+    restored by `dvc pull`, byte for byte. The remote lives in .dvc/config.local (machine-specific, git-ignored)."""
+    import boto3
+
+    project, _ = pipeline
+    boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="dvc-remote")
+    for command in (["dvc", "remote", "add", "--local", "-d", "storage", "s3://dvc-remote/genforge"],
+                    ["dvc", "remote", "modify", "--local", "storage", "endpointurl", moto_s3]):  # fmt: skip
+        assert run_cli(command, project).returncode == 0
+    pushed = run_cli(["dvc", "push"], project)
+    assert pushed.returncode == 0, pushed.stderr[-2000:]
+    objects = boto3.client("s3", endpoint_url=moto_s3).list_objects_v2(Bucket="dvc-remote", Prefix="genforge/")
+    assert objects["KeyCount"] > 10
+    model = project / "models" / "gan"
+    weights = (model / "generator.safetensors").read_bytes()
+    cache, aside = project / ".dvc" / "cache", project / "cache-aside"  # a machine without the outputs: no cache either
+    shutil.rmtree(model)
+    cache.rename(aside)
+    try:
+        pulled = run_cli(["dvc", "pull", "train_gan"], project)
+        assert pulled.returncode == 0, pulled.stderr[-2000:]
+        assert (model / "generator.safetensors").read_bytes() == weights
+    finally:  # the module's other tests keep the full cache
+        shutil.rmtree(cache, ignore_errors=True)
+        aside.rename(cache)
+
+
 def test_champion_loads_and_generates(pipeline, mlflow_server):
     import mlflow
 
