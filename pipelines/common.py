@@ -171,6 +171,17 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def portable(path: str) -> str:
+    """A location to record in what is shared (exports, registered models): relative to the repo when it is inside it,
+    so no file names the machine that made it; other local paths and URLs as they are."""
+    if "://" in path:
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

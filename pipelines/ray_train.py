@@ -21,7 +21,7 @@ from gen_core.config import ModelOutputs, RunConfig
 from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
-from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log
+from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log, portable
 from pipelines.ray_env import init_ray, route_ray_logs, route_worker_logs, run_uri, storage
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import RunLog, connect, tracking_uri
@@ -273,7 +273,7 @@ def export_provenance(meta: dict, checkpoint_uri: str, context: RunContext) -> d
     """What every exported model records about where it came from."""
     return {
         "step": meta["step"], "data_hash": meta["data_hash"], "git_revision": meta["git_revision"],
-        "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": checkpoint_uri,
+        "mlflow_run_id": meta["mlflow_run_id"], "checkpoint": portable(checkpoint_uri),
         "class_names": read_manifest(context.data_uri)["class_names"], "config": meta["config"],
     }  # fmt: skip
 

@@ -60,3 +60,10 @@ def test_every_stage_help_lists_the_params_it_depends_on():
         out, _ = process.communicate(timeout=120)
         assert process.returncode == 0
         assert f"this stage depends on {', '.join(stage_params(stage))}" in " ".join(out.split()), out
+
+
+def test_recorded_locations_are_relative_to_the_repo_inside_it():
+    from pipelines.common import REPO_ROOT, portable
+
+    assert portable(str(REPO_ROOT / "runs" / "ray" / "genforge-gan-1" / "checkpoint_0000020")) == "runs/ray/genforge-gan-1/checkpoint_0000020"
+    assert portable("/elsewhere/runs/x") == "/elsewhere/runs/x" and portable("s3://bucket/runs/x") == "s3://bucket/runs/x"

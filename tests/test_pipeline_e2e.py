@@ -62,6 +62,8 @@ def test_repro_writes_every_declared_output(pipeline):
     assert "[floor " in result.stdout  # every report shows the floor next to the value
     assert "gate: PROMOTED tiny-gan v1 -> @champion" in result.stdout
     assert "gate: PROMOTED tiny-ldm v1 -> @champion" in result.stdout
+    for export in ("models/gan/generator.json", "models/ldm/generator.json"):  # shared through DVC: no path of this machine
+        assert str(project) not in (project / export).read_text(), export
     shown = run_cli(["dvc", "metrics", "show", "--json"], project)
     assert "fid" in shown.stdout
 
