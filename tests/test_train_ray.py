@@ -189,8 +189,9 @@ def test_s3_image_folder(tmp_path, moto_s3, real_digits):
         s3.upload_file(str(file), "images", f"set/{file.relative_to(local)}")
     bad = "set/class_2/broken.png"
     s3.put_object(Bucket="images", Key=bad, Body=b"\x89PNG\r\n\x1a\n truncated")
-    params = tiny_params(data={"source": "image_folder", "source_uri": "s3://images/set", "eval_images": 10,
-                               "out_dir": str(tmp_path / "prepared")}, evaluate={"kid_subset_size": 10})  # fmt: skip
+    # 24 images: evaluation settings that fit them (prepare refuses, in one line, settings a dataset cannot satisfy)
+    params = tiny_params(data={"source": "image_folder", "source_uri": "s3://images/set", "eval_images": 10, "out_dir": str(tmp_path / "prepared")},
+                         evaluate={"kid_subset_size": 10, "pr_neighbors": 1, "protocols": {"quick": {"num_samples": 12}}})  # fmt: skip
     path = write_params(tmp_path, params)
     failed = run_cli(["python", "-m", "pipelines.prepare", "--params", str(path)], REPO)
     assert failed.returncode == 2
