@@ -14,7 +14,6 @@ metrics do not depend on where or on how many workers the samples were made.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from gen_core.metrics import (
 from gen_core.sampling import balanced_labels, to_uint8
 from gen_core.training import autocast_dtype
 from pipelines.common import StageError, format_duration, log
-from pipelines.ray_env import init_ray
+from pipelines.ray_env import init_ray, ray_address
 from pipelines.tracking import connect, training_run
 
 
@@ -151,8 +150,7 @@ def _sample(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, fam
     """The samples' features, as one part per worker: in this process (one part) unless the work belongs on Ray."""
     e = cfg.evaluate
     num_samples = e.active.num_samples
-    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    if on_cluster or (cfg.ray.use_gpu and cfg.ray.num_workers > 1):
+    if ray_address(cfg) or (cfg.ray.use_gpu and cfg.ray.num_workers > 1):
         return _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family)
     threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     logger.info("generating %d %s samples in this process, %d threads (protocol %s)", num_samples, family, threads, e.protocol)

@@ -18,13 +18,18 @@ def ray_defaults() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def ray_address(cfg: RunConfig) -> str | None:
+    """The cluster to join: ray.address, else RAY_ADDRESS; None means a Ray of this process's own."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(cfg: RunConfig):
     """Join the cluster at ray.address / RAY_ADDRESS, or start a local Ray sized for the job."""
     import ray
 
     if ray.is_initialized():
         return ray
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
     ray_defaults()
     try:
         if address:
