@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from gen_core.classifier import classifier_outputs, load_classifier
-from gen_core.config import InceptionConfig, RunConfig
+from gen_core.config import RunConfig
 from gen_core.generators import load_image_generator, read_generator_meta
 from gen_core.io import atomic_write_json, sha256_file
 from gen_core.metrics import (
@@ -60,13 +60,14 @@ def features_for_indices(
     }  # fmt: skip
 
 
-def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, inception_precision: str, indices: np.ndarray,
-               seed: int, batch_size: int, precision: str, threads: int, use_gpu: bool, worker: int | None) -> dict:  # fmt: skip
+def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices: np.ndarray, threads: int, worker: int | None) -> dict:
+    """Samples `indices` of the evaluation (in this process, or as a Ray task) -> their features."""
+    e = cfg.evaluate
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
     generator, _ = load_image_generator(generator_dir)
     classifier, _ = load_classifier(classifier_dir)
-    inception = load_inception(InceptionConfig(**inception_cfg), device, inception_precision)
+    inception = load_inception(cfg.ref_stats.inception, device, e.active.inception_precision)
     started = time.monotonic()
 
     def report(done: int, total: int) -> None:
@@ -75,8 +76,8 @@ def _eval_task(generator_dir: str, classifier_dir: str, inception_cfg: dict, inc
         sys.stdout.write(f"[evaluate]{who} {done}/{total} samples, {rate:.1f} img/s, eta {format_duration((total - done) / rate)}\n")
         sys.stdout.flush()
 
-    amp_dtype = autocast_dtype(precision, device)
-    return features_for_indices(generator.to(device), classifier, inception, indices, seed, batch_size, device, report, amp_dtype)
+    amp_dtype = autocast_dtype(e.precision, device)
+    return features_for_indices(generator.to(device), classifier, inception, indices, e.seed, e.batch_size, device, report, amp_dtype)
 
 
 def _merge(parts: list[dict]) -> dict:
@@ -154,8 +155,7 @@ def _sample(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, fam
         return _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family)
     threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     logger.info("generating %d %s samples in this process, %d threads (protocol %s)", num_samples, family, threads, e.protocol)
-    return [_eval_task(generator_dir, classifier_dir, cfg.ref_stats.inception.model_dump(), e.active.inception_precision,
-                       np.arange(num_samples), e.seed, e.batch_size, e.precision, threads, cfg.ray.use_gpu, None)]  # fmt: skip
+    return [_eval_task(cfg, generator_dir, classifier_dir, np.arange(num_samples), threads, None)]
 
 
 def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str) -> list[dict]:
@@ -167,11 +167,7 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
     workers = min(cfg.ray.num_workers, num_samples)
     logger.info("generating %d %s samples on %d Ray workers (protocol %s)", num_samples, family, workers, e.protocol)
     all_indices = np.arange(num_samples)
-    futures = [
-        task.remote(generator_dir, classifier_dir, cfg.ref_stats.inception.model_dump(), e.active.inception_precision,
-                    all_indices[w::workers], e.seed, e.batch_size, e.precision, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, w)
-        for w in range(workers)
-    ]  # fmt: skip
+    futures = [task.remote(cfg, generator_dir, classifier_dir, all_indices[w::workers], cfg.ray.cpus_per_worker, w) for w in range(workers)]
     try:
         return ray.get(futures)
     finally:
