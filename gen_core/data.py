@@ -334,34 +334,42 @@ def settings_that_do_not_fit(cfg: RunConfig, raw: RawDataset) -> dict[str, tuple
     all of them at once (a small image folder otherwise fails one setting at a time, in one stage after another).
     Suggested values assume the other suggestions are applied: the eval split first, then what it leaves."""
     fixes: dict[str, tuple[int, int, str]] = {}
+
+    def fit(key: str, now: int, most: int, fits: int, why: str) -> int:
+        """Record `key` when `now` exceeds `most` (the settings too large for the data); -> its value once the fixes apply."""
+        if now > most:
+            fixes[key] = (now, fits, why)
+            return fits
+        return now
+
     data, e, name = cfg.data, cfg.evaluate, cfg.evaluate.protocol
     num_classes, total = len(raw.class_names), len(raw.train.labels)
-    if raw.eval is None and data.eval_images >= total:
-        fixes["data.eval_images"] = (data.eval_images, max(10, total // 5), f"leaves no training images of the {total}")
+    eval_images = data.eval_images
+    if raw.eval is None:
+        eval_images = fit("data.eval_images", eval_images, total - 1, max(10, total // 5), f"leaves no training images of the {total}")
     try:
-        train, evals = split_train_eval(raw, data.model_copy(update={"eval_images": fixes.get("data.eval_images", (0, data.eval_images))[1]}))
+        train, evals = split_train_eval(raw, data.model_copy(update={"eval_images": eval_images}))
     except DataError:  # an empty class: no setting fixes that; the stage's own split says which
         return fixes
     train_min = int(np.bincount(train.labels, minlength=num_classes).min())
     eval_min = int(np.bincount(evals.labels, minlength=num_classes).min())
-    protocol, samples = e.active, e.active.num_samples
-    if protocol.reference == "eval" and samples > num_classes * train_min:
-        fixes[f"evaluate.protocols.{name}.num_samples"] = (
-            samples, num_classes * train_min, f"its real-vs-real floor takes {-(-samples // num_classes)} training images of each class; the smallest has {train_min}")
-        samples = num_classes * train_min
-    reference = len(evals.labels)
-    if protocol.reference == "eval" and protocol.reference_images and protocol.reference_images > reference:
-        fixes[f"evaluate.protocols.{name}.reference_images"] = (protocol.reference_images, reference, f"the eval split has {reference} images")
-    reference = min(reference, protocol.reference_images or reference)
-    if protocol.reference == "eval" and e.kid_subset_size > min(samples, reference):
-        fixes["evaluate.kid_subset_size"] = (e.kid_subset_size, min(samples, reference), "KID subsets are drawn from the samples and the reference set")
-    per_class = min(samples // num_classes, eval_min)
-    if protocol.reference == "eval" and e.pr_neighbors >= per_class:
-        fixes["evaluate.pr_neighbors"] = (e.pr_neighbors, max(1, per_class - 1), f"per-class k-NN needs more than k images of each class; the fewest are {per_class}")
-    k = fixes.get("evaluate.pr_neighbors", (0, e.pr_neighbors))[1]
+    k, protocol = e.pr_neighbors, e.active
+    if protocol.reference == "eval":  # the source's own test split ("test") is not this dataset's to size
+        most = num_classes * train_min
+        samples = fit(f"evaluate.protocols.{name}.num_samples", protocol.num_samples, most, most,
+                      f"its real-vs-real floor takes {-(-protocol.num_samples // num_classes)} training images of each class; the smallest has {train_min}")  # fmt: skip
+        reference = len(evals.labels)
+        if protocol.reference_images:
+            reference = fit(f"evaluate.protocols.{name}.reference_images", protocol.reference_images, reference, reference,
+                            f"the eval split has {reference} images")  # fmt: skip
+        most = min(samples, reference)
+        fit("evaluate.kid_subset_size", e.kid_subset_size, most, most, "KID subsets are drawn from the samples and the reference set")
+        per_class = min(samples // num_classes, eval_min)
+        k = fit("evaluate.pr_neighbors", k, per_class - 1, max(1, per_class - 1),
+                f"per-class k-NN needs more than k images of each class; the fewest are {per_class}")  # fmt: skip
     for section in ("gan", "ldm"):
         during = getattr(cfg, section).evaluation
-        if during.every_steps and during.num_samples // num_classes <= k:
+        if during.every_steps and during.num_samples // num_classes <= k:  # too few, not too many: more than k a class
             fixes[f"{section}.evaluation.num_samples"] = (during.num_samples, num_classes * (k + 1), f"per-class k-NN needs more than k={k} samples of each class")
     return fixes
 
