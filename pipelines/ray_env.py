@@ -36,18 +36,38 @@ def init_ray(cfg: RunConfig):
             # Join as is: under `ray job submit` the job's own runtime env (working_dir) applies.
             ray.init(address=address)
         else:
-            needed = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-            # The dashboard (127.0.0.1 only) backs the State API that Train V2's placement-group
-            # cleaner polls; without it every run logs a warning per second.
-            # address="local": without it Ray joins a cluster that `ray start` left running on this machine
-            # (and then refuses num_cpus); an unset ray.address means a Ray of this stage's own.
-            ray.init(
-                address="local", num_cpus=max(os.cpu_count() or 1, needed),
-                runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}},
-            )  # fmt: skip
+            start_local_ray(ray, num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker))
     except ConnectionError as err:
         raise StageError(f"Ray cluster at {address}: unreachable ({err})") from None
     return ray
+
+
+def start_local_ray(ray, num_cpus: int, attempts: int = 3) -> None:
+    """A Ray of this process's own. address="local": without it Ray joins a cluster that `ray start` left
+    running on this machine (and then refuses num_cpus). Its dashboard (127.0.0.1 only) backs the State API
+    that Train V2's placement-group cleaner polls; the cleaner finds it through RAY_API_SERVER_ADDRESS, set
+    here for every worker, since without it it looks for "the" Ray on the machine and, beside another Ray,
+    dies with `Found multiple active Ray instances`: the placement groups of finished trials are then never
+    released and a sweep waits for CPUs forever."""
+    for attempt in range(attempts):
+        port = free_port()
+        api_server = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = api_server  # this driver's own State API calls
+        env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), "RAY_API_SERVER_ADDRESS": api_server}
+        try:
+            ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env_vars})
+            return
+        except ValueError as err:  # the free port was taken before the dashboard bound it
+            if "already occupied" not in str(err) or attempt == attempts - 1:
+                raise
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def route_ray_logs(log_path: Path) -> None:

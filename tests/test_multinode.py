@@ -15,7 +15,7 @@ from tests.conftest import (
     REPO, VENV_BIN, other_ray_ports, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, upstream_sections, write_params,
 )  # fmt: skip
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]  # one process: the module set-up is shared
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +125,16 @@ def test_evaluate_on_the_cluster_measures_what_it_measures_in_process(two_node_c
 def test_a_stage_without_an_address_starts_its_own_ray_beside_a_running_cluster(two_node_cluster, cluster_params):
     """`ray start` leaves its address where ray.init() looks when given none (RAY_TMPDIR/ray/ray_current_cluster).
     A stage with ray.address and RAY_ADDRESS unset must start a Ray of its own, not join that cluster: joining, Ray
-    refused the stage's num_cpus with a ValueError traceback."""
+    refused the stage's num_cpus with a ValueError traceback. Its workers' State API calls (Train V2's placement-group
+    cleaner makes them) must reach its own Ray too: looking for "the" Ray on the machine, they died with `Found multiple
+    active Ray instances`, the placement groups of finished sweep trials were never released, and the sweep hung."""
     temp = two_node_cluster["temp"]
     assert (temp / "ray" / "ray_current_cluster").read_text().strip().endswith(two_node_cluster["gcs"].split(":")[1])
     code = ("import sys; from gen_core.config import load_config; from pipelines.ray_env import init_ray; "
-            "ray = init_ray(load_config(sys.argv[1])); print('nodes', len(ray.nodes()), 'cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
+            "ray = init_ray(load_config(sys.argv[1])); print('nodes', len(ray.nodes()), 'cpus', ray.cluster_resources()['CPU']); "
+            "from ray.util.state import list_nodes; "
+            "print('state api from a worker: nodes', ray.get(ray.remote(lambda: len(list_nodes())).remote())); ray.shutdown()")  # fmt: skip
     result = run_cli(["python", "-c", code, str(cluster_params)], REPO, {**two_node_cluster["env"], "RAY_TMPDIR": str(temp)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "nodes 1 cpus 4.0" in result.stdout  # its own: one node, sized for the job's 2 x 2 CPUs (the cluster has 2 nodes)
+    assert "state api from a worker: nodes 1" in result.stdout
