@@ -128,7 +128,9 @@ def run_stage(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     started = time.monotonic()
     try:
-        cfg = load_config(args.params, args.overrides, args.overlays)
+        started_in = enter_project_root()
+        params = [os.path.join(started_in, p) for p in (args.params, *args.overlays)]  # named from where the command ran
+        cfg = load_config(params[0], args.overrides, params[1:])
         code = body(cfg, args) or 0
     except Exception as err:
         line = str(err) if isinstance(err, EXPECTED_ERRORS) else unreachable_storage(err) or file_error(err)
@@ -172,14 +174,50 @@ def absolute(path: str) -> str:
 
 
 def portable(path: str) -> str:
-    """A location to record in what is shared (exports, registered models): relative to the repo when it is inside it,
-    so no file names the machine that made it; other local paths and URLs as they are."""
+    """A location to record in what is shared (exports, registered models): relative to the project root (the
+    working directory) when it is inside it, so no file names the machine that made it; other local paths and URLs as they are."""
     if "://" in path:
         return path
     try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
+        return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:
         return path
+
+
+ROOT_VARIABLE = "GENFORGE_ROOT"
+
+
+def submitted_job_copy() -> str | None:
+    """The directory of Ray's temporary copy of the working dir when this process is the driver of a job
+    submitted with `ray job submit --working-dir` (deleted when the job ends), else None."""
+    import json
+
+    try:
+        runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return os.getcwd() if runtime_env.get("working_dir") else None
+
+
+def enter_project_root() -> str:
+    """Relative paths in params (data, models, metrics, runs, the sqlite tracking store) resolve against the
+    working directory, which `dvc repro` sets to the project root. GENFORGE_ROOT, when set, is that root instead:
+    a submitted Ray job runs in a temporary copy of the working dir, and outputs written there would be lost.
+    Returns the directory the process started in ("" when it stays there)."""
+    root = os.environ.get(ROOT_VARIABLE)
+    if root:
+        path = Path(root)
+        if not path.is_absolute() or not path.is_dir():
+            raise StageError(f"{ROOT_VARIABLE}={root}: not an absolute path to a directory (it is where relative paths in params resolve)")
+        started_in = os.getcwd()
+        os.chdir(path)
+        return started_in
+    copy = submitted_job_copy()
+    if copy:
+        raise StageError(f"this job runs in Ray's temporary copy of the working dir ({copy}), deleted when the job ends, so relative "
+                         f"paths in params would read and write there: set {ROOT_VARIABLE} to the project directory on storage "
+                         "every node reaches (--runtime-env-json '{\"env_vars\": {\"GENFORGE_ROOT\": \"/path\"}}')")  # fmt: skip
+    return ""
 
 
 def format_duration(seconds: float) -> str:

@@ -21,7 +21,7 @@ from gen_core.config import ModelOutputs, RunConfig
 from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
-from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log, portable
+from pipelines.common import StageError, absolute, error_line, git_revision, log, portable
 from pipelines.ray_env import init_ray, route_ray_logs, route_worker_logs, run_uri, storage
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import RunLog, connect, tracking_uri
@@ -190,7 +190,7 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     import ray as ray_module
 
     owns_ray = not ray_module.is_initialized()  # inside a Tune trial Ray is already up and not ours to stop
-    worker_log = REPO_ROOT / "logs" / f"{run_dir}.log" if owns_ray else None
+    worker_log = Path.cwd() / "logs" / f"{run_dir}.log" if owns_ray else None  # under the project root
     if worker_log:
         route_ray_logs(worker_log)
     ray = init_ray(cfg)
@@ -216,7 +216,7 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker failures: one line for the user, the chain under GENFORGE_DEBUG=1
-        where = f" (worker logs: {worker_log.relative_to(REPO_ROOT)})" if worker_log else ""
+        where = f" (worker logs: {worker_log.relative_to(Path.cwd())})" if worker_log else ""
         raise StageError(f"training failed: {error_line(err)}{where}") from err
     finally:
         if owns_ray:
@@ -246,16 +246,16 @@ def log_dataset(mlflow, cfg: RunConfig, data_uri: str, data_hash: str) -> None:
 
 
 def dvc_out_md5(out_dir: str) -> str | None:
-    """dvc.lock's md5 of the `prepare` stage output at `out_dir` (relative to the repo), or None."""
+    """The project's dvc.lock md5 of the `prepare` stage output at `out_dir`, or None."""
     import yaml
 
     try:
-        lock = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())
+        lock = yaml.safe_load(Path("dvc.lock").read_text())
         outs = lock["stages"]["prepare"]["outs"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None
-    wanted = (REPO_ROOT / out_dir).resolve()  # an absolute out_dir stays itself
-    return next((o.get("md5") for o in outs if (REPO_ROOT / o["path"]).resolve() == wanted), None)
+    wanted = Path(out_dir).resolve()  # an absolute out_dir stays itself
+    return next((o.get("md5") for o in outs if Path(o["path"]).resolve() == wanted), None)
 
 
 # ---------------------------------------------------------------------------

@@ -12,15 +12,15 @@ import urllib.request
 from pathlib import Path
 
 from gen_core.config import RunConfig
-from pipelines.common import REPO_ROOT, StageError
+from pipelines.common import StageError
 
 
 def tracking_uri(cfg: RunConfig) -> str:
-    """params > MLFLOW_TRACKING_URI > sqlite store in the repo. Relative sqlite paths become absolute
-    so Ray workers and `ray job submit` drivers (which run in other directories) reach the same store."""
+    """params > MLFLOW_TRACKING_URI > sqlite store in the project root. Relative sqlite paths resolve there, like
+    every relative path in params, and become absolute so Ray workers (which run in other directories) reach the same store."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str((REPO_ROOT / uri[len("sqlite:///") :]).resolve())
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     return uri
 
 

@@ -62,8 +62,38 @@ def test_every_stage_help_lists_the_params_it_depends_on():
         assert f"this stage depends on {', '.join(stage_params(stage))}" in " ".join(out.split()), out
 
 
-def test_recorded_locations_are_relative_to_the_repo_inside_it():
-    from pipelines.common import REPO_ROOT, portable
+def test_recorded_locations_are_relative_to_the_project_root_inside_it(tmp_path, monkeypatch):
+    from pipelines.common import portable
 
-    assert portable(str(REPO_ROOT / "runs" / "ray" / "genforge-gan-1" / "checkpoint_0000020")) == "runs/ray/genforge-gan-1/checkpoint_0000020"
+    monkeypatch.chdir(tmp_path)  # the project root: the working directory (dvc repro's), or GENFORGE_ROOT
+    assert portable(str(tmp_path / "runs" / "ray" / "genforge-gan-1" / "checkpoint_0000020")) == "runs/ray/genforge-gan-1/checkpoint_0000020"
     assert portable("/elsewhere/runs/x") == "/elsewhere/runs/x" and portable("s3://bucket/runs/x") == "s3://bucket/runs/x"
+
+
+def test_relative_paths_resolve_against_genforge_root_which_a_submitted_job_must_set(tmp_path):
+    """A job from `ray job submit --working-dir` runs in Ray's temporary copy of that dir; its relative outputs
+    would go there and be deleted with it. (The real `ray job submit` is tests/test_multinode.py; here only the
+    driver's environment that Ray's job supervisor sets.)"""
+    import json
+    import sys
+
+    from tests.conftest import run_cli, subprocess_env, tiny_params, write_params
+
+    code, root = tmp_path / "copy", tmp_path / "project"
+    code.mkdir()
+    root.mkdir()
+    write_params(code, tiny_params())  # data.out_dir: data/prepared (relative)
+    job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}})}
+    prepare = [sys.executable, "-m", "pipelines.prepare", "--params", "params.yaml"]
+
+    refused = run_cli(prepare, code, subprocess_env(**job))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"Ray's temporary copy of the working dir ({code})" in refused.stderr and "set GENFORGE_ROOT" in refused.stderr
+    relative = run_cli(prepare, code, subprocess_env(**job, GENFORGE_ROOT="project"))
+    assert relative.returncode == 2 and relative.stderr.strip() == "error: GENFORGE_ROOT=project: not an absolute path to a directory " \
+        "(it is where relative paths in params resolve)", relative.stderr  # fmt: skip
+    assert not (code / "data").exists()
+
+    done = run_cli(prepare, code, subprocess_env(**job, GENFORGE_ROOT=str(root)))  # params.yaml: still the one in the copy
+    assert done.returncode == 0, done.stderr
+    assert (root / "data" / "prepared" / "manifest.json").is_file() and not (code / "data").exists()
