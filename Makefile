@@ -12,11 +12,17 @@ setup:
 repro: setup
 	dvc repro
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): most of a Ray or pipeline test is process start-up, one core
+# busy and one idle, so two at a time use both cores. A module whose tests share an expensive set-up (the e2e
+# `dvc repro`, the 2-node cluster) is one xdist group and stays in one process. TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: setup
-	python -m pytest -q $(PYTEST_ARGS)
+	python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup   # the inner loop: everything but the end-to-end runs (a few minutes)
-	python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+	python -m pytest -q $(XDIST) -m 'not slow' $(PYTEST_ARGS)
 
 # Both families' models from the last `make repro` (models/gan, models/ldm) at the standard protocol (10k samples
 # vs the whole 10k test split, fp32 Inception), with its floor: metrics/eval/standard/<family>.json. A registered

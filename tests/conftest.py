@@ -134,6 +134,18 @@ def mlflow_server(tmp_path_factory):
         process.wait(15)
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uris_reset():
+    """mlflow keeps its tracking and registry URIs in module globals, which an in-process `connect()` sets; a later
+    test in the same process (pytest-xdist runs tests in any order) must not find them pointing at another test's store."""
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
 def stop_ray(temp_dir: Path, gcs_port: int) -> None:
     """Stop the Ray cluster started with `temp_dir` and `gcs_port`: its daemons and their children (workers,
     agents). `ray stop` would stop every Ray on the machine, a developer's own included."""

@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import REPO, copy_project, run_cli, tiny_params, write_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]  # one process: the module set-up is shared
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 NO_FLOORS = {"recall_floor": 0.0, "class_accuracy_floor": 0.0}  # 20-step models: the floors are tested in test_gate.py
 
