@@ -357,7 +357,7 @@ class FsdpConfig(_Section):
 class DeepSpeedConfig(_Section):
     """ray.strategy deepspeed: one engine per model, ZeRO stage from a DeepSpeed JSON config."""
 
-    config: str = "cluster_configs/deepspeed/zero2.json"  # relative to the project root, or absolute
+    config: str = "cluster_configs/deepspeed/zero2.json"  # relative to the code's checkout (a submitted job's copy of it), or absolute
 
 
 class RayConfig(_Section):

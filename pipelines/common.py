@@ -173,13 +173,26 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def state_root() -> Path:
+    """Where what DVC does not track lives: checkpoints (ray.storage_path), a sweep's Tune state, the sqlite MLflow
+    store with its artifacts, worker logs. That is the project root, except in the copy of the workspace that
+    `dvc exp run --temp` or a queued experiment runs in (deleted once DVC has collected its outs): there DVC names
+    the project in DVC_ROOT, and the runs and the MLflow store stay in it, beside the workspace's own."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def state_path(path: str) -> str:
+    """A location of such state: relative paths under state_root(), absolute ones and URLs as they are."""
+    return path if "://" in path else str(state_root() / path)
+
+
 def portable(path: str) -> str:
-    """A location to record in what is shared (exports, registered models): relative to the project root (the
-    working directory) when it is inside it, so no file names the machine that made it; other local paths and URLs as they are."""
+    """A location to record in what is shared (exports, registered models): relative to the project's state root
+    when it is inside it, so no file names the machine that made it; other local paths and URLs as they are."""
     if "://" in path:
         return path
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
+        return str(Path(path).resolve().relative_to(state_root()))
     except ValueError:
         return path
 
@@ -203,9 +216,10 @@ def enter_project_root() -> str:
     """Relative paths in params (data, models, metrics, runs, the sqlite tracking store) resolve against the
     working directory, which `dvc repro` sets to the project root. GENFORGE_ROOT, when set, is that root instead:
     a submitted Ray job runs in a temporary copy of the working dir, and outputs written there would be lost.
+    Inside a DVC stage it is not used: DVC reads and writes the outs in its workspace.
     Returns the directory the process started in ("" when it stays there)."""
     root = os.environ.get(ROOT_VARIABLE)
-    if root:
+    if root and not os.environ.get("DVC_STAGE"):
         path = Path(root)
         if not path.is_absolute() or not path.is_dir():
             raise StageError(f"{ROOT_VARIABLE}={root}: not an absolute path to a directory (it is where relative paths in params resolve)")

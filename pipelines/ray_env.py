@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gen_core.config import RunConfig
 from gen_core.io import filesystem
-from pipelines.common import REPO_ROOT, StageError, absolute, debugging
+from pipelines.common import REPO_ROOT, StageError, debugging, state_path
 
 
 def ray_defaults() -> None:
@@ -120,7 +120,7 @@ def storage(cfg: RunConfig, path: str | None = None) -> tuple[str, object | None
     is given. s3:// goes through s3fs so a custom endpoint (AWS_ENDPOINT_URL: MinIO, moto) works the same as for data."""
     path = path or cfg.ray.storage_path
     if not path.startswith("s3://"):
-        return absolute(path), None
+        return state_path(path), None
     import pyarrow.fs
 
     fs, bucket_path = filesystem(path)  # same s3fs settings as the data readers
@@ -129,5 +129,4 @@ def storage(cfg: RunConfig, path: str | None = None) -> tuple[str, object | None
 
 def run_uri(cfg: RunConfig, run_dir: str) -> str:
     """fsspec URI of a run's directory in checkpoint storage."""
-    path = cfg.ray.storage_path if "://" in cfg.ray.storage_path else absolute(cfg.ray.storage_path)
-    return f"{path.rstrip('/')}/{run_dir}"
+    return f"{state_path(cfg.ray.storage_path).rstrip('/')}/{run_dir}"

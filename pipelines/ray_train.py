@@ -21,7 +21,7 @@ from gen_core.config import ModelOutputs, RunConfig
 from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
-from pipelines.common import StageError, absolute, error_line, git_revision, log, portable
+from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log, portable, state_root
 from pipelines.ray_env import init_ray, route_ray_logs, route_worker_logs, run_uri, storage
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import RunLog, connect, tracking_uri
@@ -93,8 +93,8 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
     run_dir = run_directory(cfg, job, signature)
     run_dir, existing, export_uri = _plan(cfg, job, run_dir)
     deepspeed = None
-    if cfg.ray.strategy == "deepspeed":  # the file is read here: workers may run elsewhere
-        deepspeed = deepspeed_config(absolute(cfg.ray.deepspeed.config), getattr(cfg, job.section).global_batch_size, cfg.ray.num_workers)
+    if cfg.ray.strategy == "deepspeed":  # the file is read here: workers may run elsewhere. It is code: relative to the repo
+        deepspeed = deepspeed_config(str(REPO_ROOT / cfg.ray.deepspeed.config), getattr(cfg, job.section).global_batch_size, cfg.ray.num_workers)
 
     mlflow = connect(cfg)
     run_id = existing["mlflow_run_id"] if existing else None
@@ -190,7 +190,7 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     import ray as ray_module
 
     owns_ray = not ray_module.is_initialized()  # inside a Tune trial Ray is already up and not ours to stop
-    worker_log = Path.cwd() / "logs" / f"{run_dir}.log" if owns_ray else None  # under the project root
+    worker_log = state_root() / "logs" / f"{run_dir}.log" if owns_ray else None
     if worker_log:
         route_ray_logs(worker_log)
     ray = init_ray(cfg)
@@ -216,7 +216,7 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker failures: one line for the user, the chain under GENFORGE_DEBUG=1
-        where = f" (worker logs: {worker_log.relative_to(Path.cwd())})" if worker_log else ""
+        where = f" (worker logs: {worker_log.relative_to(state_root())})" if worker_log else ""
         raise StageError(f"training failed: {error_line(err)}{where}") from err
     finally:
         if owns_ray:

@@ -42,7 +42,7 @@ from gen_core.config import EVAL_METRIC_MODES, LR_RATIO_KEY, ConfigError, ModelO
 from gen_core.data import read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, download_directory, filesystem
 from gen_core.metrics import load_ref_stats
-from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser
+from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser, state_path
 from pipelines.probe import EvaluationSpec
 from pipelines.ray_env import init_ray, run_uri, storage
 from pipelines.ray_train import TrainingJob, job_signature, run_directory, train
@@ -117,12 +117,11 @@ def local_root(cfg: RunConfig) -> str:
     """Where trials export their models on the node that ran them: the sweep's storage when it is local,
     else runs/tune/<name>. The best model is re-exported from its checkpoint in storage, not from here."""
     path = cfg.sweep.storage_path if "://" not in cfg.sweep.storage_path else "runs/tune"
-    return f"{absolute(path).rstrip('/')}/{cfg.sweep.name}"
+    return f"{state_path(path).rstrip('/')}/{cfg.sweep.name}"
 
 
 def sweep_root(cfg: RunConfig) -> str:
-    path = cfg.sweep.storage_path if "://" in cfg.sweep.storage_path else absolute(cfg.sweep.storage_path)
-    return f"{path.rstrip('/')}/{cfg.sweep.name}"
+    return f"{state_path(cfg.sweep.storage_path).rstrip('/')}/{cfg.sweep.name}"
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -131,9 +130,10 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     config, which Tune and every checkpoint persist: trials read it from MLFLOW_TRACKING_URI instead,
     which the local Ray's workers inherit (on a cluster, set it in the job's runtime environment)."""
     raw = cfg.model_dump(mode="json")
-    for section, key in (("data", "out_dir"), ("classifier", "out_dir"), ("ref_stats", "out_dir"), ("latents", "out_dir"),
-                         ("ray", "storage_path"), ("sweep", "storage_path")):  # fmt: skip
+    for section, key in (("data", "out_dir"), ("classifier", "out_dir"), ("ref_stats", "out_dir"), ("latents", "out_dir")):
         raw[section][key] = absolute(raw[section][key])
+    for section in ("ray", "sweep"):
+        raw[section]["storage_path"] = state_path(raw[section]["storage_path"])
     raw["outputs"]["autoencoder"]["out_dir"] = absolute(raw["outputs"]["autoencoder"]["out_dir"])
     uri = tracking_uri(cfg)
     if redact(uri) == uri:

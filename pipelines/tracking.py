@@ -12,15 +12,16 @@ import urllib.request
 from pathlib import Path
 
 from gen_core.config import RunConfig
-from pipelines.common import StageError
+from pipelines.common import StageError, state_path
 
 
 def tracking_uri(cfg: RunConfig) -> str:
-    """params > MLFLOW_TRACKING_URI > sqlite store in the project root. Relative sqlite paths resolve there, like
-    every relative path in params, and become absolute so Ray workers (which run in other directories) reach the same store."""
+    """params > MLFLOW_TRACKING_URI > sqlite store in the project. Relative sqlite paths resolve against the project's
+    state root (common.state_root: outside an experiment's temporary workspace) and become absolute, so Ray workers
+    (which run in other directories) reach the same store."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+        uri = "sqlite:///" + state_path(uri[len("sqlite:///") :])
     return uri
 
 

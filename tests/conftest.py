@@ -134,6 +134,12 @@ def mlflow_server(tmp_path_factory):
         process.wait(15)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable, otherwise in file order): under pytest-xdist (`make test`) the long ones start early
+    and the many short ones fill in at the end, instead of a long one running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def mlflow_uris_reset():
     """mlflow keeps its tracking and registry URIs in module globals, which an in-process `connect()` sets; a later

@@ -1,9 +1,10 @@
 """A real two-node Ray cluster on this machine: `ray start --head` plus a second `ray start --address`
 with its own CPUs and temp dir. Training workers are placed one per node (each asks for all of a
-node's CPUs), and the same entry point runs through `ray job submit` (checkpoints on S3, a real
-moto_server) and through the Python API (RAY_ADDRESS; checkpoints on a shared path)."""
+node's CPUs), token authentication is on, and the same entry point runs through the README's `ray job submit`
+line (checkpoints on S3, a real moto_server) and through the Python API (RAY_ADDRESS; checkpoints on a shared path)."""
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -12,17 +13,31 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    REPO, VENV_BIN, other_ray_ports, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, upstream_sections, write_params,
+    REPO, VENV_BIN, copy_project, other_ray_ports, run_cli, start_ray_head, stop_ray, subprocess_env, tiny_params, upstream_sections, write_params,
 )  # fmt: skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]  # one process: the module set-up is shared
+
+
+def readme_job_lines() -> dict[str, str]:
+    """The commands of the README's "Submitting a job" block, comments dropped, keyed by their first two words."""
+    block = (REPO / "README.md").read_text().split("### Submitting a job", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+    return {" ".join(line.split()[:2]): line for line in lines}
+
+
+README_JOB = readme_job_lines()
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory, moto_s3):
     root = tmp_path_factory.mktemp("cluster")
     temp = Path(tempfile.mkdtemp(prefix="gf", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
-    env = subprocess_env(RAY_AUTH_MODE="disabled")  # carries the moto endpoint and credentials to both nodes
+    # Token authentication on, as the README sets it up: RAY_AUTH_MODE=token and the token in ~/.ray/auth_token (the README's
+    # line makes one unless there is one; so does any local Ray). The env carries the moto endpoint and credentials to both nodes.
+    env = subprocess_env(RAY_AUTH_MODE="token")
+    token = run_cli(["bash", "-c", README_JOB["ray get-auth-token"]], root, env)
+    assert token.returncode == 0 and token.stdout == "", token.stderr  # the token is a credential: not printed
     port, dashboard = start_ray_head(temp / "ray", env, num_cpus=2)  # temp/ray: where RAY_TMPDIR=temp makes Ray look
     try:
         node = run_cli([str(VENV_BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
@@ -53,27 +68,46 @@ def cluster_params(two_node_cluster):
     return path
 
 
-def test_job_submit_deepspeed_across_two_nodes_with_s3_checkpoints(two_node_cluster, cluster_params, moto_s3):
+def test_the_readme_job_submit_line_trains_with_deepspeed_across_two_nodes_and_keeps_every_output(two_node_cluster, moto_s3):
+    """The README's `ray job submit` line, verbatim, from a project directory (a fresh copy; its params.yaml: DeepSpeed,
+    checkpoints on S3). The job runs in Ray's temporary copy of that directory; every output must land under
+    GENFORGE_ROOT (the project), where `dvc repro` puts it, and none in the copy. Without GENFORGE_ROOT: refused in one line."""
     import boto3
     import s3fs
 
     boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="cluster")
-    out = two_node_cluster["root"] / "gan-submit"
-    submitted = run_cli([str(VENV_BIN / "ray"), "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(REPO), "--",
-                         "python", "-m", "pipelines.train_gan", "--params", str(cluster_params), "--set", "ray.strategy=deepspeed",
-                         "--set", "ray.storage_path=s3://cluster/ray", "--set", f"outputs.gan.out_dir={out}",
-                         "--set", f"outputs.gan.losses_file={out}.csv", "--set", f"outputs.gan.eval_file={out}.eval.csv"], REPO, two_node_cluster["env"], timeout=600)  # fmt: skip
+    project = copy_project(two_node_cluster["root"] / "project")
+    params = tiny_params()  # the default relative paths: data/prepared, models/gan, runs/ray, sqlite:///mlflow.db, ...
+    params["ray"].update(num_workers=2, cpus_per_worker=2, strategy="deepspeed", storage_path="s3://cluster/ray")
+    params["gan"].update(total_steps=10, checkpoint_every_steps=5, evaluation={"every_steps": None})  # no classifier here
+    write_params(project, params)
+    env = {**two_node_cluster["env"], "RAY_API_SERVER_ADDRESS": two_node_cluster["dashboard"]}  # the README's export, this cluster's port
+    assert run_cli(["python", "-m", "pipelines.prepare"], project, env).returncode == 0  # data/: git-ignored, so never uploaded
+
+    submit = README_JOB["ray job"]
+    unrooted = run_cli(["bash", "-c", submit.split(" --runtime-env-json ")[0] + " -- python -m pipelines.train_gan"], project, env)
+    assert unrooted.returncode != 0, unrooted.stdout[-2000:]
+    assert "error: this job runs in Ray's temporary copy of the working dir" in unrooted.stdout, unrooted.stdout[-2000:]
+
+    submitted = run_cli(["bash", "-c", submit], project, env, timeout=600)
     assert submitted.returncode == 0, submitted.stdout[-3000:]
     assert "succeeded" in submitted.stdout.lower()
     assert "2 worker(s) on cpu across 2 nodes" in submitted.stdout and "deepspeed ZeRO-2" in submitted.stdout
     assert "step 10/10" in submitted.stdout
-    meta = json.loads((out / "generator.json").read_text())
+    meta = json.loads((project / "models/gan/generator.json").read_text())
     assert meta["step"] == 10 and meta["checkpoint"].startswith("s3://cluster/ray/")
     # each node uploaded its own ZeRO partition into the one checkpoint directory on S3
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
     files = [p.split("/checkpoint_0000010/")[-1] for p in fs.find(meta["checkpoint"].removeprefix("s3://"))]
     for rank in (0, 1):
         assert f"deepspeed/G/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
+    assert (project / "metrics/gan_losses.csv").is_file() and (project / "mlflow.db").is_file()
+    assert any(p.is_file() for p in project.glob("mlartifacts/*/artifacts/**/*")), "no MLflow artifact next to mlflow.db"
+    copies = list(two_node_cluster["temp"].glob("*/session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
+    assert copies and all((copy / "pipelines").is_dir() for copy in copies)  # Ray's copies of the project
+    for copy in copies:
+        left = [name for name in ("data", "models", "runs", "metrics/gan_losses.csv", "mlflow.db", "mlartifacts", "logs") if (copy / name).exists()]
+        assert not left, f"{copy}: {left}"
 
 
 @pytest.fixture(scope="module")

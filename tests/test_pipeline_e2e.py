@@ -85,6 +85,36 @@ def test_renaming_one_familys_run_leaves_the_other_familys_stages_up_to_date(pip
         params.write_text(original)
 
 
+def test_an_experiment_in_a_temporary_workspace_keeps_its_run_and_a_failed_one_leaves_params_alone(pipeline):
+    """`dvc exp run --temp -S gan.total_steps=24`: DVC runs the changed stages in a copy of the workspace (the
+    upstream outputs checked out from its cache) and deletes the copy once it has collected the outs into the
+    experiment. The run's checkpoints and worker logs are not DVC outs: they stay in the project (DVC_ROOT), so the
+    experiment resumes the workspace's 20-step run and its checkpoint outlives the copy. A failing experiment
+    leaves params.yaml byte for byte as it was, with the stage's one-line error in DVC's output."""
+    project, _ = pipeline
+    params = project / "params.yaml"
+    original = params.read_text()
+    (run,) = (project / "runs" / "ray").glob("genforge-gan-*")
+    for command in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "dvc repro"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True)  # as after any `dvc repro`: dvc.lock and metrics/ committed
+
+    ran = run_cli(["dvc", "exp", "run", "--temp", "-n", "longer-gan", "-S", "gan.total_steps=24"], project, timeout=900)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+    assert "resuming" in ran.stdout.lower() and "step 24/24" in ran.stdout
+    for untouched in ("train_autoencoder", "encode_latents", "train_ldm", "evaluate@ldm", "register@ldm"):  # the cache's outputs
+        assert f"Running stage '{untouched}'" not in ran.stdout, untouched
+    assert (run / "checkpoint_0000024").is_dir() and (project / "logs" / f"{run.name}.log").is_file()
+    assert params.read_text() == original and not list(project.glob(".dvc/tmp/exps/tmp*"))
+    shown = json.loads(run_cli(["dvc", "exp", "show", "--json", "--no-fetch"], project).stdout)
+    experiments = {exp["name"]: exp for row in shown for exp in (row.get("experiments") or []) for exp in (exp.get("revs") or [])}
+    assert experiments["longer-gan"]["data"]["params"]["params.yaml"]["data"]["gan"]["total_steps"] == 24, experiments
+
+    failed = run_cli(["dvc", "exp", "run", "--temp", "-S", "gan.total_steps=0"], project)
+    assert failed.returncode != 0
+    assert "error: " in failed.stdout + failed.stderr and "gan.total_steps" in failed.stdout + failed.stderr
+    assert params.read_text() == original
+
+
 def test_outputs_go_to_an_s3_remote_and_come_back(pipeline, moto_s3):
     """README "Sharing data and models": `dvc push` to an S3 remote (a real moto_server), then a deleted model is
     restored by `dvc pull`, byte for byte. The remote lives in .dvc/config.local (machine-specific, git-ignored)."""
@@ -209,14 +239,16 @@ def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeli
     # the gate both ways: the champion (v1, 20 steps) was promoted by the repro; this 10-step model is not good enough
     gated = ["--family", "ldm", "--set", f"outputs.ldm.out_dir={tmp_path}/ldm", "--set", f"evaluate.out_dir={tmp_path}/eval",
              "--set", f"registry.out_dir={tmp_path}/register", "--set", "registry.ldm.fid_threshold=0.5"]  # fmt: skip
+    client = mlflow.MlflowClient(mlflow_server)
+    champion = client.get_model_version_by_alias("tiny-ldm", "champion").version
+    new = str(max(int(v.version) for v in client.search_model_versions("name = 'tiny-ldm'")) + 1)
     assert run_cli(["python", "-m", "pipelines.evaluate", *gated], project).returncode == 0
     rejected = run_cli(["python", "-m", "pipelines.register", "--require-promotion", *gated], project)
     assert rejected.returncode == 1
     line = [l for l in rejected.stdout.splitlines() if l.startswith("gate:")]
-    assert len(line) == 1 and line[0].startswith("gate: REJECTED tiny-ldm v2: fid ") and "> threshold 0.50" in line[0]
-    client = mlflow.MlflowClient(mlflow_server)
-    assert client.get_model_version_by_alias("tiny-ldm", "champion").version == "1"
-    assert client.get_model_version("tiny-ldm", "2").tags["gate"] == "rejected"
+    assert len(line) == 1 and line[0].startswith(f"gate: REJECTED tiny-ldm v{new}: fid ") and "> threshold 0.50" in line[0]
+    assert client.get_model_version_by_alias("tiny-ldm", "champion").version == champion
+    assert client.get_model_version("tiny-ldm", new).tags["gate"] == "rejected"
 
     other_size = run_cli([*ldm, "--set", "ldm.total_steps=15", "--set", "ray.num_workers=1"], project)
     assert other_size.returncode == 2 and "\n" not in other_size.stderr.strip()
