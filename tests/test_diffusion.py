@@ -109,6 +109,7 @@ def test_autoencoder_shapes_follow_the_downsample_factor():
     assert latents.shape == (2, 3, 4, 4) and vae.decode(latents).sample.shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow  # 200 training steps in this process: 100-140 s on 2 cores
 def test_autoencoder_round_trip_on_real_digits(real_digits):
     """200 steps on real MNIST digits must reconstruct held-out digits well above the
     PSNR of predicting the mean image (about 11 dB): the bound is 18 dB."""

@@ -108,6 +108,11 @@ def test_an_experiment_in_a_temporary_workspace_keeps_its_run_and_a_failed_one_l
     shown = json.loads(run_cli(["dvc", "exp", "show", "--json", "--no-fetch"], project).stdout)
     experiments = {exp["name"]: exp for row in shown for exp in (row.get("experiments") or []) for exp in (exp.get("revs") or [])}
     assert experiments["longer-gan"]["data"]["params"]["params.yaml"]["data"]["gan"]["total_steps"] == 24, experiments
+    # readable: the changed param and at most the GAN's changed metrics (DVC leaves the per-class lists out; floors do not change)
+    header = run_cli(["dvc", "exp", "show", "--only-changed", "--csv", "--no-fetch"], project).stdout.splitlines()[0].split(",")
+    columns = [c for c in header if c not in ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor")]
+    assert "gan.total_steps" in columns and len(columns) <= 25, columns
+    assert all(c == "gan.total_steps" or (c.startswith("metrics/") and ":floor." not in c and "ldm" not in c) for c in columns), columns
 
     failed = run_cli(["dvc", "exp", "run", "--temp", "-S", "gan.total_steps=0"], project)
     assert failed.returncode != 0
