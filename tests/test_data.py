@@ -197,3 +197,23 @@ def test_a_small_dataset_gets_every_setting_that_does_not_fit_at_once_and_the_su
     assert settings_that_do_not_fit(fitted, raw) == {}
     train, evals = split_train_eval(raw, fitted.data)
     assert len(evals.labels) == 16 and len(train.labels) == 64
+
+
+def test_atomic_outputs_get_the_modes_of_ordinary_files(tmp_path):
+    """The atomic writers start from mkstemp/mkdtemp (0600/0700); what they publish must be readable as any file the
+    process writes (a model on a team's shared filesystem), i.e. 0666/0777 less the umask."""
+    import os
+    import stat
+
+    from gen_core.io import atomic_directory, atomic_write_bytes
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "metrics.json", b"{}")
+        with atomic_directory(tmp_path / "model") as directory:
+            atomic_write_bytes(directory / "weights.bin", b"0")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "model" / "weights.bin").stat().st_mode) == 0o640
