@@ -89,6 +89,7 @@ def test_the_readme_job_submit_line_trains_with_deepspeed_across_two_nodes_and_k
     assert unrooted.returncode != 0, unrooted.stdout[-2000:]
     assert "error: this job runs in Ray's temporary copy of the working dir" in unrooted.stdout, unrooted.stdout[-2000:]
 
+    uploaded_losses = (project / "metrics/gan_losses.csv").read_bytes()  # committed, so uploaded with the working dir
     submitted = run_cli(["bash", "-c", submit], project, env, timeout=600)
     assert submitted.returncode == 0, submitted.stdout[-3000:]
     assert "succeeded" in submitted.stdout.lower()
@@ -105,9 +106,11 @@ def test_the_readme_job_submit_line_trains_with_deepspeed_across_two_nodes_and_k
     assert any(p.is_file() for p in project.glob("mlartifacts/*/artifacts/**/*")), "no MLflow artifact next to mlflow.db"
     copies = [p for p in two_node_cluster["temp"].glob("*/session_*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
     assert copies and all((copy / "pipelines").is_dir() for copy in copies)  # Ray's copies of the project
+    assert (project / "metrics/gan_losses.csv").read_bytes() != uploaded_losses  # the job's curve replaced it in the project
     for copy in copies:
-        left = [name for name in ("data", "models", "runs", "metrics/gan_losses.csv", "mlflow.db", "mlartifacts", "logs") if (copy / name).exists()]
+        left = [name for name in ("data", "models", "runs", "mlflow.db", "mlartifacts", "logs") if (copy / name).exists()]
         assert not left, f"{copy}: {left}"
+        assert (copy / "metrics/gan_losses.csv").read_bytes() == uploaded_losses, copy  # as uploaded: the job wrote elsewhere
 
 
 @pytest.fixture(scope="module")
