@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
+from pipelines.ray_env import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TINY_PROFILE = REPO / "profiles" / "tiny.yaml"  # the params overlay every end-to-end test runs on
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def subprocess_env(**extra: str) -> dict:

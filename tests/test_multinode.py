@@ -56,13 +56,19 @@ def two_node_cluster(tmp_path_factory, moto_s3):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def two_node_params(**sections) -> dict:
+    """The tiny profile sized for this cluster: a short GAN run, one worker per node."""
+    params = tiny_params(**sections)
+    params["ray"].update(num_workers=2, cpus_per_worker=2)  # 2 CPUs each on two 2-CPU nodes: one worker per node
+    params["gan"].update(total_steps=10, checkpoint_every_steps=5, evaluation={"every_steps": None})  # no classifier here
+    return params
+
+
 @pytest.fixture(scope="module")
 def cluster_params(two_node_cluster):
     root = two_node_cluster["root"]
-    params = tiny_params(data={"out_dir": str(root / "prepared")})
+    params = two_node_params(data={"out_dir": str(root / "prepared")})
     params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
-    params["ray"].update(num_workers=2, cpus_per_worker=2)  # 2 CPUs each on two 2-CPU nodes: one worker per node
-    params["gan"].update(total_steps=10, checkpoint_every_steps=5, evaluation={"every_steps": None})  # no classifier here
     path = write_params(root, params)
     assert run_cli(["python", "-m", "pipelines.prepare", "--params", str(path)], REPO, two_node_cluster["env"]).returncode == 0
     return path
@@ -77,10 +83,8 @@ def test_the_readme_job_submit_line_trains_with_deepspeed_across_two_nodes_and_k
 
     boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="cluster")
     project = copy_project(two_node_cluster["root"] / "project")
-    params = tiny_params()  # the default relative paths: data/prepared, models/gan, runs/ray, sqlite:///mlflow.db, ...
-    params["ray"].update(num_workers=2, cpus_per_worker=2, strategy="deepspeed", storage_path="s3://cluster/ray")
-    params["gan"].update(total_steps=10, checkpoint_every_steps=5, evaluation={"every_steps": None})  # no classifier here
-    write_params(project, params)
+    # the default relative paths (data/prepared, models/gan, sqlite:///mlflow.db, ...); DeepSpeed, checkpoints on S3
+    write_params(project, two_node_params(ray={"strategy": "deepspeed", "storage_path": "s3://cluster/ray"}))
     env = {**two_node_cluster["env"], "RAY_API_SERVER_ADDRESS": two_node_cluster["dashboard"]}  # the README's export, this cluster's port
     assert run_cli(["python", "-m", "pipelines.prepare"], project, env).returncode == 0  # data/: git-ignored, so never uploaded
 
