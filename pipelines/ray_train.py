@@ -81,9 +81,11 @@ def run_directory(cfg: RunConfig, job: TrainingJob, signature: str) -> str:
 
 
 def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run_id: str | None = None,
-          run_tags: dict | None = None) -> dict:  # fmt: skip
+          run_tags: dict | None = None, mlflow_run_id: str | None = None) -> dict:  # fmt: skip
     """Train (or resume, or only export) one job. `callbacks` go to the TorchTrainer (a sweep passes
-    Tune's report callback); `parent_run_id` makes a new MLflow run a child run (one per sweep trial)."""
+    Tune's report callback); `parent_run_id` makes a new MLflow run a child run (one per sweep trial);
+    `mlflow_run_id` is the run to continue when no checkpoint names one (a sweep trial restarted before its
+    first checkpoint keeps its one child run)."""
     data_uri = absolute(cfg.data.out_dir)
     manifest = read_manifest(data_uri)
     if manifest["shape"] != [cfg.data.channels, cfg.data.resolution, cfg.data.resolution]:
@@ -97,7 +99,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
         deepspeed = deepspeed_config(str(REPO_ROOT / cfg.ray.deepspeed.config), getattr(cfg, job.section).global_batch_size, cfg.ray.num_workers)
 
     mlflow = connect(cfg)
-    run_id = existing["mlflow_run_id"] if existing else None
+    run_id = existing["mlflow_run_id"] if existing else mlflow_run_id
     data_hash, revision = dataset_hash(data_uri), git_revision()
 
     def run_context(mlflow_run_id: str) -> RunContext:
@@ -111,7 +113,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
     if export_uri is None:  # training: the MLflow run is open (and marked FAILED if training fails)
         run_name = None if run_id else f"{getattr(cfg, job.section).run_name}-{job.kind}"
         with mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=None if run_id else parent_run_id) as active:
-            if existing is None:
+            if existing is None:  # a continued trial run logs the same values again, which MLflow accepts
                 mlflow.log_params(flat_params(cfg, (job.section, *job.logged_sections)))
                 mlflow.set_tags({"git_revision": revision, "data_hash": data_hash, "trained_kind": job.kind, **(run_tags or {})})
                 log_dataset(mlflow, cfg, data_uri, data_hash)

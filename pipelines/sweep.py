@@ -176,7 +176,9 @@ def run_trial(sampled: dict, settings: TrialSettings) -> None:
 
     cfg = trial_config(base, sampled, trial_id)
     job = replace(training_job(cfg), evaluation=settings.probe)
-    train(cfg, job, callbacks=(TuneReportCallback(),), parent_run_id=settings.parent_run_id, run_tags=tags)
+    # a trial restarted by a resumed sweep continues its child run, also when it was stopped before its first checkpoint
+    train(cfg, job, callbacks=(TuneReportCallback(),), parent_run_id=settings.parent_run_id, run_tags=tags,
+          mlflow_run_id=_trial_mlflow_run(base, trial_id, settings.parent_run_id))  # fmt: skip
 
 
 def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, settings: TrialSettings, tags: dict) -> None:
@@ -189,17 +191,18 @@ def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, setti
     cfg = trial_config(base, sampled, trial_id)
     job = replace(training_job(cfg), evaluation=settings.probe)
     own = _own_run(cfg, job)
-    handed = tune.get_checkpoint()
+    handed, child_run = tune.get_checkpoint(), _trial_mlflow_run(base, trial_id, settings.parent_run_id)
     if handed is not None:
         with handed.as_directory() as directory:
             pointer = json.loads((Path(directory) / "pointer.json").read_text())
         if not pointer["checkpoint"].startswith(own):
-            _adopt(pointer["checkpoint"], own, _signature(cfg, job), _trial_mlflow_run(base, trial_id))
+            _adopt(pointer["checkpoint"], own, _signature(cfg, job), child_run)
     done = max((meta["step"] for _, meta in list_checkpoints(own)), default=0)
     while done < s.total_steps:
         target = min((done // interval + 1) * interval, s.total_steps)
         # the job (resume signature, upstream checks) does not depend on total_steps: build it once
-        train(trial_config(base, sampled, trial_id, total_steps=target), job, parent_run_id=settings.parent_run_id, run_tags=tags)
+        train(trial_config(base, sampled, trial_id, total_steps=target), job, parent_run_id=settings.parent_run_id, run_tags=tags,
+              mlflow_run_id=child_run)  # fmt: skip
         uri, meta = list_checkpoints(own)[0]
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "pointer.json").write_text(json.dumps({"checkpoint": uri, "step": meta["step"]}))
@@ -215,9 +218,11 @@ def _own_run(cfg: RunConfig, job: TrainingJob) -> str:
     return run_uri(cfg, run_directory(cfg, job, _signature(cfg, job)))
 
 
-def _trial_mlflow_run(cfg: RunConfig, trial_id: str) -> str | None:
+def _trial_mlflow_run(cfg: RunConfig, trial_id: str, parent_run_id: str) -> str | None:
+    """The trial's child run of this sweep's parent run, if it has one yet."""
     mlflow = connect(cfg)
-    runs = mlflow.search_runs(filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'", output_format="list", max_results=1)
+    runs = mlflow.search_runs(filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and tags.mlflow.parentRunId = '{parent_run_id}'",
+                              output_format="list", max_results=1)  # fmt: skip
     return runs[0].info.run_id if runs else None
 
 
@@ -477,16 +482,18 @@ def _record_in_mlflow(cfg: RunConfig, parent: str, rows: list[dict], record: dic
 
 
 def _close_trial_runs(mlflow, parent: str, status: dict[str, str]) -> None:
-    """Tag each trial's child run with how it ended. A stopped trial's process was killed, so its run is
-    still RUNNING: mark it KILLED."""
+    """Tag each trial's child run with how it ended, and give it the matching status: Tune ends a trial's
+    process at its last report (a completed one's too) before its run is closed, and a stopped trial's run
+    may have closed as FAILED on the way out. completed: FINISHED, stopped early: KILLED, error: FAILED."""
     client = mlflow.MlflowClient()
     for run in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list"):
         trial_status = status.get(run.data.tags.get(TRIAL_TAG, ""))
         if trial_status is None:
             continue
         client.set_tag(run.info.run_id, "sweep_trial_status", trial_status)
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FAILED" if trial_status == "error" else "KILLED")
+        wanted = {"completed": "FINISHED", "error": "FAILED"}.get(trial_status, "KILLED")
+        if run.info.status != wanted:
+            client.set_terminated(run.info.run_id, status=wanted)
 
 
 def main() -> None:

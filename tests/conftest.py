@@ -129,6 +129,17 @@ def mlflow_server(tmp_path_factory):
         process.wait(15)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under GENFORGE_TEST_TIMES, also one line per test: its xdist process and wall-clock start and end."""
+    started = time.time()
+    yield
+    if os.environ.get("GENFORGE_TEST_TIMES"):
+        with open(os.environ["GENFORGE_TEST_TIMES"], "a") as log:
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            log.write(json.dumps({"test": item.nodeid, "worker": worker, "start": round(started, 1), "end": round(time.time(), 1)}) + "\n")
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first (stable, otherwise in file order): under pytest-xdist (`make test`) the long ones start early
     and the many short ones fill in at the end, instead of a long one running alone at the end."""
@@ -192,15 +203,25 @@ def upstream_sections(root: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_upstream(tmp_path_factory) -> Path:
-    """prepare -> classifier -> ref_stats of the tiny profile (tracked in its mlflow.db), once for the session:
-    what the sweeps and the in-training evaluation read."""
-    root = tmp_path_factory.mktemp("upstream")
-    params = tiny_params(**upstream_sections(root))
-    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
-    path = write_params(root, params)
-    for stage in ("prepare", "classifier", "ref_stats"):
-        result = run_cli(["python", "-m", f"pipelines.{stage}", "--params", str(path)], REPO)
-        assert result.returncode == 0, result.stderr[-2000:]
+    """prepare -> classifier -> ref_stats of the tiny profile, once for the whole run: what the sweeps, the
+    in-training evaluation and the cluster evaluation read. The pytest-xdist processes share one copy (the
+    first to ask builds it under a file lock); tests write beside it, each under a name of its own."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: one basetemp per process, one parent
+    root, done = shared / "tiny_upstream", shared / "tiny_upstream.done"
+    with FileLock(str(shared / "tiny_upstream.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+            root.mkdir()
+            params = tiny_params(**upstream_sections(root))
+            params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+            path = write_params(root, params)
+            for stage in ("prepare", "classifier", "ref_stats"):
+                result = run_cli(["python", "-m", f"pipelines.{stage}", "--params", str(path)], REPO)
+                assert result.returncode == 0, result.stderr[-2000:]
+            done.touch()
     return root
 
 

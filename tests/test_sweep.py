@@ -26,7 +26,8 @@ def sweep_params(root: Path, **sweep) -> dict:
         **upstream_sections(root),
         registry={"gan": {"fid_threshold": 10_000.0, "recall_floor": 0.0, "class_accuracy_floor": 0.0}},  # tiny models: the gate itself is tested elsewhere
     )  # fmt: skip
-    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    # a store per sweep: sweeps in two pytest-xdist processes share `root` (the session's upstream)
+    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/{sweep.get('name', 'sweep')}.mlflow.db"
     params["sweep"] = {
         **params["sweep"], "enabled": True, "num_trials": 4, "total_steps": 40, "report_every_steps": 10, "global_batch_size": 32,
         "probe_samples": 100, "final_fid_samples": 100, "space": RATIO_ONLY, "storage_path": str(root / "tune"),
@@ -109,16 +110,25 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
     # MLflow: one parent run, one child run per trial with its params and metric curve
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{upstream}/mlflow.db")
-    experiment = client.get_experiment_by_name("genforge")
-    parent = client.search_runs([experiment.experiment_id], "tags.sweep_parent = 'asha'")[0]
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 4
+    client = mlflow.MlflowClient(f"sqlite:///{upstream}/asha.mlflow.db")
+    parent, children = sweep_runs(upstream, "asha")
+    assert len({child.data.tags["tune_trial_id"] for child in children}) == len(children) == 4
     for child in children:
-        assert "gan.lr_d" in child.data.params and child.data.tags["tune_trial_id"]
-        assert child.data.tags["sweep_trial_status"] in {"completed", "stopped early"} and child.info.status != "RUNNING"
+        assert "gan.lr_d" in child.data.params
+        # Tune ends a trial's process at its last report, before its run is closed: the sweep closes it by how the trial ended
+        assert (child.data.tags["sweep_trial_status"], child.info.status) in {("completed", "FINISHED"), ("stopped early", "KILLED")}
         assert len(client.get_metric_history(child.info.run_id, "during_training/fid_classifier")) >= 1  # the evaluator's curve
     assert parent.data.tags["best_trial"] == record["best_trial"]
+
+
+def sweep_runs(upstream: Path, name: str) -> tuple:
+    """The sweep's MLflow parent run and its child runs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{upstream}/{name}.mlflow.db")
+    experiment = client.get_experiment_by_name("genforge")
+    (parent,) = client.search_runs([experiment.experiment_id], f"tags.sweep_parent = '{name}'")
+    return parent, client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
 
 @pytest.mark.slow
@@ -163,3 +173,7 @@ def test_interrupted_sweep_resumes_from_its_storage(upstream):
     assert re.search(r"resumed from checkpoint at step [1-3]0\b", second.stdout)  # the interrupted trial kept its training
     record = json.loads((directory / "sweep.json").read_text())
     assert record["trials"] == 2 and record["completed"] == 2
+    # one child run per trial: a restarted trial continues its own, also one interrupted before its first checkpoint
+    _, children = sweep_runs(upstream, "resume")
+    assert len({child.data.tags["tune_trial_id"] for child in children}) == len(children) == 2
+    assert all(child.info.status == "FINISHED" for child in children)
