@@ -26,8 +26,11 @@ TINY_PROFILE = REPO / "profiles" / "tiny.yaml"  # the params overlay every end-t
 def subprocess_env(**extra: str) -> dict:
     # Ray Train's controller polls its workers every 2 s by default, so each short training run waited
     # up to that long after its last step; 0.5 s saves about 3 s per run (measured) and changes nothing else.
+    # Ray starts its workers at nice 15 (to yield to its own daemons and the user's processes). Beside a test in
+    # another xdist process, that starved them: a ZeRO-3 run of 31 s alone took 142-147 s in the suite, and 310 s
+    # beside two busy loops (its TrainController still importing torch after 75 s). Nice 0: tests share the cores fairly.
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # fmt: skip
+           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}  # fmt: skip
     env.pop("RAY_ADDRESS")
     env.update(extra)
     return env
