@@ -53,7 +53,9 @@ def start_local_ray(ray, num_cpus: int, attempts: int = 3) -> None:
         port = free_port()
         api_server = f"http://127.0.0.1:{port}"
         os.environ["RAY_API_SERVER_ADDRESS"] = api_server  # this driver's own State API calls
-        env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), "RAY_API_SERVER_ADDRESS": api_server}
+        env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), "RAY_API_SERVER_ADDRESS": api_server,
+                    # Train's PreemptionWatcher (an actor process per run, ~1.3 CPU-s) watches for node drains; this one-node Ray has none
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}  # fmt: skip
         try:
             ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env_vars})
             return

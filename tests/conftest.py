@@ -18,6 +18,13 @@ import yaml
 
 from pipelines.ray_env import free_port
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    # Two test processes share the cores: one intra-op thread each for the tests that compute in-process. Two threads
+    # each oversubscribe the cores, and every op's parallel region then waits on a descheduled thread.
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TINY_PROFILE = REPO / "profiles" / "tiny.yaml"  # the params overlay every end-to-end test runs on
