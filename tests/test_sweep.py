@@ -30,7 +30,7 @@ def sweep_params(root: Path, **sweep) -> dict:
     params["tracking"]["tracking_uri"] = f"sqlite:///{root}/{sweep.get('name', 'sweep')}.mlflow.db"
     params["sweep"] = {
         **params["sweep"], "enabled": True, "num_trials": 4, "total_steps": 40, "report_every_steps": 10, "global_batch_size": 32,
-        "probe_samples": 100, "final_fid_samples": 100, "space": RATIO_ONLY, "storage_path": str(root / "tune"),
+        "probe_samples": 100, "final_fid_samples": 60, "space": RATIO_ONLY, "storage_path": str(root / "tune"),
         "out_dir": str(root / "sweep"), "metrics_file": str(root / "sweep.json"), **sweep,
     }  # fmt: skip
     return params
