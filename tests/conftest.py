@@ -49,11 +49,16 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     result = subprocess.run(args, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
     took = time.monotonic() - started
     sys.stdout.write(f"$ {' '.join(args)}  ({took:.1f} s, exit {result.returncode})\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n")
-    if os.environ.get("GENFORGE_TEST_TIMES"):  # one JSON line per command, to see where the suite's time goes
-        with open(os.environ["GENFORGE_TEST_TIMES"], "a") as log:
-            test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-            log.write(json.dumps({"test": test, "seconds": round(took, 1), "exit": result.returncode, "args": args[:4]}) + "\n")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    record_time({"test": test, "seconds": round(took, 1), "exit": result.returncode, "args": args[:4]})
     return result
+
+
+def record_time(entry: dict) -> None:
+    """Under GENFORGE_TEST_TIMES=FILE, one JSON line in FILE (per command and per test), to see where the suite's time goes."""
+    if os.environ.get("GENFORGE_TEST_TIMES"):
+        with open(os.environ["GENFORGE_TEST_TIMES"], "a") as log:
+            log.write(json.dumps(entry) + "\n")
 
 
 def tiny_params(**sections) -> dict:
@@ -144,10 +149,8 @@ def pytest_runtest_protocol(item, nextitem):
     """Under GENFORGE_TEST_TIMES, also one line per test: its xdist process and wall-clock start and end."""
     started = time.time()
     yield
-    if os.environ.get("GENFORGE_TEST_TIMES"):
-        with open(os.environ["GENFORGE_TEST_TIMES"], "a") as log:
-            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-            log.write(json.dumps({"test": item.nodeid, "worker": worker, "start": round(started, 1), "end": round(time.time(), 1)}) + "\n")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    record_time({"test": item.nodeid, "worker": worker, "start": round(started, 1), "end": round(time.time(), 1)})
 
 
 def pytest_collection_modifyitems(config, items):

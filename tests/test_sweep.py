@@ -108,10 +108,7 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
     assert json.loads((out / "eval" / "quick" / "gan.json").read_text())["num_samples"] == 60
 
     # MLflow: one parent run, one child run per trial with its params and metric curve
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{upstream}/asha.mlflow.db")
-    parent, children = sweep_runs(upstream, "asha")
+    client, parent, children = sweep_runs(upstream, "asha")
     assert len({child.data.tags["tune_trial_id"] for child in children}) == len(children) == 4
     for child in children:
         assert "gan.lr_d" in child.data.params
@@ -122,13 +119,13 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
 
 
 def sweep_runs(upstream: Path, name: str) -> tuple:
-    """The sweep's MLflow parent run and its child runs."""
+    """-> (a client of the sweep's MLflow store, its parent run, its child runs)."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{upstream}/{name}.mlflow.db")
     experiment = client.get_experiment_by_name("genforge")
     (parent,) = client.search_runs([experiment.experiment_id], f"tags.sweep_parent = '{name}'")
-    return parent, client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return client, parent, client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
 
 @pytest.mark.slow
@@ -174,6 +171,6 @@ def test_interrupted_sweep_resumes_from_its_storage(upstream):
     record = json.loads((directory / "sweep.json").read_text())
     assert record["trials"] == 2 and record["completed"] == 2
     # one child run per trial: a restarted trial continues its own, also one interrupted before its first checkpoint
-    _, children = sweep_runs(upstream, "resume")
+    _, _, children = sweep_runs(upstream, "resume")
     assert len({child.data.tags["tune_trial_id"] for child in children}) == len(children) == 2
     assert all(child.info.status == "FINISHED" for child in children)
