@@ -48,16 +48,15 @@ BATCHES = (1, 64)
 
 def build_model(cfg, space: str, directory: str | None):
     """The trained export when given, else an untrained denoiser of the same family (latency only depends on the shape)."""
-    from diffusers import AutoencoderKL
-
     from gen_core.diffusion import DiffusionGenerator, build_denoiser, training_schedule
+    from gen_core.latents import load_autoencoder
 
     if directory:
         return DiffusionGenerator.from_pretrained(directory)[0]
     vae = None
     channels, size = cfg.data.channels, cfg.data.resolution
     if space == "latent":
-        vae = AutoencoderKL.from_pretrained(cfg.outputs.autoencoder.out_dir, use_safetensors=True).eval()
+        vae = load_autoencoder(cfg.outputs.autoencoder.out_dir)
         channels, size = vae.config.latent_channels, cfg.data.resolution // cfg.autoencoder.downsample_factor
     unet = build_denoiser(cfg.ldm.denoiser, channels, size, 10).eval()
     image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)

@@ -26,6 +26,7 @@ from torch import nn
 
 from gen_core.checkpoint import LatentMismatchError
 from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
+from gen_core.latents import PRETRAINED
 
 
 # ---------------------------------------------------------------------------
@@ -234,10 +235,10 @@ class DiffusionGenerator:
             meta = json.loads((directory / "generator.json").read_text())
         except FileNotFoundError:
             raise LatentMismatchError(f"{directory}: no generator.json (not an exported genforge diffusion model)") from None
-        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True).eval()
+        unet = UNet2DModel.from_pretrained(directory / "unet", **PRETRAINED).eval()
         vae = None
         if meta["space"] == "latent":
-            vae = AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True).eval()
+            vae = AutoencoderKL.from_pretrained(directory / "vae", **PRETRAINED).eval()
             check_latent_match(unet.config.in_channels, vae, str(directory))
         schedule = DDPMScheduler.from_pretrained(directory / "scheduler").config
         model = cls(unet, vae, dict(schedule), meta["num_classes"], SamplerConfig(**meta["sampler"]), tuple(meta["image_shape"]))

@@ -37,9 +37,14 @@ def autoencoder_digest(directory: str | Path) -> str:
     return sha256_file(path)
 
 
+# How every exported diffusers model is read: safetensors only (no pickle), and the plain loader. diffusers' default,
+# low_cpu_mem_usage, needs `accelerate` (not a dependency) and without it prints a four-line notice on every load.
+PRETRAINED = {"use_safetensors": True, "low_cpu_mem_usage": False}
+
+
 def load_autoencoder(directory: str | Path) -> AutoencoderKL:
     autoencoder_digest(directory)  # one-line error when it is missing
-    return AutoencoderKL.from_pretrained(directory, use_safetensors=True).eval()
+    return AutoencoderKL.from_pretrained(directory, **PRETRAINED).eval()
 
 
 def autoencoder_record(directory: str | Path) -> dict:

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, UNet2DModel
 from gen_core.config import RunConfig
 from gen_core.data import load_split
 from gen_core.diffusion import build_denoiser, diffusion_generator, diffusion_loss, training_schedule
-from gen_core.latents import autoencoder_record, load_latents
+from gen_core.latents import autoencoder_record, load_autoencoder, load_latents
 from gen_core.models import ema_beta
 from gen_core.sampling import class_grid_png, to_unit
 from gen_core.training import batch_indices, step_generator
@@ -45,7 +45,7 @@ def training_data(worker, space: str) -> tuple[torch.Tensor, torch.Tensor, Autoe
         split = load_split(ctx.data_uri, "train")
         return torch.from_numpy(split.images), torch.from_numpy(split.labels).long(), None
     data, labels, _ = load_latents(ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
-    vae = AutoencoderKL.from_pretrained(ctx.extra["autoencoder_dir"], use_safetensors=True).to(worker.device).eval() if worker.is_chief else None
+    vae = load_autoencoder(ctx.extra["autoencoder_dir"]).to(worker.device) if worker.is_chief else None
     return data, labels, vae
 
 
@@ -130,7 +130,7 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: Ru
         weights, meta = fetch_checkpoint(checkpoint_uri, local)
         vae = None
         if cfg.ldm.space == "latent":
-            vae = AutoencoderKL.from_pretrained(context.extra["autoencoder_dir"], use_safetensors=True).eval()
+            vae = load_autoencoder(context.extra["autoencoder_dir"])
         unet = UNet2DModel.from_config(meta["unet_config"])
         unet.load_state_dict(weights["unet_ema"])
         model = diffusion_generator(cfg.ldm, cfg.data, unet.eval(), vae, context.num_classes)

@@ -1,6 +1,8 @@
 """gen_core.diffusion: seeded samplers, guidance, losses, autoencoder round trip on real images,
 export/reload, and the refusals (mismatched latents, bad labels, bad sampler config)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -146,7 +148,15 @@ def test_export_and_reload_give_identical_samples(tmp_path):
                                SamplerConfig(name="ddim", num_steps=4, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
     model.save_pretrained(tmp_path, {"step": 3})
     assert {p.name for p in tmp_path.iterdir()} == {"unet", "vae", "scheduler", "generator.json"}
-    reloaded, meta = DiffusionGenerator.from_pretrained(tmp_path)
+    warnings = []  # diffusers logs to its own stderr handler, which does not propagate
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        reloaded, meta = DiffusionGenerator.from_pretrained(tmp_path)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert warnings == []  # quietly: before, a notice to install `accelerate` on every load
     assert meta["step"] == 3 and reloaded.vae.config.scaling_factor == pytest.approx(0.7)
     labels, seeds = torch.tensor([0, 5, 9]), [7, 8, 9]
     images = model.sample(labels, seeds)

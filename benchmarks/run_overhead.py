@@ -1,0 +1,153 @@
+"""What a short training run costs beyond its training: wall time and CPU-seconds of a 10-step, 2-worker
+GAN run of the tiny profile (the kind of run the tests make dozens of), under environment variants run
+alternately in one session, and optionally where the CPU went, process by process.
+
+    python benchmarks/run_overhead.py [--rounds 3] [--processes]
+        [--variant NAME:VAR=VALUE,...]   (default: the stage as shipped vs Ray's worker prestart back on)
+
+CPU-seconds are the whole machine's busy time during the run (/proc/stat), so run it on an idle machine.
+--processes samples every process's CPU time from /proc five times a second and groups them by role
+(Ray's daemons, the stage's own process, each kind of Ray worker); it adds a little CPU of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.sweep_overhead import tiny_params, write_params  # noqa: E402
+
+DEFAULT_VARIANTS = ["as-shipped:", "prestart-on:RAY_prestart_worker_first_driver=1"]
+TICK = os.sysconf("SC_CLK_TCK")
+ROLES = [  # (role, pattern in the command line), first match wins
+    ("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard", "dashboard/dashboard.py"), ("dashboard agent", "dashboard/agent.py"),
+    ("runtime env agent", "runtime_env/agent"), ("log monitor", "log_monitor"), ("stage process", "pipelines.train_gan"),
+]  # fmt: skip
+
+
+def busy_seconds() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # all but idle and iowait
+
+
+def role(pid: str, cmdline: str) -> str:
+    for name, pattern in ROLES:
+        if pattern in cmdline:
+            return name
+    if "default_worker" in cmdline or cmdline.startswith("ray::"):
+        try:  # a Ray worker renames itself after what it runs (ray::RayTrainWorker, ray::TrainController, ray::IDLE)
+            title = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            title = "?"
+        return f"ray worker {cmdline.split()[0] if cmdline.startswith('ray::') else title}"
+    return f"other: {cmdline[:60]}"
+
+
+class ProcessSampler(threading.Thread):
+    """Each process's last-seen CPU time (utime + stime), sampled until stop()."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.seen, self.done = interval, {}, threading.Event()
+        self.before = set(os.listdir("/proc"))
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit() or pid in self.before:
+                    continue
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:
+                    continue
+                fields = stat.rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / TICK
+                name = role(pid, cmdline) if pid not in self.seen else self.seen[pid][1]
+                if cmdline.startswith("ray::"):  # the title may arrive after the first sample
+                    name = f"ray worker {cmdline.split()[0]}"
+                self.seen[pid] = (cpu, name)
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join()
+        totals, counts = collections.Counter(), collections.Counter()
+        for cpu, name in self.seen.values():
+            totals[name] += cpu
+            counts[name] += 1
+        return {name: {"cpu_s": round(totals[name], 1), "processes": counts[name]} for name, _ in totals.most_common()}
+
+
+def one_run(root: Path, params: Path, env: dict, n: int, processes: bool) -> dict:
+    storage = root / f"ray-{n}"
+    command = [sys.executable, "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={storage}",
+               "--set", f"outputs.gan.out_dir={root}/gan-{n}", "--set", f"outputs.gan.losses_file={root}/losses-{n}.csv",
+               "--set", f"outputs.gan.eval_file={root}/eval-{n}.csv", "--set", "gan.total_steps=10", "--set", "gan.checkpoint_every_steps=5"]  # fmt: skip
+    sampler = ProcessSampler() if processes else None
+    if sampler:
+        sampler.start()
+    busy, started = busy_seconds(), time.monotonic()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall, cpu = time.monotonic() - started, busy_seconds() - busy
+    if result.returncode != 0:
+        raise SystemExit(f"error: training run failed (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
+    finished = re.search(r"finished 10 steps in (\d+)s", result.stdout)
+    row = {"wall_s": round(wall, 1), "busy_cpu_s": round(cpu, 1), "training_s": int(finished.group(1)) if finished else None}
+    if sampler:
+        row["processes"] = sampler.stop()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--processes", action="store_true", help="also sample every process's CPU time, grouped by role")
+    parser.add_argument("--variant", action="append", help="NAME:VAR=VALUE,... (repeatable; default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "run_overhead.json")
+    args = parser.parse_args()
+    variants = {}
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, _, assignments = spec.partition(":")
+        variants[name] = dict(item.split("=", 1) for item in assignments.split(",") if item)
+    base = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    base.pop("RAY_ADDRESS", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        params = tiny_params(data={"out_dir": str(root / "prepared")}, gan={"evaluation": {"every_steps": None}})
+        params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+        path = write_params(root, params)
+        subprocess.run([sys.executable, "-m", "pipelines.prepare", "--params", str(path)], cwd=REPO, env=base, check=True, capture_output=True)
+        rows = collections.defaultdict(list)
+        for n in range(args.rounds):
+            for name, extra in variants.items():
+                row = one_run(root, path, {**base, **extra}, sum(map(len, rows.values())), args.processes)
+                rows[name].append(row)
+                print(f"round {n + 1} {name}: wall {row['wall_s']} s, busy CPU {row['busy_cpu_s']} s, training {row['training_s']} s", flush=True)
+                for who, usage in row.get("processes", {}).items():
+                    print(f"    {usage['cpu_s']:6.1f} CPU-s  {usage['processes']:2d} x {who}")
+    summary = {name: {"variant": variants[name], "mean_wall_s": round(sum(r["wall_s"] for r in runs) / len(runs), 1),
+                      "mean_busy_cpu_s": round(sum(r["busy_cpu_s"] for r in runs) / len(runs), 1), "runs": runs} for name, runs in rows.items()}  # fmt: skip
+    for name, s in summary.items():
+        print(f"{name}: mean wall {s['mean_wall_s']} s, mean busy CPU {s['mean_busy_cpu_s']} s over {len(s['runs'])} runs")
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+              "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?"),
+              "run": "train_gan, tiny profile, 10 steps, 2 workers (DDP), checkpoint every 5, no in-training evaluation", "variants": summary}  # fmt: skip
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
