@@ -3,7 +3,7 @@ GAN run of the tiny profile (the kind of run the tests make dozens of), under en
 alternately in one session, and optionally where the CPU went, process by process.
 
     python benchmarks/run_overhead.py [--rounds 3] [--processes]
-        [--variant NAME:VAR=VALUE,...]   (default: the stage as shipped vs Ray's worker prestart back on)
+        [--variant NAME:VAR=VALUE,...]   (default: the stage as shipped vs with Train's preemption watcher on)
 
 CPU-seconds are the whole machine's busy time during the run (/proc/stat), so run it on an idle machine.
 --processes samples every process's CPU time from /proc five times a second and groups them by role
@@ -30,10 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.sweep_overhead import tiny_params, write_params  # noqa: E402
 
-DEFAULT_VARIANTS = ["as-shipped:", "prestart-on:RAY_prestart_worker_first_driver=1"]
+DEFAULT_VARIANTS = ["as-shipped:", "preemption-watcher:RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1"]
 TICK = os.sysconf("SC_CLK_TCK")
 ROLES = [  # (role, pattern in the command line), first match wins
-    ("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard", "dashboard/dashboard.py"), ("dashboard agent", "dashboard/agent.py"),
+    ("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard", "dashboard/dashboard.py"), ("dashboard", "ray-dashboard-"),
+    ("dashboard agent", "dashboard/agent.py"),
     ("runtime env agent", "runtime_env/agent"), ("log monitor", "log_monitor"), ("stage process", "pipelines.train_gan"),
 ]  # fmt: skip
 
@@ -43,17 +44,13 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # all but idle and iowait
 
 
-def role(pid: str, cmdline: str) -> str:
+def role(cmdline: str) -> str:
     for name, pattern in ROLES:
         if pattern in cmdline:
             return name
-    if "default_worker" in cmdline or cmdline.startswith("ray::"):
-        try:  # a Ray worker renames itself after what it runs (ray::RayTrainWorker, ray::TrainController, ray::IDLE)
-            title = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            title = "?"
-        return f"ray worker {cmdline.split()[0] if cmdline.startswith('ray::') else title}"
-    return f"other: {cmdline[:60]}"
+    if cmdline.startswith("ray::"):  # a Ray worker retitles itself after what it runs: ray::TrainController.run, ray::IDLE
+        return f"ray worker {cmdline.split()[0].split('.')[0]}"
+    return "ray worker (starting)" if "default_worker" in cmdline else "other"
 
 
 class ProcessSampler(threading.Thread):
@@ -76,9 +73,9 @@ class ProcessSampler(threading.Thread):
                     continue
                 fields = stat.rsplit(")", 1)[1].split()
                 cpu = (int(fields[11]) + int(fields[12])) / TICK
-                name = role(pid, cmdline) if pid not in self.seen else self.seen[pid][1]
-                if cmdline.startswith("ray::"):  # the title may arrive after the first sample
-                    name = f"ray worker {cmdline.split()[0]}"
+                name = role(cmdline)  # Ray workers retitle themselves after they start; an exiting process has no cmdline
+                if name in ("other", "ray worker (starting)") and pid in self.seen:
+                    name = self.seen[pid][1]
                 self.seen[pid] = (cpu, name)
 
     def stop(self) -> dict:

@@ -49,9 +49,6 @@ def start_local_ray(ray, num_cpus: int, attempts: int = 3) -> None:
     here for every worker, since without it it looks for "the" Ray on the machine and, beside another Ray,
     dies with `Found multiple active Ray instances`: the placement groups of finished trials are then never
     released and a sweep waits for CPUs forever."""
-    # Ray prestarts one idle worker per CPU for the first driver; a stage's tasks are Train's and Tune's actors,
-    # which start their own, so those workers only cost start-up (~1.5 CPU-s a run on 2 cores, benchmarks/RESULTS.md)
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     for attempt in range(attempts):
         port = free_port()
         api_server = f"http://127.0.0.1:{port}"
