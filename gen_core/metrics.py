@@ -15,6 +15,7 @@ import importlib.util
 import os
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -45,9 +46,9 @@ class InceptionFeatures(nn.Module):
     """forward(images (N, 3, 299, 299) float in [0, 255]) -> (N, 2048) pool3 features.
 
     Accepts exactly what clean-fid hands a `custom_feat_extractor`. Two backends run the same
-    checksummed graph: `torch` (TorchScript, channels_last weights, bf16 autocast when `precision` is
-    bf16) and `onnxruntime` (the graph exported to ONNX in memory at load, fp32 only; 2.2x torch's fp32
-    img/s on an AVX2 CPU with features equal to 1e-6 relative: benchmarks/inception.py).
+    checksummed graph: `torch` (the TorchScript graph frozen and kept in channels_last, bf16 autocast
+    when `precision` is bf16) and `onnxruntime` (the graph exported to ONNX in memory at load, fp32 only;
+    2.2x torch's fp32 img/s on an AVX2 CPU with features equal to 1e-6 relative: benchmarks/inception.py).
     """
 
     def __init__(self, scripted: torch.jit.ScriptModule, sha256: str, precision: str, backend: str, device: torch.device):
@@ -60,6 +61,7 @@ class InceptionFeatures(nn.Module):
             for param in scripted.parameters():  # NHWC convolutions: ~1.2x on CPU, more with bf16
                 if param.dim() == 4:
                     param.data = param.data.contiguous(memory_format=torch.channels_last)
+            self.net = _channels_last_graph(scripted)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,10 +73,25 @@ class InceptionFeatures(nn.Module):
             return self.net(x).float()
 
 
+def _channels_last_graph(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """The graph frozen (weights become constants) and without its `contiguous()` calls. The converted TF
+    graph makes every Inception block's branch outputs contiguous before concatenating them, which turns
+    channels_last activations back into NCHW 46 times per image, so oneDNN reorders them back at the next
+    convolution. Dropping those calls changes layouts only, never a value: fp32 features equal the graph's
+    to 2e-6 relative, and the bf16 network ran 1.7x faster on an AMX Xeon (benchmarks/inception.py --ceiling).
+    Uses torch's TorchScript graph passes: tests/test_metrics.py checks the features against the plain graph."""
+    with warnings.catch_warnings():  # TorchScript's deprecation, as for torch.jit.load
+        warnings.filterwarnings("ignore", message=".*torch.jit.freeze.* is deprecated", category=FutureWarning)
+        frozen = torch.jit.freeze(scripted.eval())
+    for node in frozen.graph.findAllNodes("aten::contiguous"):
+        node.output().replaceAllUsesWith(next(node.inputs()))
+    torch._C._jit_pass_dce(frozen.graph)  # the calls, now unused
+    return frozen
+
+
 def _onnx_session(scripted: torch.jit.ScriptModule):
     """The TorchScript graph exported to ONNX in memory (about 2 s; nothing cached on disk to trust)."""
     import io
-    import warnings
 
     import onnxruntime
 
@@ -162,8 +179,11 @@ def load_inception(cfg: InceptionConfig, device: torch.device | str = "cpu", pre
         raise FeatureNetError(f"ref_stats.inception.backend=onnxruntime: runs fp32 on the CPU only (here: {used} on {device.type})")
     if backend == "onnxruntime" and not _onnx_installed():
         raise FeatureNetError("ref_stats.inception.backend=onnxruntime: onnx or onnxruntime is not installed (scripts/setup.sh installs both)")
-    # TorchScript is a pinned third-party artifact, verified by sha256 above before loading.
-    scripted = torch.jit.load(str(path), map_location=device).eval()
+    # TorchScript is a pinned third-party artifact, verified by sha256 above before loading. torch deprecates
+    # TorchScript in favour of torch.export; the warning says nothing a user of this network can act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+        scripted = torch.jit.load(str(path), map_location=device).eval()
     return InceptionFeatures(scripted, digest, used, backend, device)
 
 

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -106,13 +108,28 @@ def test_clean_resize_matches_clean_fid_resizer(shape):
     assert (ours != theirs).mean() < 1e-5
 
 
+def test_torch_backend_is_the_plain_graph_in_another_layout():
+    """Frozen, channels_last, without the graph's 46 contiguous() calls: the plain TorchScript graph's features."""
+    torch.set_num_threads(2)
+    net = load_inception(InceptionConfig(backend="torch"), precision="fp32")
+    plain = torch.jit.load(str(inception_path(InceptionConfig())[0])).eval()
+    images = clean_resize(torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 1, 32, 32), dtype=np.uint8)))
+    with torch.no_grad():
+        expected = plain(images / 128.0 - 1.0).numpy()
+    graph = net.net.graph  # one inlined graph: its 94 convolutions, and none of the calls
+    assert len(graph.findAllNodes("aten::conv2d")) == 94 and graph.findAllNodes("aten::contiguous") == []
+    assert np.abs(net(images).numpy() - expected).max() / np.abs(expected).max() < 1e-5
+
+
 def test_onnxruntime_backend_gives_the_torch_features():
     """The same checksummed graph on both backends: a pure re-execution, equal to float32 rounding."""
     torch.set_num_threads(2)
     cfg = InceptionConfig()
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 1, 32, 32), dtype=np.uint8))
-    torch_net = load_inception(cfg.model_copy(update={"backend": "torch"}))
-    onnx_net = load_inception(cfg.model_copy(update={"backend": "onnxruntime"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quietly: torch's TorchScript deprecation notice was printed by every evaluate
+        torch_net = load_inception(cfg.model_copy(update={"backend": "torch"}))
+        onnx_net = load_inception(cfg.model_copy(update={"backend": "onnxruntime"}))
     assert (torch_net.backend, onnx_net.backend, onnx_net.precision) == ("torch", "onnxruntime", "fp32")
     a, b = inception_features(torch_net, images), inception_features(onnx_net, images)
     assert np.abs(a - b).max() / np.abs(a).max() < 1e-5 and np.abs(a).max() > 0.1
