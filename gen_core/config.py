@@ -445,6 +445,12 @@ class RegistryConfig(_Section):
     out_dir: str = "metrics/register"  # <out_dir>/<family>.json
 
 
+class ServingConfig(_Section):
+    """`serving`: where `python -m pipelines.export` writes a registered version in ONNX."""
+
+    onnx_dir: str = "models/onnx"
+
+
 class TrackingConfig(_Section):
     """MLflow. `tracking_uri: null` uses MLFLOW_TRACKING_URI, else sqlite in the repo."""
 
@@ -600,6 +606,7 @@ class RunConfig(_Section):
     ray: RayConfig = RayConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    serving: ServingConfig = ServingConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
 

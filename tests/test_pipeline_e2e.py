@@ -171,6 +171,47 @@ def test_champion_loads_and_generates(pipeline, mlflow_server):
     assert f"| recall | {float(version.tags['recall']):.4g} | {float(version.tags['floor_recall']):.4g} |" in card, card
 
 
+def test_export_writes_the_champion_in_onnx_tied_to_its_version(pipeline, mlflow_server, tmp_path):
+    """`python -m pipelines.export`: the GAN champion as ONNX, its sha256 on the version, the file logged to the
+    version's run, ONNX Runtime's images equal to the registered generator's; rerun, nothing is logged twice;
+    a version that does not exist and the LDM are one line each."""
+    import mlflow
+    import torch
+
+    from gen_core.io import sha256_file
+    from gen_core.onnx_gan import OnnxGanGenerator
+    from pipelines.registry import load_registered_generator
+
+    project, _ = pipeline
+    exported = run_cli(["python", "-m", "pipelines.export"], project)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    onnx_file = project / "models/onnx/gan/generator.onnx"
+    record = json.loads((project / "models/onnx/gan/onnx.json").read_text())
+    client = mlflow.MlflowClient(mlflow_server)
+    champion = client.get_model_version_by_alias("tiny-gan", "champion")
+    assert record["version"] == int(champion.version) and record["model_uri"] == "models:/tiny-gan@champion"
+    assert champion.tags["onnx_sha256"] == record["sha256"] == sha256_file(onnx_file)
+    mlflow.set_tracking_uri(mlflow_server)
+    logged = mlflow.artifacts.download_artifacts(champion.tags["onnx_artifact"], dst_path=str(tmp_path))
+    assert sha256_file(logged) == record["sha256"]
+
+    registered, _ = load_registered_generator("models:/tiny-gan@champion")
+    onnx = OnnxGanGenerator(onnx_file, record["inputs"]["z"][1], len(record["class_names"]), threads=1)
+    labels, seeds = torch.tensor([0, 3, 9]), [1, 2, 3]
+    with torch.no_grad():
+        assert (onnx.sample(labels, seeds) - registered.sample(labels, seeds)).abs().max() <= 1e-4
+
+    again = run_cli(["python", "-m", "pipelines.export", "--model", f"models:/tiny-gan/{champion.version}"], project)
+    assert again.returncode == 0 and json.loads((project / "models/onnx/gan/onnx.json").read_text())["sha256"] == record["sha256"]
+    assert [a.path for a in client.list_artifacts(champion.run_id, f"onnx/v{champion.version}")] == [f"onnx/v{champion.version}/generator.onnx"]
+    for args, message in ((["--model", "models:/tiny-gan/99"], "error: --model models:/tiny-gan/99: "),
+                          (["--family", "ldm"], "error: export --family ldm: only the GAN generator is exported to ONNX so far")):  # fmt: skip
+        refused = run_cli(["python", "-m", "pipelines.export", *args], project)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(message), refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert sha256_file(onnx_file) == record["sha256"]  # the refused runs left the export alone
+
+
 def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline, mlflow_server):
     import mlflow
     import torch
