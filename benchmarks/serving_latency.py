@@ -1,11 +1,12 @@
-"""GAN generator latency, torch eager vs ONNX Runtime, side by side in one run: p50 / p90 milliseconds per call
-at batch 1 and batch 64 (images per second too), on N CPU threads, for the params file's GAN (untrained
-weights: latency does not depend on their values) or an exported generator directory.
+"""Generator latency, torch eager vs ONNX Runtime, side by side in one run: p50 / p90 milliseconds per call
+at batch 1 and batch 64 (images per second too), on N CPU threads, for the params file's model of the family
+(untrained weights: latency does not depend on their values) or an exported model directory.
 
-    python benchmarks/serving_latency.py [--params params.yaml] [--model models/gan] [--threads 2] [--calls 200]
+    python benchmarks/serving_latency.py [--family gan|ldm] [--params params.yaml] [--model models/gan] [--threads 2] [--calls 200]
 
-Each call is what serving does per request: seeded latents for the given seeds, then the network, then clamp.
-Goal (issue "Serving the champion"): ONNX Runtime at least 1.5x torch eager at batch 1, p50 under 10 ms for one image.
+Each call is what serving does per request: the GAN's seeded latents, network and clamp; for the LDM one whole
+sample (every step of the params' sampler with guidance, then the decoder).
+Goal (issue "Serving the champion"): ONNX Runtime at least 1.5x torch eager at batch 1, p50 under 10 ms for one GAN image.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gen_core.checkpoint import load_generator  # noqa: E402
 from gen_core.config import load_config  # noqa: E402
-from gen_core.generators import GanGenerator  # noqa: E402
+from gen_core.diffusion import build_autoencoder, build_denoiser, diffusion_generator  # noqa: E402
+from gen_core.generators import GanGenerator, load_image_generator  # noqa: E402
 from gen_core.models import build_generator, gan_specs  # noqa: E402
+from gen_core.onnx_diffusion import OnnxDiffusionGenerator, export_diffusion_onnx, sampling_record  # noqa: E402
 from gen_core.onnx_gan import OnnxGanGenerator, export_gan_onnx  # noqa: E402
 
 
@@ -47,31 +49,44 @@ def latencies(generator, batch: int, calls: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["gan", "ldm"], default="gan")
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--model", help="an exported GAN generator directory (default: the params' GAN, untrained)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=200, help="calls at batch 1 (a tenth of them at batch 64)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "serving_latency.json"))
+    parser.add_argument("--out", help="default: benchmarks/serving_latency_<family>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cfg = load_config(args.params)
+    torch.manual_seed(0)
     if args.model:
-        generator, _ = load_generator(args.model)
+        model, _ = load_image_generator(args.model)
+    elif args.family == "gan":
+        model = GanGenerator(build_generator(gan_specs(cfg.gan.model, cfg.data.resolution, cfg.data.channels, 10)[0]).eval())
     else:
-        cfg = load_config(args.params)
-        torch.manual_seed(0)
-        generator = build_generator(gan_specs(cfg.gan.model, cfg.data.resolution, cfg.data.channels, 10)[0]).eval()
-    spec = generator.spec
+        f = cfg.autoencoder.downsample_factor
+        vae = build_autoencoder(cfg.autoencoder, cfg.data.channels).eval()
+        unet = build_denoiser(cfg.ldm.denoiser, cfg.autoencoder.latent_channels, cfg.data.resolution // f, 10).eval()
+        model = diffusion_generator(cfg.ldm, cfg.data, unet, vae, 10)
     with tempfile.TemporaryDirectory() as tmp:
-        export_gan_onnx(generator, Path(tmp) / "generator.onnx")
-        paths = {"torch eager": GanGenerator(generator), "onnxruntime": OnnxGanGenerator(Path(tmp) / "generator.onnx", spec.z_dim, spec.num_classes, args.threads)}
+        if isinstance(model, GanGenerator):
+            export_gan_onnx(model.generator, Path(tmp) / "generator.onnx")
+            onnx = OnnxGanGenerator(Path(tmp) / "generator.onnx", model.generator.spec.z_dim, model.num_classes, args.threads)
+            described = f"GAN {model.generator.spec}"
+            parameters = sum(p.numel() for p in model.generator.parameters())
+        else:
+            export_diffusion_onnx(model, tmp)
+            onnx = OnnxDiffusionGenerator(tmp, **sampling_record(model), threads=args.threads)
+            described = f"LDM, sampler {model.sampler.name} {model.sampler.num_steps} steps, guidance {model.sampler.guidance_scale}"
+            parameters = sum(p.numel() for p in model.unet.parameters()) + sum(p.numel() for p in (model.vae.decoder.parameters() if model.vae else []))
+        calls = {1: args.calls, 64: max(args.calls // 10, 5)} if isinstance(model, GanGenerator) else {1: max(args.calls // 20, 3), 64: 3}
         rows = {}
-        for batch, calls in ((1, args.calls), (64, max(args.calls // 10, 5))):
-            for name, path in paths.items():
-                ms = latencies(path, batch, calls)
+        for batch, n in calls.items():
+            for name, path in (("torch eager", model), ("onnxruntime", onnx)):
+                ms = latencies(path, batch, n)
                 rows[f"{name}, batch {batch}"] = {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-                                                  "img_per_s": batch * 1000 / float(np.median(ms)), "calls": calls}  # fmt: skip
-    print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, GAN {spec.arch} width "
-          f"{spec.width} z {spec.z_dim} at {spec.resolution}x{spec.resolution}x{spec.channels} ({sum(p.numel() for p in generator.parameters()):,} parameters)")  # fmt: skip
+                                                  "img_per_s": batch * 1000 / float(np.median(ms)), "calls": n}  # fmt: skip
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, {described} ({parameters:,} parameters)")
     print("| path, batch | p50 ms | p90 ms | img/s (at p50) |\n|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['img_per_s']:.0f} |")
@@ -79,8 +94,8 @@ def main() -> None:
         speedup = rows[f"torch eager, batch {batch}"]["p50_ms"] / rows[f"onnxruntime, batch {batch}"]["p50_ms"]
         print(f"batch {batch}: ONNX Runtime {speedup:.2f}x torch eager (p50)")
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-              "generator": spec.to_dict(), "model": args.model, "rows": rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+              "family": args.family, "model": args.model or f"{args.params} (untrained)", "described": described, "rows": rows}  # fmt: skip
+    Path(args.out or REPO / "benchmarks" / f"serving_latency_{args.family}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

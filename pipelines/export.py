@@ -1,25 +1,29 @@
-"""Stage `export`: a registered GAN version as ONNX, for ONNX Runtime.
+"""Stage `export`: a registered version in ONNX, for ONNX Runtime.
 
-    python -m pipelines.export [--family gan] [--model models:/genforge-gan@champion | models:/genforge-gan/3]
+    python -m pipelines.export --family gan|ldm [--model models:/genforge-gan@champion | models:/genforge-gan/3]
 
---model defaults to the registry's champion (registry.gan.model_name @ registry.alias). The version's weights
-are read from the registry as safetensors + JSON (nothing unpickled) and written to
-<serving.onnx_dir>/gan/generator.onnx with onnx.json beside it (the file's sha256, the version, opset, inputs).
-The file is also logged to the version's run (artifact path onnx/v<version>/) and the version is tagged
-`onnx_sha256` and `onnx_artifact`, so a served file can be checked against the registry. Rerunning it is safe:
-an export whose sha256 the version already carries is not logged again.
+--model defaults to the family's champion (registry.<family>.model_name @ registry.alias). The version's weights
+are read from the registry as safetensors + JSON (nothing unpickled) and written to <serving.onnx_dir>/<family>/:
+the GAN as generator.onnx `(z, labels) -> images`; the LDM as denoiser.onnx `(sample, timestep, class_labels) ->
+prediction` and decoder.onnx `latents -> images`; onnx.json beside them (each file's sha256, the version, what
+sampling needs). The files are also logged to the version's run (onnx/v<version>/) and the version is tagged
+`onnx_sha256` (over the files) and `onnx_artifact`, so a served file can be checked against the registry. Rerunning
+is safe: an export the version already carries is not logged again.
 
-Sampling through it: gen_core.onnx_gan.OnnxGanGenerator (the same seeded latents as the torch path).
-The LDM (denoiser + decoder over ONNX Runtime) is not exported yet: --family ldm is refused in one line.
+Sampling through them: gen_core.onnx_gan.OnnxGanGenerator, gen_core.onnx_diffusion.OnnxDiffusionGenerator (the same
+seeded latents, schedule, samplers and guidance as the torch path).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
 from gen_core.config import RunConfig
 from gen_core.io import atomic_directory, atomic_write_json
+from gen_core.onnx_diffusion import export_diffusion_onnx, sampling_record
 from gen_core.onnx_gan import OPSET, export_gan_onnx
 from pipelines.common import StageError, family_parser, log, run_stage
 from pipelines.registry import load_registered_generator
@@ -48,34 +52,49 @@ def registered_version(client, model_uri: str):
 
 def export(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     """The version's generator -> <serving.onnx_dir>/<family>/ + its MLflow record -> the onnx.json record."""
-    if family != "gan":
-        raise StageError(f"export --family {family}: only the GAN generator is exported to ONNX so far")
-    logger = log("export")
     gate = getattr(cfg.registry, family)
     model_uri = model_uri or f"models:/{gate.model_name}@{cfg.registry.alias}"
     mlflow = connect(cfg)
     with server_calls(tracking_uri(cfg), f"exporting {model_uri}"):
         client = mlflow.MlflowClient()
         version = registered_version(client, model_uri)
-        source = f"models:/{version.name}/{version.version}"
-        generator, meta = load_registered_generator(source)
+        generator, meta = load_registered_generator(f"models:/{version.name}/{version.version}")
+        if meta.get("family", "gan") != family:
+            raise StageError(f"--model {model_uri}: a {meta.get('family')} model, not {family} (set --family)")
         out = Path(cfg.serving.onnx_dir) / family
         with atomic_directory(out) as staging:
-            sha256 = export_gan_onnx(generator.generator, staging / "generator.onnx")
-            spec = generator.generator.spec
             record = {"family": family, "model_uri": model_uri, "model_name": version.name, "version": int(version.version),
-                      "run_id": version.run_id, "sha256": sha256, "opset": OPSET, "step": meta.get("step"),
-                      "inputs": {"z": ["n", spec.z_dim], "labels": ["n"]}, "outputs": {"images": ["n", spec.channels, spec.resolution, spec.resolution]},
-                      "class_names": meta.get("class_names")}  # fmt: skip
+                      "run_id": version.run_id, "step": meta.get("step"), "class_names": meta.get("class_names"), "opset": OPSET,
+                      **_write_onnx(generator, family, staging)}  # fmt: skip
             atomic_write_json(staging / "onnx.json", record)
-        artifact, logged = f"onnx/v{version.version}", version.tags.get("onnx_sha256") == sha256
-        if not logged:
-            client.log_artifact(version.run_id, str(out / "generator.onnx"), artifact)
-            client.set_model_version_tag(version.name, version.version, "onnx_artifact", f"runs:/{version.run_id}/{artifact}/generator.onnx")
-            client.set_model_version_tag(version.name, version.version, "onnx_sha256", sha256)
-    logger.info("%s (v%s, step %s) -> %s/generator.onnx, sha256 %s..., %s run %s as %s/", model_uri, version.version, meta.get("step"),
-                out, sha256[:12], "already logged to" if logged else "logged to", version.run_id, artifact)  # fmt: skip
+        _log_to_version(client, version, out, record)
     return record
+
+
+def _write_onnx(generator, family: str, directory: Path) -> dict:
+    """The family's ONNX files in `directory` -> their part of onnx.json (files with sha256, what sampling needs)."""
+    if family == "gan":
+        spec = generator.generator.spec
+        files = {"generator.onnx": export_gan_onnx(generator.generator, directory / "generator.onnx")}
+        return {"files": files, "inputs": {"z": ["n", spec.z_dim], "labels": ["n"]},
+                "outputs": {"images": ["n", spec.channels, spec.resolution, spec.resolution]}}  # fmt: skip
+    files = export_diffusion_onnx(generator, directory)
+    return {"files": files, "sampling": sampling_record(generator), "image_shape": list(generator.image_shape)}
+
+
+def _log_to_version(client, version, out: Path, record: dict) -> None:
+    """The files to the version's run under onnx/v<version>/, and tags onnx_sha256 (over every file) and onnx_artifact;
+    an export the version already carries is not logged again."""
+    digest = hashlib.sha256(json.dumps(record["files"], sort_keys=True).encode()).hexdigest()
+    artifact, logged = f"onnx/v{version.version}", version.tags.get("onnx_sha256") == digest
+    if not logged:
+        for name in record["files"]:
+            client.log_artifact(version.run_id, str(out / name), artifact)
+        client.set_model_version_tag(version.name, version.version, "onnx_artifact", f"runs:/{version.run_id}/{artifact}")
+        client.set_model_version_tag(version.name, version.version, "onnx_sha256", digest)
+    log("export").info("%s (v%s, step %s) -> %s/ (%s), onnx_sha256 %s..., %s run %s as %s/", record["model_uri"], version.version,
+                       record["step"], out, ", ".join(record["files"]), digest[:12], "already logged to" if logged else "logged to",
+                       version.run_id, artifact)  # fmt: skip
 
 
 def main() -> None:

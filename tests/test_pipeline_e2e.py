@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -171,45 +172,54 @@ def test_champion_loads_and_generates(pipeline, mlflow_server):
     assert f"| recall | {float(version.tags['recall']):.4g} | {float(version.tags['floor_recall']):.4g} |" in card, card
 
 
-def test_export_writes_the_champion_in_onnx_tied_to_its_version(pipeline, mlflow_server, tmp_path):
-    """`python -m pipelines.export`: the GAN champion as ONNX, its sha256 on the version, the file logged to the
-    version's run, ONNX Runtime's images equal to the registered generator's; rerun, nothing is logged twice;
-    a version that does not exist and the LDM are one line each."""
+def test_export_writes_the_champions_in_onnx_tied_to_their_versions(pipeline, mlflow_server, tmp_path):
+    """`python -m pipelines.export --family gan|ldm`: each champion in ONNX, the files' digest on the version, the files
+    logged to the version's run, ONNX Runtime's images equal to the registered generator's; rerun, nothing is logged
+    twice; a version that does not exist, or of the other family, is one line and leaves the export alone."""
+    import hashlib
+
     import mlflow
     import torch
 
     from gen_core.io import sha256_file
+    from gen_core.onnx_diffusion import OnnxDiffusionGenerator
     from gen_core.onnx_gan import OnnxGanGenerator
     from pipelines.registry import load_registered_generator
 
     project, _ = pipeline
-    exported = run_cli(["python", "-m", "pipelines.export"], project)
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    onnx_file = project / "models/onnx/gan/generator.onnx"
-    record = json.loads((project / "models/onnx/gan/onnx.json").read_text())
     client = mlflow.MlflowClient(mlflow_server)
-    champion = client.get_model_version_by_alias("tiny-gan", "champion")
-    assert record["version"] == int(champion.version) and record["model_uri"] == "models:/tiny-gan@champion"
-    assert champion.tags["onnx_sha256"] == record["sha256"] == sha256_file(onnx_file)
     mlflow.set_tracking_uri(mlflow_server)
-    logged = mlflow.artifacts.download_artifacts(champion.tags["onnx_artifact"], dst_path=str(tmp_path))
-    assert sha256_file(logged) == record["sha256"]
-
-    registered, _ = load_registered_generator("models:/tiny-gan@champion")
-    onnx = OnnxGanGenerator(onnx_file, record["inputs"]["z"][1], len(record["class_names"]), threads=1)
     labels, seeds = torch.tensor([0, 3, 9]), [1, 2, 3]
-    with torch.no_grad():
-        assert (onnx.sample(labels, seeds) - registered.sample(labels, seeds)).abs().max() <= 1e-4
+    for family, files in (("gan", ["generator.onnx"]), ("ldm", ["decoder.onnx", "denoiser.onnx"])):
+        exported = run_cli(["python", "-m", "pipelines.export", "--family", family], project)
+        assert exported.returncode == 0, exported.stderr[-2000:]
+        out = project / "models/onnx" / family
+        record = json.loads((out / "onnx.json").read_text())
+        champion = client.get_model_version_by_alias(f"tiny-{family}", "champion")
+        assert record["version"] == int(champion.version) and record["model_uri"] == f"models:/tiny-{family}@champion"
+        assert sorted(record["files"]) == files and all(record["files"][name] == sha256_file(out / name) for name in files)
+        assert champion.tags["onnx_sha256"] == hashlib.sha256(json.dumps(record["files"], sort_keys=True).encode()).hexdigest()
+        logged = Path(mlflow.artifacts.download_artifacts(champion.tags["onnx_artifact"], dst_path=str(tmp_path / family)))
+        assert {name: sha256_file(logged / name) for name in files} == record["files"]
 
-    again = run_cli(["python", "-m", "pipelines.export", "--model", f"models:/tiny-gan/{champion.version}"], project)
-    assert again.returncode == 0 and json.loads((project / "models/onnx/gan/onnx.json").read_text())["sha256"] == record["sha256"]
-    assert [a.path for a in client.list_artifacts(champion.run_id, f"onnx/v{champion.version}")] == [f"onnx/v{champion.version}/generator.onnx"]
+        registered, _ = load_registered_generator(f"models:/tiny-{family}@champion")
+        if family == "gan":
+            onnx = OnnxGanGenerator(out / "generator.onnx", record["inputs"]["z"][1], len(record["class_names"]), threads=1)
+        else:
+            onnx = OnnxDiffusionGenerator(out, **record["sampling"], threads=1)
+        with torch.no_grad():
+            assert (onnx.sample(labels, seeds) - registered.sample(labels, seeds)).abs().max() <= 1e-3
+
+        again = run_cli(["python", "-m", "pipelines.export", "--family", family, "--model", f"models:/tiny-{family}/{champion.version}"], project)
+        assert again.returncode == 0 and json.loads((out / "onnx.json").read_text())["files"] == record["files"]
+        assert sorted(a.path for a in client.list_artifacts(champion.run_id, f"onnx/v{champion.version}")) == [
+            f"onnx/v{champion.version}/{name}" for name in files]
     for args, message in ((["--model", "models:/tiny-gan/99"], "error: --model models:/tiny-gan/99: "),
-                          (["--family", "ldm"], "error: export --family ldm: only the GAN generator is exported to ONNX so far")):  # fmt: skip
+                          (["--family", "ldm", "--model", "models:/tiny-gan@champion"], "error: --model models:/tiny-gan@champion: a gan model, not ldm")):  # fmt: skip
         refused = run_cli(["python", "-m", "pipelines.export", *args], project)
         assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(message), refused.stderr
         assert "Traceback" not in refused.stderr
-    assert sha256_file(onnx_file) == record["sha256"]  # the refused runs left the export alone
+    assert json.loads((project / "models/onnx/ldm/onnx.json").read_text())["family"] == "ldm"  # the refused runs left it alone
 
 
 def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline, mlflow_server):

@@ -1,0 +1,122 @@
+"""The latent-diffusion model in ONNX: the denoiser `(sample, timestep, class_labels) -> prediction` and the
+decoder `latents -> images`, each with a dynamic batch axis, and the sampling loop over ONNX Runtime sessions.
+
+The loop is gen_core.diffusion.sample_diffusion itself (the same diffusers scheduler, seeded noise and guidance
+batching: the conditional and the null-class halves go through the denoiser as one batch), given an adapter
+that calls the ONNX denoiser; so sample i is the torch path's image for the same label, seed and sampler, to
+float32 rounding accumulated over the steps (tests/test_onnx_diffusion.py).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gen_core.diffusion import DiffusionGenerator, sample_diffusion
+from gen_core.io import atomic_write_bytes, sha256_bytes
+
+OPSET = 17
+
+
+class _Denoiser(nn.Module):
+    """UNet2DModel with plain tensor inputs; the timestep is one value per sample."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
+
+
+class _Decoder(nn.Module):
+    """Scaled latents (as the denoiser sees them) -> images, as gen_core.diffusion.decode_latents."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae, self.scale = vae, float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scale).sample
+
+
+def _export(module: nn.Module, example: tuple, names: list[str], output: str, path: Path) -> str:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notices
+        torch.onnx.export(module.eval(), example, buffer, input_names=names, output_names=[output], opset_version=OPSET,
+                          dynamic_axes={name: {0: "n"} for name in [*names, output]}, dynamo=False)  # fmt: skip
+    atomic_write_bytes(path, buffer.getvalue())
+    return sha256_bytes(buffer.getvalue())
+
+
+def export_diffusion_onnx(model: DiffusionGenerator, directory: str | Path) -> dict[str, str]:
+    """denoiser.onnx (and decoder.onnx for a latent model) in `directory` -> {file name: sha256}."""
+    directory = Path(directory)
+    c, size = model.latent_shape[0], model.latent_shape[1]
+    example = (torch.zeros(2, c, size, size), torch.tensor([10, 500]), torch.tensor([1, model.num_classes]))
+    files = {"denoiser.onnx": _export(_Denoiser(model.unet), example, ["sample", "timestep", "class_labels"], "prediction", directory / "denoiser.onnx")}
+    if model.vae is not None:
+        files["decoder.onnx"] = _export(_Decoder(model.vae), (torch.zeros(2, c, size, size),), ["latents"], "images", directory / "decoder.onnx")
+    return files
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _OnnxDenoiser:
+    """Called by sample_diffusion as it calls a UNet2DModel."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor, return_dict: bool = False):
+        timesteps = np.full(len(sample), int(timestep), dtype=np.int64)
+        feed = {"sample": sample.float().numpy(), "timestep": timesteps, "class_labels": class_labels.numpy().astype(np.int64)}
+        return (torch.from_numpy(self.session.run(["prediction"], feed)[0]),)
+
+
+def sampling_record(model: DiffusionGenerator) -> dict:
+    """What sampling needs besides the networks (JSON): OnnxDiffusionGenerator(directory, **record)."""
+    return {"schedule_config": dict(model.schedule_config), "num_classes": model.num_classes, "sampler": model.sampler.model_dump(),
+            "latent_shape": list(model.latent_shape), "latent": model.vae is not None}  # fmt: skip
+
+
+class OnnxDiffusionGenerator:
+    """DiffusionGenerator's `sample` over ONNX Runtime: the same schedule, samplers, seeds and guidance."""
+
+    def __init__(self, directory: str | Path, schedule_config: dict, num_classes: int, sampler: dict, latent_shape: list[int],
+                 latent: bool, threads: int | None = None):  # fmt: skip
+        from gen_core.config import SamplerConfig
+
+        directory = Path(directory)
+        self.denoiser = _OnnxDenoiser(_session(directory / "denoiser.onnx", threads))
+        self.decoder = _session(directory / "decoder.onnx", threads) if latent else None
+        self.schedule_config, self.num_classes, self.sampler = schedule_config, num_classes, SamplerConfig(**sampler)
+        self.latent_shape = tuple(latent_shape)
+
+    def to(self, device) -> "OnnxDiffusionGenerator":
+        return self  # ONNX Runtime's CPU provider
+
+    @torch.no_grad()
+    def sample(self, labels, seeds, device=None, *, sampler: str | None = None, num_steps: int | None = None,
+               guidance_scale: float | None = None, **_) -> torch.Tensor:  # fmt: skip
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        latents = sample_diffusion(
+            self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes, sampler or self.sampler.name,
+            num_steps or self.sampler.num_steps, self.sampler.guidance_scale if guidance_scale is None else guidance_scale,
+        )  # fmt: skip
+        if self.decoder is None:
+            return latents.clamp(-1, 1)
+        return torch.from_numpy(self.decoder.run(["images"], {"latents": latents.float().numpy()})[0]).clamp(-1, 1)

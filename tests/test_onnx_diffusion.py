@@ -1,0 +1,52 @@
+"""The latent-diffusion model in ONNX (gen_core.onnx_diffusion): one denoiser step and the decoder equal torch's,
+and whole samples through ONNX Runtime are the torch path's for the same labels, seeds, sampler and guidance."""
+
+import json
+
+import pytest
+import torch
+
+from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
+from gen_core.diffusion import DiffusionGenerator, build_autoencoder, build_denoiser, decode_latents, training_schedule
+from gen_core.io import sha256_file
+from gen_core.onnx_diffusion import OnnxDiffusionGenerator, export_diffusion_onnx, sampling_record
+
+TINY_DENOISER = DenoiserConfig(block_out_channels=(32, 32), attention_levels=1, attention_head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(1)
+    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
+    unet = build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=10).eval()
+    model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), 10,
+                               SamplerConfig(name="dpmsolver++", num_steps=6, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
+    files = export_diffusion_onnx(model, directory)
+    record = json.loads(json.dumps(sampling_record(model)))  # as onnx.json carries it
+    return model, OnnxDiffusionGenerator(directory, **record, threads=1), directory, files
+
+
+def test_one_denoiser_step_and_the_decoder_equal_torch(exported):
+    model, onnx, directory, files = exported
+    assert files == {name: sha256_file(directory / name) for name in ("denoiser.onnx", "decoder.onnx")}
+    x, labels = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 9, 10])  # 10: the null class
+    with torch.no_grad():
+        expected = model.unet(x, torch.tensor(321), class_labels=labels, return_dict=False)[0]
+        decoded = decode_latents(model.vae, x)
+    assert (onnx.denoiser(x, torch.tensor(321), labels)[0] - expected).abs().max() <= 1e-4
+    images = torch.from_numpy(onnx.decoder.run(["images"], {"latents": x.numpy()})[0])
+    assert (images - decoded).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("sampler, guidance", [("dpmsolver++", 2.0), ("ddim", 1.0), ("ddpm", 3.0)])  # ddpm: fresh noise per step
+def test_samples_through_onnx_runtime_are_the_torch_samples(exported, sampler, guidance):
+    model, onnx, _, _ = exported
+    labels, seeds = torch.tensor([0, 4, 9]), [11, 12, 13]
+    expected = model.sample(labels, seeds, sampler=sampler, guidance_scale=guidance)
+    images = onnx.sample(labels, seeds, sampler=sampler, guidance_scale=guidance)
+    assert images.shape == (3, 1, 32, 32) and expected.std() > 0.01
+    # float32 rounding through 6 steps and the decoder: measured max |diff| about 1e-6 here; 1e-3 is 1/8 of a uint8 level
+    assert (images - expected).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match="class label out of range"):
+        onnx.sample(torch.tensor([10]), [1])
