@@ -9,8 +9,6 @@ float32 rounding accumulated over the steps (tests/test_onnx_diffusion.py).
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +16,7 @@ import torch
 from torch import nn
 
 from gen_core.diffusion import DiffusionGenerator, sample_diffusion
-from gen_core.io import atomic_write_bytes, sha256_bytes
-
-OPSET = 17
-
+from gen_core.onnx_gan import ort_session, write_onnx
 
 class _Denoiser(nn.Module):
     """UNet2DModel with plain tensor inputs; the timestep is one value per sample."""
@@ -45,34 +40,15 @@ class _Decoder(nn.Module):
         return self.vae.decode(latents / self.scale).sample
 
 
-def _export(module: nn.Module, example: tuple, names: list[str], output: str, path: Path) -> str:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notices
-        torch.onnx.export(module.eval(), example, buffer, input_names=names, output_names=[output], opset_version=OPSET,
-                          dynamic_axes={name: {0: "n"} for name in [*names, output]}, dynamo=False)  # fmt: skip
-    atomic_write_bytes(path, buffer.getvalue())
-    return sha256_bytes(buffer.getvalue())
-
-
 def export_diffusion_onnx(model: DiffusionGenerator, directory: str | Path) -> dict[str, str]:
     """denoiser.onnx (and decoder.onnx for a latent model) in `directory` -> {file name: sha256}."""
     directory = Path(directory)
     c, size = model.latent_shape[0], model.latent_shape[1]
     example = (torch.zeros(2, c, size, size), torch.tensor([10, 500]), torch.tensor([1, model.num_classes]))
-    files = {"denoiser.onnx": _export(_Denoiser(model.unet), example, ["sample", "timestep", "class_labels"], "prediction", directory / "denoiser.onnx")}
+    files = {"denoiser.onnx": write_onnx(_Denoiser(model.unet), example, ["sample", "timestep", "class_labels"], "prediction", directory / "denoiser.onnx")}
     if model.vae is not None:
-        files["decoder.onnx"] = _export(_Decoder(model.vae), (torch.zeros(2, c, size, size),), ["latents"], "images", directory / "decoder.onnx")
+        files["decoder.onnx"] = write_onnx(_Decoder(model.vae), (torch.zeros(2, c, size, size),), ["latents"], "images", directory / "decoder.onnx")
     return files
-
-
-def _session(path: Path, threads: int | None):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class _OnnxDenoiser:
@@ -101,8 +77,8 @@ class OnnxDiffusionGenerator:
         from gen_core.config import SamplerConfig
 
         directory = Path(directory)
-        self.denoiser = _OnnxDenoiser(_session(directory / "denoiser.onnx", threads))
-        self.decoder = _session(directory / "decoder.onnx", threads) if latent else None
+        self.denoiser = _OnnxDenoiser(ort_session(directory / "denoiser.onnx", threads))
+        self.decoder = ort_session(directory / "decoder.onnx", threads) if latent else None
         self.schedule_config, self.num_classes, self.sampler = schedule_config, num_classes, SamplerConfig(**sampler)
         self.latent_shape = tuple(latent_shape)
 

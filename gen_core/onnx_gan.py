@@ -22,32 +22,38 @@ from gen_core.sampling import seeded_latents
 OPSET = 17
 
 
-def export_gan_onnx(generator: Generator, path: str | Path) -> str:
-    """Write `generator` as ONNX to `path` (atomically) -> the file's sha256."""
-    spec = generator.spec
-    generator = generator.eval()
-    example = (torch.zeros(2, spec.z_dim), torch.zeros(2, dtype=torch.long))
+def write_onnx(module: torch.nn.Module, example: tuple, inputs: list[str], output: str, path: str | Path) -> str:
+    """`module` (eval mode) as ONNX at `path`, written atomically, every axis 0 dynamic -> the file's sha256."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-        torch.onnx.export(
-            generator, example, buffer, input_names=["z", "labels"], output_names=["images"], opset_version=OPSET,
-            dynamic_axes={"z": {0: "n"}, "labels": {0: "n"}, "images": {0: "n"}}, dynamo=False,
-        )  # fmt: skip
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notices
+        torch.onnx.export(module.eval(), example, buffer, input_names=inputs, output_names=[output], opset_version=OPSET,
+                          dynamic_axes={name: {0: "n"} for name in [*inputs, output]}, dynamo=False)  # fmt: skip
     atomic_write_bytes(Path(path), buffer.getvalue())
     return sha256_bytes(buffer.getvalue())
+
+
+def export_gan_onnx(generator: Generator, path: str | Path) -> str:
+    """Write `generator` as ONNX to `path` (atomically) -> the file's sha256."""
+    example = (torch.zeros(2, generator.spec.z_dim), torch.zeros(2, dtype=torch.long))
+    return write_onnx(generator, example, ["z", "labels"], "images", path)
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session on `threads` intra-op threads (default: torch's)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxGanGenerator:
     """The same interface as gen_core.generators.GanGenerator (`num_classes`, `sample(labels, seeds)`), over ONNX Runtime."""
 
     def __init__(self, path: str | Path, z_dim: int, num_classes: int, threads: int | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads)
         self.z_dim, self.num_classes = z_dim, num_classes
 
     def to(self, device) -> "OnnxGanGenerator":
