@@ -1,0 +1,46 @@
+"""Rows of benchmarks/quality.json for the default run's models, from what the stages wrote in a checkout:
+the evaluate records (metrics/eval/<protocol>/<family>.json), the exports' generator.json and the protocol's floor.
+
+    make repro && make eval-standard && python benchmarks/quality_rows.py [--protocol standard] [--note TEXT]
+
+A row replaces the one of the same family, recipe and protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", default="standard")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality.json")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    floor = json.loads((REPO / "data/ref_stats" / args.protocol / "floor.json").read_text())
+    rows = json.loads(args.out.read_text())
+    for family in ("gan", "ldm"):
+        record = json.loads((REPO / "metrics/eval" / args.protocol / f"{family}.json").read_text())
+        step = json.loads((REPO / "models" / family / "generator.json").read_text()).get("step")
+        row = {
+            "family": family, "recipe": "default (params.yaml)", "overrides": [], "profile": "default",
+            "protocol": {"name": args.protocol, "id": record["protocol_id"], "num_samples": record["num_samples"]},
+            "exported_step": step, **{k: record[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
+            "fid_floor": floor["fid"], "recall_floor": floor["recall"], "machine": f"{platform.machine()}, {platform.processor() or '?'}",
+            "date": time.strftime("%Y-%m-%d"), "commit": commit, "note": args.note,
+        }  # fmt: skip
+        rows = [r for r in rows if (r["family"], r.get("recipe"), r["protocol"]["name"]) != (family, row["recipe"], args.protocol)] + [row]
+        print(family, json.dumps({k: row[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "classes_covered", "exported_step")}))
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
