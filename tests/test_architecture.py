@@ -103,6 +103,24 @@ def test_dvc_code_deps_are_exactly_what_the_stage_imports(stage):
     assert not missing and not extra, f"dvc.yaml {stage}: missing {missing}, not used {extra}"
 
 
+def test_the_committed_dvc_lock_ran_this_code():
+    """dvc.lock (with metrics/) records what the last `make repro` ran: each of its code deps must have the md5 of the
+    file at HEAD, and its stages must be dvc.yaml's. After changing code a stage runs, run `make repro` and
+    commit dvc.lock and metrics/ (README, "Reproducible records"). Directory deps (cluster_configs/deepspeed) are not hashed here."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    declared = {f"{name}@{key}" for name, stage in DVC["stages"].items() for key in (stage.get("foreach") or {})}
+    declared |= {name for name, stage in DVC["stages"].items() if "foreach" not in stage}
+    stale = sorted([f"{stage}: not in dvc.lock" for stage in declared - set(lock)] + [f"{stage}: no such stage" for stage in set(lock) - declared])
+    for stage, entry in lock.items():
+        for dep in entry.get("deps", []):
+            path = REPO / dep["path"]
+            if path.suffix == ".py" and (not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]):
+                stale.append(f"{stage}: {dep['path']}")
+    assert not stale, "dvc.lock is older than the code (run `make repro`, commit dvc.lock and metrics/): " + ", ".join(stale)
+
+
 def test_defaults_in_code_equal_params_yaml():
     """One source of defaults: a line deleted from params.yaml must not change the run."""
     from_params = load_config(REPO / "params.yaml").model_dump(mode="json")
