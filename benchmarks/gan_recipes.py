@@ -51,7 +51,12 @@ RECIPES: dict[str, list[str]] = {
     "dcgan-rpgan-r1r2-diffaug": RPGAN + [f"gan.augment={AUGMENT}"],
     "resnet-hinge": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16"],
     "resnet-hinge-diffaug": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16", f"gan.augment={AUGMENT}"],
+    "resnet-hinge-mbstd": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16", "gan.model.mbstd_group=4"],
+    "resnet-hinge-diffaug-mbstd": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16", f"gan.augment={AUGMENT}",
+                                   "gan.model.mbstd_group=4"],
     "resnet-rpgan-r1r2": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16"] + RPGAN,
+    "resnet-wgan-gp": ["gan.model.arch=resnet", "gan.model.g_width=16", "gan.model.d_width=16", "gan.loss=wgan",
+                       "gan.regularization.gp_lambda=10.0", "gan.model.spectral_norm=false"],
 }
 
 
