@@ -27,6 +27,7 @@ from torch import nn
 from gen_core.checkpoint import LatentMismatchError
 from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
 from gen_core.latents import PRETRAINED
+from gen_core.sampling import check_labels
 
 
 # ---------------------------------------------------------------------------
@@ -114,9 +115,7 @@ def sample_diffusion(
     labels: (N,) class ids in [0, num_classes). Guidance mixes the conditional and the "null"
     class predictions: out = uncond + guidance_scale * (cond - uncond).
     """
-    labels = labels.to(device)
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"class label out of range: got {labels.min().item()}..{labels.max().item()}, model has 0..{num_classes - 1}")
+    labels = check_labels(labels, num_classes).to(device)
     device = torch.device(device)
     generators = per_sample_generators(seeds, "cpu")
     scheduler = make_sampler(sampler, schedule_config)

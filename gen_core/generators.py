@@ -19,7 +19,7 @@ import torch
 
 from gen_core.checkpoint import CheckpointError, load_generator
 from gen_core.models import Generator
-from gen_core.sampling import sample_gan
+from gen_core.sampling import check_labels, sample_gan
 
 
 @dataclass
@@ -35,10 +35,7 @@ class GanGenerator:
         return self
 
     def sample(self, labels: torch.Tensor, seeds, device: torch.device | str = "cpu", **_) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"class label out of range: got {labels.min().item()}..{labels.max().item()}, model has 0..{self.num_classes - 1}")
-        return sample_gan(self.generator, labels, seeds, device)
+        return sample_gan(self.generator, check_labels(labels, self.num_classes), seeds, device)
 
 
 def read_generator_meta(directory: str | Path) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from gen_core.io import atomic_write_bytes, sha256_bytes
 from gen_core.models import Generator
-from gen_core.sampling import seeded_latents
+from gen_core.sampling import check_labels, seeded_latents
 
 OPSET = 17
 
@@ -63,8 +63,6 @@ class OnnxGanGenerator:
         return self.session.run(["images"], {"z": z.astype(np.float32), "labels": labels.astype(np.int64)})[0]
 
     def sample(self, labels, seeds, device=None, **_) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"class label out of range: got {labels.min().item()}..{labels.max().item()}, model has 0..{self.num_classes - 1}")
+        labels = check_labels(labels, self.num_classes)
         z = seeded_latents(seeds, self.z_dim).numpy()
         return torch.from_numpy(self.images(z, labels.numpy())).clamp(-1, 1)

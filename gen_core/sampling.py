@@ -24,6 +24,14 @@ def balanced_labels(indices, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def check_labels(labels, num_classes: int) -> torch.Tensor:
+    """`labels` as a long tensor, or a one-line ValueError when one is outside the model's 0..num_classes-1."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"class label out of range: got {labels.min().item()}..{labels.max().item()}, model has 0..{num_classes - 1}")
+    return labels
+
+
 def sample_gan(G, labels: torch.Tensor, seeds, device: torch.device | str = "cpu") -> torch.Tensor:
     """Images (N, C, R, R) in [-1, 1] for the given labels and per-sample seeds."""
     z = seeded_latents(seeds, G.spec.z_dim).to(device)
