@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -400,6 +400,22 @@ def _default_protocols() -> dict:
     }
 
 
+class GuidanceSweepConfig(_Section):
+    """`python -m pipelines.evaluate --family ldm --guidance-sweep`: one diffusion model's metrics at each
+    classifier-free guidance scale (same weights, same seeds), and the scale with the lowest FID among those
+    whose class accuracy reaches `class_accuracy_floor`."""
+
+    scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0], min_length=1)
+    class_accuracy_floor: float = Field(0.9, ge=0, le=1)
+
+    @field_validator("scales")
+    @classmethod
+    def _non_negative(cls, scales: list[float]) -> list[float]:
+        if any(s < 0 for s in scales):
+            raise ValueError(f"guidance scales must be >= 0, got {min(scales)}")
+        return sorted(set(scales))
+
+
 class EvaluateConfig(_Section):
     """`evaluate`: metrics of generated samples against the protocol's reference set."""
 
@@ -414,6 +430,7 @@ class EvaluateConfig(_Section):
     coverage_recall: float = Field(0.1, ge=0, le=1)  # a class counts as covered when its recall reaches this
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the sampler network (Inception follows the protocol)
     out_dir: str = "metrics/eval"  # <out_dir>/<protocol>/<family>.json
+    guidance: GuidanceSweepConfig = GuidanceSweepConfig()  # `evaluate --guidance-sweep` (diffusion models)
 
     @model_validator(mode="after")
     def _known_protocol(self) -> "EvaluateConfig":

@@ -3,11 +3,14 @@ with the protocol's real-vs-real floor: FID, KID, precision/recall, classifier-f
 classifier score, and per class recall, diversity and classifier FID.
 
     python -m pipelines.evaluate --family gan|ldm [--model models:/genforge-gan@champion] [--set evaluate.protocol=standard]
+    python -m pipelines.evaluate --family ldm --guidance-sweep [--set evaluate.guidance.scales=[1,2,4]]
 
 The same stage for every model family (pipelines.evaluation). Writes <evaluate.out_dir>/<protocol>/<family>.json
 (DVC metrics) and logs the metrics to the model's training run in MLflow. `--model` evaluates a registered
 version (its safetensors and JSON files only) instead of the family's export; `make eval-standard` runs
-the champions at the standard protocol.
+the champions at the standard protocol. `--guidance-sweep` measures a diffusion model at each of
+evaluate.guidance.scales instead and names the lowest-FID scale that keeps class accuracy at
+evaluate.guidance.class_accuracy_floor: <out_dir>/<protocol>/<family>_guidance.json and .png.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import tempfile
 
 from pipelines.common import family_parser, run_stage
-from pipelines.evaluation import evaluate
+from pipelines.evaluation import evaluate, guidance_sweep
 
 
 def run(cfg, args) -> None:
+    measure = guidance_sweep if args.guidance_sweep else evaluate
     if not args.model:
-        evaluate(cfg, args.family)
+        measure(cfg, args.family)
         return
     import mlflow
 
@@ -30,12 +34,15 @@ def run(cfg, args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{args.model.rstrip('/')}/artifacts/generator", dst_path=tmp)
         outputs = cfg.outputs.model_copy(update={args.family: getattr(cfg.outputs, args.family).model_copy(update={"out_dir": local})})
-        evaluate(cfg.model_copy(update={"outputs": outputs}), args.family, model_uri=args.model)
+        measured = cfg.model_copy(update={"outputs": outputs})
+        measure(measured, args.family) if args.guidance_sweep else evaluate(measured, args.family, model_uri=args.model)
 
 
 def main() -> None:
     parser = family_parser("genforge evaluate stage", "evaluate")
     parser.add_argument("--model", help="a registered version to evaluate instead of the export, e.g. models:/genforge-gan@champion")
+    parser.add_argument("--guidance-sweep", action="store_true",
+                        help="a diffusion model at each of evaluate.guidance.scales (same weights and seeds): <family>_guidance.json + .png")  # fmt: skip
     run_stage("evaluate", run, parser)
 
 

@@ -60,12 +60,16 @@ def features_for_indices(
     }  # fmt: skip
 
 
-def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices: np.ndarray, threads: int, worker: int | None) -> dict:
-    """Samples `indices` of the evaluation (in this process, or as a Ray task) -> their features."""
+def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices: np.ndarray, threads: int, worker: int | None,
+               guidance: float | None = None) -> dict:  # fmt: skip
+    """Samples `indices` of the evaluation (in this process, or as a Ray task) -> their features. `guidance`:
+    a diffusion model's classifier-free guidance scale instead of the one it was exported with."""
     e = cfg.evaluate
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
     generator, _ = load_image_generator(generator_dir)
+    if guidance is not None:
+        generator.sampler = generator.sampler.model_copy(update={"guidance_scale": guidance})
     classifier, _ = load_classifier(classifier_dir)
     inception = load_inception(cfg.ref_stats.inception, device, e.active.inception_precision)
     started = time.monotonic()
@@ -92,32 +96,139 @@ def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     and logged to the model's training run."""
     logger = log("evaluate")
     e = cfg.evaluate
-    generator_dir = str(Path(cfg.generator_dir(family)).resolve())
-    classifier_dir = str(Path(cfg.classifier.out_dir).resolve())
-    gen_meta = read_generator_meta(generator_dir)
-    if gen_meta.get("family", "gan") != family:
-        raise StageError(f"{generator_dir}: holds a {gen_meta.get('family')} model, not {family}")
-    reference, floor = reference_stats(cfg, classifier_dir)
+    model = _Model.open(cfg, family)
     mlflow = connect(cfg)  # before the sampling: the results go to the model's training run
-    run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
-
-    parts = _sample(cfg, generator_dir, classifier_dir, logger, family)
-    used = protocol_id(e.protocol, e.active, parts[0]["inception_precision"], reference["inception"]["count"])
-    if used != floor["protocol_id"]:
-        raise StageError(f"{cfg.reference_dir}: reference statistics are for {floor['protocol_id']}, the samples were measured as {used}; rerun ref_stats")
-    metrics = {
-        **sample_metrics(reference, _merge(parts), e), "protocol": e.protocol, "protocol_id": used,
-        "floor": {k: floor[k] for k in FLOOR_KEYS}, "step": gen_meta["step"],
-        "feature_sha256": reference["inception"]["feature_sha256"], "family": family, **sampler_settings(gen_meta),
-        **({"model_uri": model_uri} if model_uri else {}),
-    }  # fmt: skip
+    run_id = training_run(mlflow, model.meta.get("mlflow_run_id"), model.generator_dir)
+    metrics = {**_measure(cfg, model, logger), **({"model_uri": model_uri} if model_uri else {})}
     atomic_write_json(cfg.eval_file(family), metrics)
     with mlflow.start_run(run_id=run_id):
         # one metric name per protocol (eval_quick/fid, eval_standard/fid): curves of different protocols never mix
-        mlflow.log_metrics({f"eval_{e.protocol}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=gen_meta["step"])
-        mlflow.set_tags({"fid_feature_sha256": metrics["feature_sha256"], "eval_protocol_id": used})
-    logger.info("%s (%s)", report_line(metrics), used)
+        mlflow.log_metrics({f"eval_{e.protocol}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=model.meta["step"])
+        mlflow.set_tags({"fid_feature_sha256": metrics["feature_sha256"], "eval_protocol_id": metrics["protocol_id"]})
+    logger.info("%s (%s)", report_line(metrics), metrics["protocol_id"])
     return metrics
+
+
+GUIDANCE_KEYS = ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "classes_covered", "diversity")
+
+
+def guidance_sweep(cfg: RunConfig, family: str) -> dict:
+    """A diffusion model's metrics at each of evaluate.guidance.scales (same weights, same seeds, same protocol),
+    and the scale with the lowest FID among those whose class accuracy reaches evaluate.guidance.class_accuracy_floor
+    -> the record written to <evaluate.out_dir>/<protocol>/<family>_guidance.json, with a plot beside it
+    (<family>_guidance.png); both are logged to the model's training run under guidance/<protocol>/."""
+    logger = log("evaluate")
+    e, sweep = cfg.evaluate, cfg.evaluate.guidance
+    model = _Model.open(cfg, family)
+    if model.meta.get("family") != "ldm":
+        raise StageError(f"{model.generator_dir}: a {model.meta.get('family', 'gan')} model has no classifier-free guidance to sweep")
+    mlflow = connect(cfg)
+    run_id = training_run(mlflow, model.meta.get("mlflow_run_id"), model.generator_dir)
+    curve = []
+    for scale in sweep.scales:
+        logger.info("guidance %g (%d of %d)", scale, len(curve) + 1, len(sweep.scales))
+        metrics = _measure(cfg, model, logger, guidance=scale)
+        curve.append({"guidance": scale, **{k: metrics[k] for k in GUIDANCE_KEYS}})
+        logger.info("guidance %g: %s", scale, report_line(metrics))
+    eligible = [point for point in curve if point["class_accuracy"] >= sweep.class_accuracy_floor]
+    chosen = min(eligible, key=lambda point: point["fid"]) if eligible else None
+    record = {
+        "family": family, "protocol": e.protocol, "protocol_id": metrics["protocol_id"], "floor": metrics["floor"],
+        "step": model.meta["step"], "sampler": metrics["sampler"], "sampler_steps": metrics["sampler_steps"],
+        "exported_guidance": model.meta["sampler"]["guidance_scale"], "class_accuracy_floor": sweep.class_accuracy_floor,
+        "chosen": chosen and chosen["guidance"], "curve": curve,
+    }  # fmt: skip
+    out = Path(cfg.eval_file(family)).with_name(f"{family}_guidance.json")
+    atomic_write_json(out, record)
+    plot_guidance(record, out.with_suffix(".png"))
+    with mlflow.start_run(run_id=run_id):
+        for path in (out, out.with_suffix(".png")):
+            mlflow.log_artifact(str(path), artifact_path=f"guidance/{e.protocol}")
+    logger.info("guidance sweep (%s):\n%s", metrics["protocol_id"], guidance_table(record))
+    if chosen is None:
+        logger.info("no scale reaches class accuracy %.2f (evaluate.guidance.class_accuracy_floor)", sweep.class_accuracy_floor)
+    else:
+        logger.info("lowest FID with class accuracy >= %.2f: guidance %g (FID %.2f, recall %.3f, class accuracy %.3f); the model was exported "
+                    "with %g (ldm.sampler.guidance_scale)", sweep.class_accuracy_floor, chosen["guidance"], chosen["fid"], chosen["recall"],
+                    chosen["class_accuracy"], record["exported_guidance"])  # fmt: skip
+    return record
+
+
+def guidance_table(record: dict) -> str:
+    rows = ["| guidance | FID | KID | precision | recall | class accuracy | classes covered |", "|---|---|---|---|---|---|---|"]
+    rows.append(f"| real-vs-real floor | {record['floor']['fid']:.2f} | {record['floor']['kid']:.4f} | {record['floor']['precision']:.3f} | "
+                f"{record['floor']['recall']:.3f} | {record['floor']['class_accuracy']:.3f} | {record['floor']['classes_covered']} |")  # fmt: skip
+    for p in record["curve"]:
+        mark = "**" if p["guidance"] == record["chosen"] else ""
+        rows.append(f"| {mark}{p['guidance']:g}{mark} | {p['fid']:.2f} | {p['kid']:.4f} | {p['precision']:.3f} | {p['recall']:.3f} | "
+                    f"{p['class_accuracy']:.3f} | {p['classes_covered']} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def plot_guidance(record: dict, path: Path) -> None:
+    """FID (left axis) and recall and class accuracy (right axis) against the guidance scale, floors dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [p["guidance"] for p in record["curve"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(scales, [p["fid"] for p in record["curve"]], marker="o", color="C0", label="FID")
+    ax.axhline(record["floor"]["fid"], color="C0", linestyle="--", linewidth=0.8, label="FID floor (real vs real)")
+    ax.set(xlabel="classifier-free guidance scale", ylabel="FID", title=f"{record['sampler']} {record['sampler_steps']} steps, step {record['step']}: "
+           f"{record['protocol_id']}")  # fmt: skip
+    ax.title.set_fontsize(8)
+    right = ax.twinx()
+    right.plot(scales, [p["recall"] for p in record["curve"]], marker="s", color="C1", label="recall")
+    right.plot(scales, [p["class_accuracy"] for p in record["curve"]], marker="^", color="C2", label="class accuracy")
+    right.axhline(record["class_accuracy_floor"], color="C2", linestyle=":", linewidth=0.8, label="class accuracy floor")
+    right.set(ylabel="recall, class accuracy", ylim=(0, 1))
+    if record["chosen"] is not None:
+        ax.axvline(record["chosen"], color="grey", linewidth=0.8)
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, dpi=110, format="png")
+    partial.replace(path)
+    plt.close(fig)
+
+
+class _Model:
+    """The family's exported generator as the evaluation sees it: its directory, its generator.json, the
+    classifier's directory, and the protocol's reference statistics and floor."""
+
+    def __init__(self, generator_dir: str, meta: dict, classifier_dir: str, reference: dict, floor: dict):
+        self.generator_dir, self.meta, self.classifier_dir, self.reference, self.floor = generator_dir, meta, classifier_dir, reference, floor
+
+    @classmethod
+    def open(cls, cfg: RunConfig, family: str) -> "_Model":
+        generator_dir = str(Path(cfg.generator_dir(family)).resolve())
+        classifier_dir = str(Path(cfg.classifier.out_dir).resolve())
+        meta = read_generator_meta(generator_dir)
+        if meta.get("family", "gan") != family:
+            raise StageError(f"{generator_dir}: holds a {meta.get('family')} model, not {family}")
+        return cls(generator_dir, meta, classifier_dir, *reference_stats(cfg, classifier_dir))
+
+
+def _measure(cfg: RunConfig, model: _Model, logger, guidance: float | None = None) -> dict:
+    """Sample the model and measure the samples under the configured protocol -> the metrics record, with the floor."""
+    e = cfg.evaluate
+    family = model.meta.get("family", "gan")
+    parts = _sample(cfg, model.generator_dir, model.classifier_dir, logger, family, guidance)
+    used = protocol_id(e.protocol, e.active, parts[0]["inception_precision"], model.reference["inception"]["count"])
+    if used != model.floor["protocol_id"]:
+        raise StageError(f"{cfg.reference_dir}: reference statistics are for {model.floor['protocol_id']}, the samples were measured as {used}; rerun ref_stats")
+    settings = sampler_settings(model.meta)
+    if guidance is not None:
+        settings["guidance_scale"] = guidance
+    return {
+        **sample_metrics(model.reference, _merge(parts), e), "protocol": e.protocol, "protocol_id": used,
+        "floor": {k: model.floor[k] for k in FLOOR_KEYS}, "step": model.meta["step"],
+        "feature_sha256": model.reference["inception"]["feature_sha256"], "family": family, **settings,
+    }  # fmt: skip
 
 
 FLOOR_KEYS = ("fid", "kid", "precision", "recall", "fid_classifier", "class_accuracy", "classifier_score", "classes_covered", "diversity")
@@ -147,18 +258,18 @@ def reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict]:
     return {"inception": ref_inception, "classifier": ref_classifier}, floor
 
 
-def _sample(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str) -> list[dict]:
+def _sample(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str, guidance: float | None = None) -> list[dict]:
     """The samples' features, as one part per worker: in this process (one part) unless the work belongs on Ray."""
     e = cfg.evaluate
     num_samples = e.active.num_samples
     if ray_address(cfg) or (cfg.ray.use_gpu and cfg.ray.num_workers > 1):
-        return _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family)
+        return _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family, guidance)
     threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     logger.info("generating %d %s samples in this process, %d threads (protocol %s)", num_samples, family, threads, e.protocol)
-    return [_eval_task(cfg, generator_dir, classifier_dir, np.arange(num_samples), threads, None)]
+    return [_eval_task(cfg, generator_dir, classifier_dir, np.arange(num_samples), threads, None, guidance)]
 
 
-def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str) -> list[dict]:
+def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str, guidance: float | None = None) -> list[dict]:
     """One Ray task per worker, each a strided share of the sample indices -> their features."""
     e = cfg.evaluate
     ray = init_ray(cfg)
@@ -167,7 +278,8 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
     workers = min(cfg.ray.num_workers, num_samples)
     logger.info("generating %d %s samples on %d Ray workers (protocol %s)", num_samples, family, workers, e.protocol)
     all_indices = np.arange(num_samples)
-    futures = [task.remote(cfg, generator_dir, classifier_dir, all_indices[w::workers], cfg.ray.cpus_per_worker, w) for w in range(workers)]
+    futures = [task.remote(cfg, generator_dir, classifier_dir, all_indices[w::workers], cfg.ray.cpus_per_worker, w, guidance)
+               for w in range(workers)]  # fmt: skip
     try:
         return ray.get(futures)
     finally:

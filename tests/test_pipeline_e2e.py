@@ -246,6 +246,38 @@ def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline
     assert tags["model_family"] == "ldm" and tags["sampler"] == "dpmsolver++" and tags["gate"] == "promoted"
 
 
+def test_guidance_sweep_measures_one_model_at_each_scale_and_names_the_best_that_keeps_class_accuracy(pipeline, mlflow_server, tmp_path):
+    import mlflow
+
+    project, _ = pipeline
+    out = ["--set", f"evaluate.out_dir={tmp_path}/eval", "--set", "evaluate.guidance.scales=[3,1]"]
+    result = run_cli(["python", "-m", "pipelines.evaluate", "--family", "ldm", "--guidance-sweep", *out,
+                      "--set", "evaluate.guidance.class_accuracy_floor=0"], project)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "eval/quick/ldm_guidance.json").read_text())
+    exported = json.loads((project / "models/ldm/generator.json").read_text())
+    assert [p["guidance"] for p in record["curve"]] == [1.0, 3.0] and record["exported_guidance"] == exported["sampler"]["guidance_scale"]
+    assert record["chosen"] == min(record["curve"], key=lambda p: p["fid"])["guidance"]  # every scale is eligible at floor 0
+    assert record["protocol_id"] == json.loads((project / "metrics/eval/quick/ldm.json").read_text())["protocol_id"]
+    assert record["curve"][0]["fid"] != record["curve"][1]["fid"]  # the scale reaches the sampler
+    assert (tmp_path / "eval/quick/ldm_guidance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"| **{record['chosen']:g}** |" in result.stdout
+    # the curve and its plot are kept with the model's training run
+    mlflow.set_tracking_uri(mlflow_server)
+    run_id = exported["mlflow_run_id"]
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "guidance/quick")}
+    assert logged == {"guidance/quick/ldm_guidance.json", "guidance/quick/ldm_guidance.png"}
+    # no scale reaches an unreachable floor: said, and nothing chosen
+    strict = run_cli(["python", "-m", "pipelines.evaluate", "--family", "ldm", "--guidance-sweep", *out,
+                      "--set", "evaluate.guidance.scales=[1]", "--set", "evaluate.guidance.class_accuracy_floor=1"], project)  # fmt: skip
+    assert strict.returncode == 0 and "no scale reaches class accuracy 1.00" in strict.stdout
+    assert json.loads((tmp_path / "eval/quick/ldm_guidance.json").read_text())["chosen"] is None
+    # a GAN has no guidance: one line, before any sampling
+    gan = run_cli(["python", "-m", "pipelines.evaluate", "--family", "gan", "--guidance-sweep", *out], project)
+    assert gan.returncode == 2 and "generating" not in gan.stdout
+    assert gan.stderr.strip().splitlines() == [f"error: {project}/models/gan: a gan model has no classifier-free guidance to sweep"]
+
+
 def test_register_is_idempotent(pipeline):
     project, _ = pipeline
     again = run_cli(["python", "-m", "pipelines.register", "--family", "gan", "--require-promotion"], project)
