@@ -152,9 +152,9 @@ def autoencoder_loss(round_trip: nn.Module, images: torch.Tensor, kind: str, kl_
 
 def diffusion_loss(
     unet: nn.Module, schedule: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor, num_classes: int,
-    label_dropout: float, generator: torch.Generator,
+    label_dropout: float, generator: torch.Generator, min_snr_gamma: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Per-sample MSE of the epsilon or v target at uniform random timesteps. (N,)"""
+    """Per-sample MSE of the epsilon or v target at uniform random timesteps, optionally min-SNR-gamma weighted. (N,)"""
     n, device = len(x0), x0.device
     noise = torch.randn(x0.shape, generator=generator).to(device)
     timesteps = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=generator).to(device)
@@ -163,7 +163,20 @@ def diffusion_loss(
     noisy = schedule.add_noise(x0, noise, timesteps)
     target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, timesteps)
     prediction = unet(noisy, timesteps, class_labels=labels, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+    loss = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+    if min_snr_gamma is None:
+        return loss
+    return loss * min_snr_weight(schedule, timesteps, min_snr_gamma).to(device)
+
+
+def min_snr_weight(schedule: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", 2023): the x0
+    loss weight min(SNR, gamma), expressed for the network's target: an epsilon loss is SNR times an x0 loss and
+    a v loss SNR + 1 times one, so the weights are min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1). (N,)"""
+    alphas_cumprod = schedule.alphas_cumprod.to(torch.float64)[timesteps.cpu()]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    capped = snr.clamp(max=gamma)
+    return (capped / snr if schedule.config.prediction_type == "epsilon" else capped / (snr + 1)).float()
 
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:

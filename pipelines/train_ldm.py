@@ -69,7 +69,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
         f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
-        f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
+        f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target{f' (min-SNR-{d.min_snr_gamma:g} weighted)' if d.min_snr_gamma else ''}, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
     )
 
     for step in range(start_step, d.total_steps):
@@ -78,7 +78,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
         index = batch_indices(step, d.global_batch_size, len(labels), d.seed, worker.rank, worker.world_size)
         x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
         with worker.autocast(amp_dtype):
-            loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise)
+            loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise,
+                                  d.min_snr_gamma)  # fmt: skip
             loss = loss.mean()
         unet.backward(loss)
         unet.step()

@@ -9,7 +9,7 @@ import torch
 from gen_core.checkpoint import LatentMismatchError
 from gen_core.config import AutoencoderConfig, ConfigError, DenoiserConfig, NoiseScheduleConfig, SamplerConfig, config_from_dict
 from gen_core.diffusion import (
-    AutoencoderRoundTrip, DiffusionGenerator, autoencoder_loss, build_autoencoder, build_denoiser, diffusion_loss, psnr,
+    AutoencoderRoundTrip, DiffusionGenerator, autoencoder_loss, build_autoencoder, build_denoiser, diffusion_loss, min_snr_weight, psnr,
     sample_diffusion, training_schedule,
 )  # fmt: skip
 from gen_core.sampling import to_unit
@@ -103,6 +103,31 @@ def test_diffusion_loss_is_per_sample_and_seeded(unet, prediction_type):
     first = diffusion_loss(unet, schedule, x0, labels, NUM_CLASSES, 0.5, torch.Generator().manual_seed(3))
     second = diffusion_loss(unet, schedule, x0, labels, NUM_CLASSES, 0.5, torch.Generator().manual_seed(3))
     assert first.shape == (6,) and torch.equal(first, second) and torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_caps_the_x0_weight_at_gamma(unet, prediction_type):
+    """Hang et al.'s weights, from the schedule's alphas: an x0-loss weight of min(SNR, gamma), divided by SNR for an
+    epsilon target and by SNR + 1 for a v target; the loss is the plain loss times that weight, sample by sample."""
+    schedule = training_schedule(NoiseScheduleConfig(prediction_type=prediction_type))
+    timesteps = torch.tensor([0, 10, 100, 500, 999])
+    alpha_bar = schedule.alphas_cumprod.double()[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)  # 0: ~1e4 (almost no noise), 999: ~4e-5
+    expected = [min(s, 5.0) / (s if prediction_type == "epsilon" else s + 1) for s in snr.tolist()]
+    assert torch.allclose(min_snr_weight(schedule, timesteps, 5.0).double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6)
+    if prediction_type == "epsilon":  # below the cap an epsilon loss keeps weight 1; near t=0 it is cut by SNR/gamma
+        assert min_snr_weight(schedule, timesteps[-1:], 5.0).item() == 1.0 and min_snr_weight(schedule, timesteps[:1], 5.0).item() < 1e-3
+
+    x0, labels = torch.randn(6, 4, 8, 8), torch.arange(6)
+    plain = diffusion_loss(unet, schedule, x0, labels, NUM_CLASSES, 0.5, torch.Generator().manual_seed(3))
+    weighted = diffusion_loss(unet, schedule, x0, labels, NUM_CLASSES, 0.5, torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    drawn = torch.randint(0, 1000, (6,), generator=_after_noise(x0, torch.Generator().manual_seed(3)))  # the loss's own timesteps
+    assert torch.allclose(weighted, plain * min_snr_weight(schedule, drawn, 5.0), rtol=1e-5)
+
+
+def _after_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Generator:
+    torch.randn(x0.shape, generator=generator)  # diffusion_loss draws its noise first, then the timesteps
+    return generator
 
 
 def test_autoencoder_shapes_follow_the_downsample_factor():
