@@ -5,7 +5,7 @@ VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup repro test test-fast eval-standard bench
+.PHONY: setup repro test test-fast eval-standard bench demo
 setup:
 	@scripts/setup.sh
 
@@ -20,6 +20,10 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist l
 
 test: setup
 	python -m pytest -q $(XDIST) $(PYTEST_ARGS)
+
+# The registry's champions in a browser: http://127.0.0.1:7860 (params.yaml serving.demo_host/demo_port)
+demo: setup
+	python -m pipelines.demo
 
 test-fast: setup   # the inner loop: everything but the end-to-end runs (a few minutes)
 	python -m pytest -q $(XDIST) -m 'not slow' $(PYTEST_ARGS)

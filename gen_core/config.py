@@ -466,9 +466,12 @@ class RegistryConfig(_Section):
 
 
 class ServingConfig(_Section):
-    """`serving`: where `python -m pipelines.export` writes a registered version in ONNX."""
+    """`serving`: where `python -m pipelines.export` writes a registered version in ONNX; the demo's limits."""
 
     onnx_dir: str = "models/onnx"
+    max_images: int = Field(64, ge=1, le=1024)  # images one request may ask for (the demo)
+    demo_host: str = "127.0.0.1"  # the demo binds here; another address exposes it to the network
+    demo_port: int = Field(7860, ge=0, le=65535)  # 0: any free port
 
 
 class TrackingConfig(_Section):

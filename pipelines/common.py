@@ -126,6 +126,7 @@ def run_stage(
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a registered model's download is a few files: no bars
     started = time.monotonic()
     try:
         started_in = enter_project_root()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 from gen_core.config import RunConfig
@@ -26,29 +25,8 @@ from gen_core.io import atomic_directory, atomic_write_json
 from gen_core.onnx_diffusion import export_diffusion_onnx, sampling_record
 from gen_core.onnx_gan import OPSET, export_gan_onnx
 from pipelines.common import StageError, family_parser, log, run_stage
-from pipelines.registry import load_registered_generator
+from pipelines.registry import load_registered_generator, registered_version
 from pipelines.tracking import connect, server_calls, tracking_uri
-
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-
-
-def registered_version(client, model_uri: str):
-    """models:/<name>@<alias> or models:/<name>/<version> -> the MLflow ModelVersion (one-line errors)."""
-    from mlflow.exceptions import MlflowException
-
-    match = MODEL_URI.match(model_uri)
-    if match is None:
-        raise StageError(f"--model {model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    name = match["name"]
-    try:
-        if match["alias"]:
-            return client.get_model_version_by_alias(name, match["alias"])
-        return client.get_model_version(name, match["version"])
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise StageError(f"--model {model_uri}: {str(err).splitlines()[0]}") from None
-        raise
-
 
 def export(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     """The version's generator -> <serving.onnx_dir>/<family>/ + its MLflow record -> the onnx.json record."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -87,6 +88,27 @@ def decide(metrics: dict, gate: GateConfig, champion: dict | None) -> GateDecisi
     else:
         failed.append(f"fid {fid:.2f} is not better than champion's {champion['fid']:.2f}")
     return GateDecision(not failed, ", ".join(failed or held))
+
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def registered_version(client, model_uri: str, option: str = "--model"):
+    """models:/<name>@<alias> or models:/<name>/<version> -> the MLflow ModelVersion (one-line errors naming `option`)."""
+    from mlflow.exceptions import MlflowException
+
+    match = MODEL_URI.match(model_uri)
+    if match is None:
+        raise StageError(f"{option} {model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    name = match["name"]
+    try:
+        if match["alias"]:
+            return client.get_model_version_by_alias(name, match["alias"])
+        return client.get_model_version(name, match["version"])
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise StageError(f"{option} {model_uri}: {str(err).splitlines()[0]}") from None
+        raise
 
 
 def load_registered_generator(model_uri: str):

@@ -44,12 +44,23 @@ if [ ! -f .dvc/offline_template.html ] || [ "$(cat "$PLOTS_STAMP" 2>/dev/null)" 
   echo "$want" > "$PLOTS_STAMP"
 fi
 
-# A headless browser for the test that renders `dvc plots show` (Debian's chromium-headless-shell); optional.
-if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
-  $SUDO apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null 2>&1 \
-    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null 2>&1; } \
-    || echo "[setup] warning: could not install chromium-headless-shell; the DVC plots rendering test will be skipped" >&2
+# Browsers for the tests that render pages (Debian packages, offline-installable): chromium-headless-shell for the
+# `dvc plots show` rendering, chromium + chromium-driver (the matching chromedriver) for the demo driven by Selenium.
+# Optional: without them those tests are skipped with a reason. Tried once per set-up version (the stamp).
+BROWSER_STAMP="$VENV/.genforge-browsers"
+if [ "$(cat "$BROWSER_STAMP" 2>/dev/null)" != "$want" ]; then
+  missing=""
+  command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || missing="chromium-headless-shell"
+  { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || missing="$missing chromium chromium-driver"
+  if [ -n "$missing" ]; then
+    echo "[setup] installing browsers for the page tests:$missing"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1; } \
+      || echo "[setup] warning: could not install$missing; the browser tests will be skipped" >&2
+  fi
+  echo "$want" > "$BROWSER_STAMP"
 fi
 
 # DeepSpeed's CPU accelerator JIT-compiles its shared-memory collective op (C++, about 60 s on 2 cores) in the first

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -378,3 +379,103 @@ def test_dvc_plots_render_offline_in_a_browser(pipeline, tmp_path):
         lines = re.findall(r'class="mark-line role-mark[^"]*".*?<path[^>]* d="([^"]+)"', chart, flags=re.S)
         assert any("L" in d for d in lines), f"{title}: no line drawn"
     assert html.count("<img") >= 2 and "models/gan/samples.png" in html and "models/ldm/samples.png" in html
+
+
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMEDRIVER is None or CHROMIUM is None,
+                    reason="no chromium + chromedriver (scripts/setup.sh installs Debian's chromium and chromium-driver where apt works)")
+def test_demo_serves_the_champions_in_a_real_browser(pipeline, mlflow_server, tmp_path):
+    """`python -m pipelines.demo` on 127.0.0.1 with the pipeline's registry, driven by headless Chromium: the GAN
+    champion (served by ONNX Runtime from the export of that version) draws the requested grid for a chosen class,
+    the diffusion champion too with its sampler settings, the page names each version with its metrics, and a family
+    without a champion is one line on the page."""
+    import io
+    import time
+
+    from PIL import Image
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from pipelines.demo import COLUMNS, SCALE
+    from pipelines.ray_env import free_port
+    from tests.conftest import subprocess_env
+
+    project, _ = pipeline
+    for family in ("gan", "ldm"):  # the demo serves these exports when they hold the champion (the export test made them)
+        if not (project / "models/onnx" / family / "onnx.json").exists():
+            assert run_cli(["python", "-m", "pipelines.export", "--family", family], project).returncode == 0
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    demos, driver = [], None
+
+    def start_demo(*sets: str) -> str:
+        port, log = free_port(), tmp_path / f"demo{len(demos)}.log"
+        demos.append(subprocess.Popen([sys.executable, "-m", "pipelines.demo", "--port", str(port), *sets], cwd=project, stdout=open(log, "w"),
+                                      stderr=subprocess.STDOUT, env=subprocess_env()))  # fmt: skip
+        deadline = time.monotonic() + 120
+        while f"http://127.0.0.1:{port}" not in log.read_text():
+            assert demos[-1].poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        return f"http://127.0.0.1:{port}/"
+
+    try:
+        url = start_demo()
+        started = (tmp_path / "demo0.log").read_text()
+        assert "gan: tiny-gan v" in started and "via onnxruntime" in started and "Traceback" not in started
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.get(url)
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "tiny-gan v" in d.find_element(By.CSS_SELECTOR, "#summary").text)
+        summary = driver.find_element(By.CSS_SELECTOR, "#summary").text
+        assert "@champion" in summary and "FID" in summary and "[floor" in summary and "served by onnxruntime" in summary, summary
+        assert driver.find_element(By.CSS_SELECTOR, "#missing").text == ""  # both families have a champion
+
+        def grid_png() -> Image.Image:  # the grid as the browser received it
+            src = driver.find_element(By.CSS_SELECTOR, "#grid img").get_attribute("src")
+            data = driver.execute_async_script(
+                "const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => done(Array.from(new Uint8Array(b))));", src)
+            return Image.open(io.BytesIO(bytes(data)))
+
+        # the GAN: pick the fourth class from the dropdown's list, ask for 8 images
+        driver.find_element(By.CSS_SELECTOR, "#class input").click()
+        option = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#class li[role=option], ul.options li"))[3]
+        chosen = option.get_attribute("aria-label")
+        option.click()
+        assert driver.find_element(By.CSS_SELECTOR, "#class input").get_attribute("value") == chosen
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid img"))
+        grid = grid_png()
+        assert grid.size == (COLUMNS * 32 * SCALE, 32 * SCALE), grid.size  # one row of 8 images of 32x32, shown at 4x
+        assert np.asarray(grid.convert("L"), dtype=np.float32).std() > 5, "the grid is blank"
+        driver.save_screenshot(str(tmp_path / "demo-gan.png"))
+
+        # the diffusion model: its sampler controls appear, and a grid comes back
+        driver.find_element(By.XPATH, "//*[@id='family']//label[contains(., 'latent diffusion')]").click()
+        wait.until(lambda d: "tiny-ldm v" in d.find_element(By.CSS_SELECTOR, "#summary").text)
+        assert driver.find_element(By.CSS_SELECTOR, "#sampler").is_displayed()
+        first_src = driver.find_element(By.CSS_SELECTOR, "#grid img").get_attribute("src")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#grid img").get_attribute("src") != first_src)
+        assert grid_png().size == (COLUMNS * 32 * SCALE, 32 * SCALE) and "served by onnxruntime" in driver.find_element(By.CSS_SELECTOR, "#summary").text
+        driver.save_screenshot(str(tmp_path / "demo-ldm.png"))
+
+        # a registry without a diffusion champion: the page says so in one line and offers the GAN alone
+        driver.get(start_demo("--set", "registry.ldm.model_name=no-such-ldm"))
+        wait.until(lambda d: "tiny-gan v" in d.find_element(By.CSS_SELECTOR, "#summary").text)
+        missing = driver.find_element(By.CSS_SELECTOR, "#missing").get_attribute("textContent").strip()  # one paragraph, one line
+        assert missing.startswith("latent diffusion: models:/no-such-ldm@champion: none to show") and "\n" not in missing, missing
+        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#family label")] == ["GAN"]
+    finally:
+        if driver is not None:
+            driver.quit()
+        for demo in demos:
+            demo.terminate()
+            demo.wait(30)
+    assert (tmp_path / "demo-gan.png").stat().st_size > 0 and (tmp_path / "demo-ldm.png").stat().st_size > 0
