@@ -3,6 +3,7 @@
     genforge generate MODEL [--class NAME|ID ...] [-n 8] [--seed 0] [-o grid.png]   one row per class
     genforge champions [--json]                      each family's champion, flagged if the gate did not crown it
     genforge promote VERSION [--family gan] [--override REASON]   a person's promotion, through the gate or recorded past it
+    genforge serve MODEL_URI [--port 5001]           MLflow's scoring server for a registered version (REST, 127.0.0.1)
 
 MODEL is an exported model directory (models/gan) or a registered version (models:/genforge-gan@champion,
 models:/genforge-ldm/3). Every subcommand reads the params file (--params, --overlay, --set, as the stages do)
@@ -46,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     promoted.add_argument("version", metavar="VERSION", help="the version number")
     promoted.add_argument("--family", choices=FAMILIES, default="gan", help="model family (default: gan)")
     promoted.add_argument("--override", metavar="REASON", help="promote whatever the gate says; REASON is recorded on the version")
+    served = commands.add_parser("serve", parents=[common], help="serve a registered version over REST (MLflow's scoring protocol)")
+    served.add_argument("model", metavar="MODEL_URI", help="a registered version: models:/genforge-gan@champion, models:/genforge-ldm/3")
+    served.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    served.add_argument("--port", type=int, default=5001, help="port (default 5001)")
     return top
 
 
@@ -104,19 +109,15 @@ def open_model(cfg: RunConfig, model: str):
 def class_ids(requested: list[str], names: list[str], num_classes: int) -> list[int]:
     """'sneaker', '7', 'T-shirt/top,Bag' -> class ids; nothing requested: every class. Names match
     case-insensitively; an unknown one is a one-line error listing the model's classes."""
+    from gen_core.image_requests import RequestError, class_id
+
     if not requested:
         return list(range(num_classes))
-    lowered = {name.lower(): i for i, name in enumerate(names)}
-    ids = []
-    for item in (part.strip() for value in requested for part in value.split(",") if part.strip()):
-        if item.lower() in lowered:
-            ids.append(lowered[item.lower()])
-        elif item.isdigit() and int(item) < num_classes:
-            ids.append(int(item))
-        else:
-            known = ", ".join(f"{i} {n}" for i, n in enumerate(names)) if names else f"ids 0..{num_classes - 1}"
-            raise StageError(f"--class {item}: not a class of this model ({known})")
-    return ids
+    items = [part.strip() for value in requested for part in value.split(",") if part.strip()]
+    try:
+        return [class_id(item, names, num_classes, what=f"--class {item}") for item in items]
+    except RequestError as err:
+        raise StageError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -186,7 +187,68 @@ def promote_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0 if record["promoted"] else 1
 
 
-COMMANDS = {"generate": generate, "champions": champions, "promote": promote_command}
+# ---------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------
+
+
+def serve(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """MLflow's own scoring server (the app `mlflow models serve` runs: POST /invocations, GET /ping, /version) for a
+    registered version, in this process: no `uvicorn` needed on PATH. Errors a request causes come back as one line,
+    {"error_code": ..., "message": ...}, never with a traceback; the server stays up. serving.max_images caps a request."""
+    import os
+
+    import uvicorn
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import load_model, scoring_server
+
+    if not args.model.startswith("models:/"):
+        raise StageError(f"{args.model}: serve takes a registered version (models:/<name>@<alias> or models:/<name>/<version>)")
+    os.environ["GENFORGE_MAX_IMAGES"] = str(cfg.serving.max_images)
+    connect(cfg)
+    with server_calls(tracking_uri(cfg), f"loading {args.model}"):
+        try:
+            model = load_model(args.model)  # the registered "model from code": pipelines/mlflow_model.py + safetensors, no pickle
+        except MlflowException as err:
+            raise StageError(f"{args.model}: {str(err).splitlines()[0]}") from None
+    app = scoring_server.init(model)
+    app.middleware("http")(one_line_errors)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/invocations (max {cfg.serving.max_images} images a request)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+async def one_line_errors(request, call_next):
+    """A 4xx/5xx from the scoring server -> {"error_code", "message"} with the message's one meaningful line: MLflow
+    wraps a model's error as "Failed to predict data '<the whole input>'. \nError: <message>" and may attach a traceback."""
+    from fastapi.responses import JSONResponse
+
+    from gen_core.image_requests import DEFAULTS
+
+    if request.url.path == "/invocations":  # MLflow drops settings its params schema does not know: say so instead
+        try:
+            given = json.loads(await request.body()).get("params") or {}
+        except (ValueError, AttributeError):
+            given = {}
+        unknown = sorted(set(given) - set(DEFAULTS)) if isinstance(given, dict) else []
+        if unknown:
+            message = f"unknown setting {unknown[0]!r} in params (settings: {', '.join(DEFAULTS)})"
+            return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": message}, status_code=400)
+    response = await call_next(request)
+    if response.status_code < 400:
+        return response
+    body = b"".join([chunk async for chunk in response.body_iterator])
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = {"message": body.decode(errors="replace")}
+    message = str(payload.get("message", ""))
+    message = message.split("\nError: ", 1)[-1].strip()
+    line = message.splitlines()[0] if message else f"HTTP {response.status_code}"
+    return JSONResponse({"error_code": payload.get("error_code", "BAD_REQUEST"), "message": line}, status_code=response.status_code)
+
+
+COMMANDS = {"generate": generate, "champions": champions, "promote": promote_command, "serve": serve}
 
 
 if __name__ == "__main__":

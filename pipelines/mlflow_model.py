@@ -7,7 +7,16 @@ safetensors weights.
 
     model = mlflow.pyfunc.load_model("models:/genforge-ldm@champion")
     images = model.predict(pd.DataFrame({"label": [0, 1, 2], "seed": [0, 1, 2]}))  # (N, C, H, W) uint8
+    records = model.predict(pd.DataFrame({"label": ["sneaker"], "seed": [7]}), params={"format": "png", "num_steps": 10})
+
+A request (gen_core.image_requests): rows of `label` (class id or name) and `seed`; params `format` (array | png: one
+record per image with its label, class_name, seed and a base64 PNG), and for a diffusion model `sampler`,
+`num_steps`, `guidance_scale` (unset: the model's own). A bad request raises an MlflowException with one line
+(INVALID_PARAMETER_VALUE: HTTP 400 from a scoring server), before any sampling. GENFORGE_MAX_IMAGES caps the
+images per request (default 256).
 """
+
+import os
 
 import mlflow
 from mlflow.pyfunc import PythonModel
@@ -16,16 +25,31 @@ from mlflow.pyfunc import PythonModel
 class GeneratorModel(PythonModel):
     def load_context(self, context):
         from gen_core.generators import load_image_generator
+        from gen_core.image_requests import MAX_IMAGES
 
-        self.generator, _ = load_image_generator(context.artifacts["generator"])
+        self.generator, self.meta = load_image_generator(context.artifacts["generator"])
+        self.max_images = int(os.environ.get("GENFORGE_MAX_IMAGES") or MAX_IMAGES)
 
     def predict(self, context, model_input, params=None):
         import torch
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+        from gen_core.image_requests import RequestError, answer, parse_request
         from gen_core.sampling import to_uint8
 
-        labels = torch.tensor(model_input["label"].tolist(), dtype=torch.long)
-        return to_uint8(self.generator.sample(labels, model_input["seed"].tolist())).numpy()
+        names = self.meta.get("class_names") or []
+        columns = set(getattr(model_input, "columns", ()))
+        try:
+            if columns != {"label", "seed"}:
+                raise RequestError(f"columns {sorted(columns)}: expected exactly 'label' and 'seed' (one row per image)")
+            request = parse_request(model_input["label"].tolist(), model_input["seed"].tolist(), params, names,
+                                    self.generator.num_classes, self.meta.get("family", "gan"), self.max_images)  # fmt: skip
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        with torch.no_grad():
+            images = self.generator.sample(request.labels, request.seeds, **request.options)
+        return answer(to_uint8(images).numpy(), request, names)
 
 
 mlflow.models.set_model(GeneratorModel())

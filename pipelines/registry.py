@@ -28,6 +28,7 @@ import math
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -308,24 +309,34 @@ def _evaluation(cfg: RunConfig, family: str, gen_meta: dict) -> dict:
     return metrics
 
 
+PARAM_TYPES = {str: "string", int: "long", float: "double"}
+
+
 def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: str, generator_sha256: str):
     """Log the generator as an MLflow "model from code" linked to its training run (without reopening
     that run: its status stays what training left) and register it, tagged with its sha256 at creation.
     Another process registering the same generator at the same time may have made a version too: the
     lowest-numbered one is kept and the others deleted by their makers, so both end on the same version."""
     import pandas as pd
-    from mlflow.models import Model
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    from gen_core.image_requests import DEFAULTS
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "generator"
         for path in weight_files(generator_dir):  # weights and configs; not the sample grid
             (artifact / path.relative_to(generator_dir)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, artifact / path.relative_to(generator_dir))
-        info = Model.log(
-            artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(MODEL_CODE),
-            artifacts={"generator": str(artifact)}, code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
-            input_example=pd.DataFrame({"label": [0, 1], "seed": [0, 1]}),
-        )  # fmt: skip
+        with warnings.catch_warnings():  # "add type hints to predict": hints would change the request format the server takes
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+            info = Model.log(
+                artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(MODEL_CODE),
+                artifacts={"generator": str(artifact)}, code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
+                # no input schema: `label` takes class ids and names alike (the model checks every row itself); the settings as params
+                signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, PARAM_TYPES[type(v)], v) for k, v in DEFAULTS.items()])),
+                input_example=(pd.DataFrame({"label": [0, 1], "seed": [0, 1]}), {"format": "png"}),
+            )  # fmt: skip
     made = mlflow.register_model(info.model_uri, model_name, tags={"generator_sha256": generator_sha256})
     kept = _version_of(client, model_name, generator_sha256)
     if kept is not None and kept.version != made.version:

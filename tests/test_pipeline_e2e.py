@@ -479,3 +479,90 @@ def test_demo_serves_the_champions_in_a_real_browser(pipeline, mlflow_server, tm
             demo.terminate()
             demo.wait(30)
     assert (tmp_path / "demo-gan.png").stat().st_size > 0 and (tmp_path / "demo-ldm.png").stat().st_size > 0
+
+
+def test_serve_answers_rest_requests_for_both_champions_in_one_line_errors(pipeline, mlflow_server, tmp_path):
+    """`genforge serve MODEL_URI`: MLflow's scoring server for each champion, called by its path with no venv on PATH
+    (the `uvicorn: not found` of `mlflow models serve`), on 127.0.0.1. PNG answers decode to the registered generator's
+    images; the diffusion model takes its sampler settings in the request; a bad request is a 400 with one line and no
+    traceback, and the server answers the next one."""
+    import base64
+    import io
+    import urllib.error
+    import urllib.request
+
+    import torch
+    from PIL import Image
+
+    from gen_core.sampling import to_uint8
+    from pipelines.ray_env import free_port
+    from pipelines.registry import load_registered_generator
+    from tests.conftest import VENV_BIN, _wait_http, subprocess_env
+
+    project, _ = pipeline
+    env = subprocess_env(PATH="/usr/bin:/bin")
+    servers = []
+
+    def start(uri: str) -> str:
+        port = free_port()
+        log = open(tmp_path / f"serve{len(servers)}.log", "w")
+        servers.append(subprocess.Popen([str(VENV_BIN / "genforge"), "serve", uri, "--port", str(port)], cwd=project, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        _wait_http(f"http://127.0.0.1:{port}/ping", 120, servers[-1])
+        return f"http://127.0.0.1:{port}/invocations"
+
+    def post(url: str, body) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def decoded(records: list[dict]) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(r["png"]))))[None] for r in records])
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        gan = start("models:/tiny-gan@champion")
+        status, body = post(gan, {"dataframe_records": [{"label": 3, "seed": 11}, {"label": "7", "seed": 12}], "params": {"format": "png"}})
+        assert status == 200, body
+        records = body["predictions"]
+        assert [(r["label"], r["class_name"], r["seed"]) for r in records] == [(3, "3", 11), (7, "7", 12)]
+        registered, _ = load_registered_generator("models:/tiny-gan@champion")
+        with torch.no_grad():
+            expected = to_uint8(registered.sample(torch.tensor([3, 7]), [11, 12])).numpy()
+        assert decoded(records).shape == (2, 1, 32, 32) and np.array_equal(decoded(records), expected)
+        status, body = post(gan, {"dataframe_split": {"columns": ["label", "seed"], "data": [[3, 11]]}})  # arrays, the default
+        assert status == 200 and np.array_equal(np.asarray(body["predictions"], dtype=np.uint8), expected[:1])
+
+        for request, message in (
+            ({"dataframe_records": [{"label": 12, "seed": 1}]}, "label 12: not a class of this model (0 0, 1 1,"),
+            ({"dataframe_records": [{"label": 1, "seed": i} for i in range(65)]}, "65 images: at most 64 a request"),
+            ({"dataframe_records": [{"label": 1, "seed": 1}], "params": {"num_steps": 5}}, "num_steps: settings of a diffusion model; this is a gan"),
+            ({"dataframe_records": [{"label": 1, "seed": 1}], "params": {"formt": "png"}}, "unknown setting 'formt' in params"),
+            ({"dataframe_records": [{"class": 1, "seed": 1}]}, "columns ['class', 'seed']: expected exactly 'label' and 'seed'"),
+            (b"{not json", "Invalid input. Ensure that input is a valid JSON formatted string."),
+        ):
+            status, body = post(gan, request)
+            assert status == 400 and body["message"].startswith(message) and "\n" not in body["message"], body
+            assert set(body) == {"error_code", "message"} and "Traceback" not in json.dumps(body)
+        assert post(gan, {"dataframe_records": [{"label": 0, "seed": 0}]})[0] == 200  # still up
+
+        ldm = start("models:/tiny-ldm@champion")
+        settings = {"sampler": "ddim", "num_steps": 3, "guidance_scale": 2.0, "format": "png"}
+        status, body = post(ldm, {"dataframe_records": [{"label": 0, "seed": 5}, {"label": 9, "seed": 6}], "params": settings})
+        assert status == 200, body
+        registered, _ = load_registered_generator("models:/tiny-ldm@champion")
+        expected = to_uint8(registered.sample(torch.tensor([0, 9]), [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)).numpy()
+        assert np.array_equal(decoded(body["predictions"]), expected)
+        status, body = post(ldm, {"dataframe_records": [{"label": 0, "seed": 5}], "params": {"sampler": "euler"}})
+        assert status == 400 and body["message"] == "sampler 'euler': one of ddpm, ddim, dpmsolver++"
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(30)
+    assert "Traceback" not in "".join(p.read_text() for p in tmp_path.glob("serve*.log"))
