@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from gen_core.checkpoint import LatentMismatchError
 from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
+from gen_core import diffusers_pipeline
+from gen_core.diffusers_pipeline import GenforgeLatentDiffusionPipeline, denoise, make_sampler
 from gen_core.latents import PRETRAINED
 from gen_core.sampling import check_labels
 
@@ -77,9 +80,6 @@ def build_denoiser(cfg: DenoiserConfig, channels: int, sample_size: int, num_cla
 # Noise schedules and samplers
 # ---------------------------------------------------------------------------
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
-
-
 def training_schedule(cfg: NoiseScheduleConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
@@ -87,21 +87,8 @@ def training_schedule(cfg: NoiseScheduleConfig) -> DDPMScheduler:
     )  # fmt: skip
 
 
-def make_sampler(name: str, schedule_config) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
-    """A fresh scheduler (they hold per-run state) sharing the training schedule's betas."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmsolver++" else {}
-    return SAMPLERS[name].from_config(schedule_config, **extra)
-
-
 def per_sample_generators(seeds, device: torch.device | str = "cpu") -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-
-def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
-    """(len(generators), *shape) standard normal; row i depends only on generators[i]."""
-    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
 @torch.no_grad()
@@ -115,26 +102,9 @@ def sample_diffusion(
     labels: (N,) class ids in [0, num_classes). Guidance mixes the conditional and the "null"
     class predictions: out = uncond + guidance_scale * (cond - uncond).
     """
-    labels = check_labels(labels, num_classes).to(device)
-    device = torch.device(device)
     generators = per_sample_generators(seeds, "cpu")
-    scheduler = make_sampler(sampler, schedule_config)
-    scheduler.set_timesteps(num_steps, device=device)
-    x = seeded_noise(generators, shape, device) * scheduler.init_noise_sigma
-    null = torch.full_like(labels, num_classes)
-    guided = guidance_scale != 1.0
-    for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(x, t)
-        batch_in, batch_labels = (torch.cat([model_in, model_in]), torch.cat([labels, null])) if guided else (model_in, labels)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            out = unet(batch_in, t, class_labels=batch_labels, return_dict=False)[0].float()
-        if guided:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        # DDPM draws fresh noise per step: per-sample generators keep it batch-independent
-        step_kwargs = {"generator": generators} if sampler == "ddpm" else {}
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-    return x
+    return denoise(unet, schedule_config, check_labels(labels, num_classes), generators, shape, num_classes, sampler, num_steps,
+                   guidance_scale, device, autocast_dtype)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -190,6 +160,9 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+PIPELINE_MODULE = "genforge_pipeline"  # <export>/genforge_pipeline.py: the diffusers pipeline class, for DiffusionPipeline.from_pretrained
+
+
 @dataclass
 class DiffusionGenerator:
     """A trained class-conditional diffusion model that samples images.
@@ -231,11 +204,18 @@ class DiffusionGenerator:
         return decode_latents(self.vae, latents).clamp(-1, 1)
 
     def save_pretrained(self, directory: str | Path, meta: dict) -> None:
+        """unet/, vae/, scheduler/ in diffusers format, and what makes the directory a diffusers pipeline:
+        model_index.json naming gen_core.diffusers_pipeline's class, a copy of that file as genforge_pipeline.py."""
         directory = Path(directory)
-        self.unet.save_pretrained(directory / "unet", safe_serialization=True)
-        if self.vae is not None:
-            self.vae.save_pretrained(directory / "vae", safe_serialization=True)
-        make_sampler("ddpm", self.schedule_config).save_pretrained(directory / "scheduler")
+        pipeline = GenforgeLatentDiffusionPipeline(
+            self.unet, make_sampler("ddpm", self.schedule_config), self.vae, meta.get("class_names"), self.sampler.name,
+            self.sampler.num_steps, self.sampler.guidance_scale, list(self.image_shape),
+        )  # fmt: skip
+        pipeline.save_pretrained(directory, safe_serialization=True)
+        index = json.loads((directory / "model_index.json").read_text())
+        index["_class_name"] = [PIPELINE_MODULE, GenforgeLatentDiffusionPipeline.__name__]  # diffusers loads it from the .py beside it
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(Path(diffusers_pipeline.__file__), directory / f"{PIPELINE_MODULE}.py")
         info = {**meta, "family": "ldm", "space": "pixel" if self.vae is None else "latent", "num_classes": self.num_classes,
                 "image_shape": list(self.image_shape), "sampler": self.sampler.model_dump()}  # fmt: skip
         (directory / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -57,9 +57,9 @@ def load_image_generator(directory: str | Path):
 
 
 def weight_files(directory: str | Path) -> list[Path]:
-    """The files that define an exported generator (weights + configs), sorted."""
+    """The files that define an exported generator (weights, configs, and a diffusion model's diffusers pipeline class), sorted."""
     directory = Path(directory)
-    return sorted(p for p in directory.rglob("*") if p.is_file() and (p.suffix in {".safetensors", ".json"}))
+    return sorted(p for p in directory.rglob("*") if p.is_file() and (p.suffix in {".safetensors", ".json"} or p.name == "genforge_pipeline.py"))
 
 
 def generator_digest(directory: str | Path) -> str:

@@ -22,12 +22,12 @@ import os
 import numpy as np
 
 from gen_core.config import SamplerConfig
+from gen_core.image_requests import SAMPLERS
 from pipelines.common import StageError, log, run_stage, stage_parser
 from pipelines.serving import ServedModel, champion_uri, open_registered
 
 FAMILIES = ("gan", "ldm")
 LABELS = {"gan": "GAN", "ldm": "latent diffusion"}
-SAMPLERS = list(SamplerConfig.model_fields["name"].annotation.__args__)
 COLUMNS, SCALE = 8, 4  # the grid: up to 8 images a row, each shown at 4x (nearest neighbour)
 
 
@@ -134,7 +134,7 @@ def build_app(models: dict[str, ServedModel], missing: dict[str, str], cap: int)
                 count = gr.Slider(1, cap, value=min(8, cap), step=1, label="images", elem_id="count")
                 seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="seed")
                 with gr.Group(visible=first == "ldm") as diffusion:
-                    sampler = gr.Dropdown(SAMPLERS, value=SamplerConfig().name, label="sampler", elem_id="sampler")
+                    sampler = gr.Dropdown(list(SAMPLERS), value=SamplerConfig().name, label="sampler", elem_id="sampler")
                     steps = gr.Slider(1, 100, value=SamplerConfig().num_steps, step=1, label="steps", elem_id="steps")
                     guidance = gr.Slider(0, 10, value=SamplerConfig().guidance_scale, step=0.25, label="guidance", elem_id="guidance")
                 button = gr.Button("Generate", variant="primary", elem_id="generate", interactive=bool(families))

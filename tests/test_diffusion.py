@@ -172,7 +172,7 @@ def test_export_and_reload_give_identical_samples(tmp_path):
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
                                SamplerConfig(name="ddim", num_steps=4, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
     model.save_pretrained(tmp_path, {"step": 3})
-    assert {p.name for p in tmp_path.iterdir()} == {"unet", "vae", "scheduler", "generator.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"unet", "vae", "scheduler", "generator.json", "model_index.json", "genforge_pipeline.py"}
     warnings = []  # diffusers logs to its own stderr handler, which does not propagate
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
@@ -187,6 +187,35 @@ def test_export_and_reload_give_identical_samples(tmp_path):
     images = model.sample(labels, seeds)
     assert images.shape == (3, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
     assert torch.equal(images, reloaded.sample(labels, seeds))
+
+
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space):
+    """DiffusionPipeline.from_pretrained(export) with diffusers alone (the class comes from the genforge_pipeline.py beside
+    model_index.json): class ids or names, the exported sampler settings by default, and with one generator per image
+    seeded like genforge's samples, the same images."""
+    from diffusers import DiffusionPipeline
+
+    torch.manual_seed(2)
+    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval() if space == "latent" else None
+    unet = build_denoiser(TINY_DENOISER, channels=4 if vae else 1, sample_size=8 if vae else 32, num_classes=NUM_CLASSES).eval()
+    model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
+                               SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
+    names = [f"class {i}" for i in range(NUM_CLASSES)]
+    model.save_pretrained(tmp_path, {"class_names": names})
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, low_cpu_mem_usage=False)
+    assert type(pipe).__name__ == "GenforgeLatentDiffusionPipeline" and (pipe.vae is None) == (space == "pixel")
+    seeds = [4, 5]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    images = pipe(class_labels=[1, "CLASS 8"], generator=generators, output_type="pt").images
+    assert images.shape == (2, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert (images * 2 - 1 - model.sample(torch.tensor([1, 8]), seeds)).abs().max() <= 1e-5  # ddim 3 steps, guidance 2: the export's
+    other = pipe(class_labels=[1], generator=torch.Generator().manual_seed(4), sampler="ddpm", num_inference_steps=2, guidance_scale=1.0,
+                 output_type="pt").images  # fmt: skip
+    assert (other * 2 - 1 - model.sample(torch.tensor([1]), [4], sampler="ddpm", num_steps=2, guidance_scale=1.0)).abs().max() <= 1e-5
+    assert pipe(class_labels=3, generator=torch.Generator().manual_seed(0), num_inference_steps=1).images[0].size == (32, 32)  # PIL
+    with pytest.raises(ValueError, match=r"class label 'dog' out of range: the model has 0\.\.9 \(class 0, class 1"):
+        pipe(class_labels=["dog"])
 
 
 def test_denoiser_that_does_not_match_the_autoencoder_is_refused(tmp_path):

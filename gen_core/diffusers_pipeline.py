@@ -1,0 +1,123 @@
+"""genforge's class-conditional (latent) diffusion model as a diffusers pipeline.
+
+Every exported diffusion model (models/ldm) is also a diffusers pipeline directory: model_index.json names this
+class, and a copy of this file sits beside it as genforge_pipeline.py, so diffusers alone loads it:
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("models/ldm", trust_remote_code=True)   # runs genforge_pipeline.py
+    images = pipe(class_labels=["sneaker", 3], generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+
+This file is that copy's source, so it imports only torch and diffusers. gen_core.diffusion.sample_diffusion calls
+`denoise` below: a genforge sample and a pipeline call with the same per-image generators are the same image.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
+
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+def make_sampler(name: str, schedule_config):
+    """A fresh scheduler (they hold per-run state) sharing the training schedule's betas."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmsolver++" else {}
+    return SAMPLERS[name].from_config(schedule_config, **extra)
+
+
+def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    """(len(generators), *shape) standard normal; row i depends only on generators[i]."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.Generator], shape: tuple[int, ...], num_classes: int,
+            sampler: str, num_steps: int, guidance_scale: float, device, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    """The reverse process from seeded noise (one generator per sample) -> x_0 (N, *shape), unclipped. Guidance mixes
+    the conditional and the "null" class (label num_classes) predictions: out = uncond + guidance_scale * (cond - uncond)."""
+    device = torch.device(device)
+    scheduler = make_sampler(sampler, schedule_config)
+    scheduler.set_timesteps(num_steps, device=device)
+    x = seeded_noise(generators, shape, device) * scheduler.init_noise_sigma
+    labels = labels.to(device)
+    null = torch.full_like(labels, num_classes)
+    guided = guidance_scale != 1.0
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(x, t)
+        batch_in, batch_labels = (torch.cat([model_in, model_in]), torch.cat([labels, null])) if guided else (model_in, labels)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = unet(batch_in, t, class_labels=batch_labels, return_dict=False)[0].float()
+        if guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        # DDPM draws fresh noise per step: per-sample generators keep it batch-independent
+        step_kwargs = {"generator": generators} if sampler == "ddpm" else {}
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+    return x
+
+
+class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
+    """Class-conditional diffusion with classifier-free guidance: a UNet2DModel with a class embedding (label
+    `num_classes` is the null class), in an AutoencoderKL's latent space (`vae`, scaled by its scaling_factor) or on
+    pixels (`vae` None). `scheduler` is the training noise schedule; the sampler is built from it per call."""
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, unet, scheduler, vae=None, class_names: list[str] | None = None, sampler: str = "dpmsolver++", num_steps: int = 25,
+                 guidance_scale: float = 1.0, image_shape: list[int] | None = None):  # fmt: skip
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_to_config(class_names=class_names, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+                                image_shape=image_shape)  # fmt: skip
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.config.num_class_embeds - 1  # the last embedding is the null class
+
+    def class_ids(self, class_labels) -> torch.Tensor:
+        """Ids or names (any case) -> (N,) ids; ValueError naming the first unknown one."""
+        labels = [class_labels] if isinstance(class_labels, (int, str)) else list(torch.as_tensor(class_labels).tolist()
+                                                                                      if isinstance(class_labels, torch.Tensor) else class_labels)  # fmt: skip
+        names = {name.lower(): i for i, name in enumerate(self.config.class_names or [])}
+        ids = []
+        for label in labels:
+            if isinstance(label, str) and label.lower() in names:
+                ids.append(names[label.lower()])
+            elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < self.num_classes:
+                ids.append(label)
+            else:
+                raise ValueError(f"class label {label!r} out of range: the model has 0..{self.num_classes - 1}"
+                                 + (f" ({', '.join(self.config.class_names)})" if self.config.class_names else ""))  # fmt: skip
+        return torch.tensor(ids, dtype=torch.long)
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil", return_dict: bool = True):  # fmt: skip
+        """class_labels: ids or names, one per image. generator: one per image (image i depends only on generator i, as in
+        genforge's seeded sampling), or one for all. Defaults: the exported sampler, steps and guidance. output_type:
+        "pil", "np" ((N, H, W, C) in [0, 1]) or "pt" ((N, C, H, W) in [0, 1])."""
+        labels = self.class_ids(class_labels)
+        if generator is None:
+            generator = [torch.Generator().manual_seed(int(s)) for s in torch.randint(0, 2**62, (len(labels),)).tolist()]
+        generators = generator if isinstance(generator, list) else [generator] * len(labels)
+        if len(generators) != len(labels):
+            raise ValueError(f"{len(generators)} generators for {len(labels)} images: one per image, or one for all")
+        sample_size = self.unet.config.sample_size
+        latents = denoise(
+            self.unet, self.scheduler.config, labels, generators, (self.unet.config.in_channels, sample_size, sample_size),
+            self.num_classes, sampler or self.config.sampler, num_inference_steps or self.config.num_steps,
+            self.config.guidance_scale if guidance_scale is None else guidance_scale, self.unet.device,
+        )  # fmt: skip
+        images = latents if self.vae is None else self.vae.decode(latents / self.vae.config.scaling_factor).sample.float()
+        images = ((images.clamp(-1, 1) + 1) / 2).cpu()
+        if output_type == "pt":
+            output = images
+        elif output_type in ("np", "pil"):
+            output = images.permute(0, 2, 3, 1).numpy()
+            output = self.numpy_to_pil(output) if output_type == "pil" else output
+        else:
+            raise ValueError(f"output_type {output_type!r}: one of pil, np, pt")
+        return ImagePipelineOutput(images=output) if return_dict else (output,)
