@@ -187,8 +187,8 @@ def plot_guidance(record: dict, path: Path) -> None:
     if record["chosen"] is not None:
         ax.axvline(record["chosen"], color="grey", linewidth=0.8)
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=7, loc="upper center")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=3, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     fig.savefig(partial, dpi=110, format="png")

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,8 @@ def test_an_experiment_in_a_temporary_workspace_keeps_its_run_and_a_failed_one_l
     upstream outputs checked out from its cache) and deletes the copy once it has collected the outs into the
     experiment. The run's checkpoints and worker logs are not DVC outs: they stay in the project (DVC_ROOT), so the
     experiment resumes the workspace's 20-step run and its checkpoint outlives the copy. A failing experiment
-    leaves params.yaml byte for byte as it was, with the stage's one-line error in DVC's output."""
+    leaves params.yaml byte for byte as it was, with the stage's one-line error in DVC's output. A queued experiment
+    (`dvc exp run --queue`, `dvc queue start`) runs the same way in the queue's background worker."""
     project, _ = pipeline
     params = project / "params.yaml"
     original = params.read_text()
@@ -120,6 +122,23 @@ def test_an_experiment_in_a_temporary_workspace_keeps_its_run_and_a_failed_one_l
     assert failed.returncode != 0
     assert "error: " in failed.stdout + failed.stderr and "gan.total_steps" in failed.stdout + failed.stderr
     assert params.read_text() == original
+
+    # the queue runs in temporary workspaces too: `dvc exp run --queue`, then `dvc queue start` (a background worker)
+    queued = run_cli(["dvc", "exp", "run", "--queue", "-n", "queued-gan", "-S", "gan.total_steps=26"], project)
+    assert queued.returncode == 0 and params.read_text() == original, queued.stdout + queued.stderr
+    assert run_cli(["dvc", "queue", "start"], project).returncode == 0
+    deadline, status = time.monotonic() + 600, ""
+    while not re.search(r"queued-gan\s.*\b(Success|Failed)\b", status) and time.monotonic() < deadline:
+        time.sleep(3)
+        status = run_cli(["dvc", "queue", "status"], project).stdout
+    run_cli(["dvc", "queue", "stop"], project)
+    logs = run_cli(["dvc", "queue", "logs", "queued-gan"], project).stdout
+    assert re.search(r"queued-gan\s.*\bSuccess\b", status), status + logs[-3000:]
+    assert "resuming" in logs.lower() and "step 26/26" in logs and (run / "checkpoint_0000026").is_dir()  # the project's run, resumed
+    shown = json.loads(run_cli(["dvc", "exp", "show", "--json", "--no-fetch"], project).stdout)
+    experiments = {exp["name"]: exp for row in shown for exp in (row.get("experiments") or []) for exp in (exp.get("revs") or [])}
+    assert experiments["queued-gan"]["data"]["params"]["params.yaml"]["data"]["gan"]["total_steps"] == 26
+    assert params.read_text() == original and not list(project.glob(".dvc/tmp/exps/tmp*"))
 
 
 def test_outputs_go_to_an_s3_remote_and_come_back(pipeline, moto_s3):
@@ -393,7 +412,6 @@ def test_demo_serves_the_champions_in_a_real_browser(pipeline, mlflow_server, tm
     the diffusion champion too with its sampler settings, the page names each version with its metrics, and a family
     without a champion is one line on the page."""
     import io
-    import time
 
     from PIL import Image
     from selenium import webdriver
