@@ -119,9 +119,11 @@ def guidance_sweep(cfg: RunConfig, family: str) -> dict:
     (<family>_guidance.png); both are logged to the model's training run under guidance/<protocol>/."""
     logger = log("evaluate")
     e, sweep = cfg.evaluate, cfg.evaluate.guidance
+    generator_dir = Path(cfg.generator_dir(family)).resolve()
+    held = read_generator_meta(generator_dir).get("family", "gan")
+    if held != "ldm":
+        raise StageError(f"{generator_dir}: a {held} model has no classifier-free guidance to sweep")
     model = _Model.open(cfg, family)
-    if model.meta.get("family") != "ldm":
-        raise StageError(f"{model.generator_dir}: a {model.meta.get('family', 'gan')} model has no classifier-free guidance to sweep")
     mlflow = connect(cfg)
     run_id = training_run(mlflow, model.meta.get("mlflow_run_id"), model.generator_dir)
     curve = []
@@ -130,8 +132,7 @@ def guidance_sweep(cfg: RunConfig, family: str) -> dict:
         metrics = _measure(cfg, model, logger, guidance=scale)
         curve.append({"guidance": scale, **{k: metrics[k] for k in GUIDANCE_KEYS}})
         logger.info("guidance %g: %s", scale, report_line(metrics))
-    eligible = [point for point in curve if point["class_accuracy"] >= sweep.class_accuracy_floor]
-    chosen = min(eligible, key=lambda point: point["fid"]) if eligible else None
+    chosen = choose_guidance(curve, sweep.class_accuracy_floor)
     record = {
         "family": family, "protocol": e.protocol, "protocol_id": metrics["protocol_id"], "floor": metrics["floor"],
         "step": model.meta["step"], "sampler": metrics["sampler"], "sampler_steps": metrics["sampler_steps"],
@@ -152,6 +153,12 @@ def guidance_sweep(cfg: RunConfig, family: str) -> dict:
                     "with %g (ldm.sampler.guidance_scale)", sweep.class_accuracy_floor, chosen["guidance"], chosen["fid"], chosen["recall"],
                     chosen["class_accuracy"], record["exported_guidance"])  # fmt: skip
     return record
+
+
+def choose_guidance(curve: list[dict], class_accuracy_floor: float) -> dict | None:
+    """The point of the curve with the lowest FID among those whose class accuracy reaches the floor; None if none does."""
+    eligible = [point for point in curve if point["class_accuracy"] >= class_accuracy_floor]
+    return min(eligible, key=lambda point: point["fid"]) if eligible else None
 
 
 def guidance_table(record: dict) -> str:
