@@ -5,7 +5,9 @@ at batch 1 and batch 64 (images per second too), on N CPU threads, for the param
     python benchmarks/serving_latency.py [--family gan|ldm] [--params params.yaml] [--model models/gan] [--threads 2] [--calls 200]
 
 Each call is what serving does per request: the GAN's seeded latents, network and clamp; for the LDM one whole
-sample (every step of the params' sampler with guidance, then the decoder).
+sample (every step of the params' sampler with guidance, then the decoder). For the LDM also the registered model's
+path, MLflow's pyfunc `predict` (pipelines/mlflow_model.py, fp32 like torch eager) at batch 80, and torch under bf16
+autocast where the CPU has native bf16 (what `evaluate` samples with).
 Goal (issue "Serving the champion"): ONNX Runtime at least 1.5x torch eager at batch 1, p50 under 10 ms for one GAN image.
 """
 
@@ -47,6 +49,32 @@ def latencies(generator, batch: int, calls: int) -> list[float]:
     return out
 
 
+class _Pyfunc:
+    """The registered model's path: MLflow's pyfunc of pipelines/mlflow_model.py over the model directory."""
+
+    def __init__(self, model, directory: str | None, tmp: str):
+        import mlflow
+        import pandas as pd
+
+        if directory is None:
+            directory = f"{tmp}/model"
+            model.save_pretrained(directory, {"class_names": [str(i) for i in range(model.num_classes)]})
+        mlflow.pyfunc.save_model(f"{tmp}/pyfunc", python_model=str(REPO / "pipelines/mlflow_model.py"), artifacts={"generator": directory},
+                                 code_paths=[str(REPO / "gen_core")])  # fmt: skip
+        self.pyfunc, self.frame, self.num_classes = mlflow.pyfunc.load_model(f"{tmp}/pyfunc"), pd.DataFrame, model.num_classes
+
+    def sample(self, labels, seeds):
+        return self.pyfunc.predict(self.frame({"label": labels.tolist(), "seed": list(seeds)}))
+
+
+class _Autocast:
+    def __init__(self, model):
+        self.model, self.num_classes = model, model.num_classes
+
+    def sample(self, labels, seeds):
+        return self.model.sample(labels, seeds, autocast_dtype=torch.bfloat16)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["gan", "ldm"], default="gan")
@@ -80,9 +108,17 @@ def main() -> None:
             described = f"LDM, sampler {model.sampler.name} {model.sampler.num_steps} steps, guidance {model.sampler.guidance_scale}"
             parameters = sum(p.numel() for p in model.unet.parameters()) + sum(p.numel() for p in (model.vae.decoder.parameters() if model.vae else []))
         calls = {1: args.calls, 64: max(args.calls // 10, 5)} if isinstance(model, GanGenerator) else {1: max(args.calls // 20, 3), 64: 3}
+        paths = [("torch eager", model), ("onnxruntime", onnx)]
+        if not isinstance(model, GanGenerator):
+            calls[80] = 2
+            paths += [("mlflow pyfunc", _Pyfunc(model, args.model, tmp))]
+            if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+                paths += [("torch bf16 autocast", _Autocast(model))]
         rows = {}
         for batch, n in calls.items():
-            for name, path in (("torch eager", model), ("onnxruntime", onnx)):
+            for name, path in paths:
+                if batch == 80 and name == "onnxruntime":
+                    continue
                 ms = latencies(path, batch, n)
                 rows[f"{name}, batch {batch}"] = {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
                                                   "img_per_s": batch * 1000 / float(np.median(ms)), "calls": n}  # fmt: skip
@@ -93,6 +129,10 @@ def main() -> None:
     for batch in (1, 64):
         speedup = rows[f"torch eager, batch {batch}"]["p50_ms"] / rows[f"onnxruntime, batch {batch}"]["p50_ms"]
         print(f"batch {batch}: ONNX Runtime {speedup:.2f}x torch eager (p50)")
+    for name in ("mlflow pyfunc", "torch bf16 autocast"):
+        if f"{name}, batch 80" in rows:
+            print(f"batch 80: {name} {rows[f'{name}, batch 80']['p50_ms'] / 1000:.1f} s vs torch eager "
+                  f"{rows['torch eager, batch 80']['p50_ms'] / 1000:.1f} s")  # fmt: skip
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
               "family": args.family, "model": args.model or f"{args.params} (untrained)", "described": described, "rows": rows}  # fmt: skip
     Path(args.out or REPO / "benchmarks" / f"serving_latency_{args.family}.json").write_text(json.dumps(record, indent=1) + "\n")
