@@ -308,7 +308,7 @@ class LdmConfig(TrainingConfig):
     label_dropout: float = Field(0.1, ge=0, lt=1)
     # Min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss weighted as an x0 loss capped at
     # SNR = gamma, so the low-noise steps stop dominating training; 5 is the paper's; null: the plain MSE.
-    min_snr_gamma: float | None = Field(None, gt=0)
+    min_snr_gamma: float | None = Field(5.0, gt=0)
     lr: float = Field(1e-3, gt=0, le=1)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
