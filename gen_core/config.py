@@ -316,7 +316,7 @@ class LdmConfig(TrainingConfig):
     ema_halflife_kimg: float = Field(10.0, gt=0)
     ema_rampup_ratio: float | None = Field(0.1, gt=0)
     global_batch_size: int = Field(128, ge=1)
-    total_steps: int = Field(700, ge=1)
+    total_steps: int = Field(600, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     evaluation: TrainingEvalConfig = TrainingEvalConfig(every_steps=500)  # evaluation during training
 
