@@ -23,7 +23,6 @@ def balanced_labels(indices, num_classes: int) -> torch.Tensor:
     return torch.as_tensor(np.asarray(indices) % num_classes, dtype=torch.long)
 
 
-@torch.no_grad()
 def check_labels(labels, num_classes: int) -> torch.Tensor:
     """`labels` as a long tensor, or a one-line ValueError when one is outside the model's 0..num_classes-1."""
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -32,6 +31,7 @@ def check_labels(labels, num_classes: int) -> torch.Tensor:
     return labels
 
 
+@torch.no_grad()
 def sample_gan(G, labels: torch.Tensor, seeds, device: torch.device | str = "cpu") -> torch.Tensor:
     """Images (N, C, R, R) in [-1, 1] for the given labels and per-sample seeds."""
     z = seeded_latents(seeds, G.spec.z_dim).to(device)

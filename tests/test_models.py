@@ -134,3 +134,11 @@ def test_standing_stats_make_eval_mode_match_train_mode():
     buffers = [b.clone() for b in G.buffers()]
     recalibrate_batchnorm(G, num_batches=10, batch_size=128, seed=1)
     assert all(torch.equal(a, b) for a, b in zip(buffers, G.buffers()))  # seeded: reproducible
+
+
+def test_sampling_builds_no_autograd_graph():
+    """sample_gan runs under no_grad: evaluation and serving sample thousands of images, and a graph per batch would
+    hold every activation (it once lost its decorator to a helper inserted above it)."""
+    G = Generator(GeneratorSpec(resolution=32, channels=1, num_classes=10, z_dim=16, width=8))
+    images = sample_gan(G, torch.tensor([1, 2]), [0, 1])
+    assert not images.requires_grad and images.grad_fn is None
