@@ -24,7 +24,8 @@ import numpy as np
 from gen_core.config import SamplerConfig
 from gen_core.image_requests import SAMPLERS
 from pipelines.common import StageError, log, run_stage, stage_parser
-from pipelines.serving import ServedModel, champion_uri, open_registered
+from pipelines.registry import champion_uri
+from pipelines.serving import ServedModel, open_registered
 
 FAMILIES = ("gan", "ldm")
 LABELS = {"gan": "GAN", "ldm": "latent diffusion"}

@@ -25,13 +25,12 @@ from gen_core.io import atomic_directory, atomic_write_json
 from gen_core.onnx_diffusion import export_diffusion_onnx, sampling_record
 from gen_core.onnx_gan import OPSET, export_gan_onnx
 from pipelines.common import StageError, family_parser, log, run_stage
-from pipelines.registry import load_registered_generator, registered_version
+from pipelines.registry import champion_uri, load_registered_generator, registered_version
 from pipelines.tracking import connect, server_calls, tracking_uri
 
 def export(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     """The version's generator -> <serving.onnx_dir>/<family>/ + its MLflow record -> the onnx.json record."""
-    gate = getattr(cfg.registry, family)
-    model_uri = model_uri or f"models:/{gate.model_name}@{cfg.registry.alias}"
+    model_uri = model_uri or champion_uri(cfg, family)
     mlflow = connect(cfg)
     with server_calls(tracking_uri(cfg), f"exporting {model_uri}"):
         client = mlflow.MlflowClient()

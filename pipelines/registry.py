@@ -94,6 +94,11 @@ def decide(metrics: dict, gate: GateConfig, champion: dict | None) -> GateDecisi
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
+def champion_uri(cfg: RunConfig, family: str) -> str:
+    """models:/<registry.<family>.model_name>@<registry.alias>"""
+    return f"models:/{getattr(cfg.registry, family).model_name}@{cfg.registry.alias}"
+
+
 def registered_version(client, model_uri: str, option: str = "--model"):
     """models:/<name>@<alias> or models:/<name>/<version> -> the MLflow ModelVersion (one-line errors naming `option`)."""
     from mlflow.exceptions import MlflowException

@@ -1,5 +1,5 @@
-"""What the serving doors share (the Gradio demo, `genforge generate`): a registered version, the family's
-champion by default, opened for sampling with what a person wants to see beside its images.
+"""A registered version, the family's champion by default, opened for serving (the Gradio demo) with what a person
+wants to see beside its images.
 
 Sampling goes through ONNX Runtime when `python -m pipelines.export` wrote that very version's files to
 <serving.onnx_dir>/<family>/ (onnx.json names the model and version, and every file still has the sha256 it
@@ -16,7 +16,7 @@ from pathlib import Path
 from gen_core.config import RunConfig
 from gen_core.io import sha256_file
 from pipelines.common import StageError
-from pipelines.registry import load_registered_generator, registered_version
+from pipelines.registry import champion_uri, load_registered_generator, registered_version
 from pipelines.tracking import connect, server_calls, tracking_uri
 
 METRIC_TAGS = ("fid", "floor_fid", "recall", "floor_recall", "precision", "class_accuracy", "floor_class_accuracy")
@@ -62,10 +62,6 @@ class ServedModel:
         run = f"[{self.run_id}]({self.run_url})" if self.run_url else f"`{self.run_id}`"
         parts.append(f"training run {run}")
         return " · ".join(parts)
-
-
-def champion_uri(cfg: RunConfig, family: str) -> str:
-    return f"models:/{getattr(cfg.registry, family).model_name}@{cfg.registry.alias}"
 
 
 def open_registered(cfg: RunConfig, family: str | None, model_uri: str | None = None, option: str = "--model-uri") -> ServedModel:
