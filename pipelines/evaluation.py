@@ -13,6 +13,7 @@ metrics do not depend on where or on how many workers the samples were made.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import RunConfig
 from gen_core.generators import load_image_generator, read_generator_meta
-from gen_core.io import atomic_write_json, sha256_file
+from gen_core.io import atomic_write_bytes, atomic_write_json, sha256_file
 from gen_core.metrics import (
     inception_features, load_inception, load_inception_reference, load_ref_stats, protocol_id, sample_metrics,
 )  # fmt: skip
@@ -196,11 +197,10 @@ def plot_guidance(record: dict, path: Path) -> None:
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=3, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, dpi=110, format="png")
-    partial.replace(path)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
 
 
 class _Model:
