@@ -1,10 +1,13 @@
 """The Frechet distance of 2048-d Inception statistics: clean-fid's `frechet_distance` (scipy.linalg.sqrtm
-of S1 S2) against gen_core.metrics.fid_from_stats (two symmetric eigendecompositions), side by side in
-one run on the same statistics, with the values they give.
+of S1 S2) against gen_core.metrics.fid_from_stats (two symmetric d x d eigendecompositions) and
+gen_core.metrics.fid_from_features (one n x n eigendecomposition from the generated set's features,
+what sample_metrics and the sweep probe use), side by side in one run on the same data, with the
+values they give.
 
-Statistics: correlated Gaussian features, two sample counts: fewer samples than dimensions (the
-tests' and sweep trials' final FIDs, singular covariances) and more (the default profile's 1000-sample
-evaluation against a 1000-image reference is still singular; 5000 is full rank).
+Data: correlated Gaussian features, the generated side at three sample counts: fewer samples than
+dimensions (the tests' and sweep trials' final FIDs), the `quick` protocol's 1,000 (still a singular
+covariance) and 5,000 (full rank: fid_from_features is fid_from_stats there); the reference side
+5,000 samples (full rank, as the 10,000-image test split is).
 
     python benchmarks/fid.py [--repeats 3] [--threads 2]
 """
@@ -36,34 +39,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def stats(rng, samples: int, dim: int, mixing: np.ndarray, shift: float) -> tuple[np.ndarray, np.ndarray]:
-    x = (rng.normal(size=(samples, dim)) + shift) @ mixing
-    return x.mean(0), np.cov(x, rowvar=False)
+def features(rng, samples: int, dim: int, mixing: np.ndarray, shift: float) -> np.ndarray:
+    return (rng.normal(size=(samples, dim)) + shift) @ mixing
 
 
 def main(args: argparse.Namespace) -> None:
     from cleanfid.fid import frechet_distance
 
-    from gen_core.metrics import fid_from_stats
+    from gen_core.metrics import fid_from_features, fid_from_stats
 
     dim = 2048
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    reference = features(rng, 5000, dim, mixing, 0.0)
+    b = reference.mean(0), np.cov(reference, rowvar=False)
     print(f"{platform.processor() or platform.machine()}, numpy {np.__version__}, {args.threads} BLAS threads, {args.repeats} repeats (median)")
-    print("| samples per side | clean-fid sqrtm (s) | eigh (s) | speed-up | clean-fid value | eigh value | relative difference |")
+    print("| generated samples | clean-fid sqrtm (s) | eigh d x d (s) | from features (s) | clean-fid value | eigh value | from-features value |")
     print("|---|---|---|---|---|---|---|")
-    for samples in (100, 5000):
-        a, b = stats(rng, samples, dim, mixing, 0.0), stats(rng, samples, dim, mixing, 0.1)
-        times = {"clean-fid": [], "eigh": []}
-        for _ in range(args.repeats):  # interleaved, so drift in the machine's load hits both alike
-            started = time.perf_counter()
-            theirs = float(frechet_distance(*a, *b))
-            times["clean-fid"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            ours = fid_from_stats(*a, *b)
-            times["eigh"].append(time.perf_counter() - started)
-        slow, fast = (float(np.median(t)) for t in times.values())
-        print(f"| {samples} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x | {theirs:.6f} | {ours:.6f} | {abs(ours - theirs) / theirs:.1e} |")
+    for samples in (100, 1000, 5000):
+        x = features(rng, samples, dim, mixing, 0.1)
+        a = x.mean(0), np.cov(x, rowvar=False)
+        runs = {"clean-fid": lambda: float(frechet_distance(*a, *b)), "eigh": lambda: fid_from_stats(*a, *b), "features": lambda: fid_from_features(x, *b)}
+        times, values = {name: [] for name in runs}, {}
+        for _ in range(args.repeats):  # interleaved, so drift in the machine's load hits all alike
+            for name, run in runs.items():
+                started = time.perf_counter()
+                values[name] = run()
+                times[name].append(time.perf_counter() - started)
+        t = {name: float(np.median(v)) for name, v in times.items()}
+        print(f"| {samples} | {t['clean-fid']:.2f} | {t['eigh']:.2f} | {t['features']:.2f} | {values['clean-fid']:.6f} | {values['eigh']:.6f} | {values['features']:.6f} |")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,27 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
+def fid_from_features(features, mu, sigma) -> float:
+    """fid_from_stats of the set whose (n, d) features are given (its mean and np.cov) against (mu, sigma).
+
+    With no more samples than dimensions (the `quick` protocol's 1,000 at 2048-d, the sweep trials' final
+    FIDs, every test) the set's covariance S1 = A^T A with A = centred features / sqrt(n - 1) has rank below n,
+    and the non-zero eigenvalues of S1 S2 = A^T (A S2) are those of A S2 A^T (eig(XY) = eig(YX) away from
+    zero), an n x n symmetric PSD matrix: one n x n eigendecomposition instead of two d x d ones, and no
+    d x d covariance of the set. Same value to rounding (benchmarks/fid.py); with more samples than
+    dimensions it is fid_from_stats."""
+    x = np.asarray(features, np.float64)
+    n, dim = x.shape
+    mu1 = x.mean(0)
+    if n > dim:
+        return fid_from_stats(mu1, np.cov(x, rowvar=False), mu, sigma)
+    a = (x - mu1) / np.sqrt(n - 1)
+    sigma2 = np.asarray(sigma, np.float64)
+    small = a @ ((sigma2 + sigma2.T) / 2) @ a.T
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    return float(((mu1 - np.asarray(mu, np.float64)) ** 2).sum() + (a * a).sum() + np.trace(sigma2) - 2 * trace_sqrt)
+
+
 def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int, subset_size: int, seed: int = 0) -> float:
     """Unbiased MMD^2 with the cubic polynomial kernel (Binkowski et al. 2018), averaged over subsets.
     Same estimator as clean-fid's kernel_distance, but with a seeded RNG."""
@@ -374,7 +395,7 @@ def per_class_metrics(
         out["recall"].append(precision_recall(r, f, k)[1])
         out["diversity"].append(_mean_pairwise_distance(f) / max(_mean_pairwise_distance(r), 1e-12))
         if with_fid:  # at 2048-d two eigendecompositions a class: skipped where only recall and diversity are wanted
-            out["fid"].append(fid_from_stats(f.mean(0), np.cov(f, rowvar=False), r.mean(0), np.cov(r, rowvar=False)))
+            out["fid"].append(fid_from_features(f, r.mean(0), np.cov(r, rowvar=False)))
     return out
 
 
@@ -391,7 +412,7 @@ def sample_metrics(reference: dict, generated: dict, settings) -> dict:
     cls, ref_cls = np.asarray(generated["classifier"], np.float64), reference["classifier"]
     precision_cls, recall_cls = precision_recall(ref_cls["features"], cls, settings.pr_neighbors)
     out = {
-        "fid_classifier": fid_from_stats(cls.mean(0), np.cov(cls, rowvar=False), ref_cls["mu"], ref_cls["sigma"]),
+        "fid_classifier": fid_from_features(cls, ref_cls["mu"], ref_cls["sigma"]),
         "class_accuracy": float((probabilities.argmax(1) == labels).mean()),
         "classifier_score": classifier_score(probabilities, settings.classifier_score_splits),
         "precision_classifier": precision_cls, "recall_classifier": recall_cls,
@@ -401,7 +422,7 @@ def sample_metrics(reference: dict, generated: dict, settings) -> dict:
         inc, ref_inc = np.asarray(generated["inception"], np.float64), reference["inception"]
         precision, recall = precision_recall(ref_inc["features"], inc, settings.pr_neighbors)
         out.update(
-            fid=fid_from_stats(inc.mean(0), np.cov(inc, rowvar=False), ref_inc["mu"], ref_inc["sigma"]),
+            fid=fid_from_features(inc, ref_inc["mu"], ref_inc["sigma"]),
             kid=kid(ref_inc["features"], inc, settings.kid_subsets, settings.kid_subset_size, seed=settings.seed),
             precision=precision, recall=recall,
         )  # fmt: skip

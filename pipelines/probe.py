@@ -27,7 +27,7 @@ from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import EVAL_METRIC_MODES, EvaluateConfig, InceptionConfig, RunConfig
 from gen_core.data import read_manifest
 from gen_core.io import filesystem
-from gen_core.metrics import fid_from_stats, inception_features, load_inception, load_ref_stats, sample_metrics
+from gen_core.metrics import fid_from_features, inception_features, load_inception, load_ref_stats, sample_metrics
 from gen_core.sampling import balanced_labels, to_uint8
 from pipelines.common import StageError, absolute
 
@@ -163,7 +163,7 @@ class Evaluator:
         metrics = sample_metrics(self.reference, cheap, self.settings)
         if final_inception:  # the sweep's final Inception FID on its own sample count: the FID alone
             inception, reference = merged["inception"][:final_inception], self.reference["inception"]
-            metrics["fid"] = fid_from_stats(inception.mean(0), np.cov(inception, rowvar=False), reference["mu"], reference["sigma"])
+            metrics["fid"] = fid_from_features(inception, reference["mu"], reference["sigma"])
         values = {k: float(metrics[k]) for k in SCALARS if k in metrics}
         per_class = metrics.get("diversity_per_class") or []
         if per_class:

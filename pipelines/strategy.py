@@ -277,6 +277,11 @@ class DeepSpeedStrategy(Strategy):
     def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False) -> Part:
         import deepspeed
 
+        # On CPU, DeepSpeed's first communication backend compiles a C++ shared-memory all-reduce
+        # (deepspeed_shm_comm: about 45 CPU-s of g++, again whenever the venv's path changes), which only its
+        # inference_all_reduce uses; training reduces through torch.distributed (gloo) either way. Marking the
+        # op incompatible makes DeepSpeed skip the build (its build_shm_op returns None); GPUs never build it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ema_module = _ema_copy(module) if ema else None  # whole on every rank, also under ZeRO-3
         template = copy.deepcopy(module).eval() if self.stage == 3 and self.rank == 0 else None
         engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=make_optimizer(module.parameters()),

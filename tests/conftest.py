@@ -12,18 +12,25 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import pytest
-import yaml
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the cores: one thread each for numpy's BLAS and torch's OpenMP, here and (inherited)
+    # in every process a test starts whose thread count is not set explicitly. Two threads each oversubscribe the
+    # cores, and every parallel region then waits on a descheduled thread while the other one spins: a 2048-d
+    # Frechet distance beside a busy core took 12.4 CPU-s with 2 BLAS threads and 6.4 with 1 (9.5 vs 6.5 s).
+    # Set before numpy is imported: BLAS reads it once.
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
 
-from pipelines.ray_env import free_port
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from pipelines.ray_env import free_port  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
-    # Two test processes share the cores: one intra-op thread each for the tests that compute in-process. Two threads
-    # each oversubscribe the cores, and every op's parallel region then waits on a descheduled thread.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the same for the tests that compute in-process (torch may have been imported first)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ from PIL import Image
 
 from gen_core.config import InceptionConfig
 from gen_core.metrics import (
-    INCEPTION_SHA256, FeatureNetError, FeatureStats, clean_resize, fid_from_stats, inception_features, inception_path, kid,
+    INCEPTION_SHA256, FeatureNetError, FeatureStats, clean_resize, fid_from_features, fid_from_stats, inception_features, inception_path, kid,
     classifier_score, load_inception, per_class_metrics, precision_recall, sample_metrics,
 )  # fmt: skip
 
@@ -36,6 +36,26 @@ def test_frechet_distance_equals_clean_fids_formula(samples):
     ours = fid_from_stats(*stats[0], *stats[1])
     assert ours == pytest.approx(float(frechet_distance(*stats[0], *stats[1])), rel=1e-6)
     assert ours > 1.0 and fid_from_stats(*stats[0], *stats[0]) == pytest.approx(0.0, abs=1e-6 * ours)
+
+
+@pytest.mark.parametrize("samples", [40, 255, 256, 600], ids=["few", "rank_n_minus_1", "n_equals_dim", "more_than_dim"])
+def test_fid_from_features_is_the_frechet_distance_of_their_mean_and_covariance(samples):
+    """The n x n form (n <= d: a singular covariance) against an independent route, tr((S1 S2)^1/2) as the
+    singular values of A S2^1/2 (no squaring), and against fid_from_stats, which loses a few 1e-8 there:
+    the square roots of its d x d matrix's rounding-error eigenvalues add up."""
+    rng = np.random.default_rng(samples)
+    dim = 256
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    reference = (rng.normal(size=(900, dim)) * 1.5 + 0.2) @ mixing
+    mu, sigma = reference.mean(0), np.cov(reference, rowvar=False)
+    features = rng.normal(size=(samples, dim)) @ mixing
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
+    centred = (features - features.mean(0)) / np.sqrt(samples - 1)
+    trace_sqrt = np.linalg.svd(centred @ (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T, compute_uv=False).sum()
+    exact = ((features.mean(0) - mu) ** 2).sum() + (centred**2).sum() + np.trace(sigma) - 2 * trace_sqrt
+    assert fid_from_features(features, mu, sigma) == pytest.approx(exact, rel=1e-9) and exact > 1.0
+    assert fid_from_stats(features.mean(0), np.cov(features, rowvar=False), mu, sigma) == pytest.approx(exact, rel=1e-7)
+    assert fid_from_features(reference, mu, sigma) == pytest.approx(0.0, abs=1e-9 * exact)
 
 
 def test_fid_kid_pr_behave():

@@ -1,0 +1,64 @@
+"""Why the test processes run one BLAS/OpenMP thread each: the same 2048-d Frechet distance
+(gen_core.metrics.fid_from_stats, 100 vs 300 samples, twice) with 1 and 2 threads, on an idle machine
+and beside one busy core (a pure-Python loop in another process, as a second pytest-xdist worker is),
+alternating, in fresh processes (BLAS reads its thread count once).
+
+    python benchmarks/oversubscription.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD = """
+import resource, sys, time
+import numpy as np
+sys.path.insert(0, {repo!r})
+from gen_core.metrics import fid_from_stats
+rng = np.random.default_rng(0)
+mixing = rng.normal(size=(2048, 2048)) / 45
+a, b = rng.normal(size=(100, 2048)) @ mixing, (rng.normal(size=(300, 2048)) + 0.1) @ mixing
+stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(2):
+    fid_from_stats(*stats[0], *stats[1])
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(time.perf_counter() - started, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+"""
+
+
+def measure(threads: int) -> tuple[float, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO))], env=env, capture_output=True, text=True, check=True)
+    wall, cpu = map(float, out.stdout.split())
+    return wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} cores; two 2048-d Frechet distances per measurement")
+    print("| other core | BLAS threads | wall (s) | CPU-s |")
+    print("|---|---|---|---|")
+    for busy in (False, True):
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            time.sleep(0.5)
+            for _ in range(args.rounds):
+                for threads in (2, 1):
+                    wall, cpu = measure(threads)
+                    print(f"| {'busy' if busy else 'idle'} | {threads} | {wall:.2f} | {cpu:.2f} |", flush=True)
+        finally:
+            if hog:
+                hog.kill()
+
+
+if __name__ == "__main__":
+    main()
