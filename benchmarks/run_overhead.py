@@ -4,6 +4,7 @@ alternately in one session, and optionally where the CPU went, process by proces
 
     python benchmarks/run_overhead.py [--rounds 3] [--processes]
         [--variant NAME:VAR=VALUE,...]   (default: the stage as shipped vs with Train's preemption watcher on)
+    python benchmarks/run_overhead.py --idle-ray 60     (what an idle `ray start --head` costs a minute, by role)
 
 CPU-seconds are the whole machine's busy time during the run (/proc/stat), so run it on an idle machine.
 --processes samples every process's CPU time from /proc five times a second and groups them by role
@@ -108,13 +109,45 @@ def one_run(root: Path, params: Path, env: dict, n: int, processes: bool) -> dic
     return row
 
 
+def idle_ray(seconds: float) -> dict:
+    """CPU-seconds of a `ray start --head --block` (its own temp dir and ports, 2 CPUs) that runs nothing, over
+    `seconds` after 20 s of start-up, by role: what a Ray kept alive between runs would cost. Ending the
+    blocking `ray start` stops the processes it started."""
+    from pipelines.ray_env import free_port
+
+    with tempfile.TemporaryDirectory(prefix="idle-ray-") as tmp:
+        ports = [str(free_port()) for _ in range(4)]
+        command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", tmp,
+                   "--port", ports[0], "--dashboard-host", "127.0.0.1", "--dashboard-port", ports[1],
+                   "--dashboard-agent-listen-port", ports[2], "--ray-client-server-port", ports[3], "--disable-usage-stats"]  # fmt: skip
+        sampler = ProcessSampler()
+        sampler.start()
+        head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
+        try:
+            time.sleep(20)
+            at_start = collections.Counter()
+            for cpu, name in dict(sampler.seen).values():
+                at_start[name] += cpu
+            time.sleep(seconds)
+            usage = sampler.stop()
+        finally:
+            head.terminate()
+            head.wait(60)
+        return {name: round(u["cpu_s"] - at_start[name], 2) for name, u in usage.items() if u["cpu_s"] - at_start[name] >= 0.05}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", action="store_true", help="also sample every process's CPU time, grouped by role")
     parser.add_argument("--variant", action="append", help="NAME:VAR=VALUE,... (repeatable; default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "run_overhead.json")
+    parser.add_argument("--idle-ray", type=float, metavar="SECONDS", help="only measure an idle Ray head over SECONDS")
     args = parser.parse_args()
+    if args.idle_ray:
+        usage = idle_ray(args.idle_ray)
+        print(f"idle Ray head, {args.idle_ray:.0f} s: {sum(usage.values()):.1f} CPU-s ({', '.join(f'{k} {v}' for k, v in usage.items() if v)})")
+        return
     variants = {}
     for spec in args.variant or DEFAULT_VARIANTS:
         name, _, assignments = spec.partition(":")
