@@ -241,7 +241,16 @@ def log_dataset(mlflow, cfg: RunConfig, data_uri: str, data_hash: str) -> None:
     with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all of them the same here)
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(data_uri)
-    mlflow.log_input(MetaDataset(source, name=f"{cfg.data.source}-prepared", digest=data_hash), context="training")
+    dataset = MetaDataset(source, name=f"{cfg.data.source}-prepared", digest=data_hash)
+    try:
+        mlflow.log_input(dataset, context="training")
+    except mlflow.exceptions.MlflowException as err:
+        # MLflow's SQL store looks the dataset up, then inserts it: two runs of one experiment logging the same dataset
+        # at once (a sweep's first trials) can both miss it, and the second insert fails on the unique key. The
+        # dataset exists by then, so logging again only links it to this run.
+        if "UNIQUE constraint failed: datasets" not in str(err) and "duplicate key" not in str(err).lower():
+            raise
+        mlflow.log_input(dataset, context="training")
     md5 = dvc_out_md5(cfg.data.out_dir)
     if md5:
         mlflow.set_tag("data_dvc_md5", md5)

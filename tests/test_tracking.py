@@ -111,3 +111,45 @@ def test_ray_usage_stats_are_off_unless_the_user_opts_in(monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
     ray_defaults()
     assert usage_lib.usage_stats_enabled()  # an explicit opt-in stands
+
+
+def _log_same_dataset(db: str, experiment_id: str, barrier, digest: str, results) -> None:
+    import mlflow
+
+    from gen_core.config import load_config
+    from pipelines.ray_train import log_dataset
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    cfg = load_config(REPO / "params.yaml")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        barrier.wait()
+        try:
+            log_dataset(mlflow, cfg, str(REPO / "data"), digest)
+            results.put((run.info.run_id, "ok"))
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            results.put((run.info.run_id, f"{type(err).__name__}: {str(err).splitlines()[0]}"))
+
+
+def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path):
+    """A sweep's first trials log the prepared data as their input at the same moment: MLflow's SQL store looks the
+    dataset up and then inserts it, so all but one insert can fail on its unique key (a PBT trial errored so, and its
+    synchronous sweep then waited forever). Real processes racing on one sqlite store, 4 at once, 4 rounds."""
+    import multiprocessing
+
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    experiment_id = mlflow.MlflowClient(f"sqlite:///{db}").create_experiment("race", artifact_location=str(tmp_path / "artifacts"))
+    context = multiprocessing.get_context("fork")
+    outcomes = []
+    for round_ in range(4):
+        barrier, results = context.Barrier(4), context.Queue()
+        children = [context.Process(target=_log_same_dataset, args=(str(db), experiment_id, barrier, f"digest{round_}", results)) for _ in range(4)]
+        for child in children:
+            child.start()
+        outcomes += [results.get(timeout=120) for _ in children]
+        for child in children:
+            child.join(60)
+    assert [o for o in outcomes if o[1] != "ok"] == []
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    assert all(len(client.get_run(run_id).inputs.dataset_inputs) == 1 for run_id, _ in outcomes)
