@@ -15,8 +15,9 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two test processes share the cores: one thread each for numpy's BLAS and torch's OpenMP, here and (inherited)
     # in every process a test starts whose thread count is not set explicitly. Two threads each oversubscribe the
-    # cores, and every parallel region then waits on a descheduled thread while the other one spins: a 2048-d
-    # Frechet distance beside a busy core took 12.4 CPU-s with 2 BLAS threads and 6.4 with 1 (9.5 vs 6.5 s).
+    # cores, and every parallel region then waits on a descheduled thread while the other one spins: two 2048-d
+    # Frechet distances beside a busy core took 12.0-13.7 CPU-s with 2 BLAS threads and 6.2-6.3 with 1
+    # (`python benchmarks/oversubscription.py`, benchmarks/RESULTS.md).
     # Set before numpy is imported: BLAS reads it once.
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
