@@ -336,8 +336,26 @@ def _tuner(cfg: RunConfig, trainable, storage_path: str, experiment: str, storag
             search_alg=_searcher(cfg, concurrency), max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(name=s.name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=1,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                  failure_config=tune.FailureConfig(fail_fast=stops_at_first_error(cfg))),
     )  # fmt: skip
+
+
+def stops_at_first_error(cfg: RunConfig) -> bool:
+    """Synchronous PBT waits at each perturbation point for every trial, a failed one too: Tune would
+    keep the others paused for ever (ray-project/ray#12122), so such a sweep stops at its first failure."""
+    return cfg.sweep.scheduler == "pbt" and cfg.sweep.pbt.synch
+
+
+def check_ended(cfg: RunConfig, results, wall: float) -> None:
+    """One line when the sweep cannot be finished: a synchronous PBT trial failed, or Ctrl-C stopped it."""
+    s = cfg.sweep
+    failed = [result for result in results if result.error]
+    if failed and stops_at_first_error(cfg):
+        raise StageError(f"sweep {s.name}: trial {_trial_id(failed[0])} failed: {error_line(failed[0].error)}; a synchronous PBT "
+                         "sweep stops at its first failed trial (with sweep.pbt.synch: false the others go on)")  # fmt: skip
+    if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
+        raise StageError(f"sweep {s.name} interrupted after {format_duration(wall)}; run the same command again to resume it")
 
 
 def run(cfg: RunConfig) -> dict:
@@ -379,8 +397,7 @@ def run(cfg: RunConfig) -> dict:
         wall = time.monotonic() - started
     finally:
         ray.shutdown()
-    if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
-        raise StageError(f"sweep {s.name} interrupted after {format_duration(wall)}; run the same command again to resume it")
+    check_ended(cfg, results, wall)
     return finish(cfg, results, wall, parent, logger)
 
 
@@ -393,12 +410,16 @@ def trial_rows(cfg: RunConfig, results) -> list[dict]:
         step = int(metrics.get("step", 0))
         status = "error" if result.error else ("completed" if step >= s.total_steps else "stopped early")
         rows.append({
-            "trial_id": metrics.get("trial_id") or Path(result.path).name, "status": status, "step": step,
+            "trial_id": _trial_id(result), "status": status, "step": step,
             "reports": int(metrics.get("training_iteration", 0)), "of_reports": reports,
             s.metric: metrics.get(s.metric), "fid": metrics.get("fid"), "time_s": round(float(metrics.get("time_total_s", 0.0)), 1),
             **{k: v for k, v in result.config.items()},
         })  # fmt: skip
     return rows
+
+
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
 def finish(cfg: RunConfig, results, wall: float, parent: str, logger) -> dict:

@@ -146,6 +146,51 @@ def test_pbt_exploits_by_handing_a_checkpoint_over(upstream):
     assert record["completed"] == 2
 
 
+# A synchronous PBT sweep through the stage's own Tuner settings, with trials that only report (no training):
+# trial 1 fails while trial 0 waits for it at the first perturbation point.
+SYNCH_PBT_WITH_A_FAILED_TRIAL = """
+import sys, tempfile, time
+from pathlib import Path
+import ray
+from ray import tune
+from gen_core.config import load_config
+from pipelines.common import StageError
+from pipelines.ray_env import start_local_ray
+from pipelines.sweep import _tuner, check_ended
+
+def trial(config):
+    if tune.get_context().get_trial_id().endswith("00001"):
+        time.sleep(3)  # after trial 0 has reported and is paused at the perturbation point
+        raise RuntimeError("the trial's training failed")
+    for step in (10, 20, 30):
+        with tempfile.TemporaryDirectory() as directory:
+            Path(directory, "state.json").write_text("{}")
+            tune.report({"fid_classifier": 1.0, "step": step}, checkpoint=tune.Checkpoint.from_directory(directory))
+
+root = sys.argv[1]
+cfg = load_config("params.yaml", ["sweep.enabled=true", "sweep.name=synch", "sweep.scheduler=pbt", "sweep.pbt.synch=true",
+                                  "sweep.num_trials=2", "sweep.total_steps=30", "sweep.report_every_steps=10"])
+start_local_ray(ray, num_cpus=2)
+started = time.monotonic()
+results = _tuner(cfg, tune.with_resources(trial, {"CPU": 1}), root, f"{root}/synch", None, 2, False).fit()
+ray.shutdown()
+try:
+    check_ended(cfg, results, time.monotonic() - started)
+except StageError as err:
+    sys.exit(f"error: {err}")
+"""
+
+
+@pytest.mark.slow
+def test_a_synchronous_pbt_sweep_stops_at_a_failed_trial_instead_of_waiting_for_it(tmp_path):
+    """Found in a test run: a PBT trial failed and its synchronous sweep then waited for it until the test's timeout."""
+    result = run_cli(["python", "-c", SYNCH_PBT_WITH_A_FAILED_TRIAL, str(tmp_path)], REPO, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: sweep synch: trial \S+00001\S* failed: RuntimeError: the trial's training failed; a synchronous PBT "
+                        r"sweep stops at its first failed trial \(with sweep.pbt.synch: false the others go on\)", last), last
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_from_its_storage(upstream):
     directory = upstream / "resume"
