@@ -247,8 +247,8 @@ def log_dataset(mlflow, cfg: RunConfig, data_uri: str, data_hash: str) -> None:
     except mlflow.exceptions.MlflowException as err:
         # MLflow's SQL store looks the dataset up, then inserts it: two runs of one experiment logging the same dataset
         # at once (a sweep's first trials) can both miss it, and the second insert fails on the unique key. The
-        # dataset exists by then, so logging again only links it to this run.
-        if "UNIQUE constraint failed: datasets" not in str(err) and "duplicate key" not in str(err).lower():
+        # dataset exists by then, so logging again only links it to this run. (sqlite, PostgreSQL and MySQL say it so.)
+        if not any(text in str(err).lower() for text in ("unique constraint failed: datasets", "duplicate key", "duplicate entry")):
             raise
         mlflow.log_input(dataset, context="training")
     md5 = dvc_out_md5(cfg.data.out_dir)
