@@ -114,16 +114,20 @@ def sample_diffusion(
 
 def autoencoder_loss(
     round_trip: nn.Module, images: torch.Tensor, kind: str, kl_weight: float, generator=None,
-    perceptual: nn.Module | None = None, perceptual_weight: float = 0.0,
+    perceptual: nn.Module | None = None, perceptual_weight: float = 0.0, perceptual_images: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """-> (loss (N,), reconstruction (N, C, R, R)): the pixel error, plus `perceptual_weight` x the perceptual
-    distance (gen_core.lpips) when one is given, plus KL of the diagonal Gaussian posterior vs N(0, I)."""
+    distance (gen_core.lpips) when one is given, plus KL of the diagonal Gaussian posterior vs N(0, I).
+    With `perceptual_images` k, only the first k images get the perceptual term, scaled by N/k: the batch's
+    mean loss is then an unbiased estimate of the full term's (the batch is a random draw) at k/N of its cost."""
     reconstruction, mean, logvar = round_trip(images, generator)
     error = (reconstruction.float() - images).abs() if kind == "l1" else (reconstruction.float() - images).pow(2)
     kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
     loss = error.flatten(1).mean(1) + kl_weight * kl
     if perceptual is not None and perceptual_weight > 0:
-        loss = loss + perceptual_weight * perceptual(reconstruction, images).float()
+        k = min(perceptual_images or len(images), len(images))
+        distance = perceptual(reconstruction[:k], images[:k]).float() * (len(images) / k)
+        loss = loss + perceptual_weight * nn.functional.pad(distance, (0, len(images) - k))
     return loss, reconstruction
 
 

@@ -79,7 +79,8 @@ def discriminator_loss(objective: GanObjective, D, real: torch.Tensor, fake: tor
     x, y = torch.cat([real, fake]), torch.cat([labels, labels])
     if gp:
         eps = torch.rand(n, 1, 1, 1, generator=noise).to(real)
-        x, y = torch.cat([x, torch.lerp(fake, real, eps)]), torch.cat([y, labels])  # eps*real + (1-eps)*fake
+        # eps*real + (1-eps)*fake, in the reals' dtype as torch.cat gave x (under bf16 autocast G's fakes are bf16)
+        x, y = torch.cat([x, torch.lerp(fake.to(real.dtype), real, eps)]), torch.cat([y, labels])
     if r1r2 or gp:
         x = x.detach().requires_grad_(True)
     logits = D(diff_augment(x, o.augment, noise), y).float()

@@ -68,7 +68,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         index = batch_indices(step, a.global_batch_size, len(images), a.seed, worker.rank, worker.world_size)
         x = to_unit(images[index]).to(device)
         with worker.autocast(amp_dtype):
-            loss, _ = autoencoder_loss(model.forward, x, a.reconstruction_loss, a.kl_weight, noise, perceptual, a.perceptual_weight)
+            loss, _ = autoencoder_loss(model.forward, x, a.reconstruction_loss, a.kl_weight, noise, perceptual, a.perceptual_weight, a.perceptual_images)
             loss = loss.mean()
         model.backward(loss)
         model.step()

@@ -100,5 +100,8 @@ def test_the_autoencoder_loss_adds_the_weighted_distance_and_trains_through_it(l
     with_lpips, same = autoencoder_loss(round_trip, images, "l1", 1e-6, torch.Generator().manual_seed(2), lpips, 0.5)
     assert torch.equal(reconstruction, same) and plain.shape == with_lpips.shape == (4,)
     assert with_lpips.detach() == pytest.approx((plain + 0.5 * lpips(reconstruction, images)).detach(), rel=1e-6)
+    # on the first 2 images only, scaled to the batch: the mean is plain + 0.5 x their mean distance
+    subset, _ = autoencoder_loss(round_trip, images, "l1", 1e-6, torch.Generator().manual_seed(2), lpips, 0.5, perceptual_images=2)
+    assert subset.mean().item() == pytest.approx((plain.mean() + 0.5 * lpips(reconstruction[:2], images[:2]).mean()).item(), rel=1e-6)
     with_lpips.mean().backward()  # the encoder and decoder get the perceptual term's gradient
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in round_trip.parameters() if p.requires_grad)
