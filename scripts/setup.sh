@@ -62,19 +62,3 @@ if [ "$(cat "$BROWSER_STAMP" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$BROWSER_STAMP"
 fi
-
-# DeepSpeed's CPU accelerator JIT-compiles its shared-memory collective op (C++, about 60 s on 2 cores) in the first
-# process that initialises DeepSpeed's comm; build it once here, not inside the first training run.
-# (Cached under ~/.cache/torch_extensions; a venv at another path builds it again.)
-DS_STAMP="$VENV/.genforge-deepspeed-ops"
-if [ "$(cat "$DS_STAMP" 2>/dev/null)" != "$want $(pwd)" ]; then
-  echo "[setup] building DeepSpeed's CPU shared-memory op (once, about a minute)"
-  "$VENV/bin/python" - <<'PY' >>"$VENV/install.log" 2>&1 || echo "[setup] warning: DeepSpeed op build failed; the first DeepSpeed run builds it (log: $VENV/install.log)" >&2
-from deepspeed.accelerator import get_accelerator
-
-builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # None where the accelerator has no such op
-if builder is not None and builder.is_compatible():
-    builder.load()
-PY
-  echo "$want $(pwd)" > "$DS_STAMP"
-fi
