@@ -3,6 +3,10 @@ the evaluate records (metrics/eval/<protocol>/<family>.json), the exports' gener
 
     make repro && make eval-standard && python benchmarks/quality_rows.py [--protocol standard] [--note TEXT]
 
+or the LDM of one benchmarks/ae_variants.sh work directory (with the upstream project it read, for the floor):
+
+    python benchmarks/quality_rows.py --protocol quick --variant WORK/NAME --upstream UPSTREAM --recipe NAME --overrides "k=v ..."
+
 A row replaces the one of the same family, recipe and protocol.
 """
 
@@ -23,15 +27,25 @@ def main() -> None:
     parser.add_argument("--protocol", default="standard")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality.json")
+    parser.add_argument("--variant", type=Path, help="an ae_variants.sh work directory: its LDM only")
+    parser.add_argument("--upstream", type=Path, default=REPO, help="the project whose reference statistics it used")
+    parser.add_argument("--recipe", default="default (params.yaml)")
+    parser.add_argument("--overrides", default="")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    floor = json.loads((REPO / "data/ref_stats" / args.protocol / "floor.json").read_text())
+    floor = json.loads((args.upstream / "data/ref_stats" / args.protocol / "floor.json").read_text())
     rows = json.loads(args.out.read_text())
-    for family in ("gan", "ldm"):
-        record = json.loads((REPO / "metrics/eval" / args.protocol / f"{family}.json").read_text())
-        step = json.loads((REPO / "models" / family / "generator.json").read_text()).get("step")
+    for family in ("ldm",) if args.variant else ("gan", "ldm"):
+        evaluated = args.variant / "eval" if args.variant else REPO / "metrics/eval"
+        record = json.loads((evaluated / args.protocol / f"{family}.json").read_text())
+        step = json.loads(((args.variant or REPO / "models") / family / "generator.json").read_text()).get("step")
+        extra = {}
+        if args.variant:
+            autoencoder = json.loads((args.variant / "autoencoder.json").read_text())
+            extra = {"autoencoder_psnr_db": autoencoder["psnr_db"], "autoencoder_rfid": autoencoder["fid"], "autoencoder_rfid_images": autoencoder["fid_images"],
+                     "guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")}  # fmt: skip
         row = {
-            "family": family, "recipe": "default (params.yaml)", "overrides": [], "profile": "default",
+            "family": family, "recipe": args.recipe, "overrides": args.overrides.split(), "profile": "default", **extra,
             "protocol": {"name": args.protocol, "id": record["protocol_id"], "num_samples": record["num_samples"]},
             "exported_step": step, **{k: record[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
             "fid_floor": floor["fid"], "recall_floor": floor["recall"], "machine": f"{platform.machine()}, {platform.processor() or '?'}",
