@@ -34,11 +34,15 @@ def _reference_script():
 
 @pytest.fixture(scope="module")
 def lpips(tmp_path_factory):
+    before = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))  # the first use converts and caches here
     try:
         yield lp.load_lpips()
     finally:
-        del os.environ["XDG_CACHE_HOME"]
+        if before is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = before
 
 
 @needs_weights
