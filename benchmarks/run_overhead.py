@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.suite_profile import process_cpu  # noqa: E402
 from benchmarks.sweep_overhead import tiny_params, write_params  # noqa: E402
 
 DEFAULT_VARIANTS = ["as-shipped:", "preemption-watcher:RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1"]
@@ -65,15 +66,9 @@ class ProcessSampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(self.interval):
             for pid in os.listdir("/proc"):
-                if not pid.isdigit() or pid in self.before:
+                if not pid.isdigit() or pid in self.before or (found := process_cpu(pid)) is None:
                     continue
-                try:
-                    stat = Path(f"/proc/{pid}/stat").read_text()
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                except OSError:
-                    continue
-                fields = stat.rsplit(")", 1)[1].split()
-                cpu = (int(fields[11]) + int(fields[12])) / TICK
+                _, cpu, cmdline = found
                 name = role(cmdline)  # Ray workers retitle themselves after they start; an exiting process has no cmdline
                 if name in ("other", "ray worker (starting)") and pid in self.seen:
                     name = self.seen[pid][1]

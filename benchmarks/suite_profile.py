@@ -35,6 +35,17 @@ def role(cmdline: str) -> str:
     return next((name for name in ROLES if name in cmdline), "other:" + cmdline[:40])
 
 
+def process_cpu(pid: str) -> tuple[str, float, str] | None:
+    """("pid:start time", CPU-seconds so far (user + system), command line) of a live process, or None once it
+    is gone. pids are reused, so the start time is part of the key; an exiting process has no command line."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+    return f"{pid}:{fields[19]}", (int(fields[11]) + int(fields[12])) / TICK, cmdline
+
+
 def record(out_path: str, interval: float) -> None:
     seen: dict[str, list] = {}  # "pid:starttime" -> [xdist worker, role]
     last: dict[str, float] = {}
@@ -42,22 +53,17 @@ def record(out_path: str, interval: float) -> None:
         while True:
             now, totals = time.time(), collections.Counter()
             for pid in os.listdir("/proc"):
-                if not pid.isdigit():
+                if not pid.isdigit() or (found := process_cpu(pid)) is None:
                     continue
-                try:
-                    stat = open(f"/proc/{pid}/stat").read()
-                    fields = stat.rsplit(")", 1)[1].split()
-                    key = f"{pid}:{fields[19]}"  # pids are reused: key on the start time too
-                    if key not in seen:
-                        env = open(f"/proc/{pid}/environ", "rb").read()
-                        match = re.search(rb"PYTEST_XDIST_WORKER=(\w+)", env)
-                        seen[key] = [match.group(1).decode() if match else "none", None]
-                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
-                except OSError:
-                    continue
+                key, cpu, cmdline = found
+                if key not in seen:
+                    try:
+                        match = re.search(rb"PYTEST_XDIST_WORKER=(\w+)", open(f"/proc/{pid}/environ", "rb").read())
+                    except OSError:
+                        continue
+                    seen[key] = [match.group(1).decode() if match else "none", None]
                 if cmdline:  # Ray workers retitle themselves; an exiting process has none
                     seen[key][1] = role(cmdline)
-                cpu = (int(fields[11]) + int(fields[12])) / TICK
                 delta, last[key] = cpu - last.get(key, 0.0), cpu
                 if delta > 0:
                     totals[(seen[key][0], seen[key][1] or "?")] += delta

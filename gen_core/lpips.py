@@ -43,9 +43,10 @@ class _ArraysOnly(pickle.Unpickler):
     """Admits the three numpy globals an array pickle needs; any other global (a function that would run
     code on load, a class of some package) is refused."""
 
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")})
+
     def find_class(self, module: str, name: str):
-        allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
-        if (module, name) not in allowed:
+        if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refused global {module}.{name}: only numpy arrays are admitted")
         if name == "_reconstruct":
             return np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct

