@@ -20,15 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gen_core.errors import CheckpointError
 from gen_core.io import atomic_write_json
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or does not match the current run."""
-
-
-class LatentMismatchError(CheckpointError):
-    """Latents, denoiser and autoencoder that do not belong together (channels, scale, weights)."""
 
 
 def save_weights(directory: str | Path, state_dicts: dict[str, dict]) -> None:

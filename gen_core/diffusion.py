@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import nn
 
-from gen_core.checkpoint import LatentMismatchError
+from gen_core.errors import LatentMismatchError
 from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
 from gen_core import diffusers_pipeline
 from gen_core.diffusers_pipeline import GenforgeLatentDiffusionPipeline, denoise, make_sampler

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from gen_core.checkpoint import CheckpointError, LatentMismatchError
+from gen_core.errors import CheckpointError, LatentMismatchError
 from gen_core.io import atomic_directory, sha256_file
 from gen_core.sampling import image_grid, png_bytes, to_uint8, to_unit
 

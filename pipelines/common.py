@@ -17,10 +17,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from gen_core.checkpoint import CheckpointError
 from gen_core.config import ConfigError, RunConfig, load_config
 from gen_core.data import DataError
-from gen_core.metrics import FeatureNetError
+from gen_core.errors import CheckpointError, FeatureNetError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -91,6 +91,18 @@ def test_the_leaf_check_sees_a_stage_import(tmp_path):
     assert imported_files(module) == {"pipelines/train_gan.py", "gen_core/latents.py"}
 
 
+def test_the_prepare_stage_and_the_shared_stage_code_start_without_torch():
+    """`prepare` (run ~20 times by the suite, once per `dvc repro`) and what every stage imports first need no
+    network, so they do not pay torch's 2-s import: pipelines.common names the checkpoint and feature-net errors
+    from gen_core.errors, not from the torch modules that raise them."""
+    import subprocess
+    import sys
+
+    probe = "import sys, pipelines.prepare, pipelines.common; print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("stage", sorted(stage_modules()))
 def test_dvc_code_deps_are_exactly_what_the_stage_imports(stage):
     """Each stage's code deps in dvc.yaml are its module's transitive in-repo imports: none missing (a

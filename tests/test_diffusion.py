@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from gen_core.checkpoint import LatentMismatchError
+from gen_core.errors import LatentMismatchError
 from gen_core.config import AutoencoderConfig, ConfigError, DenoiserConfig, NoiseScheduleConfig, SamplerConfig, config_from_dict
 from gen_core.diffusion import (
     AutoencoderRoundTrip, DiffusionGenerator, autoencoder_loss, build_autoencoder, build_denoiser, diffusion_loss, min_snr_weight, psnr,
