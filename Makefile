@@ -12,10 +12,11 @@ setup:
 repro: setup
 	dvc repro
 
-# Tests run in TEST_WORKERS processes (pytest-xdist): most of a Ray or pipeline test is process start-up, one core
-# busy and one idle, so two at a time use both cores. A module whose tests share an expensive set-up (the e2e
-# `dvc repro`, the 2-node cluster) is one xdist group and stays in one process. TEST_WORKERS=0: one process, in order.
-TEST_WORKERS ?= 2
+# Tests run in TEST_WORKERS processes (pytest-xdist): most of a Ray or pipeline test is process start-up that leaves
+# a core idle part of the time; three at a time keep two cores busier than two do (README, "Tests"). A module whose
+# tests share an expensive set-up (the e2e `dvc repro`, the 2-node cluster) is one xdist group and stays in one
+# process. TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 3
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
 
 test: setup
