@@ -64,11 +64,12 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, dict], dict]:
     return load_weights(directory), meta
 
 
-def load_state(path: str | Path):
-    """A torch file of tensors and plain containers, never code (weights_only=True)."""
+def load_state(path: str | Path, mmap: bool = False):
+    """A torch file of tensors and plain containers, never code (weights_only=True). mmap=True maps the
+    tensors' data instead of reading it: the pickle is still read, and refused, in full."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent}: incomplete checkpoint ({path.name} missing)") from None
     except Exception as err:  # corrupt zip / unpickling refused

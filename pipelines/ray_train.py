@@ -26,7 +26,7 @@ from pipelines.ray_env import init_ray, route_ray_logs, route_worker_logs, run_u
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import RunLog, connect, tracking_uri
 from pipelines.probe import evaluation_spec
-from pipelines.worker import RunContext, best_checkpoint, list_checkpoints
+from pipelines.worker import RunContext, best_checkpoint, list_checkpoints, none_loadable, refused_state_file
 
 
 # ---------------------------------------------------------------------------
@@ -183,8 +183,25 @@ def _plan(cfg: RunConfig, job: TrainingJob, run_dir: str) -> tuple[str, dict | N
         logger.info("run %s already trained to step %d; exporting", run_dir, total_steps)
         return run_dir, newest, newest_uri
     check_resumable(newest, cfg.ray.strategy, cfg.ray.num_workers, uri, job.section)
+    _refuse_if_none_loads(uri, checkpoints, skipped, job.section)
     logger.info("resuming run %s from step %d (%s)", run_dir, newest["step"], cfg.ray.strategy)
     return run_dir, newest, None
+
+
+def _refuse_if_none_loads(uri: str, checkpoints: list[tuple[str, dict]], skipped: list[tuple[str, str]], section: str) -> None:
+    """The workers refuse a run none of whose checkpoints loads (rather than train from step 0 over them),
+    but only once Ray and the workers are up. For local storage the driver answers first, in the same line,
+    when the safe loader refuses a plain torch file of every complete checkpoint (a tampered or corrupt
+    state.pt). The workers still check everything (strategy formats, remote storage) as they load."""
+    if "://" in uri:
+        return
+    refused = []
+    for where, _ in checkpoints:
+        why = refused_state_file(Path(where))
+        if why is None:
+            return
+        refused.append((where, why))
+    raise StageError(none_loadable(uri, [*skipped, *refused], section))
 
 
 def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, callbacks: tuple = ()) -> str:

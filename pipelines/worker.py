@@ -272,10 +272,7 @@ class CheckpointStore:
             self.report.resumed(meta)
             return int(meta["step"])
         if skipped:
-            raise CheckpointError(
-                f"{worker.ctx.run_uri}: none of its {len(skipped)} checkpoint(s) can be loaded, so this run will not start over from "
-                f"step 0 on top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set {worker.ctx.section}.run_name to train afresh"
-            )
+            raise CheckpointError(none_loadable(worker.ctx.run_uri, skipped, worker.ctx.section))
         return 0
 
     @contextlib.contextmanager
@@ -384,6 +381,29 @@ def list_checkpoints(run_uri: str, skipped: list[tuple[str, str]] | None = None)
             continue
         found.append((uri, meta))
     return sorted(found, key=lambda item: item[1]["step"], reverse=True)
+
+
+def none_loadable(run_uri: str, skipped: list[tuple[str, str]], section: str) -> str:
+    """The one line for a run whose every checkpoint was passed over (skipped: (uri, why), as listed)."""
+    return (f"{run_uri}: none of its {len(skipped)} checkpoint(s) can be loaded, so this run will not start over from step 0 on "
+            f"top of them; newest: {skipped[0][0]}: {skipped[0][1]}. Repair or remove them, or set {section}.run_name to train afresh")  # fmt: skip
+
+
+# The checkpoint files every strategy loads with plain load_state (its own training state, ddp's state.pt
+# aside, is in the strategy's format: fsdp/ shards, deepspeed/ partitions with their allow-listed types).
+PLAIN_STATE_FILES = ("state.pt", "rng/rank_*.pt")
+
+
+def refused_state_file(directory: Path) -> str | None:
+    """Why the safe loader refuses one of a local checkpoint's plain torch files, or None. Reads each
+    file's pickle, mapping the tensors' data (mmap), so it costs little whatever the model's size."""
+    for pattern in PLAIN_STATE_FILES:
+        for path in sorted(directory.glob(pattern)):
+            try:
+                load_state(path, mmap=True)
+            except CheckpointError as err:
+                return str(err)
+    return None
 
 
 def named_step(uri: str) -> int:

@@ -141,6 +141,7 @@ def test_a_run_whose_only_checkpoint_cannot_load_stops_and_never_overwrites_it(p
     refused = run_cli([*common, "--set", "gan.total_steps=10"], REPO)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert "worker(s) on" not in refused.stdout  # answered by the driver, before Ray starts
     assert f"{checkpoint.parent}: none of its 1 checkpoint(s) can be loaded" in refused.stderr and f"{checkpoint}/state.pt: unreadable" in refused.stderr
     assert (checkpoint / "state.pt").read_bytes() == tampered and [p.name for p in checkpoint.parent.glob("checkpoint_*") if p.is_dir()] == [checkpoint.name]
 
