@@ -347,11 +347,14 @@ def stops_at_first_error(cfg: RunConfig) -> bool:
     return cfg.sweep.scheduler == "pbt" and cfg.sweep.pbt.synch
 
 
-def check_ended(cfg: RunConfig, results, wall: float) -> None:
-    """One line when the sweep cannot be finished: a synchronous PBT trial failed, or Ctrl-C stopped it."""
+def check_ended(cfg: RunConfig, results, wall: float, parent: str) -> None:
+    """One line when the sweep cannot be finished: a synchronous PBT trial failed (its child run is closed as
+    FAILED, the others' as KILLED: Tune stopped them), or Ctrl-C stopped it (the runs stay open for the resume)."""
     s = cfg.sweep
     failed = [result for result in results if result.error]
     if failed and stops_at_first_error(cfg):
+        statuses = {row["trial_id"]: "error" if row["status"] == "error" else "stopped" for row in trial_rows(cfg, results)}
+        _close_trial_runs(connect(cfg), parent, statuses)
         raise StageError(f"sweep {s.name}: trial {_trial_id(failed[0])} failed: {error_line(failed[0].error)}; a synchronous PBT "
                          "sweep stops at its first failed trial (with sweep.pbt.synch: false the others go on)")  # fmt: skip
     if results.num_terminated + results.num_errors < s.num_trials:  # Ctrl-C: Tune saved its state and returned
@@ -397,7 +400,7 @@ def run(cfg: RunConfig) -> dict:
         wall = time.monotonic() - started
     finally:
         ray.shutdown()
-    check_ended(cfg, results, wall)
+    check_ended(cfg, results, wall, parent)
     return finish(cfg, results, wall, parent, logger)
 
 
@@ -505,7 +508,8 @@ def _record_in_mlflow(cfg: RunConfig, parent: str, rows: list[dict], record: dic
 def _close_trial_runs(mlflow, parent: str, status: dict[str, str]) -> None:
     """Tag each trial's child run with how it ended, and give it the matching status: Tune ends a trial's
     process at its last report (a completed one's too) before its run is closed, and a stopped trial's run
-    may have closed as FAILED on the way out. completed: FINISHED, stopped early: KILLED, error: FAILED."""
+    may have closed as FAILED on the way out. completed: FINISHED, stopped (early, or by the sweep's end): KILLED,
+    error: FAILED."""
     client = mlflow.MlflowClient()
     for run in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list"):
         trial_status = status.get(run.data.tags.get(TRIAL_TAG, ""))

@@ -151,15 +151,19 @@ def test_pbt_exploits_by_handing_a_checkpoint_over(upstream):
 SYNCH_PBT_WITH_A_FAILED_TRIAL = """
 import sys, tempfile, time
 from pathlib import Path
+import mlflow
 import ray
 from ray import tune
 from gen_core.config import load_config
 from pipelines.common import StageError
 from pipelines.ray_env import start_local_ray
-from pipelines.sweep import _tuner, check_ended
+from pipelines.sweep import TRIAL_TAG, _tuner, check_ended
 
 def trial(config):
-    if tune.get_context().get_trial_id().endswith("00001"):
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")  # a child run per trial, as a real trial's training makes
+    trial_id = tune.get_context().get_trial_id()
+    mlflow.start_run(experiment_id=config["experiment"], run_name=trial_id, parent_run_id=config["parent"], tags={TRIAL_TAG: trial_id})
+    if trial_id.endswith("00001"):
         time.sleep(3)  # after trial 0 has reported and is paused at the perturbation point
         raise RuntimeError("the trial's training failed")
     for step in (10, 20, 30):
@@ -169,13 +173,19 @@ def trial(config):
 
 root = sys.argv[1]
 cfg = load_config("params.yaml", ["sweep.enabled=true", "sweep.name=synch", "sweep.scheduler=pbt", "sweep.pbt.synch=true",
-                                  "sweep.num_trials=2", "sweep.total_steps=30", "sweep.report_every_steps=10"])
+                                  "sweep.num_trials=2", "sweep.total_steps=30", "sweep.report_every_steps=10",
+                                  f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", "tracking.experiment=synch"])
+mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+experiment = mlflow.create_experiment("synch")
+with mlflow.start_run(experiment_id=experiment, run_name="sweep") as parent:
+    pass
 start_local_ray(ray, num_cpus=2)
 started = time.monotonic()
-results = _tuner(cfg, tune.with_resources(trial, {"CPU": 1}), root, f"{root}/synch", None, 2, False).fit()
+results = _tuner(cfg, tune.with_resources(lambda config: trial({**config, "experiment": experiment, "parent": parent.info.run_id}), {"CPU": 1}),
+                 root, f"{root}/synch", None, 2, False).fit()
 ray.shutdown()
 try:
-    check_ended(cfg, results, time.monotonic() - started)
+    check_ended(cfg, results, time.monotonic() - started, parent.info.run_id)
 except StageError as err:
     sys.exit(f"error: {err}")
 """
@@ -189,6 +199,13 @@ def test_a_synchronous_pbt_sweep_stops_at_a_failed_trial_instead_of_waiting_for_
     last = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"error: sweep synch: trial \S+00001\S* failed: RuntimeError: the trial's training failed; a synchronous PBT "
                         r"sweep stops at its first failed trial \(with sweep.pbt.synch: false the others go on\)", last), last
+    # the trials' MLflow runs are closed by how they ended: the failed one FAILED, the one Tune stopped KILLED
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("synch").experiment_id], "tags.tune_trial_id != ''")
+    ended = sorted((run.data.tags["tune_trial_id"][-5:], run.info.status, run.data.tags.get("sweep_trial_status")) for run in runs)
+    assert ended == [("00000", "KILLED", "stopped"), ("00001", "FAILED", "error")], ended
 
 
 @pytest.mark.slow
