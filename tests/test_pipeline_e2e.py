@@ -4,8 +4,10 @@ loading each family's champion back, and the denoiser under DeepSpeed ZeRO-3 on 
 whose worse model the FID gate rejects."""
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -497,10 +499,11 @@ def test_demo_serves_the_champions_in_a_real_browser(pipeline, mlflow_server, tm
 
 
 def test_serve_answers_rest_requests_for_both_champions_in_one_line_errors(pipeline, mlflow_server, tmp_path):
-    """`genforge serve MODEL_URI`: MLflow's scoring server for each champion, called by its path with no venv on PATH
-    (the `uvicorn: not found` of `mlflow models serve`), on 127.0.0.1. PNG answers decode to the registered generator's
-    images; the diffusion model takes its sampler settings in the request; a bad request is a 400 with one line and no
-    traceback, and the server answers the next one."""
+    """`genforge serve MODEL_URI`: MLflow's scoring server for a champion, called by its path with no venv on PATH
+    (the `uvicorn: not found` of `mlflow models serve`), on 127.0.0.1; and `mlflow models serve` itself for both
+    champions, as the README runs it. PNG answers decode to the registered generator's images; the diffusion model
+    takes its sampler settings in the request; a bad request is a 400 with one line and no traceback, and the server
+    answers the next one."""
     import base64
     import io
     import urllib.error
@@ -515,14 +518,20 @@ def test_serve_answers_rest_requests_for_both_champions_in_one_line_errors(pipel
     from tests.conftest import VENV_BIN, _wait_http, subprocess_env
 
     project, _ = pipeline
-    env = subprocess_env(PATH="/usr/bin:/bin")
     servers = []
 
-    def start(uri: str) -> str:
+    def start(uri: str, mlflow_cli: bool = False) -> str:
+        """`genforge serve URI` by its path with no venv on PATH, or (mlflow_cli) the README's `mlflow models serve -m URI
+        --env-manager local` as a user runs it with the venv activated (it starts uvicorn by name)."""
         port = free_port()
         log = open(tmp_path / f"serve{len(servers)}.log", "w")
-        servers.append(subprocess.Popen([str(VENV_BIN / "genforge"), "serve", uri, "--port", str(port)], cwd=project, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        if mlflow_cli:
+            command = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--port", str(port)]
+            env = subprocess_env(PATH=f"{VENV_BIN}:/usr/bin:/bin", MLFLOW_TRACKING_URI=mlflow_server)
+        else:
+            command, env = [str(VENV_BIN / "genforge"), "serve", uri, "--port", str(port)], subprocess_env(PATH="/usr/bin:/bin")
+        # a session of its own: `mlflow models serve` runs uvicorn as its child, which must end with it
+        servers.append(subprocess.Popen(command, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         _wait_http(f"http://127.0.0.1:{port}/ping", 120, servers[-1])
         return f"http://127.0.0.1:{port}/invocations"
 
@@ -567,7 +576,17 @@ def test_serve_answers_rest_requests_for_both_champions_in_one_line_errors(pipel
             assert set(body) == {"error_code", "message"} and "Traceback" not in json.dumps(body)
         assert post(gan, {"dataframe_records": [{"label": 0, "seed": 0}]})[0] == 200  # still up
 
-        ldm = start("models:/tiny-ldm@champion")
+        # MLflow's own command serves the same registered model: the same images; a bad request is a 400 whose message
+        # is MLflow's wrapping of the model's one line ("Failed to predict data '<input>'. \nError: <line>"), no traceback
+        gan = start("models:/tiny-gan@champion", mlflow_cli=True)
+        status, body = post(gan, {"dataframe_records": [{"label": "3", "seed": 11}, {"label": 7, "seed": 12}], "params": {"format": "png"}})
+        assert status == 200 and np.array_equal(decoded(body["predictions"]), expected), body
+        status, body = post(gan, {"dataframe_records": [{"label": 12, "seed": 1}]})
+        assert status == 400 and body["message"].startswith("Failed to predict data") and "Traceback" not in json.dumps(body), body
+        assert body["message"].splitlines()[-1].startswith("Error: label 12: not a class of this model (0 0, 1 1,"), body
+        assert post(gan, {"dataframe_records": [{"label": 0, "seed": 0}]})[0] == 200  # still up
+
+        ldm = start("models:/tiny-ldm@champion", mlflow_cli=True)
         settings = {"sampler": "ddim", "num_steps": 3, "guidance_scale": 2.0, "format": "png"}
         status, body = post(ldm, {"dataframe_records": [{"label": 0, "seed": 5}, {"label": 9, "seed": 6}], "params": settings})
         assert status == 200, body
@@ -575,9 +594,9 @@ def test_serve_answers_rest_requests_for_both_champions_in_one_line_errors(pipel
         expected = to_uint8(registered.sample(torch.tensor([0, 9]), [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)).numpy()
         assert np.array_equal(decoded(body["predictions"]), expected)
         status, body = post(ldm, {"dataframe_records": [{"label": 0, "seed": 5}], "params": {"sampler": "euler"}})
-        assert status == 400 and body["message"] == "sampler 'euler': one of ddpm, ddim, dpmsolver++"
+        assert status == 400 and body["message"].splitlines()[-1] == "Error: sampler 'euler': one of ddpm, ddim, dpmsolver++", body
     finally:
         for server in servers:
-            server.terminate()
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
     assert "Traceback" not in "".join(p.read_text() for p in tmp_path.glob("serve*.log"))
