@@ -225,6 +225,18 @@ class GanConfig(TrainingConfig):
         return bool(r.r1_gamma or r.r2_gamma or r.gp_lambda)
 
 
+class AdversarialConfig(_Section):
+    """The autoencoder's PatchGAN term, as in the latent-diffusion autoencoders (Esser et al. 2021, Rombach et al. 2022):
+    a patch discriminator on reconstructions vs images (hinge loss), its generator term scaled by the adaptive weight
+    |grad rec| / |grad adv| at the decoder's last layer, times `weight`, from `start_step` on (a warm-up first)."""
+
+    weight: float = Field(0.0, ge=0)  # 0: off. The LDM recipe: 0.5
+    start_step: int = Field(0, ge=0)  # the discriminator and the term start here
+    d_width: int = Field(32, ge=8)  # channels of D's first convolution, doubled per downsample (at most 8x)
+    d_layers: int = Field(2, ge=1, le=4)  # stride-2 convolutions: 32x32 images -> 6x6 patches with 2
+    lr_d: float = Field(1e-4, gt=0, le=1)  # Adam(0.5, 0.9), as the recipe's
+
+
 class AutoencoderConfig(TrainingConfig):
     """`train_autoencoder`: KL-regularised autoencoder (diffusers AutoencoderKL) for latent diffusion."""
 
@@ -243,6 +255,14 @@ class AutoencoderConfig(TrainingConfig):
     total_steps: int = Field(300, ge=1)
     sample_grid_seed: int = 0
     rfid_images: int | None = Field(500, ge=10)  # eval images whose reconstructions get an Inception FID; None: all
+    adversarial: AdversarialConfig = AdversarialConfig()
+
+    def resume_signature(self) -> dict:
+        """The adversarial block counts only when it is on, so runs from before it existed keep their names."""
+        signature = super().resume_signature()
+        if not self.adversarial.weight:
+            signature.pop("adversarial")
+        return signature
 
     @model_validator(mode="after")
     def _power_of_two(self):

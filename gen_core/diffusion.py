@@ -6,7 +6,8 @@ schedulers built from the config; this module adds the pieces a class-conditiona
 needs around them:
 
 - `AutoencoderRoundTrip`: encode -> sample posterior -> decode as one forward, so DDP sees it.
-- `autoencoder_loss` / `diffusion_loss`: per-sample losses, the training step reduces them.
+- `autoencoder_loss` / `diffusion_loss`: per-sample losses, the training step reduces them; the autoencoder's
+  optional PatchGAN term: `PatchDiscriminator`, `patch_hinge_loss`, `adaptive_weight`.
 - `sample_diffusion`: DDPM / DDIM / DPM-Solver++ with classifier-free guidance, one seeded
   torch.Generator per sample, so sample i is the same image whatever the batch or worker.
 - `DiffusionGenerator`: an exported model (diffusers format on disk) that samples images.
@@ -129,6 +130,46 @@ def autoencoder_loss(
         distance = perceptual(reconstruction[:k], images[:k]).float() * (len(images) / k)
         loss = loss + perceptual_weight * nn.functional.pad(distance, (0, len(images) - k))
     return loss, reconstruction
+
+
+class PatchDiscriminator(nn.Module):
+    """The PatchGAN discriminator of the latent-diffusion autoencoders (pix2pix's NLayerDiscriminator): `layers`
+    stride-2 4x4 convolutions, one stride-1, then a 1-channel map of logits, one per overlapping patch
+    (6x6 for 32x32 images with 2 layers). BatchNorm and N(0, 0.02) initialisation as the recipe's."""
+
+    def __init__(self, channels: int, width: int = 32, layers: int = 2):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        out = width
+        for n in range(1, layers + 1):  # the last of these has stride 1
+            previous, out = out, width * min(2**n, 8)
+            blocks += [nn.Conv2d(previous, out, 4, 2 if n < layers else 1, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+        blocks.append(nn.Conv2d(out, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def patch_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss over patches, as the recipe's: (mean relu(1 - real) + mean relu(1 + fake)) / 2."""
+    return 0.5 * (F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean())
+
+
+def adaptive_weight(reconstruction_loss: torch.Tensor, adversarial_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """|d reconstruction_loss / d last_layer| / (|d adversarial_loss / d last_layer| + 1e-4), clamped to [0, max_weight]
+    and detached (Esser et al. 2021, eq. 7): the adversarial term's gradient at the decoder's output layer is kept at
+    the reconstruction term's scale, whatever the losses' units. Both losses keep their graphs for the backward."""
+    reconstruction_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    adversarial_grad = torch.autograd.grad(adversarial_loss, last_layer, retain_graph=True)[0]
+    weight = reconstruction_grad.float().norm() / (adversarial_grad.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
 
 
 def diffusion_loss(

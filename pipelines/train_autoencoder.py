@@ -20,7 +20,7 @@ import torch
 
 from gen_core.config import RunConfig
 from gen_core.data import load_split
-from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder, psnr
+from gen_core.diffusion import AutoencoderRoundTrip, PatchDiscriminator, adaptive_weight, autoencoder_loss, build_autoencoder, patch_hinge_loss, psnr
 from gen_core.io import atomic_write_json
 from gen_core.latents import latent_std, reconstruct, reconstruction_grid_png
 from gen_core.lpips import LpipsWeightsError, load_lpips
@@ -54,8 +54,12 @@ def train_loop_per_worker(worker_config: dict) -> None:
     vae = build_autoencoder(a, cfg.data.channels).to(device)
     model = strategy.wrap("vae", AutoencoderRoundTrip(vae), lambda params: torch.optim.Adam(params, lr=a.lr))
     perceptual = load_lpips(device) if a.perceptual_weight else None  # frozen, beside the wrapped model
-    start_step = store.restore([model])
+    adv = a.adversarial
+    disc = discriminator(strategy, cfg) if adv.weight else None  # the PatchGAN's D: a part of its own, checkpointed too
+    parts = [model, disc] if disc else [model]
+    start_step = store.restore(parts)
     model.set_learning_rate(a.lr)
+    zero = torch.zeros((), device=device)
     report.say(
         f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, "
         f"f={a.downsample_factor} latents {a.latent_channels}x{cfg.data.resolution // a.downsample_factor}^2, "
@@ -67,18 +71,26 @@ def train_loop_per_worker(worker_config: dict) -> None:
         noise = step_generator(a.seed, step, worker.rank)
         index = batch_indices(step, a.global_batch_size, len(images), a.seed, worker.rank, worker.world_size)
         x = to_unit(images[index]).to(device)
+        adversarial = adv.weight and step >= adv.start_step
         with worker.autocast(amp_dtype):
-            loss, _ = autoencoder_loss(model.forward, x, a.reconstruction_loss, a.kl_weight, noise, perceptual, a.perceptual_weight, a.perceptual_images)
-            loss = loss.mean()
+            loss, reconstruction = autoencoder_loss(model.forward, x, a.reconstruction_loss, a.kl_weight, noise, perceptual,
+                                                    a.perceptual_weight, a.perceptual_images)  # fmt: skip
+            logged = {"loss": loss.mean(), **({"g_adv": zero, "adv_scale": zero, "d_loss": zero} if adv.weight else {})}  # same columns every step
+            loss = logged["loss"] + (adversarial_term(model, disc, reconstruction, logged, adv.weight) if adversarial else 0.0)
         model.backward(loss)
         model.step()
+        if adversarial:  # D step: images vs the reconstructions just made
+            with worker.autocast(amp_dtype):
+                logged["d_loss"] = patch_hinge_loss(disc.forward(x), disc.forward(reconstruction.detach()))
+            disc.backward(logged["d_loss"])
+            disc.step()
 
         # --- log (every rank joins the loss reduce)
-        values = report.step_done(step + 1, {"loss": loss})
+        values = report.step_done(step + 1, logged)
 
         # --- checkpoint, with eval images over their reconstructions (collective)
         if store.due(step + 1):
-            with store.writing(step + 1, [model], values) as checkpoint:
+            with store.writing(step + 1, parts, values) as checkpoint:
                 whole = strategy.gather(model, "model")  # collective; a plain module on rank 0, None elsewhere
                 if whole is not None:
                     whole.eval()
@@ -89,12 +101,32 @@ def train_loop_per_worker(worker_config: dict) -> None:
     report.finished(a.total_steps - start_step)
 
 
+def discriminator(strategy, cfg: RunConfig):
+    adv = cfg.autoencoder.adversarial
+    return strategy.wrap("disc", PatchDiscriminator(cfg.data.channels, adv.d_width, adv.d_layers),
+                         lambda params: torch.optim.Adam(params, lr=adv.lr_d, betas=(0.5, 0.9)))  # fmt: skip
+
+
+def adversarial_term(model, disc, reconstruction, logged: dict, weight: float):
+    """The PatchGAN generator term, -mean D(reconstruction), times `weight` x the adaptive weight at the decoder's
+    last layer (it also goes into `logged`). D is frozen and called as its plain module: only the autoencoder's
+    gradients are reduced."""
+    with disc.frozen() as frozen_disc:
+        g_loss = -frozen_disc(reconstruction).float().mean()
+    scale = weight * adaptive_weight(logged["loss"], g_loss, model.module.vae.decoder.conv_out.weight)
+    logged.update(g_adv=g_loss, adv_scale=scale)
+    return scale * g_loss
+
+
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
 
 
 def training_job(cfg: RunConfig) -> TrainingJob:
+    if cfg.autoencoder.adversarial.weight and cfg.ray.strategy != "ddp":
+        raise StageError(f"autoencoder.adversarial: needs ray.strategy ddp, not {cfg.ray.strategy} (its adaptive weight "
+                         "takes gradients at the decoder's last layer, which fsdp and deepspeed shard)")  # fmt: skip
     if cfg.autoencoder.perceptual_weight:
         try:
             load_lpips()  # before Ray starts: the weights are there and unaltered (converted and cached on first use)

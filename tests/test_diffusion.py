@@ -14,6 +14,7 @@ from gen_core.diffusion import (
 )  # fmt: skip
 from gen_core.sampling import to_unit
 from gen_core.training import autocast_dtype
+from tests.conftest import REPO, tiny_params, upstream_sections
 
 NUM_CLASSES = 10
 TINY_DENOISER = DenoiserConfig(block_out_channels=(32, 32), attention_levels=1, attention_head_dim=8)
@@ -239,3 +240,78 @@ def test_cached_latents_must_match_the_autoencoder():
         check_latents(record, latents, {"latent_channels": 4, "scaling_factor": 0.6}, "a", "cache")
     with pytest.raises(LatentMismatchError, match="different autoencoder"):
         check_latents(record, latents, {"latent_channels": 4, "scaling_factor": 0.5}, "b", "cache")
+
+
+# ---------------------------------------------------------------------------
+# The autoencoder's PatchGAN term
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers, patches", [(1, 14), (2, 6), (3, 2)])
+def test_patch_discriminator_judges_overlapping_patches(layers, patches):
+    from gen_core.diffusion import PatchDiscriminator
+
+    logits = PatchDiscriminator(channels=3, width=8, layers=layers)(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4, 1, patches, patches) and torch.isfinite(logits).all()
+
+
+def test_patch_hinge_loss_and_the_adaptive_weight_follow_their_formulas():
+    from gen_core.diffusion import adaptive_weight, patch_hinge_loss
+
+    real, fake = torch.tensor([[2.0, 0.5]]), torch.tensor([[-2.0, 0.0]])
+    assert patch_hinge_loss(real, fake).item() == pytest.approx(0.5 * ((0 + 0.5) / 2 + (0 + 1) / 2))
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    x = torch.randn(8, 5)
+    out = layer(x)
+    reconstruction_loss, adversarial_loss = out.pow(2).mean(), -3.0 * out.sum()
+    weight = adaptive_weight(reconstruction_loss, adversarial_loss, layer.weight)
+    g_rec = torch.autograd.grad(out.pow(2).mean(), layer.weight, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(-3.0 * out.sum(), layer.weight, retain_graph=True)[0]
+    assert weight.item() == pytest.approx((g_rec.norm() / (g_adv.norm() + 1e-4)).item(), rel=1e-6) and not weight.requires_grad
+    (reconstruction_loss + weight * adversarial_loss).backward()  # the graphs were kept for the step's backward
+    assert adaptive_weight(1e6 * layer.weight.sum(), 1e-12 * layer.weight.sum(), layer.weight).item() == 1e4  # clamped
+
+
+def test_the_adversarial_block_off_leaves_run_names_alone_and_needs_ddp_on():
+    from gen_core.config import load_config
+    from pipelines.common import StageError
+    from pipelines.train_autoencoder import training_job
+
+    off, on = load_config(REPO / "params.yaml"), load_config(REPO / "params.yaml", ["autoencoder.adversarial.weight=0.5"])
+    assert "adversarial" not in off.autoencoder.resume_signature() and on.autoencoder.resume_signature()["adversarial"]["weight"] == 0.5
+    with pytest.raises(StageError) as err:
+        training_job(load_config(REPO / "params.yaml", ["autoencoder.adversarial.weight=0.5", "ray.strategy=fsdp"]))
+    assert str(err.value) == ("autoencoder.adversarial: needs ray.strategy ddp, not fsdp (its adaptive weight takes gradients at the "
+                              "decoder's last layer, which fsdp and deepspeed shard)")
+
+
+@pytest.mark.slow
+def test_the_autoencoder_trains_with_its_patchgan_term_on_two_workers_and_checkpoints_the_discriminator(tiny_upstream):
+    """The stage under DDP on 2 workers: the term starts after its warm-up (D and G losses logged from there), the
+    discriminator and its optimizer are in the checkpoint, and a resume continues them."""
+    import csv
+    import json
+
+    from tests.conftest import run_cli, write_params
+
+    root = tiny_upstream / "adversarial"
+    root.mkdir()
+    params = tiny_params(**upstream_sections(tiny_upstream), ray={"strategy": "ddp"})
+    params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    params["autoencoder"] = {**params["autoencoder"], "adversarial": {"weight": 0.5, "start_step": 2, "d_width": 8},
+                             "checkpoint_every_steps": 4, "log_every_steps": 1}  # fmt: skip
+    params["ray"] = {**params["ray"], "storage_path": str(root / "runs")}
+    params["outputs"] = {"autoencoder": {"out_dir": str(root / "ae"), "losses_file": str(root / "losses.csv"), "metrics_file": str(root / "ae.json")}}
+    command = ["python", "-m", "pipelines.train_autoencoder", "--params", str(write_params(root, params))]
+    first = run_cli([*command, "--set", "autoencoder.total_steps=4"], REPO)
+    assert first.returncode == 0 and "2 worker(s) on cpu, ddp" in first.stdout, first.stderr[-3000:]
+    (checkpoint,) = root.glob("runs/*/checkpoint_0000004")
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert {"disc", "opt_disc", "vae", "opt_vae"} <= set(state)
+    second = run_cli([*command, "--set", "autoencoder.total_steps=6"], REPO)
+    assert second.returncode == 0 and "resumed from checkpoint at step 4" in second.stdout, second.stderr[-3000:]
+    rows = list(csv.DictReader((root / "losses.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(float(r["d_loss"]) == 0 for r in rows[:2]) and all(float(r["d_loss"]) > 0 and float(r["adv_scale"]) > 0 for r in rows[2:])
+    assert json.loads((root / "ae.json").read_text())["step"] == 6
