@@ -413,6 +413,7 @@ def test_demo_serves_the_champions_in_a_real_browser(pipeline, mlflow_server, tm
 
     from PIL import Image
     from selenium import webdriver
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -459,13 +460,26 @@ def test_demo_serves_the_champions_in_a_real_browser(pipeline, mlflow_server, tm
                 "const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => done(Array.from(new Uint8Array(b))));", src)
             return Image.open(io.BytesIO(bytes(data)))
 
+        def click(by: str, selector: str) -> None:
+            """Click once the control takes it: while an update is pending, Gradio lays its progress overlay over the
+            components, and the browser hands the click to the overlay (seen once, in a suite run of three processes)."""
+
+            def attempt(d) -> bool:
+                try:
+                    d.find_element(by, selector).click()
+                    return True
+                except ElementClickInterceptedException:
+                    return False
+
+            wait.until(attempt)
+
         # the GAN: pick the fourth class from the dropdown's list, ask for 8 images
-        driver.find_element(By.CSS_SELECTOR, "#class input").click()
+        click(By.CSS_SELECTOR, "#class input")
         option = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#class li[role=option], ul.options li"))[3]
         chosen = option.get_attribute("aria-label")
         option.click()
         assert driver.find_element(By.CSS_SELECTOR, "#class input").get_attribute("value") == chosen
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        click(By.CSS_SELECTOR, "#generate")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid img"))
         grid = grid_png()
         assert grid.size == (COLUMNS * 32 * SCALE, 32 * SCALE), grid.size  # one row of 8 images of 32x32, shown at 4x
@@ -473,12 +487,12 @@ def test_demo_serves_the_champions_in_a_real_browser(pipeline, mlflow_server, tm
         driver.save_screenshot(str(tmp_path / "demo-gan.png"))
 
         # the diffusion model: its sampler controls appear, and a grid comes back
-        driver.find_element(By.XPATH, "//*[@id='family']//label[contains(., 'latent diffusion')]").click()
+        click(By.XPATH, "//*[@id='family']//label[contains(., 'latent diffusion')]")
         wait.until(lambda d: "tiny-ldm v" in d.find_element(By.CSS_SELECTOR, "#summary").text)
         # the same response shows the sampler controls, which the page may render a moment after the summary
         wait.until(lambda d: any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "#sampler")))
         first_src = driver.find_element(By.CSS_SELECTOR, "#grid img").get_attribute("src")
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        click(By.CSS_SELECTOR, "#generate")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#grid img").get_attribute("src") != first_src)
         assert grid_png().size == (COLUMNS * 32 * SCALE, 32 * SCALE) and "served by onnxruntime" in driver.find_element(By.CSS_SELECTOR, "#summary").text
         driver.save_screenshot(str(tmp_path / "demo-ldm.png"))
