@@ -7,6 +7,7 @@ The xdist workers' own (in-process) CPU shows as gw `none`.
     python benchmarks/suite_profile.py record suite.jsonl &          # then, beside it:
     GENFORGE_TEST_TIMES=times.jsonl make test
     python benchmarks/suite_profile.py report suite.jsonl times.jsonl [--tests 15]
+    python benchmarks/suite_profile.py durations times.jsonl > tests/durations.json   # the suite's test order
 
 `report` prints the CPU-seconds per role and per test (a process's CPU counts for the test running on its xdist
 worker at that second). Processes that live under a second are missed; the sampler itself costs ~1% of a core.
@@ -102,6 +103,18 @@ def report(samples_path: str, times_path: str, top_tests: int) -> None:
         print("            " + ", ".join(f"{r} {c:.0f}" for r, c in per_test_role[name].most_common(6)))
 
 
+def test_id(nodeid: str) -> str:
+    """A test's id without the "@group" pytest-xdist appends to the tests of an xdist_group."""
+    return nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
+
+
+def durations(times_path: str) -> None:
+    """Each test's wall-clock seconds in a recorded run, as JSON: conftest.py starts the longest first."""
+    tests = [row for row in map(json.loads, open(times_path)) if "worker" in row]
+    seconds = {test_id(t["test"]): round(t["end"] - t["start"], 1) for t in tests}
+    print(json.dumps(dict(sorted(seconds.items())), indent=0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,11 +125,14 @@ def main() -> None:
     rep.add_argument("samples")
     rep.add_argument("times")
     rep.add_argument("--tests", type=int, default=15)
+    sub.add_parser("durations").add_argument("times")
     args = parser.parse_args()
     if args.command == "record":
         record(args.out, args.interval)
-    else:
+    elif args.command == "report":
         report(args.samples, args.times, args.tests)
+    else:
+        durations(args.times)
 
 
 if __name__ == "__main__":
