@@ -29,21 +29,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.suite_profile import process_cpu  # noqa: E402
+from benchmarks.suite_profile import busy_seconds, process_cpu  # noqa: E402
 from benchmarks.sweep_overhead import tiny_params, write_params  # noqa: E402
 
 DEFAULT_VARIANTS = ["as-shipped:", "preemption-watcher:RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1"]
-TICK = os.sysconf("SC_CLK_TCK")
 ROLES = [  # (role, pattern in the command line), first match wins
     ("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard", "dashboard/dashboard.py"), ("dashboard", "ray-dashboard-"),
     ("dashboard agent", "dashboard/agent.py"),
     ("runtime env agent", "runtime_env/agent"), ("log monitor", "log_monitor"), ("stage process", "pipelines.train_gan"),
 ]  # fmt: skip
-
-
-def busy_seconds() -> float:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # all but idle and iowait
 
 
 def role(cmdline: str) -> str:

@@ -36,6 +36,12 @@ def role(cmdline: str) -> str:
     return next((name for name in ROLES if name in cmdline), "other:" + cmdline[:40])
 
 
+def busy_seconds() -> float:
+    """The whole machine's busy CPU-seconds since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(v) for v in open("/proc/stat").read().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
+
+
 def process_cpu(pid: str) -> tuple[str, float, str] | None:
     """("pid:start time", CPU-seconds so far (user + system), command line) of a live process, or None once it
     is gone. pids are reused, so the start time is part of the key; an exiting process has no command line."""

@@ -36,6 +36,16 @@ def download_directory(uri: str, local: str | Path) -> None:
     fs.get(path.rstrip("/") + "/", str(local), recursive=True)
 
 
+def upload_directory(local: str | Path, uri: str, last: str = "meta.json") -> None:
+    """Copy the files of the local directory `local` into the directory `uri` (local path or URL), `last` last:
+    a reader that takes the presence of `last` for a complete copy never sees one cut short."""
+    fs, path = filesystem(uri)
+    for file in sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: p.name == last):
+        target = f"{path.rstrip('/')}/{file.relative_to(local).as_posix()}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # local storage; a no-op on object stores
+        fs.put_file(str(file), target)
+
+
 # botocore's legacy retries took ~13 s to give up on an endpoint that refuses connections; 3 attempts in
 # "standard" mode (exponential backoff, also on throttling) give up in ~3 s and still ride out a blip.
 S3_CONFIG = {"connect_timeout": 10, "retries": {"max_attempts": 3, "mode": "standard"}}

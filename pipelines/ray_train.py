@@ -81,11 +81,13 @@ def run_directory(cfg: RunConfig, job: TrainingJob, signature: str) -> str:
 
 
 def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run_id: str | None = None,
-          run_tags: dict | None = None, mlflow_run_id: str | None = None) -> dict:  # fmt: skip
+          run_tags: dict | None = None, mlflow_run_id: str | None = None, in_process: bool = False, tune_reports: bool = False) -> dict:  # fmt: skip
     """Train (or resume, or only export) one job. `callbacks` go to the TorchTrainer (a sweep passes
     Tune's report callback); `parent_run_id` makes a new MLflow run a child run (one per sweep trial);
     `mlflow_run_id` is the run to continue when no checkpoint names one (a sweep trial restarted before its
-    first checkpoint keeps its one child run)."""
+    first checkpoint keeps its one child run); `in_process`: the worker loop runs in this process as the
+    only worker, without Ray Train (a one-worker sweep trial in its Tune actor), and with `tune_reports` passes
+    its checkpoints' metrics to the trial, as Tune's report callback does for a worker group (RunContext)."""
     data_uri = absolute(cfg.data.out_dir)
     manifest = read_manifest(data_uri)
     if manifest["shape"] != [cfg.data.channels, cfg.data.resolution, cfg.data.resolution]:
@@ -107,7 +109,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
             stage=job.stage, section=job.section, data_uri=data_uri, num_classes=num_classes, signature=signature,
             run_uri=run_uri(cfg, run_dir), data_hash=data_hash, git_revision=revision, tracking_uri=tracking_uri(cfg),
             mlflow_run_id=mlflow_run_id, extra=job.extra, deepspeed=deepspeed,
-            evaluation=job.evaluation or evaluation_spec(cfg, job.section),
+            evaluation=job.evaluation or evaluation_spec(cfg, job.section), in_process=in_process, tune_reports=tune_reports,
         )  # fmt: skip
 
     if export_uri is None:  # training: the MLflow run is open (and marked FAILED if training fails)
@@ -205,7 +207,16 @@ def _refuse_if_none_loads(uri: str, checkpoints: list[tuple[str, dict]], skipped
 
 
 def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, callbacks: tuple = ()) -> str:
-    """Run the worker loop on Ray Train -> the URI of the final checkpoint."""
+    """Run the worker loop on Ray Train (in this process: RunContext.in_process) -> the URI of the final checkpoint."""
+    if context.in_process:
+        try:
+            job.worker_loop({"run": cfg.model_dump(mode="json"), "context": asdict(context)})
+        except Exception as err:  # the trial's error line, as from a worker group
+            raise StageError(f"training failed: {error_line(err)}") from err
+        published = list_checkpoints(context.run_uri)
+        if not published:
+            raise StageError("training finished without a checkpoint")
+        return published[0][0]
     import ray as ray_module
 
     owns_ray = not ray_module.is_initialized()  # inside a Tune trial Ray is already up and not ours to stop

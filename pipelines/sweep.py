@@ -5,12 +5,14 @@
 
 Every trial is a real Ray Train run of the family's training stage (pipelines.train_gan or
 pipelines.train_ldm): the same loop, checkpoints and MLflow logging, with `sweep.workers_per_trial`
-workers. At each checkpoint (every `sweep.report_every_steps`) a trial reports a cheap classifier-
+workers. A trial of one (DDP) worker runs the same loop in its Tune trial's own process, which
+reserves that worker's CPUs (GPU): Ray Train would start a worker group and its controller for it.
+At each checkpoint (every `sweep.report_every_steps`) a trial reports a cheap classifier-
 feature FID at fixed seeds (pipelines.probe), which ASHA/PBT compare; its last checkpoint also
 reports Inception `fid` on `sweep.final_fid_samples` samples, which picks the best trial.
 
-- asha / fifo: one Ray Train run per trial; Tune's TuneReportCallback streams the reports, and
-  ASHA stops weak trials between checkpoints.
+- asha / fifo: one Ray Train run per trial; Tune's TuneReportCallback streams the reports (in
+  process, the checkpoint store reports to Tune), and ASHA stops weak trials between checkpoints.
 - pbt: a trial trains one perturbation interval per Ray Train run and hands Tune a checkpoint
   pointer. On exploit, the trial copies the better trial's training checkpoint and continues it
   with its mutated learning rates.
@@ -40,7 +42,7 @@ import yaml
 
 from gen_core.config import EVAL_METRIC_MODES, LR_RATIO_KEY, ConfigError, ModelOutputs, RunConfig, SearchDimension, config_from_dict
 from gen_core.data import read_manifest
-from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, download_directory, filesystem
+from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, download_directory, upload_directory
 from gen_core.metrics import load_ref_stats
 from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser, state_path
 from pipelines.probe import EvaluationSpec
@@ -50,9 +52,23 @@ from pipelines.tracking import connect, redact, tracking_uri
 from pipelines.worker import history_csv, list_checkpoints
 
 TRIAL_TAG = "tune_trial_id"
-# The trial actor only drives its Ray Train run, whose workers reserve the CPUs (GPUs). Ray wants a
-# non-empty request, and any CPU here would leave a cluster-sized set of trials one CPU short.
+# A trial of several workers: its actor only drives its Ray Train run, whose workers reserve the CPUs (GPUs).
+# Ray wants a non-empty request, and any CPU here would leave a cluster-sized set of trials one CPU short.
 TRIAL_ACTOR = {"CPU": 0, "memory": 256 * 1024**2}
+
+
+def trains_in_process(cfg: RunConfig) -> bool:
+    """Whether a trial trains in its own actor rather than on a Ray Train worker group: one DDP worker, which
+    needs no process group. Ray Train would start a controller, a worker and helper actors for it, process
+    start-up that costs about as much CPU as a short trial's training on 2 cores (benchmarks/RESULTS.md)."""
+    return cfg.sweep.workers_per_trial == 1 and cfg.ray.strategy == "ddp"
+
+
+def trial_resources(cfg: RunConfig) -> dict:
+    """What a trial's actor reserves: its worker's CPUs (GPU) when it trains in process, else TRIAL_ACTOR."""
+    if not trains_in_process(cfg):
+        return TRIAL_ACTOR
+    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
 
 
 # ---------------------------------------------------------------------------
@@ -176,9 +192,10 @@ def run_trial(sampled: dict, settings: TrialSettings) -> None:
 
     cfg = trial_config(base, sampled, trial_id)
     job = replace(training_job(cfg), evaluation=settings.probe)
+    in_process = trains_in_process(base)  # then its checkpoint store reports to Tune itself
     # a trial restarted by a resumed sweep continues its child run, also when it was stopped before its first checkpoint
-    train(cfg, job, callbacks=(TuneReportCallback(),), parent_run_id=settings.parent_run_id, run_tags=tags,
-          mlflow_run_id=_trial_mlflow_run(base, trial_id, settings.parent_run_id))  # fmt: skip
+    train(cfg, job, callbacks=() if in_process else (TuneReportCallback(),), parent_run_id=settings.parent_run_id, run_tags=tags,
+          mlflow_run_id=_trial_mlflow_run(base, trial_id, settings.parent_run_id), in_process=in_process, tune_reports=in_process)  # fmt: skip
 
 
 def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, settings: TrialSettings, tags: dict) -> None:
@@ -202,7 +219,7 @@ def _run_trial_in_intervals(base: RunConfig, sampled: dict, trial_id: str, setti
         target = min((done // interval + 1) * interval, s.total_steps)
         # the job (resume signature, upstream checks) does not depend on total_steps: build it once
         train(trial_config(base, sampled, trial_id, total_steps=target), job, parent_run_id=settings.parent_run_id, run_tags=tags,
-              mlflow_run_id=child_run)  # fmt: skip
+              mlflow_run_id=child_run, in_process=trains_in_process(base))  # fmt: skip
         uri, meta = list_checkpoints(own)[0]
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "pointer.json").write_text(json.dumps({"checkpoint": uri, "step": meta["step"]}))
@@ -234,13 +251,7 @@ def _adopt(checkpoint_uri: str, run_uri_: str, signature: str, mlflow_run_id: st
         meta = json.loads(meta_path.read_text())
         meta.update(signature=signature, mlflow_run_id=mlflow_run_id, handoff_from=checkpoint_uri)
         meta_path.write_text(json.dumps(meta))
-        fs, path = filesystem(run_uri_)
-        target = f"{path}/checkpoint_handoff_step{meta['step']:07d}_{int(time.time())}"
-        files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: p.name == "meta.json")  # meta last
-        for file in files:
-            name = file.relative_to(local).as_posix()
-            fs.makedirs(f"{target}/{name}".rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(file), f"{target}/{name}")
+        upload_directory(local, f"{run_uri_.rstrip('/')}/checkpoint_handoff_step{meta['step']:07d}_{int(time.time())}")
 
 
 # ---------------------------------------------------------------------------
@@ -389,7 +400,7 @@ def run(cfg: RunConfig) -> dict:
             final_inception_samples=s.final_fid_samples, metric=s.metric if s.metric in EVAL_METRIC_MODES else "fid_classifier",
         )  # fmt: skip
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, settings=TrialSettings(cfg.model_dump(mode="json"), asdict(probe), parent)), TRIAL_ACTOR,
+            tune.with_parameters(run_trial, settings=TrialSettings(cfg.model_dump(mode="json"), asdict(probe), parent)), trial_resources(cfg),
         )  # fmt: skip
         logger.info(
             "%s sweep of %d %s trials (%s, %s search), %d at a time on %g CPUs; state in %s",

@@ -38,7 +38,7 @@ import torch
 
 from gen_core.checkpoint import CheckpointError, load_state, save_weights, write_meta
 from gen_core.config import RunConfig, TrainingConfig
-from gen_core.io import download_directory, filesystem
+from gen_core.io import download_directory, filesystem, upload_directory
 from gen_core.training import autocast_dtype
 from pipelines.common import format_duration
 from pipelines.probe import Evaluation
@@ -63,6 +63,11 @@ class RunContext:
     extra: dict  # stage-specific inputs (e.g. the autoencoder directory), plain data
     deepspeed: dict | None = None  # ray.strategy deepspeed: the config file, completed for this run
     evaluation: dict | None = None  # in-training evaluation (pipelines.probe.ProbeSpec), e.g. for sweep trials
+    # The loop runs in the calling process as the only worker, without Ray Train: a one-worker sweep trial in its
+    # Tune trial actor. The store then uploads and retires the checkpoints itself, and with tune_reports passes
+    # each checkpoint's metrics to the trial (what Tune's TuneReportCallback does for a worker group).
+    in_process: bool = False
+    tune_reports: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -71,7 +76,7 @@ class RunContext:
 
 
 class Worker:
-    """This process in the Ray Train worker group."""
+    """This process in the Ray Train worker group (or, RunContext.in_process, the only worker)."""
 
     def __init__(self, cfg: RunConfig, ctx: RunContext):
         import ray
@@ -79,9 +84,13 @@ class Worker:
         import ray.train.torch
 
         self.cfg, self.ctx = cfg, ctx
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        if ctx.in_process:  # the only worker, in a Tune trial's process (where Ray refuses ray.train's context)
+            self.rank, self.world_size = 0, 1
+            self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.ray.use_gpu else torch.device("cpu")
+        else:
+            context = ray.train.get_context()
+            self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+            self.device = ray.train.torch.get_device()
         self.strategy: Strategy = build_strategy(cfg.ray.strategy, self.device, cfg.ray.fsdp, ctx.deepspeed, cfg.ray.deepspeed.config)
         nodes = set(self.all_gather(ray.get_runtime_context().get_node_id()))
         spread = f" across {len(nodes)} nodes" if len(nodes) > 1 else ""
@@ -299,11 +308,27 @@ class CheckpointStore:
                 if checkpoint.grid is not None:
                     self.report.log_image(checkpoint.grid, step)
             has_files = any(checkpoint.directory.iterdir())
-            ray.train.report({"step": step, **checkpoint.metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
-                             checkpoint_dir_name=f"checkpoint_{step:07d}{self.name_suffix}")  # fmt: skip
+            name, reported = f"checkpoint_{step:07d}{self.name_suffix}", {"step": step, **checkpoint.metrics}
+            if worker.ctx.in_process:
+                self._publish(checkpoint.directory, name, reported)
+            else:
+                ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None, checkpoint_dir_name=name)
             if worker.is_chief and checkpoint.evaluation is not None and checkpoint.evaluation.is_best:
                 keep_best(worker.ctx.run_uri, checkpoint.directory, step, checkpoint.evaluation.best["value"])
         self.report.say(f"checkpoint at step {step} ({time.monotonic() - started:.1f}s)")
+
+    def _publish(self, directory: Path, name: str, reported: dict) -> None:
+        """In process, what Ray Train does with a worker's report: upload the checkpoint into the run's
+        directory (meta.json last), keep the newest checkpoints_to_keep, and pass the metrics to the Tune trial."""
+        ctx = self.worker.ctx
+        upload_directory(directory, f"{ctx.run_uri.rstrip('/')}/{name}")
+        fs, _ = filesystem(ctx.run_uri)
+        for retired, _ in list_checkpoints(ctx.run_uri)[self.report.section.checkpoints_to_keep :]:
+            fs.rm(filesystem(retired)[1], recursive=True)
+        if ctx.tune_reports:
+            from ray import tune
+
+            tune.report(reported)
 
     def _meta(self, checkpoint: "CheckpointWriter", files: list[dict]) -> dict:
         worker, ctx = self.worker, self.worker.ctx

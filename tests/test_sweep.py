@@ -95,6 +95,12 @@ def test_asha_sweep_over_the_ratio_stops_early_and_registers_the_best(upstream):
     # 2 at a time, really: the sweep took less than its trials' own time added up (serial trials would take more)
     assert record["wall_s"] < record["sum_trial_s"], record
 
+    # one worker per trial trains in its trial's own process, without Ray Train, which leaves uploading and
+    # retiring checkpoints to genforge's store: each trial's run keeps its newest checkpoints_to_keep (2), as Ray Train does
+    runs = {run.name: sorted(int(c.name.split("_")[1]) for c in run.glob("checkpoint_*")) for run in (upstream / "tune" / "asha" / "train").iterdir()}
+    assert len(runs) == 4 and all(kept == list(range(max(10, kept[-1] - 10), kept[-1] + 1, 10)) for kept in runs.values()), runs
+    assert [10 * step for step in (3, 4)] in runs.values(), runs  # a completed trial retired its first two
+
     # the best configuration is a params overlay the train stage consumes
     out = upstream / "asha" / "out"
     overlay = yaml.safe_load((out / "best_params.yaml").read_text())
@@ -212,8 +218,9 @@ def test_a_synchronous_pbt_sweep_stops_at_a_failed_trial_instead_of_waiting_for_
 def test_interrupted_sweep_resumes_from_its_storage(upstream):
     directory = upstream / "resume"
     directory.mkdir()
+    # two workers per trial: each trial is a Ray Train worker group (one at a time on 2 CPUs), the other sweeps' trials train in process
     params = sweep_params(upstream, name="resume", num_trials=2, total_steps=30, max_concurrent_trials=2, scheduler="fifo", out_dir=str(directory / "out"),
-                          metrics_file=str(directory / "sweep.json"))  # fmt: skip
+                          metrics_file=str(directory / "sweep.json"), workers_per_trial=2)  # fmt: skip
     path = write_params(directory, params)
     command = [str(VENV_BIN / "python"), "-m", "pipelines.sweep", "--params", str(path)]
     first = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -228,7 +235,7 @@ def test_interrupted_sweep_resumes_from_its_storage(upstream):
 
     second = run_cli(command, REPO)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming sweep of 2 gan trials" in second.stdout
+    assert "resuming sweep of 2 gan trials" in second.stdout and "1 at a time on 2 CPUs" in second.stdout and "2 worker(s) on cpu" in second.stdout
     assert re.search(r"resumed from checkpoint at step [1-3]0\b", second.stdout)  # the interrupted trial kept its training
     record = json.loads((directory / "sweep.json").read_text())
     assert record["trials"] == 2 and record["completed"] == 2
