@@ -309,7 +309,7 @@ class SamplerConfig(_Section):
     """How samples are drawn (evaluate, sample grids, the registered model)."""
 
     name: Literal["ddpm", "ddim", "dpmsolver++"] = "dpmsolver++"
-    num_steps: int = Field(25, ge=1)  # ddpm at num_train_timesteps is the full chain
+    num_steps: int = Field(10, ge=1)  # ddpm at num_train_timesteps is the full chain
     # Classifier-free guidance: 1 = conditional model as is, 0 = unconditional, > 1 = sharper classes.
     # 8 gives class accuracy >= 0.9 on the default profile (benchmarks/RESULTS.md).
     guidance_scale: float = Field(8.0, ge=0)
