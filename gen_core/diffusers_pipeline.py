@@ -14,17 +14,18 @@ This file is that copy's source, so it imports only torch and diffusers. gen_cor
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, HeunDiscreteScheduler, ImagePipelineOutput
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "heun": HeunDiscreteScheduler}
+# heun: Karras et al. 2022's 2nd-order sampler on their noise levels (rho 7); n steps evaluate the network 2n - 1 times
+SAMPLER_OPTIONS = {"dpmsolver++": {"algorithm_type": "dpmsolver++", "solver_order": 2}, "heun": {"use_karras_sigmas": True}}
 
 
 def make_sampler(name: str, schedule_config):
     """A fresh scheduler (they hold per-run state) sharing the training schedule's betas."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmsolver++" else {}
-    return SAMPLERS[name].from_config(schedule_config, **extra)
+    return SAMPLERS[name].from_config(schedule_config, **SAMPLER_OPTIONS.get(name, {}))
 
 
 def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
@@ -66,7 +67,7 @@ class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, unet, scheduler, vae=None, class_names: list[str] | None = None, sampler: str = "dpmsolver++", num_steps: int = 25,
+    def __init__(self, unet, scheduler, vae=None, class_names: list[str] | None = None, sampler: str = "dpmsolver++", num_steps: int = 10,
                  guidance_scale: float = 1.0, image_shape: list[int] | None = None):  # fmt: skip
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)

@@ -8,7 +8,7 @@ needs around them:
 - `AutoencoderRoundTrip`: encode -> sample posterior -> decode as one forward, so DDP sees it.
 - `autoencoder_loss` / `diffusion_loss`: per-sample losses, the training step reduces them; the autoencoder's
   optional PatchGAN term: `PatchDiscriminator`, `patch_hinge_loss`, `adaptive_weight`.
-- `sample_diffusion`: DDPM / DDIM / DPM-Solver++ with classifier-free guidance, one seeded
+- `sample_diffusion`: DDPM / DDIM / DPM-Solver++ / Heun with classifier-free guidance, one seeded
   torch.Generator per sample, so sample i is the same image whatever the batch or worker.
 - `DiffusionGenerator`: an exported model (diffusers format on disk) that samples images.
 """

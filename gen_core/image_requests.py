@@ -14,7 +14,7 @@ from gen_core.config import SamplerConfig
 from gen_core.sampling import png_bytes
 
 FORMATS = ("array", "png")
-SAMPLERS = SamplerConfig.model_fields["name"].annotation.__args__  # ddpm, ddim, dpmsolver++
+SAMPLERS = SamplerConfig.model_fields["name"].annotation.__args__  # ddpm, ddim, dpmsolver++, heun
 # The request's settings and their "not given" values (MLflow's params schema needs a default of each type):
 # an empty sampler, 0 steps or a negative guidance scale mean the model's own.
 DEFAULTS = {"format": "array", "sampler": "", "num_steps": 0, "guidance_scale": -1.0}

@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("-n", type=int, default=8, help="samples per class (default 8)")
     generate.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i (default 0)")
     generate.add_argument("-o", "--output", default="grid.png", help="PNG to write (default grid.png)")
-    generate.add_argument("--sampler", help="ldm only: ddpm | ddim | dpmsolver++ (default: the model's)")
+    generate.add_argument("--sampler", help="ldm only: ddpm | ddim | dpmsolver++ | heun (default: the model's)")
     generate.add_argument("--steps", type=int, help="ldm only: sampler steps (default: the model's)")
     generate.add_argument("--guidance", type=float, help="ldm only: classifier-free guidance scale (default: the model's)")
     generate.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")

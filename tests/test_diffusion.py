@@ -45,7 +45,7 @@ def sample(unet, schedule_config, labels, seeds, sampler, guidance=2.0, steps=6)
     return sample_diffusion(unet, schedule_config, torch.tensor(labels), seeds, (4, 8, 8), NUM_CLASSES, sampler, steps, guidance)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++", "heun"])
 def test_samplers_are_deterministic_per_seed_whatever_the_batch(unet, schedule_config, sampler):
     batch = sample(unet, schedule_config, [1, 2, 3], [10, 11, 12], sampler)
     alone = sample(unet, schedule_config, [2], [11], sampler)
@@ -77,7 +77,7 @@ def test_out_of_range_label_is_a_clear_error(unet, schedule_config):
     [
         ({"sampler": {"guidance_scale": -0.5}}, "ldm.sampler.guidance_scale: Input should be greater than or equal to 0"),
         ({"sampler": {"num_steps": 0}}, "ldm.sampler.num_steps: Input should be greater than or equal to 1 (got 0)"),
-        ({"sampler": {"name": "euler"}}, "ldm.sampler.name: Input should be 'ddpm', 'ddim' or 'dpmsolver++'"),
+        ({"sampler": {"name": "euler"}}, "ldm.sampler.name: Input should be 'ddpm', 'ddim', 'dpmsolver++' or 'heun'"),
         ({"noise": {"prediction_type": "sample"}}, "ldm.noise.prediction_type:"),
         ({"sampler": {"num_steps": 2000}}, "sampler.num_steps (2000) exceeds noise.num_train_timesteps (1000)"),
         ({"label_dropout": 1.0}, "ldm.label_dropout: Input should be less than 1"),

@@ -39,7 +39,7 @@ def test_labels_are_ids_or_names_and_settings_are_the_models_unless_given():
         ([1], [0], {"format": "jpeg"}, "gan", "format 'jpeg': one of array, png"),
         ([1], [0], {"formt": "png"}, "gan", "unknown setting 'formt' (settings: format, sampler, num_steps, guidance_scale)"),
         ([1], [0], {"num_steps": 5}, "gan", "num_steps: settings of a diffusion model; this is a gan"),
-        ([1], [0], {"sampler": "euler"}, "ldm", "sampler 'euler': one of ddpm, ddim, dpmsolver++"),
+        ([1], [0], {"sampler": "euler"}, "ldm", "sampler 'euler': one of ddpm, ddim, dpmsolver++, heun"),
     ],
 )
 def test_a_bad_request_is_one_line(labels, seeds, params, family, message):

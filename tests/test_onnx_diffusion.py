@@ -39,7 +39,7 @@ def test_one_denoiser_step_and_the_decoder_equal_torch(exported):
     assert (images - decoded).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("sampler, guidance", [("dpmsolver++", 2.0), ("ddim", 1.0), ("ddpm", 3.0)])  # ddpm: fresh noise per step
+@pytest.mark.parametrize("sampler, guidance", [("dpmsolver++", 2.0), ("ddim", 1.0), ("ddpm", 3.0), ("heun", 2.0)])  # ddpm: fresh noise per step
 def test_samples_through_onnx_runtime_are_the_torch_samples(exported, sampler, guidance):
     model, onnx, _, _ = exported
     labels, seeds = torch.tensor([0, 4, 9]), [11, 12, 13]

@@ -608,7 +608,7 @@ def test_serve_answers_rest_requests_for_both_champions_in_one_line_errors(pipel
         expected = to_uint8(registered.sample(torch.tensor([0, 9]), [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)).numpy()
         assert np.array_equal(decoded(body["predictions"]), expected)
         status, body = post(ldm, {"dataframe_records": [{"label": 0, "seed": 5}], "params": {"sampler": "euler"}})
-        assert status == 400 and body["message"].splitlines()[-1] == "Error: sampler 'euler': one of ddpm, ddim, dpmsolver++", body
+        assert status == 400 and body["message"].splitlines()[-1] == "Error: sampler 'euler': one of ddpm, ddim, dpmsolver++, heun", body
     finally:
         for server in servers:
             os.killpg(server.pid, signal.SIGTERM)
