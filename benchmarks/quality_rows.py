@@ -39,11 +39,10 @@ def main() -> None:
         evaluated = args.variant / "eval" if args.variant else REPO / "metrics/eval"
         record = json.loads((evaluated / args.protocol / f"{family}.json").read_text())
         step = json.loads(((args.variant or REPO / "models") / family / "generator.json").read_text()).get("step")
-        extra = {}
+        extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")} if family == "ldm" else {}
         if args.variant:
             autoencoder = json.loads((args.variant / "autoencoder.json").read_text())
-            extra = {"autoencoder_psnr_db": autoencoder["psnr_db"], "autoencoder_rfid": autoencoder["fid"], "autoencoder_rfid_images": autoencoder["fid_images"],
-                     "guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")}  # fmt: skip
+            extra |= {"autoencoder_psnr_db": autoencoder["psnr_db"], "autoencoder_rfid": autoencoder["fid"], "autoencoder_rfid_images": autoencoder["fid_images"]}
         row = {
             "family": family, "recipe": args.recipe, "overrides": args.overrides.split(), "profile": "default", **extra,
             "protocol": {"name": args.protocol, "id": record["protocol_id"], "num_samples": record["num_samples"]},
