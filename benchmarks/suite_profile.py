@@ -109,15 +109,16 @@ def report(samples_path: str, times_path: str, top_tests: int) -> None:
         print("            " + ", ".join(f"{r} {c:.0f}" for r, c in per_test_role[name].most_common(6)))
 
 
-def test_id(nodeid: str) -> str:
-    """A test's id without the "@group" pytest-xdist appends to the tests of an xdist_group."""
+def without_xdist_group(nodeid: str) -> str:
+    """A test's id without the "@group" pytest-xdist appends to the tests of an xdist_group (tests/conftest.py reads
+    tests/durations.json by it too)."""
     return nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
 
 
 def durations(times_path: str) -> None:
     """Each test's wall-clock seconds in a recorded run, as JSON: conftest.py starts the longest first."""
     tests = [row for row in map(json.loads, open(times_path)) if "worker" in row]
-    seconds = {test_id(t["test"]): round(t["end"] - t["start"], 1) for t in tests}
+    seconds = {without_xdist_group(t["test"]): round(t["end"] - t["start"], 1) for t in tests}
     print(json.dumps(dict(sorted(seconds.items())), indent=0))
 
 

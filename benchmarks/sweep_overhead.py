@@ -89,21 +89,21 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", f"pipelines.{stage}", "--params", str(path)], cwd=REPO, env=env, check=True, capture_output=True)
         for round_ in range(args.rounds):
             for name, checkout in checkouts:
-                runs.append({"checkout": name, **one_sweep(checkout, root, f"{name}-{round_}", params, env)})
+                runs.append({"checkout": name, "round": round_ + 1, **one_sweep(checkout, root, f"{name}-{round_}", params, env)})
                 print(f"round {round_ + 1} {name}: {runs[-1]['stage_s']:.0f} s, {runs[-1]['cpu_s']:.0f} busy CPU-s", file=sys.stderr)
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("| checkout | round | trial | status | reports | trial s | fid_classifier | fid |")
     print("|---|---|---|---|---|---|---|---|")
-    for i, run in enumerate(runs):
+    for run in runs:
         for row in run["trials"]:
             fid = f"{float(row['fid']):.1f}" if row["fid"] else "-"
-            print(f"| {run['checkout']} | {i // len(checkouts) + 1} | {row['trial_id']} | {row['status']} | {row['reports']}/{row['of_reports']} "
+            print(f"| {run['checkout']} | {run['round']} | {row['trial_id']} | {row['status']} | {row['reports']}/{row['of_reports']} "
                   f"| {row['time_s']} | {float(row['fid_classifier']):.2f} | {fid} |")  # fmt: skip
     print("\n| checkout | round | sweep wall (Tuner.fit) s | sum of trial s | wall/sum | stopped early | whole stage s | busy CPU-s |")
     print("|---|---|---|---|---|---|---|---|")
-    for i, run in enumerate(runs):
+    for run in runs:
         r = run["record"]
-        print(f"| {run['checkout']} | {i // len(checkouts) + 1} | {r['wall_s']} | {r['sum_trial_s']} | {r['scheduling_overhead']} | {r['stopped_early']} "
+        print(f"| {run['checkout']} | {run['round']} | {r['wall_s']} | {r['sum_trial_s']} | {r['scheduling_overhead']} | {r['stopped_early']} "
               f"| {run['stage_s']:.0f} | {run['cpu_s']:.0f} |")  # fmt: skip
 
 

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmarks.suite_profile import without_xdist_group  # noqa: E402
 from pipelines.ray_env import free_port  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -172,8 +173,7 @@ def pytest_collection_modifyitems(config, items):
     known = json.loads((Path(__file__).parent / "durations.json").read_text())
 
     def expected(item) -> float:
-        nodeid = item.nodeid.rsplit("@", 1)[0] if item.nodeid.rfind("@") > item.nodeid.rfind("]") else item.nodeid
-        return known.get(nodeid, 60.0 if item.get_closest_marker("slow") else 1.0)
+        return known.get(without_xdist_group(item.nodeid), 60.0 if item.get_closest_marker("slow") else 1.0)
 
     def group(item) -> str:
         mark = item.get_closest_marker("xdist_group")
