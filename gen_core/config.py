@@ -302,7 +302,18 @@ class NoiseScheduleConfig(_Section):
 
     num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # what the network predicts: the noise, the velocity, or edm (Karras et al. 2022: F inside the preconditioned
+    # denoiser, trained on ldm.edm's log-normal noise levels; it samples with every sampler, gen_core.diffusers_pipeline)
+    prediction_type: Literal["epsilon", "v_prediction", "edm"] = "epsilon"
+
+
+class EdmConfig(_Section):
+    """EDM training (noise.prediction_type edm): noise levels ln(sigma) ~ N(p_mean, p_std^2); the loss is EDM's
+    weighted denoising error, lambda(sigma) = 1 / c_out^2, i.e. plain MSE on the network's own target."""
+
+    p_mean: float = -1.2
+    p_std: float = Field(1.2, gt=0)
+    sigma_data: float | None = Field(None, gt=0)  # the data's std; null: measured on the training set (~1 for scaled latents)
 
 
 class SamplerConfig(_Section):
@@ -324,6 +335,7 @@ class LdmConfig(TrainingConfig):
     space: Literal["latent", "pixel"] = "latent"  # pixel: same denoiser family on the images themselves
     denoiser: DenoiserConfig = DenoiserConfig()
     noise: NoiseScheduleConfig = NoiseScheduleConfig()
+    edm: EdmConfig = EdmConfig()
     sampler: SamplerConfig = SamplerConfig()
     # Dropping labels (to the extra "null" class) trains the unconditional model that
     # classifier-free guidance needs, inside the same network.
@@ -343,7 +355,9 @@ class LdmConfig(TrainingConfig):
     evaluation: TrainingEvalConfig = TrainingEvalConfig(every_steps=500)  # evaluation during training
 
     @model_validator(mode="after")
-    def _sampler_steps(self):
+    def _consistent(self):
+        if self.noise.prediction_type == "edm" and self.min_snr_gamma is not None:
+            raise ValueError("min_snr_gamma must be null with noise.prediction_type edm (EDM weights its loss by its preconditioning)")
         if self.sampler.num_steps > self.noise.num_train_timesteps:
             raise ValueError(
                 f"sampler.num_steps ({self.sampler.num_steps}) exceeds noise.num_train_timesteps ({self.noise.num_train_timesteps})"

@@ -18,14 +18,70 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "heun": HeunDiscreteScheduler}
 # heun: Karras et al. 2022's 2nd-order sampler on their noise levels (rho 7); n steps evaluate the network 2n - 1 times
+FORWARD_PROCESS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 SAMPLER_OPTIONS = {"dpmsolver++": {"algorithm_type": "dpmsolver++", "solver_order": 2}, "heun": {"use_karras_sigmas": True}}
 
 
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float):
+    """(c_skip, c_out, c_in, c_noise) of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative
+    Models", EDM), Table 1: the denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) around the network F, for
+    x = x_0 + sigma n with data of standard deviation sigma_data."""
+    total = sigma**2 + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), total.rsqrt(), sigma.log() / 4
+
+
+# EDM's c_noise = ln(sigma) / 4 spans about -1.6..1.1 over its noise levels; the UNet's sinusoidal embedding was made for
+# diffusers' timesteps (0..1000), so the network sees 1000 c_noise
+EDM_TIMESTEP_SCALE = 1000.0
+
+
+class EDMDenoiser(torch.nn.Module):
+    """An EDM-trained network F, called as diffusers' samplers call an epsilon network: (x_t, timestep) -> epsilon.
+
+    The samplers work on the training schedule's VP samples x_t = sqrt(abar_t) (x_0 + sigma_t n), sigma_t =
+    sqrt((1 - abar_t) / abar_t), at integer timesteps (DDPM, DDIM, DPM-Solver++) or at timesteps interpolated linearly
+    in log sigma between them (Heun on Karras noise levels); this maps them back: sigma from the timestep the same way,
+    x = x_t sqrt(1 + sigma^2), D from the preconditioning, epsilon = (x - D) / sigma. So an EDM network samples with any of
+    the samplers, and an epsilon network needs no wrapper."""
+
+    def __init__(self, network, schedule_config, sigma_data: float):
+        super().__init__()
+        self.network, self.sigma_data = network, float(sigma_data)
+        alphas_cumprod = DDPMScheduler.from_config(schedule_config).alphas_cumprod.double()
+        self.register_buffer("log_sigmas", (0.5 * ((1 - alphas_cumprod) / alphas_cumprod).log()).float(), persistent=False)
+
+    @property
+    def config(self):
+        return self.network.config
+
+    def sigma(self, timestep) -> torch.Tensor:
+        """(N,) or (1,) noise levels of (fractional) timesteps."""
+        log_sigmas = self.log_sigmas.to(getattr(timestep, "device", "cpu"))
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=log_sigmas.device).reshape(-1).clamp(0, len(log_sigmas) - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp(max=len(log_sigmas) - 1)
+        weight = t - low
+        return ((1 - weight) * log_sigmas[low] + weight * log_sigmas[high]).exp()
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None, return_dict: bool = False):
+        sigma = self.sigma(timestep).to(sample.device).view(-1, 1, 1, 1)
+        x = sample.float() * (1 + sigma**2).sqrt()
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        out = self.network(c_in * x, (c_noise * EDM_TIMESTEP_SCALE).flatten(), class_labels=class_labels, return_dict=False)[0]
+        denoised = c_skip * x + c_out * out.float()
+        return ((x - denoised) / sigma,)
+
+
 def make_sampler(name: str, schedule_config):
-    """A fresh scheduler (they hold per-run state) sharing the training schedule's betas."""
+    """A fresh scheduler (they hold per-run state) sharing the training schedule's forward process. from_config gives
+    the keys a config records as defaults (`_use_default_values`) the sampler's own defaults: right for the sampler's
+    settings (timestep spacing), wrong for the forward process (HeunDiscreteScheduler's betas are Stable Diffusion's
+    0.00085..0.012, DDPM's 0.0001..0.02), so those always come from the schedule."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    return SAMPLERS[name].from_config(schedule_config, **SAMPLER_OPTIONS.get(name, {}))
+    config = dict(schedule_config)
+    config["_use_default_values"] = [key for key in config.get("_use_default_values", []) if key not in FORWARD_PROCESS]
+    return SAMPLERS[name].from_config(config, **SAMPLER_OPTIONS.get(name, {}))
 
 
 def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
@@ -62,17 +118,18 @@ def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.
 class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
     """Class-conditional diffusion with classifier-free guidance: a UNet2DModel with a class embedding (label
     `num_classes` is the null class), in an AutoencoderKL's latent space (`vae`, scaled by its scaling_factor) or on
-    pixels (`vae` None). `scheduler` is the training noise schedule; the sampler is built from it per call."""
+    pixels (`vae` None). `scheduler` is the training noise schedule; the sampler is built from it per call. With
+    `edm_sigma_data` the UNet is an EDM network, sampled through EDMDenoiser."""
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components = ["vae"]
 
     def __init__(self, unet, scheduler, vae=None, class_names: list[str] | None = None, sampler: str = "dpmsolver++", num_steps: int = 10,
-                 guidance_scale: float = 1.0, image_shape: list[int] | None = None):  # fmt: skip
+                 guidance_scale: float = 1.0, image_shape: list[int] | None = None, edm_sigma_data: float | None = None):  # fmt: skip
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.register_to_config(class_names=class_names, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                                image_shape=image_shape)  # fmt: skip
+                                image_shape=image_shape, edm_sigma_data=edm_sigma_data)  # fmt: skip
 
     @property
     def num_classes(self) -> int:
@@ -107,8 +164,9 @@ class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
         if len(generators) != len(labels):
             raise ValueError(f"{len(generators)} generators for {len(labels)} images: one per image, or one for all")
         sample_size = self.unet.config.sample_size
+        sigma_data = getattr(self.config, "edm_sigma_data", None)  # an EDM network (EDMDenoiser); older exports: None
         latents = denoise(
-            self.unet, self.scheduler.config, labels, generators, (self.unet.config.in_channels, sample_size, sample_size),
+            self.unet if sigma_data is None else EDMDenoiser(self.unet, self.scheduler.config, sigma_data), self.scheduler.config, labels, generators, (self.unet.config.in_channels, sample_size, sample_size),
             self.num_classes, sampler or self.config.sampler, num_inference_steps or self.config.num_steps,
             self.config.guidance_scale if guidance_scale is None else guidance_scale, self.unet.device,
         )  # fmt: skip

@@ -6,7 +6,7 @@ schedulers built from the config; this module adds the pieces a class-conditiona
 needs around them:
 
 - `AutoencoderRoundTrip`: encode -> sample posterior -> decode as one forward, so DDP sees it.
-- `autoencoder_loss` / `diffusion_loss`: per-sample losses, the training step reduces them; the autoencoder's
+- `autoencoder_loss` / `diffusion_loss` / `edm_loss`: per-sample losses, the training step reduces them; the autoencoder's
   optional PatchGAN term: `PatchDiscriminator`, `patch_hinge_loss`, `adaptive_weight`.
 - `sample_diffusion`: DDPM / DDIM / DPM-Solver++ / Heun with classifier-free guidance, one seeded
   torch.Generator per sample, so sample i is the same image whatever the batch or worker.
@@ -27,9 +27,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from gen_core.errors import LatentMismatchError
-from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
+from gen_core.config import AutoencoderConfig, DenoiserConfig, EdmConfig, NoiseScheduleConfig, SamplerConfig
 from gen_core import diffusers_pipeline
-from gen_core.diffusers_pipeline import GenforgeLatentDiffusionPipeline, denoise, make_sampler
+from gen_core.diffusers_pipeline import EDM_TIMESTEP_SCALE, EDMDenoiser, GenforgeLatentDiffusionPipeline, denoise, edm_preconditioning, make_sampler
 from gen_core.latents import PRETRAINED
 from gen_core.sampling import check_labels
 
@@ -82,8 +82,10 @@ def build_denoiser(cfg: DenoiserConfig, channels: int, sample_size: int, num_cla
 # ---------------------------------------------------------------------------
 
 def training_schedule(cfg: NoiseScheduleConfig) -> DDPMScheduler:
+    """The forward process; an EDM network samples on it through EDMDenoiser, as an epsilon network."""
     return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+        prediction_type="epsilon" if cfg.prediction_type == "edm" else cfg.prediction_type,
         clip_sample=False,  # latents are not bounded to [-1, 1]; pixel models clamp at the end
     )  # fmt: skip
 
@@ -191,6 +193,25 @@ def diffusion_loss(
     return loss * min_snr_weight(schedule, timesteps, min_snr_gamma).to(device)
 
 
+def edm_loss(
+    network: nn.Module, x0: torch.Tensor, labels: torch.Tensor, num_classes: int, label_dropout: float,
+    generator: torch.Generator, edm: EdmConfig, sigma_data: float,
+) -> torch.Tensor:  # fmt: skip
+    """EDM's training loss (Karras et al. 2022, eq. 8 with Table 1's choices), per sample: ln(sigma) ~ N(p_mean, p_std^2),
+    x = x0 + sigma n, and lambda(sigma) |D(x; sigma) - x0|^2 with lambda = 1 / c_out^2, which is the plain MSE of the network's
+    output F(c_in x, c_noise) against its effective target (x0 - c_skip x) / c_out. (N,)"""
+    n, device = len(x0), x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    sigma = (torch.randn(n, generator=generator) * edm.p_std + edm.p_mean).exp().to(device).view(-1, 1, 1, 1)
+    drop = (torch.rand(n, generator=generator) < label_dropout).to(device)
+    labels = torch.where(drop, torch.full_like(labels, num_classes), labels)  # the null class: CFG's unconditional model
+    c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, sigma_data)
+    x = x0 + sigma * noise
+    prediction = network(c_in * x, (c_noise * EDM_TIMESTEP_SCALE).flatten(), class_labels=labels, return_dict=False)[0]
+    target = (x0 - c_skip * x) / c_out
+    return F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+
+
 def min_snr_weight(schedule: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", 2023): the x0
     loss weight min(SNR, gamma), expressed for the network's target: an epsilon loss is SNR times an x0 loss and
@@ -229,6 +250,12 @@ class DiffusionGenerator:
     num_classes: int
     sampler: SamplerConfig
     image_shape: tuple[int, int, int]  # (C, R, R) of the decoded images
+    edm_sigma_data: float | None = None  # an EDM network (its data's std): sampled through EDMDenoiser
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """What the samplers call: (x_t, timestep, class_labels) -> the schedule's prediction."""
+        return self.unet if self.edm_sigma_data is None else EDMDenoiser(self.unet, self.schedule_config, self.edm_sigma_data)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -247,7 +274,7 @@ class DiffusionGenerator:
         """Images (N, C, R, R) in [-1, 1]; sample i depends only on (labels[i], seeds[i])."""
         labels = torch.as_tensor(labels, dtype=torch.long)
         latents = sample_diffusion(
-            self.unet, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes,
+            self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes,
             sampler or self.sampler.name, num_steps or self.sampler.num_steps,
             self.sampler.guidance_scale if guidance_scale is None else guidance_scale, device, autocast_dtype,
         )  # fmt: skip
@@ -261,7 +288,7 @@ class DiffusionGenerator:
         directory = Path(directory)
         pipeline = GenforgeLatentDiffusionPipeline(
             self.unet, make_sampler("ddpm", self.schedule_config), self.vae, meta.get("class_names"), self.sampler.name,
-            self.sampler.num_steps, self.sampler.guidance_scale, list(self.image_shape),
+            self.sampler.num_steps, self.sampler.guidance_scale, list(self.image_shape), self.edm_sigma_data,
         )  # fmt: skip
         pipeline.save_pretrained(directory, safe_serialization=True)
         index = json.loads((directory / "model_index.json").read_text())
@@ -269,7 +296,7 @@ class DiffusionGenerator:
         (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(diffusers_pipeline.__file__), directory / f"{PIPELINE_MODULE}.py")
         info = {**meta, "family": "ldm", "space": "pixel" if self.vae is None else "latent", "num_classes": self.num_classes,
-                "image_shape": list(self.image_shape), "sampler": self.sampler.model_dump()}  # fmt: skip
+                "image_shape": list(self.image_shape), "sampler": self.sampler.model_dump(), "edm_sigma_data": self.edm_sigma_data}  # fmt: skip
         (directory / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -285,15 +312,17 @@ class DiffusionGenerator:
             vae = AutoencoderKL.from_pretrained(directory / "vae", **PRETRAINED).eval()
             check_latent_match(unet.config.in_channels, vae, str(directory))
         schedule = DDPMScheduler.from_pretrained(directory / "scheduler").config
-        model = cls(unet, vae, dict(schedule), meta["num_classes"], SamplerConfig(**meta["sampler"]), tuple(meta["image_shape"]))
+        model = cls(unet, vae, dict(schedule), meta["num_classes"], SamplerConfig(**meta["sampler"]), tuple(meta["image_shape"]),
+                    meta.get("edm_sigma_data"))  # fmt: skip
         return model, meta
 
 
-def diffusion_generator(ldm, data, unet: UNet2DModel, vae: AutoencoderKL | None, num_classes: int) -> DiffusionGenerator:
+def diffusion_generator(ldm, data, unet: UNet2DModel, vae: AutoencoderKL | None, num_classes: int,
+                        edm_sigma_data: float | None = None) -> DiffusionGenerator:  # fmt: skip
     """A trained denoiser as a generator, with the training schedule and the configured sampler.
-    `ldm`, `data`: gen_core.config.LdmConfig and DataConfig."""
+    `ldm`, `data`: gen_core.config.LdmConfig and DataConfig; `edm_sigma_data`: the run's, for an EDM network."""
     image_shape = (data.channels, data.resolution, data.resolution)
-    return DiffusionGenerator(unet, vae, dict(training_schedule(ldm.noise).config), num_classes, ldm.sampler, image_shape)
+    return DiffusionGenerator(unet, vae, dict(training_schedule(ldm.noise).config), num_classes, ldm.sampler, image_shape, edm_sigma_data)
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ from gen_core.diffusion import DiffusionGenerator, sample_diffusion
 from gen_core.onnx_gan import ort_session, write_onnx
 
 class _Denoiser(nn.Module):
-    """UNet2DModel with plain tensor inputs; the timestep is one value per sample."""
+    """UNet2DModel (or an EDMDenoiser around one) with plain tensor inputs; the timestep is one float per sample
+    (Heun's are fractional)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
@@ -44,8 +45,8 @@ def export_diffusion_onnx(model: DiffusionGenerator, directory: str | Path) -> d
     """denoiser.onnx (and decoder.onnx for a latent model) in `directory` -> {file name: sha256}."""
     directory = Path(directory)
     c, size = model.latent_shape[0], model.latent_shape[1]
-    example = (torch.zeros(2, c, size, size), torch.tensor([10, 500]), torch.tensor([1, model.num_classes]))
-    files = {"denoiser.onnx": write_onnx(_Denoiser(model.unet), example, ["sample", "timestep", "class_labels"], "prediction", directory / "denoiser.onnx")}
+    example = (torch.zeros(2, c, size, size), torch.tensor([10.0, 500.5]), torch.tensor([1, model.num_classes]))
+    files = {"denoiser.onnx": write_onnx(_Denoiser(model.denoiser), example, ["sample", "timestep", "class_labels"], "prediction", directory / "denoiser.onnx")}
     if model.vae is not None:
         files["decoder.onnx"] = write_onnx(_Decoder(model.vae), (torch.zeros(2, c, size, size),), ["latents"], "images", directory / "decoder.onnx")
     return files
@@ -56,9 +57,11 @@ class _OnnxDenoiser:
 
     def __init__(self, session):
         self.session = session
+        # float timesteps; exports before EDM and Heun took int64 ones
+        self.timestep_dtype = np.int64 if session.get_inputs()[1].type == "tensor(int64)" else np.float32
 
     def __call__(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor, return_dict: bool = False):
-        timesteps = np.full(len(sample), int(timestep), dtype=np.int64)
+        timesteps = np.full(len(sample), float(timestep), dtype=self.timestep_dtype)
         feed = {"sample": sample.float().numpy(), "timestep": timesteps, "class_labels": class_labels.numpy().astype(np.int64)}
         return (torch.from_numpy(self.session.run(["prediction"], feed)[0]),)
 

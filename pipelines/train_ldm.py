@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, UNet2DModel
 
 from gen_core.config import RunConfig
 from gen_core.data import load_split
-from gen_core.diffusion import build_denoiser, diffusion_generator, diffusion_loss, training_schedule
+from gen_core.diffusion import build_denoiser, diffusion_generator, diffusion_loss, edm_loss, training_schedule
 from gen_core.latents import autoencoder_record, load_autoencoder, load_latents
 from gen_core.models import ema_beta
 from gen_core.sampling import class_grid_png, to_unit
@@ -49,6 +49,20 @@ def training_data(worker, space: str) -> tuple[torch.Tensor, torch.Tensor, Autoe
     return data, labels, vae
 
 
+def edm_sigma_data(d, data: torch.Tensor) -> float | None:
+    """The data's std for an EDM network (`ldm.edm.sigma_data`, or measured on the whole training set, so the same on
+    every rank); None for an epsilon or v network."""
+    if d.noise.prediction_type != "edm":
+        return None
+    return d.edm.sigma_data or float((data.float() if d.space == "latent" else to_unit(data)).std())
+
+
+def target_description(d, sigma_data: float | None) -> str:
+    if sigma_data is not None:
+        return f"EDM (sigma_data {sigma_data:.3g}, ln sigma ~ N({d.edm.p_mean:g}, {d.edm.p_std:g}^2))"
+    return f"{d.noise.prediction_type} target{f' (min-SNR-{d.min_snr_gamma:g} weighted)' if d.min_snr_gamma else ''}"
+
+
 def train_loop_per_worker(worker_config: dict) -> None:
     worker, report, store = start_worker(worker_config)
     cfg, ctx, device, strategy = worker.cfg, worker.ctx, worker.device, worker.strategy
@@ -56,6 +70,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     amp_dtype = worker.autocast_dtype(d.precision)
 
     data, labels, vae = training_data(worker, d.space)
+    sigma_data = edm_sigma_data(d, data)
 
     # --- denoiser, its EMA and optimizer, wrapped by the strategy; the noise schedule
     torch.manual_seed(d.seed)
@@ -69,7 +84,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
         f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
-        f"{tuple(data.shape[1:])}, {d.noise.prediction_type} target{f' (min-SNR-{d.min_snr_gamma:g} weighted)' if d.min_snr_gamma else ''}, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
+        f"{tuple(data.shape[1:])}, {target_description(d, sigma_data)}, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
     )
 
     for step in range(start_step, d.total_steps):
@@ -78,8 +93,11 @@ def train_loop_per_worker(worker_config: dict) -> None:
         index = batch_indices(step, d.global_batch_size, len(labels), d.seed, worker.rank, worker.world_size)
         x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
         with worker.autocast(amp_dtype):
-            loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise,
-                                  d.min_snr_gamma)  # fmt: skip
+            if sigma_data is None:
+                loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise,
+                                      d.min_snr_gamma)  # fmt: skip
+            else:
+                loss = edm_loss(unet.forward, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise, d.edm, sigma_data)
             loss = loss.mean()
         unet.backward(loss)
         unet.step()
@@ -94,13 +112,13 @@ def train_loop_per_worker(worker_config: dict) -> None:
         if store.due(step + 1):
             with store.writing(step + 1, [unet], values) as checkpoint:
                 unet_ema = strategy.gather(unet, "ema")  # collective; a plain module on rank 0, None elsewhere
-                model = diffusion_generator(d, cfg.data, unet_ema, vae, ctx.num_classes) if unet_ema is not None else None
+                model = diffusion_generator(d, cfg.data, unet_ema, vae, ctx.num_classes, sigma_data) if unet_ema is not None else None
                 if model is not None:
                     checkpoint.add_sample_grid(class_grid_png(model, d.sample_grid_seed, device))
                     checkpoint.add_weights({"unet_ema": unet_ema.state_dict()})
                 if evaluate and evaluate.due(step + 1):
                     checkpoint.add_evaluation(evaluate(step + 1, model, amp_dtype))  # collective: samples on every rank
-                checkpoint.meta.update(autoencoder=ctx.extra.get("autoencoder"), unet_config=unet_config)
+                checkpoint.meta.update(autoencoder=ctx.extra.get("autoencoder"), unet_config=unet_config, edm_sigma_data=sigma_data)
         if evaluate and evaluate.stop:  # `patience` evaluations without improvement
             break
     report.finished((step + 1 if evaluate and evaluate.stop else d.total_steps) - start_step)
@@ -134,7 +152,7 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: Ru
             vae = load_autoencoder(context.extra["autoencoder_dir"])
         unet = UNet2DModel.from_config(meta["unet_config"])
         unet.load_state_dict(weights["unet_ema"])
-        model = diffusion_generator(cfg.ldm, cfg.data, unet.eval(), vae, context.num_classes)
+        model = diffusion_generator(cfg.ldm, cfg.data, unet.eval(), vae, context.num_classes, meta.get("edm_sigma_data"))
         export_meta = {"autoencoder": meta.get("autoencoder"), **export_provenance(meta, checkpoint_uri, context)}
         publish_export(cfg.outputs.ldm, local, run_log, lambda tmp: model.save_pretrained(tmp, export_meta))
     log("train_ldm").info("exported EMA denoiser at step %d -> %s", meta["step"], cfg.outputs.ldm.out_dir)

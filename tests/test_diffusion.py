@@ -2,16 +2,18 @@
 export/reload, and the refusals (mismatched latents, bad labels, bad sampler config)."""
 
 import logging
+import math
 
 import pytest
 import torch
 
 from gen_core.errors import LatentMismatchError
-from gen_core.config import AutoencoderConfig, ConfigError, DenoiserConfig, NoiseScheduleConfig, SamplerConfig, config_from_dict
+from gen_core.config import AutoencoderConfig, ConfigError, DenoiserConfig, EdmConfig, NoiseScheduleConfig, SamplerConfig, config_from_dict
 from gen_core.diffusion import (
-    AutoencoderRoundTrip, DiffusionGenerator, autoencoder_loss, build_autoencoder, build_denoiser, diffusion_loss, min_snr_weight, psnr,
-    sample_diffusion, training_schedule,
+    AutoencoderRoundTrip, DiffusionGenerator, autoencoder_loss, build_autoencoder, build_denoiser, diffusion_loss, edm_loss, min_snr_weight,
+    psnr, sample_diffusion, training_schedule,
 )  # fmt: skip
+from gen_core.diffusers_pipeline import EDM_TIMESTEP_SCALE, EDMDenoiser, edm_preconditioning, make_sampler
 from gen_core.sampling import to_unit
 from gen_core.training import autocast_dtype
 from tests.conftest import REPO, tiny_params, upstream_sections
@@ -82,6 +84,8 @@ def test_out_of_range_label_is_a_clear_error(unet, schedule_config):
         ({"sampler": {"num_steps": 2000}}, "sampler.num_steps (2000) exceeds noise.num_train_timesteps (1000)"),
         ({"label_dropout": 1.0}, "ldm.label_dropout: Input should be less than 1"),
         ({"denoiser": {"block_out_channels": [48, 64]}}, "block_out_channels must be multiples of 32"),
+        ({"noise": {"prediction_type": "edm"}}, "min_snr_gamma must be null with noise.prediction_type edm"),
+        ({"edm": {"p_std": 0}}, "ldm.edm.p_std: Input should be greater than 0"),
     ],
 )  # fmt: skip
 def test_sampler_and_denoiser_config_is_validated(ldm, message):
@@ -131,6 +135,79 @@ def _after_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Generato
     return generator
 
 
+def test_edm_preconditioning_follows_the_papers_table():
+    """Karras et al. 2022, Table 1: c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2),
+    c_noise = ln(s) / 4; the loss weight lambda = (s^2 + sd^2) / (s sd)^2 is 1 / c_out^2, so that the effective target
+    has unit weight; and D interpolates from the identity (no noise) to the data's mean (all noise)."""
+    sigma, sd = torch.tensor([0.002, 0.1, 0.5, 1.0, 3.0, 80.0], dtype=torch.float64), 0.5
+    c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, sd)
+    s = sigma.tolist()
+    expected = [[sd**2 / (x**2 + sd**2) for x in s], [x * sd / (x**2 + sd**2) ** 0.5 for x in s], [1 / (x**2 + sd**2) ** 0.5 for x in s],
+                [math.log(x) / 4 for x in s]]  # fmt: skip
+    for got, want in zip((c_skip, c_out, c_in, c_noise), expected):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(1 / c_out**2, (sigma**2 + sd**2) / (sigma * sd) ** 2, rtol=1e-12, atol=0)
+    assert c_skip[0] > 0.9999 and c_out[0] < 0.0021 and c_skip[-1] < 1e-4 and abs(c_out[-1] - sd) < 1e-4
+
+
+def test_edm_denoiser_reads_each_samplers_timesteps_as_its_noise_levels(schedule_config):
+    """Integer timesteps are the schedule's sigma_t = sqrt((1 - abar_t) / abar_t); Heun's fractional ones (Karras noise
+    levels, interpolated in log sigma) map back to the very sigmas the scheduler steps with."""
+    wrapped = EDMDenoiser(None, schedule_config, 1.0)
+    abar = make_sampler("ddpm", schedule_config).alphas_cumprod.double()
+    t = torch.tensor([0, 1, 250, 999])
+    torch.testing.assert_close(wrapped.sigma(t).double(), ((1 - abar[t]) / abar[t]).sqrt(), rtol=1e-5, atol=0)
+    heun = make_sampler("heun", schedule_config)
+    torch.testing.assert_close(heun.alphas_cumprod.double(), abar)  # the training schedule's, not the sampler's default betas
+    heun.set_timesteps(8)
+    torch.testing.assert_close(wrapped.sigma(heun.timesteps), heun.sigmas[:-1].float(), rtol=1e-4, atol=0)
+
+
+class _IdealDenoiser(torch.nn.Module):
+    """The exact F for data that is one point x0: D(x; sigma) = x0 for every x, i.e. F = (x0 - c_skip x) / c_out, recovered
+    from the network's inputs (c_in x, 1000 c_noise) the way EDMDenoiser and edm_loss make them."""
+
+    def __init__(self, x0: torch.Tensor, sigma_data: float):
+        super().__init__()
+        self.x0, self.sigma_data = x0, sigma_data
+
+    def forward(self, scaled, noise_label, class_labels=None, return_dict=False):
+        sigma = (noise_label.double() * 4 / EDM_TIMESTEP_SCALE).exp().view(-1, 1, 1, 1)
+        c_skip, c_out, c_in, _ = edm_preconditioning(sigma, self.sigma_data)
+        return (((self.x0 - c_skip * scaled.double() / c_in) / c_out).float(),)
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 5), ("dpmsolver++", 5), ("heun", 5), ("ddpm", 50)])
+def test_an_ideal_edm_network_samples_its_data_with_every_sampler(schedule_config, sampler, steps):
+    """Through EDMDenoiser the samplers see the true noise of a one-point distribution, so every one of them (guided
+    or not) ends at that point: the VP/VE conversion, the timestep -> sigma map and the preconditioning are consistent."""
+    x0 = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(5)).double()
+    wrapped = EDMDenoiser(_IdealDenoiser(x0, 0.7), schedule_config, 0.7)
+    out = sample_diffusion(wrapped, schedule_config, torch.tensor([0, 3]), [1, 2], (4, 8, 8), NUM_CLASSES, sampler, steps, 2.0)
+    assert (out - x0.float()).abs().max() < 2e-3, (out - x0.float()).abs().max()
+
+
+def test_edm_loss_is_the_weighted_denoising_error_per_sample(unet):
+    """edm_loss = lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2 per sample, ln sigma ~ N(p_mean, p_std^2), seeded."""
+    edm, sd = EdmConfig(), 0.8
+    x0, labels = torch.randn(6, 4, 8, 8), torch.arange(6)
+    loss = edm_loss(unet, x0, labels, NUM_CLASSES, 0.0, torch.Generator().manual_seed(3), edm, sd)
+    again = edm_loss(unet, x0, labels, NUM_CLASSES, 0.0, torch.Generator().manual_seed(3), edm, sd)
+    assert loss.shape == (6,) and torch.equal(loss, again) and torch.isfinite(loss).all()
+    generator = torch.Generator().manual_seed(3)  # the loss's own draws: the noise, then the noise levels
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = (torch.randn(6, generator=generator) * edm.p_std + edm.p_mean).exp().view(-1, 1, 1, 1)
+    c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, sd)
+    x = x0 + sigma * noise
+    with torch.no_grad():
+        denoised = c_skip * x + c_out * unet(c_in * x, (c_noise * EDM_TIMESTEP_SCALE).flatten(), class_labels=labels, return_dict=False)[0]
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    torch.testing.assert_close(loss, (weight * (denoised - x0) ** 2).flatten(1).mean(1), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError):
+        config_from_dict({"ldm": {"noise": {"prediction_type": "edm"}, "min_snr_gamma": 5}})
+    assert config_from_dict({"ldm": {"noise": {"prediction_type": "edm"}, "min_snr_gamma": None}}).ldm.edm.sigma_data is None
+
+
 def test_autoencoder_shapes_follow_the_downsample_factor():
     vae = build_autoencoder(AutoencoderConfig(downsample_factor=8, latent_channels=3, width=8), channels=1)
     latents = vae.encode(torch.zeros(2, 1, 32, 32)).latent_dist.mean
@@ -166,12 +243,13 @@ def test_autoencoder_round_trip_on_real_digits(real_digits):
     assert psnr(held_out, reconstruction).mean() > 18
 
 
-def test_export_and_reload_give_identical_samples(tmp_path):
+@pytest.mark.parametrize("edm_sigma_data", [None, 0.9])
+def test_export_and_reload_give_identical_samples(tmp_path, edm_sigma_data):
     torch.manual_seed(1)
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
     unet = build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=NUM_CLASSES).eval()
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
-                               SamplerConfig(name="ddim", num_steps=4, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
+                               SamplerConfig(name="ddim", num_steps=4, guidance_scale=2.0), (1, 32, 32), edm_sigma_data)  # fmt: skip
     model.save_pretrained(tmp_path, {"step": 3})
     assert {p.name for p in tmp_path.iterdir()} == {"unet", "vae", "scheduler", "generator.json", "model_index.json", "genforge_pipeline.py"}
     warnings = []  # diffusers logs to its own stderr handler, which does not propagate
@@ -183,15 +261,15 @@ def test_export_and_reload_give_identical_samples(tmp_path):
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     assert warnings == []  # quietly: before, a notice to install `accelerate` on every load
-    assert meta["step"] == 3 and reloaded.vae.config.scaling_factor == pytest.approx(0.7)
+    assert meta["step"] == 3 and reloaded.vae.config.scaling_factor == pytest.approx(0.7) and reloaded.edm_sigma_data == edm_sigma_data
     labels, seeds = torch.tensor([0, 5, 9]), [7, 8, 9]
     images = model.sample(labels, seeds)
     assert images.shape == (3, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
     assert torch.equal(images, reloaded.sample(labels, seeds))
 
 
-@pytest.mark.parametrize("space", ["latent", "pixel"])
-def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space):
+@pytest.mark.parametrize("space, edm_sigma_data", [("latent", None), ("pixel", None), ("latent", 1.1)])
+def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space, edm_sigma_data):
     """DiffusionPipeline.from_pretrained(export) with diffusers alone (the class comes from the genforge_pipeline.py beside
     model_index.json): class ids or names, the exported sampler settings by default, and with one generator per image
     seeded like genforge's samples, the same images."""
@@ -201,7 +279,7 @@ def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path,
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval() if space == "latent" else None
     unet = build_denoiser(TINY_DENOISER, channels=4 if vae else 1, sample_size=8 if vae else 32, num_classes=NUM_CLASSES).eval()
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
-                               SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
+                               SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0), (1, 32, 32), edm_sigma_data)  # fmt: skip
     names = [f"class {i}" for i in range(NUM_CLASSES)]
     model.save_pretrained(tmp_path, {"class_names": names})
     pipe = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, low_cpu_mem_usage=False)

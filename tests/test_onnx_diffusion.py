@@ -50,3 +50,18 @@ def test_samples_through_onnx_runtime_are_the_torch_samples(exported, sampler, g
     assert (images - expected).abs().max() <= 1e-3
     with pytest.raises(ValueError, match="class label out of range"):
         onnx.sample(torch.tensor([10]), [1])
+
+
+def test_an_edm_network_exports_with_its_preconditioning(tmp_path):
+    """An EDM network's ONNX graph is EDMDenoiser's (timestep -> sigma, preconditioning, epsilon out): Heun's fractional
+    timesteps and DPM-Solver++'s integer ones give the torch samples."""
+    torch.manual_seed(3)
+    unet = build_denoiser(TINY_DENOISER, channels=1, sample_size=32, num_classes=10).eval()
+    model = DiffusionGenerator(unet, None, dict(training_schedule(NoiseScheduleConfig(prediction_type="edm")).config), 10,
+                               SamplerConfig(name="heun", num_steps=3, guidance_scale=2.0), (1, 32, 32), edm_sigma_data=0.6)  # fmt: skip
+    export_diffusion_onnx(model, tmp_path)
+    onnx = OnnxDiffusionGenerator(tmp_path, **json.loads(json.dumps(sampling_record(model))), threads=1)
+    labels, seeds = torch.tensor([2, 7]), [5, 6]
+    for sampler in ("heun", "dpmsolver++"):
+        expected = model.sample(labels, seeds, sampler=sampler)
+        assert expected.std() > 0.01 and (onnx.sample(labels, seeds, sampler=sampler) - expected).abs().max() <= 1e-3
