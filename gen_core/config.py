@@ -280,13 +280,37 @@ class LatentsConfig(_Section):
     out_dir: str = "data/latents"
 
 
-class DenoiserConfig(_Section):
-    """diffusers UNet2DModel with class embedding; self-attention in the lowest `attention_levels`."""
+# Named denoiser sizes (parameter counts in the README): s is the 15-minute default's, m and l for longer runs
+DENOISER_PRESETS = {
+    "s": {"block_out_channels": (64, 128), "layers_per_block": 1, "attention_levels": 1, "attention_head_dim": 32},
+    "m": {"block_out_channels": (96, 192), "layers_per_block": 2, "attention_levels": 1, "attention_head_dim": 32},
+    "l": {"block_out_channels": (128, 256), "layers_per_block": 2, "attention_levels": 2, "attention_head_dim": 64},
+}
 
+
+class DenoiserConfig(_Section):
+    """diffusers UNet2DModel with class embedding; self-attention in the lowest `attention_levels`. A `preset` (a key
+    of DENOISER_PRESETS) sets the four sizes at once; null: the fields as given."""
+
+    preset: Literal["s", "m", "l"] | None = None
     block_out_channels: tuple[int, ...] = Field((64, 128), min_length=1)
     layers_per_block: int = Field(1, ge=1)
     attention_levels: int = Field(1, ge=0)
     attention_head_dim: int = Field(32, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        sizes = DENOISER_PRESETS.get(data["preset"])
+        if sizes is None:
+            return data  # the Literal names the choices
+        norm = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+        clashes = [key for key in sizes if key in data and norm(data[key]) != sizes[key]]
+        if clashes:
+            raise ValueError(f"preset {data['preset']} sets {', '.join(clashes)}: leave {'them' if len(clashes) > 1 else 'it'} out, or set preset: null")
+        return {**data, **sizes}
 
     @model_validator(mode="after")
     def _groups(self):

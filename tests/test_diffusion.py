@@ -86,12 +86,28 @@ def test_out_of_range_label_is_a_clear_error(unet, schedule_config):
         ({"denoiser": {"block_out_channels": [48, 64]}}, "block_out_channels must be multiples of 32"),
         ({"noise": {"prediction_type": "edm"}}, "min_snr_gamma must be null with noise.prediction_type edm"),
         ({"edm": {"p_std": 0}}, "ldm.edm.p_std: Input should be greater than 0"),
+        ({"denoiser": {"preset": "m", "layers_per_block": 1}}, "ldm.denoiser: preset m sets layers_per_block: leave it out, or set preset: null"),
+        ({"denoiser": {"preset": "xl"}}, "ldm.denoiser.preset: Input should be 's', 'm' or 'l'"),
     ],
 )  # fmt: skip
 def test_sampler_and_denoiser_config_is_validated(ldm, message):
     with pytest.raises(ConfigError) as err:
         config_from_dict({"ldm": ldm})
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_denoiser_presets_set_the_sizes_and_survive_a_round_trip():
+    """A preset fills the four sizes; the dumped config (preset and sizes, as runs log it) parses back to itself; the
+    default params' explicit sizes are preset s's."""
+    from gen_core.config import DENOISER_PRESETS
+
+    assert DenoiserConfig() == DenoiserConfig(**DENOISER_PRESETS["s"])
+    counts = []
+    for name, sizes in DENOISER_PRESETS.items():
+        cfg = config_from_dict({"ldm": {"denoiser": {"preset": name}}}).ldm.denoiser
+        assert cfg.model_dump(exclude={"preset"}) == sizes and config_from_dict({"ldm": {"denoiser": cfg.model_dump()}}).ldm.denoiser == cfg
+        counts.append(sum(p.numel() for p in build_denoiser(cfg, 4, 8, NUM_CLASSES).parameters()))
+    assert counts == [2_799_556, 8_974_276, 16_270_340]  # the README's table (4x8x8 latents, 10 classes)
 
 
 def test_autoencoder_factor_must_leave_a_latent_grid():
