@@ -88,3 +88,10 @@ def test_evaluation_steps_are_checkpoint_steps():
     assert [s for s in range(1, 101) if section.is_checkpoint_step(s)] == [30, 40, 60, 80, 90, 100]
     off = GanConfig(total_steps=100, checkpoint_every_steps=40, evaluation={"every_steps": None})
     assert [s for s in range(1, 101) if off.is_checkpoint_step(s)] == [40, 80, 100] and not any(map(off.is_eval_step, range(101)))
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (REPO / "profiles").glob("*.yaml")))
+def test_every_profile_overlays_the_params(profile):
+    """A profile is an overlay over params.yaml (`--overlay profiles/<name>`): it parses, and it changes something."""
+    base = load_config(REPO / "params.yaml")
+    assert load_config(REPO / "params.yaml", overlays=[REPO / "profiles" / profile]) != base
