@@ -7,6 +7,11 @@ or the LDM of one benchmarks/ae_variants.sh work directory (with the upstream pr
 
     python benchmarks/quality_rows.py --protocol quick --variant WORK/NAME --upstream UPSTREAM --recipe NAME --overrides "k=v ..."
 
+or one row per guidance scale of a guidance sweep (benchmarks/ldm_variants.sh's work directories, or a project's own
+metrics/eval/<protocol>/ldm_guidance.json with --sweep .), recipes "NAME g<scale>":
+
+    python benchmarks/quality_rows.py --protocol quick --sweep WORK/NAME --recipe NAME --overrides "k=v ..."
+
 A row replaces the one of the same family, recipe and protocol.
 """
 
@@ -31,7 +36,10 @@ def main() -> None:
     parser.add_argument("--upstream", type=Path, default=REPO, help="the project whose reference statistics it used")
     parser.add_argument("--recipe", default="default (params.yaml)")
     parser.add_argument("--overrides", default="")
+    parser.add_argument("--sweep", type=Path, help="a directory with eval/<protocol>/ldm_guidance.json (ldm_variants.sh's)")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep_rows(args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     floor = json.loads((args.upstream / "data/ref_stats" / args.protocol / "floor.json").read_text())
     rows = json.loads(args.out.read_text())
@@ -52,6 +60,28 @@ def main() -> None:
         }  # fmt: skip
         rows = [r for r in rows if (r["family"], r.get("recipe"), r["protocol"]["name"]) != (family, row["recipe"], args.protocol)] + [row]
         print(family, json.dumps({k: row[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "classes_covered", "exported_step")}))
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def sweep_rows(args) -> None:
+    """One row per scale of a guidance sweep: the same weights, seeds and sampler at each guidance."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    evaluated = args.sweep / "eval" if (args.sweep / "eval").is_dir() else args.sweep / "metrics/eval"
+    sweep = json.loads((evaluated / args.protocol / "ldm_guidance.json").read_text())
+    rows = json.loads(args.out.read_text())
+    for point in sweep["curve"]:
+        recipe = f"{args.recipe} g{point['guidance']:g}"
+        row = {
+            "family": "ldm", "recipe": recipe, "overrides": args.overrides.split(), "profile": "default",
+            "protocol": {"name": sweep["protocol"], "id": sweep["protocol_id"], "num_samples": int(sweep["protocol_id"].split(":")[1].split("-")[0])},
+            "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"],
+            **{k: point[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
+            "fid_floor": sweep["floor"]["fid"], "recall_floor": sweep["floor"]["recall"], "how": "benchmarks/ldm_variants.sh",
+            "machine": f"{platform.machine()}, {platform.processor() or '?'}", "date": time.strftime("%Y-%m-%d"), "commit": commit,
+            "note": args.note,
+        }  # fmt: skip
+        rows = [r for r in rows if (r["family"], r.get("recipe"), r["protocol"]["name"]) != ("ldm", recipe, sweep["protocol"])] + [row]
+        print(recipe, json.dumps({k: row[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "exported_step")}))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 
 

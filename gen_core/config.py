@@ -192,7 +192,7 @@ class GanScheduleConfig(_Section):
 class GanConfig(TrainingConfig):
     """`train_gan`: Ray Train run of the conditional GAN."""
 
-    total_steps: int = Field(2000, ge=1)
+    total_steps: int = Field(2400, ge=1)
     model: GanModelConfig = GanModelConfig()
     loss: Literal["nonsaturating", "hinge", "wgan", "rpgan"] = "hinge"  # rpgan: relativistic pairing (R3GAN)
     regularization: GanRegularizationConfig = GanRegularizationConfig()
