@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="default (params.yaml)")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--sweep", type=Path, help="a directory with eval/<protocol>/ldm_guidance.json (ldm_variants.sh's)")
+    parser.add_argument("--profile", default="default", help="the rows' profile (--sweep): default, or quality for profiles/ldm-quality.yaml")
     args = parser.parse_args()
     if args.sweep:
         return sweep_rows(args)
@@ -72,7 +73,7 @@ def sweep_rows(args) -> None:
     for point in sweep["curve"]:
         recipe = f"{args.recipe} g{point['guidance']:g}"
         row = {
-            "family": "ldm", "recipe": recipe, "overrides": args.overrides.split(), "profile": "default",
+            "family": "ldm", "recipe": recipe, "overrides": args.overrides.split(), "profile": args.profile,
             "protocol": {"name": sweep["protocol"], "id": sweep["protocol_id"], "num_samples": int(sweep["protocol_id"].split(":")[1].split("-")[0])},
             "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"],
             **{k: point[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
@@ -80,7 +81,8 @@ def sweep_rows(args) -> None:
             "machine": f"{platform.machine()}, {platform.processor() or '?'}", "date": time.strftime("%Y-%m-%d"), "commit": commit,
             "note": args.note,
         }  # fmt: skip
-        rows = [r for r in rows if (r["family"], r.get("recipe"), r["protocol"]["name"]) != ("ldm", recipe, sweep["protocol"])] + [row]
+        rows = [r for r in rows if (r["family"], r.get("recipe"), r.get("profile"), r["protocol"]["name"]) != ("ldm", recipe, args.profile, sweep["protocol"])]
+        rows.append(row)
         print(recipe, json.dumps({k: row[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "exported_step")}))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 
