@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+METRICS = ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")
 
 
 def main() -> None:
@@ -41,7 +42,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.sweep:
         return sweep_rows(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     floor = json.loads((args.upstream / "data/ref_stats" / args.protocol / "floor.json").read_text())
     rows = json.loads(args.out.read_text())
     for family in ("ldm",) if args.variant else ("gan", "ldm"):
@@ -55,18 +55,16 @@ def main() -> None:
         row = {
             "family": family, "recipe": args.recipe, "overrides": args.overrides.split(), "profile": "default", **extra,
             "protocol": {"name": args.protocol, "id": record["protocol_id"], "num_samples": record["num_samples"]},
-            "exported_step": step, **{k: record[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
-            "fid_floor": floor["fid"], "recall_floor": floor["recall"], "machine": f"{platform.machine()}, {platform.processor() or '?'}",
-            "date": time.strftime("%Y-%m-%d"), "commit": commit, "note": args.note,
+            "exported_step": step, **{k: record[k] for k in METRICS}, "fid_floor": floor["fid"], "recall_floor": floor["recall"],
+            **provenance(args.note),
         }  # fmt: skip
-        rows = [r for r in rows if (r["family"], r.get("recipe"), r["protocol"]["name"]) != (family, row["recipe"], args.protocol)] + [row]
+        rows = with_row(rows, row)
         print(family, json.dumps({k: row[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "classes_covered", "exported_step")}))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def sweep_rows(args) -> None:
     """One row per scale of a guidance sweep: the same weights, seeds and sampler at each guidance."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     evaluated = args.sweep / "eval" if (args.sweep / "eval").is_dir() else args.sweep / "metrics/eval"
     sweep = json.loads((evaluated / args.protocol / "ldm_guidance.json").read_text())
     rows = json.loads(args.out.read_text())
@@ -76,15 +74,26 @@ def sweep_rows(args) -> None:
             "family": "ldm", "recipe": recipe, "overrides": args.overrides.split(), "profile": args.profile,
             "protocol": {"name": sweep["protocol"], "id": sweep["protocol_id"], "num_samples": int(sweep["protocol_id"].split(":")[1].split("-")[0])},
             "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"],
-            **{k: point[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
-            "fid_floor": sweep["floor"]["fid"], "recall_floor": sweep["floor"]["recall"], "how": "benchmarks/ldm_variants.sh",
-            "machine": f"{platform.machine()}, {platform.processor() or '?'}", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-            "note": args.note,
+            **{k: point[k] for k in METRICS}, "fid_floor": sweep["floor"]["fid"], "recall_floor": sweep["floor"]["recall"],
+            "how": SWEEP_COMMAND, **provenance(args.note),
         }  # fmt: skip
-        rows = [r for r in rows if (r["family"], r.get("recipe"), r.get("profile"), r["protocol"]["name"]) != ("ldm", recipe, args.profile, sweep["protocol"])]
-        rows.append(row)
+        rows = with_row(rows, row)
         print(recipe, json.dumps({k: row[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "exported_step")}))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+SWEEP_COMMAND = "python -m pipelines.evaluate --family ldm --guidance-sweep"
+
+
+def provenance(note: str) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {"machine": f"{platform.machine()}, {platform.processor() or '?'}", "date": time.strftime("%Y-%m-%d"), "commit": commit, "note": note}
+
+
+def with_row(rows: list[dict], row: dict) -> list[dict]:
+    """`rows` with `row` in place of the one of the same family, recipe, profile and protocol."""
+    key = lambda r: (r["family"], r.get("recipe"), r.get("profile"), r["protocol"]["name"])  # noqa: E731
+    return [r for r in rows if key(r) != key(row)] + [row]
 
 
 if __name__ == "__main__":
