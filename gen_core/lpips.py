@@ -100,6 +100,7 @@ class LPIPS(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = (x.expand(-1, 3, -1, -1) - self.shift) / self.scale  # grayscale: the same image in R, G and B
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's and cuDNN's fast layout: 1.3x on a Xeon (RESULTS.md)
         taps, conv = [], 0
         for v in VGG16_LAYERS:
             if v == "M":
@@ -115,10 +116,13 @@ class LPIPS(nn.Module):
         """[N] distances; a and b in [-1, 1], NCHW with 1 or 3 channels. Differentiable in a and b."""
         if a.shape != b.shape:
             raise ValueError(f"LPIPS: image batches of different shapes {tuple(a.shape)} and {tuple(b.shape)}")
-        features = self.features(torch.cat([a, b]))
+        taps = []
+        for images in (a, b):  # one at a time: a training target (no grad) costs a forward only, no backward
+            with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+                taps.append(self.features(images))
         total = 0.0
-        for head, f in zip(self.heads, features):
-            fa, fb = (f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)  # unit length along channels
+        for head, fa, fb in zip(self.heads, *taps):
+            fa, fb = (f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for f in (fa, fb))  # unit length along channels
             total = total + head((fa - fb).pow(2)).mean((2, 3))
         return total.flatten()
 
@@ -149,4 +153,4 @@ def load_lpips(device: torch.device | str = "cpu") -> LPIPS:
         atomic_write_bytes(path, save(state))
     model = LPIPS()
     model.load_state_dict(state)
-    return model.requires_grad_(False).eval().to(device)
+    return model.requires_grad_(False).eval().to(device, memory_format=torch.channels_last)
