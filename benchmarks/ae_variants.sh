@@ -5,6 +5,9 @@
 #   UPSTREAM=/path/to/a/project/after/make/repro WORK=/tmp/ae_variants benchmarks/ae_variants.sh \
 #       "l1:" "lpips1:autoencoder.perceptual_weight=1.0"
 #
+# With SWEEP="[2,3,4]" the evaluation is the evaluate stage's guidance sweep at those scales instead of one
+# evaluation at the LDM's own guidance.
+#
 # Each NAME:SETTINGS runs train_autoencoder (its export measures reconstruction PSNR and FID), encode_latents,
 # train_ldm and evaluate (the params' protocol, the LDM's own guidance) in $WORK/NAME, with its own run directories,
 # MLflow store and outputs; $UPSTREAM's prepared data, classifier and reference statistics are read and left alone.
@@ -12,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 UPSTREAM=${UPSTREAM:?set UPSTREAM to a project directory after make repro}
 WORK=${WORK:-/tmp/ae_variants}
+SWEEP=${SWEEP:-}
 PY=${PY:-.venv/bin/python}
 export RAY_worker_niceness=${RAY_worker_niceness:-0}
 for spec in "$@"; do
@@ -30,6 +34,13 @@ for spec in "$@"; do
     $PY -m pipelines.$stage "${args[@]}" > "$W/$stage.log" 2>&1 || { echo "$stage failed: $W/$stage.log"; tail -3 "$W/$stage.log"; continue 2; }
     grep -h "finished .* steps in\|reconstruction psnr" "$W/$stage.log" | sed 's/^.*\[/  [/'
   done
+  if [ -n "$SWEEP" ]; then
+    $PY -m pipelines.evaluate --family ldm --guidance-sweep --set "evaluate.guidance.scales=$SWEEP" "${args[@]}" > "$W/evaluate.log" 2>&1 \
+      || { echo "evaluate failed: $W/evaluate.log"; tail -3 "$W/evaluate.log"; continue; }
+    grep -h "reconstruction psnr" "$W/train_autoencoder.log" | sed 's/^.*\[/  [/'
+    grep -A12 "guidance sweep (" "$W/evaluate.log" | grep "^|"
+    continue
+  fi
   $PY -m pipelines.evaluate --family ldm "${args[@]}" > "$W/evaluate.log" 2>&1 || { echo "evaluate failed: $W/evaluate.log"; tail -3 "$W/evaluate.log"; continue; }
   $PY - "$W" <<'EOF'
 import json, sys
