@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from gen_core.checkpoint import CheckpointError
@@ -63,6 +64,41 @@ def classify(model: Classifier, images_uint8: torch.Tensor, batch_size: int = 50
     """-> (predicted labels (N,), features (N, feature_dim) float64)."""
     probabilities, features = classifier_outputs(model, images_uint8, batch_size)
     return probabilities.argmax(1), features
+
+
+class FeatureDistance(nn.Module):
+    """A perceptual distance in a trained Classifier's features, as LPIPS computes one in VGG16's without its learned
+    heads: at the ReLU after each of the classifier's convolutions, features unit-normalised along channels, squared
+    differences summed over channels and averaged over space, then summed over the taps. Frozen, eval mode (its
+    BatchNorms use their running statistics). forward(a, b) -> [N] distances, images in [-1, 1] like LPIPS'."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.net = classifier.features_net
+        self.taps = [i for i, layer in enumerate(self.net) if isinstance(layer, nn.ReLU) and isinstance(self.net[i - 1], nn.BatchNorm2d)]
+        self.requires_grad_(False)
+        self.eval()
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps = []
+        for i, layer in enumerate(self.net[: self.taps[-1] + 1]):
+            x = layer(x)
+            if i in self.taps:
+                taps.append(x)
+        return taps
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape != b.shape:
+            raise ValueError(f"feature distance: image batches of different shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        taps = []
+        for images in (a, b):  # a training target (no grad) costs a forward only
+            with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+                taps.append(self.features(images))
+        total = 0.0
+        for fa, fb in zip(*taps):
+            fa, fb = (f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for f in (fa, fb))
+            total = total + (fa - fb).pow(2).sum(1).mean((1, 2))
+        return total
 
 
 def save_classifier(out_dir: str | Path, model: Classifier, meta: dict) -> None:

@@ -249,7 +249,8 @@ class AutoencoderConfig(TrainingConfig):
     layers_per_block: int = Field(1, ge=1)
     reconstruction_loss: Literal["l1", "mse"] = "l1"
     kl_weight: float = Field(1e-6, ge=0)  # small: the KL only keeps latents near N(0, I) in scale
-    perceptual_weight: float = Field(0.0, ge=0)  # LPIPS-VGG16 term beside the pixel loss (CompVis' autoencoders: 1.0); 0: off
+    perceptual_weight: float = Field(0.0, ge=0)  # perceptual term beside the pixel loss (CompVis' autoencoders: LPIPS x 1.0); 0: off
+    perceptual: Literal["lpips", "classifier"] = "lpips"  # LPIPS-VGG16, or the distance in the pipeline's own classifier's features
     perceptual_images: int | None = Field(None, ge=1)  # of each rank's batch, how many get the (costly) LPIPS term; None: all
     lr: float = Field(1e-3, gt=0, le=1)
     total_steps: int = Field(300, ge=1)

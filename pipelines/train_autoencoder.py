@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from gen_core.checkpoint import CheckpointError
+from gen_core.classifier import FeatureDistance, load_classifier
 from gen_core.config import RunConfig
 from gen_core.data import load_split
 from gen_core.diffusion import AutoencoderRoundTrip, PatchDiscriminator, adaptive_weight, autoencoder_loss, build_autoencoder, patch_hinge_loss, psnr
@@ -27,7 +29,7 @@ from gen_core.lpips import LpipsWeightsError, load_lpips
 from gen_core.metrics import fid_from_stats, inception_stats, load_inception, load_inception_reference
 from gen_core.sampling import to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
-from pipelines.common import StageError, inception_progress, log, run_stage
+from pipelines.common import StageError, absolute, inception_progress, log, run_stage
 from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
 from pipelines.worker import start_worker
 
@@ -53,7 +55,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     torch.manual_seed(a.seed)
     vae = build_autoencoder(a, cfg.data.channels).to(device)
     model = strategy.wrap("vae", AutoencoderRoundTrip(vae), lambda params: torch.optim.Adam(params, lr=a.lr))
-    perceptual = load_lpips(device) if a.perceptual_weight else None  # frozen, beside the wrapped model
+    perceptual = perceptual_distance(a, ctx, device)  # frozen, beside the wrapped model
     adv = a.adversarial
     disc = discriminator(strategy, cfg) if adv.weight else None  # the PatchGAN's D: a part of its own, checkpointed too
     parts = [model, disc] if disc else [model]
@@ -101,6 +103,15 @@ def train_loop_per_worker(worker_config: dict) -> None:
     report.finished(a.total_steps - start_step)
 
 
+def perceptual_distance(a, ctx, device) -> torch.nn.Module | None:
+    """The perceptual term's network: LPIPS-VGG16, or the pipeline's classifier (FeatureDistance); None when off."""
+    if not a.perceptual_weight:
+        return None
+    if a.perceptual == "lpips":
+        return load_lpips(device)
+    return FeatureDistance(load_classifier(ctx.extra["classifier_dir"])[0]).to(device)
+
+
 def discriminator(strategy, cfg: RunConfig):
     adv = cfg.autoencoder.adversarial
     return strategy.wrap("disc", PatchDiscriminator(cfg.data.channels, adv.d_width, adv.d_layers),
@@ -127,13 +138,20 @@ def training_job(cfg: RunConfig) -> TrainingJob:
     if cfg.autoencoder.adversarial.weight and cfg.ray.strategy != "ddp":
         raise StageError(f"autoencoder.adversarial: needs ray.strategy ddp, not {cfg.ray.strategy} (its adaptive weight "
                          "takes gradients at the decoder's last layer, which fsdp and deepspeed shard)")  # fmt: skip
-    if cfg.autoencoder.perceptual_weight:
+    extra = {}
+    if cfg.autoencoder.perceptual_weight and cfg.autoencoder.perceptual == "lpips":
         try:
             load_lpips()  # before Ray starts: the weights are there and unaltered (converted and cached on first use)
         except LpipsWeightsError as err:
             raise StageError(f"autoencoder.perceptual_weight: {err}") from None
+    elif cfg.autoencoder.perceptual_weight:
+        extra["classifier_dir"] = absolute(cfg.classifier.out_dir)  # workers run elsewhere
+        try:
+            load_classifier(extra["classifier_dir"])
+        except CheckpointError as err:
+            raise StageError(f"autoencoder.perceptual: {err}") from None
     return TrainingJob(stage="train_autoencoder", kind="autoencoder", section="autoencoder", worker_loop=train_loop_per_worker,
-                       export=export)  # fmt: skip
+                       export=export, extra=extra)  # fmt: skip
 
 
 def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: RunLog) -> dict:

