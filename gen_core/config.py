@@ -259,10 +259,13 @@ class AutoencoderConfig(TrainingConfig):
     adversarial: AdversarialConfig = AdversarialConfig()
 
     def resume_signature(self) -> dict:
-        """The adversarial block counts only when it is on, so runs from before it existed keep their names."""
+        """The adversarial block counts only when it is on, and the perceptual network only when it is not the LPIPS
+        of before the choice existed, so runs from before either existed keep their names."""
         signature = super().resume_signature()
         if not self.adversarial.weight:
             signature.pop("adversarial")
+        if self.perceptual == "lpips":
+            signature.pop("perceptual")
         return signature
 
     @model_validator(mode="after")

@@ -374,6 +374,8 @@ def test_the_adversarial_block_off_leaves_run_names_alone_and_needs_ddp_on():
 
     off, on = load_config(REPO / "params.yaml"), load_config(REPO / "params.yaml", ["autoencoder.adversarial.weight=0.5"])
     assert "adversarial" not in off.autoencoder.resume_signature() and on.autoencoder.resume_signature()["adversarial"]["weight"] == 0.5
+    classifier_term = load_config(REPO / "params.yaml", ["autoencoder.perceptual=classifier"])  # likewise the perceptual network
+    assert "perceptual" not in off.autoencoder.resume_signature() and classifier_term.autoencoder.resume_signature()["perceptual"] == "classifier"
     with pytest.raises(StageError) as err:
         training_job(load_config(REPO / "params.yaml", ["autoencoder.adversarial.weight=0.5", "ray.strategy=fsdp"]))
     assert str(err.value) == ("autoencoder.adversarial: needs ray.strategy ddp, not fsdp (its adaptive weight takes gradients at the "
