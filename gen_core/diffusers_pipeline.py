@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "heun": HeunDiscreteScheduler}
 # heun: Karras et al. 2022's 2nd-order sampler on their noise levels (rho 7); n steps evaluate the network 2n - 1 times
-FORWARD_PROCESS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+FORWARD_PROCESS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type", "clip_sample")
 SAMPLER_OPTIONS = {"dpmsolver++": {"algorithm_type": "dpmsolver++", "solver_order": 2}, "heun": {"use_karras_sigmas": True}}
 
 
@@ -73,14 +73,16 @@ class EDMDenoiser(torch.nn.Module):
 
 
 def make_sampler(name: str, schedule_config):
-    """A fresh scheduler (they hold per-run state) sharing the training schedule's forward process. from_config gives
-    the keys a config records as defaults (`_use_default_values`) the sampler's own defaults: right for the sampler's
-    settings (timestep spacing), wrong for the forward process (HeunDiscreteScheduler's betas are Stable Diffusion's
-    0.00085..0.012, DDPM's 0.0001..0.02), so those always come from the schedule."""
+    """A fresh scheduler (they hold per-run state) on the training schedule's forward process (betas, prediction type,
+    clipping) with the sampler's own settings for the rest (timestep spacing above all). Only those keys are taken from
+    the schedule: a saved schedule records DDPM's "leading" spacing explicitly, which started DPM-Solver++ at t = 900
+    instead of 999 for exported models while the in-training evaluations, built from a fresh config, used the sampler's
+    default; and from_config would give a key a config marks as a default (`_use_default_values`) the sampler's default,
+    wrong for the forward process (HeunDiscreteScheduler's betas are Stable Diffusion's 0.00085..0.012, DDPM's 0.0001..0.02)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    config = dict(schedule_config)
-    config["_use_default_values"] = [key for key in config.get("_use_default_values", []) if key not in FORWARD_PROCESS]
+    schedule_config = dict(schedule_config)
+    config = {key: schedule_config[key] for key in FORWARD_PROCESS if key in schedule_config}
     return SAMPLERS[name].from_config(config, **SAMPLER_OPTIONS.get(name, {}))
 
 
