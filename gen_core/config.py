@@ -290,31 +290,68 @@ DENOISER_PRESETS = {
     "m": {"block_out_channels": (96, 192), "layers_per_block": 2, "attention_levels": 1, "attention_head_dim": 32},
     "l": {"block_out_channels": (128, 256), "layers_per_block": 2, "attention_levels": 2, "attention_head_dim": 64},
 }
+# DiT sizes (gen_core.dit; parameter counts in the README). l is DiT-S's width and depth (Peebles & Xie 2023)
+DIT_PRESETS = {
+    "s": {"hidden_size": 128, "num_layers": 6, "num_heads": 4},
+    "m": {"hidden_size": 256, "num_layers": 8, "num_heads": 4},
+    "l": {"hidden_size": 384, "num_layers": 12, "num_heads": 6},
+}
+
+
+def _apply_preset(data, presets: dict):
+    """A `preset` key's sizes merged into the section's raw fields; a field given that the preset sets differently is refused."""
+    if not isinstance(data, dict) or data.get("preset") is None:
+        return data
+    sizes = presets.get(data["preset"])
+    if sizes is None:
+        return data  # the Literal names the choices
+    norm = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+    clashes = [key for key in sizes if key in data and norm(data[key]) != sizes[key]]
+    if clashes:
+        raise ValueError(f"preset {data['preset']} sets {', '.join(clashes)}: leave {'them' if len(clashes) > 1 else 'it'} out, or set preset: null")
+    return {**data, **sizes}
+
+
+class DitConfig(_Section):
+    """The transformer denoiser (gen_core.dit.GenforgeDiT: adaLN-Zero blocks over patch_size x patch_size patches of the
+    latent). A `preset` (a key of DIT_PRESETS) sets the three sizes at once; null: the fields as given."""
+
+    preset: Literal["s", "m", "l"] | None = None
+    hidden_size: int = Field(128, ge=4)
+    num_layers: int = Field(6, ge=1)
+    num_heads: int = Field(4, ge=1)
+    patch_size: int = Field(1, ge=1)  # 1: a token per latent pixel (8x8 latents: 64 tokens)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        return _apply_preset(data, DIT_PRESETS)
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of 4 and of num_heads ({self.num_heads})")
+        return self
 
 
 class DenoiserConfig(_Section):
-    """diffusers UNet2DModel with class embedding; self-attention in the lowest `attention_levels`. A `preset` (a key
-    of DENOISER_PRESETS) sets the four sizes at once; null: the fields as given."""
+    """The denoiser: `backbone` unet, diffusers UNet2DModel with a class embedding and self-attention in the lowest
+    `attention_levels` (a `preset`, a key of DENOISER_PRESETS, sets its four sizes at once; null: the fields as given),
+    or dit, the transformer of the `dit` section. The class table has one extra "null" class for guidance either way."""
 
+    backbone: Literal["unet", "dit"] = "unet"
     preset: Literal["s", "m", "l"] | None = None
     block_out_channels: tuple[int, ...] = Field((64, 128), min_length=1)
     layers_per_block: int = Field(1, ge=1)
     attention_levels: int = Field(1, ge=0)
     attention_head_dim: int = Field(32, ge=1)
+    dit: DitConfig = DitConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data):
-        if not isinstance(data, dict) or data.get("preset") is None:
-            return data
-        sizes = DENOISER_PRESETS.get(data["preset"])
-        if sizes is None:
-            return data  # the Literal names the choices
-        norm = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
-        clashes = [key for key in sizes if key in data and norm(data[key]) != sizes[key]]
-        if clashes:
-            raise ValueError(f"preset {data['preset']} sets {', '.join(clashes)}: leave {'them' if len(clashes) > 1 else 'it'} out, or set preset: null")
-        return {**data, **sizes}
+        return _apply_preset(data, DENOISER_PRESETS)
 
     @model_validator(mode="after")
     def _groups(self):
@@ -323,6 +360,14 @@ class DenoiserConfig(_Section):
         if self.attention_levels > len(self.block_out_channels):
             raise ValueError(f"attention_levels ({self.attention_levels}) exceeds the number of levels")
         return self
+
+    def signature(self) -> dict:
+        """What a run's checkpoint must share: the chosen backbone's sizes only (a U-Net run from before the choice
+        existed keeps its name)."""
+        fields = self.model_dump(mode="json")
+        if self.backbone == "unet":
+            return {key: value for key, value in fields.items() if key not in ("backbone", "dit")}
+        return {"backbone": "dit", "dit": fields["dit"]}
 
 
 class NoiseScheduleConfig(_Section):
@@ -381,6 +426,9 @@ class LdmConfig(TrainingConfig):
     total_steps: int = Field(600, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     evaluation: TrainingEvalConfig = TrainingEvalConfig(every_steps=500)  # evaluation during training
+
+    def resume_signature(self) -> dict:
+        return {**super().resume_signature(), "denoiser": self.denoiser.signature()}
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -739,6 +787,14 @@ class RunConfig(_Section):
                 f"evaluate.kid_subset_size ({self.evaluate.kid_subset_size}) exceeds the samples or reference images "
                 f"of evaluate.protocols.{self.evaluate.protocol}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _dit_patches(self) -> "RunConfig":
+        denoiser = self.ldm.denoiser
+        size = self.data.resolution // (self.autoencoder.downsample_factor if self.ldm.space == "latent" else 1)
+        if denoiser.backbone == "dit" and size % denoiser.dit.patch_size:
+            raise ValueError(f"ldm.denoiser.dit.patch_size ({denoiser.dit.patch_size}) must divide the denoiser's input size ({size}x{size})")
         return self
 
     def family(self, family: Family) -> TrainingConfig:

@@ -1,7 +1,7 @@
 """Latent diffusion building blocks on Hugging Face diffusers: autoencoder, denoiser, noise
 schedules, losses and seeded samplers.
 
-Networks are plain diffusers models (AutoencoderKL, UNet2DModel); schedules are diffusers
+Networks are diffusers models (AutoencoderKL; UNet2DModel or gen_core.dit's GenforgeDiT); schedules are diffusers
 schedulers built from the config; this module adds the pieces a class-conditional latent model
 needs around them:
 
@@ -28,8 +28,9 @@ from torch import nn
 
 from gen_core.errors import LatentMismatchError
 from gen_core.config import AutoencoderConfig, DenoiserConfig, EdmConfig, NoiseScheduleConfig, SamplerConfig
-from gen_core import diffusers_pipeline
+from gen_core import diffusers_pipeline, dit
 from gen_core.diffusers_pipeline import EDM_TIMESTEP_SCALE, EDMDenoiser, GenforgeLatentDiffusionPipeline, denoise, edm_preconditioning, make_sampler
+from gen_core.dit import GenforgeDiT
 from gen_core.latents import PRETRAINED
 from gen_core.sampling import check_labels
 
@@ -64,8 +65,11 @@ class AutoencoderRoundTrip(nn.Module):
         return self.vae.decode(posterior.sample(generator)).sample, posterior.mean, posterior.logvar
 
 
-def build_denoiser(cfg: DenoiserConfig, channels: int, sample_size: int, num_classes: int) -> UNet2DModel:
-    """Class-conditional UNet2DModel. Label `num_classes` is the "null" class used by guidance."""
+def build_denoiser(cfg: DenoiserConfig, channels: int, sample_size: int, num_classes: int) -> UNet2DModel | GenforgeDiT:
+    """Class-conditional UNet2DModel or DiT (cfg.backbone). Label `num_classes` is the "null" class used by guidance."""
+    if cfg.backbone == "dit":
+        sizes = cfg.dit.model_dump(exclude={"preset"})
+        return GenforgeDiT(sample_size=sample_size, in_channels=channels, num_class_embeds=num_classes + 1, **sizes)
     levels = len(cfg.block_out_channels)
     attention = [i >= levels - cfg.attention_levels for i in range(levels)]
     return UNet2DModel(
@@ -75,6 +79,17 @@ def build_denoiser(cfg: DenoiserConfig, channels: int, sample_size: int, num_cla
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         num_class_embeds=num_classes + 1, attention_head_dim=cfg.attention_head_dim, norm_num_groups=32,
     )  # fmt: skip
+
+
+DENOISER_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, GenforgeDiT)}
+
+
+def denoiser_class(config) -> type[UNet2DModel] | type[GenforgeDiT]:
+    """The network class a saved denoiser config names (its `_class_name`); only these two load."""
+    name = dict(config).get("_class_name", "UNet2DModel")
+    if name not in DENOISER_CLASSES:
+        raise LatentMismatchError(f"denoiser class {name!r} is not one genforge trains ({', '.join(DENOISER_CLASSES)})")
+    return DENOISER_CLASSES[name]
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +249,7 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
 
 
 PIPELINE_MODULE = "genforge_pipeline"  # <export>/genforge_pipeline.py: the diffusers pipeline class, for DiffusionPipeline.from_pretrained
+DIT_MODULE = "genforge_dit"  # <export>/unet/genforge_dit.py: the DiT's class, for the same
 
 
 @dataclass
@@ -244,7 +260,7 @@ class DiffusionGenerator:
     the training noise schedule, generator.json with the class names and default sampler.
     """
 
-    unet: UNet2DModel
+    unet: UNet2DModel | GenforgeDiT  # the denoiser, whatever its backbone (diffusers' component name)
     vae: AutoencoderKL | None  # None: the denoiser works on pixels
     schedule_config: dict
     num_classes: int
@@ -293,8 +309,11 @@ class DiffusionGenerator:
         pipeline.save_pretrained(directory, safe_serialization=True)
         index = json.loads((directory / "model_index.json").read_text())
         index["_class_name"] = [PIPELINE_MODULE, GenforgeLatentDiffusionPipeline.__name__]  # diffusers loads it from the .py beside it
-        (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(diffusers_pipeline.__file__), directory / f"{PIPELINE_MODULE}.py")
+        if isinstance(self.unet, GenforgeDiT):  # a custom component: diffusers loads it from unet/<module>.py
+            index["unet"] = [DIT_MODULE, GenforgeDiT.__name__]
+            shutil.copyfile(Path(dit.__file__), directory / "unet" / f"{DIT_MODULE}.py")
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         info = {**meta, "family": "ldm", "space": "pixel" if self.vae is None else "latent", "num_classes": self.num_classes,
                 "image_shape": list(self.image_shape), "sampler": self.sampler.model_dump(), "edm_sigma_data": self.edm_sigma_data}  # fmt: skip
         (directory / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -306,7 +325,8 @@ class DiffusionGenerator:
             meta = json.loads((directory / "generator.json").read_text())
         except FileNotFoundError:
             raise LatentMismatchError(f"{directory}: no generator.json (not an exported genforge diffusion model)") from None
-        unet = UNet2DModel.from_pretrained(directory / "unet", **PRETRAINED).eval()
+        unet_config = json.loads((directory / "unet" / "config.json").read_text())
+        unet = denoiser_class(unet_config).from_pretrained(directory / "unet", **PRETRAINED).eval()
         vae = None
         if meta["space"] == "latent":
             vae = AutoencoderKL.from_pretrained(directory / "vae", **PRETRAINED).eval()
@@ -317,7 +337,7 @@ class DiffusionGenerator:
         return model, meta
 
 
-def diffusion_generator(ldm, data, unet: UNet2DModel, vae: AutoencoderKL | None, num_classes: int,
+def diffusion_generator(ldm, data, unet: UNet2DModel | GenforgeDiT, vae: AutoencoderKL | None, num_classes: int,
                         edm_sigma_data: float | None = None) -> DiffusionGenerator:  # fmt: skip
     """A trained denoiser as a generator, with the training schedule and the configured sampler.
     `ldm`, `data`: gen_core.config.LdmConfig and DataConfig; `edm_sigma_data`: the run's, for an EDM network."""

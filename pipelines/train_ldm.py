@@ -17,11 +17,11 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, UNet2DModel
+from diffusers import AutoencoderKL
 
 from gen_core.config import RunConfig
 from gen_core.data import load_split
-from gen_core.diffusion import build_denoiser, diffusion_generator, diffusion_loss, edm_loss, training_schedule
+from gen_core.diffusion import build_denoiser, denoiser_class, diffusion_generator, diffusion_loss, edm_loss, training_schedule
 from gen_core.latents import autoencoder_record, load_autoencoder, load_latents
 from gen_core.models import ema_beta
 from gen_core.sampling import class_grid_png, to_unit
@@ -76,6 +76,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     torch.manual_seed(d.seed)
     unet = build_denoiser(d.denoiser, data.shape[1], data.shape[-1], ctx.num_classes).to(device)
     unet_config = dict(unet.config)
+    backbone = f"{d.denoiser.backbone} {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M"
     make_optimizer = lambda params: torch.optim.AdamW(params, lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)  # noqa: E731
     unet = strategy.wrap("unet", unet, make_optimizer, ema=True)
     noise_schedule = training_schedule(d.noise)
@@ -84,7 +85,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
         f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
-        f"{tuple(data.shape[1:])}, {target_description(d, sigma_data)}, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
+        f"{tuple(data.shape[1:])}, {backbone}, {target_description(d, sigma_data)}, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
     )
 
     for step in range(start_step, d.total_steps):
@@ -150,7 +151,7 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: Ru
         vae = None
         if cfg.ldm.space == "latent":
             vae = load_autoencoder(context.extra["autoencoder_dir"])
-        unet = UNet2DModel.from_config(meta["unet_config"])
+        unet = denoiser_class(meta["unet_config"]).from_config(meta["unet_config"])
         unet.load_state_dict(weights["unet_ema"])
         model = diffusion_generator(cfg.ldm, cfg.data, unet.eval(), vae, context.num_classes, meta.get("edm_sigma_data"))
         export_meta = {"autoencoder": meta.get("autoencoder"), **export_provenance(meta, checkpoint_uri, context)}

@@ -20,6 +20,17 @@ from tests.conftest import REPO, tiny_params, upstream_sections
 
 NUM_CLASSES = 10
 TINY_DENOISER = DenoiserConfig(block_out_channels=(32, 32), attention_levels=1, attention_head_dim=8)
+TINY_DIT = DenoiserConfig(backbone="dit", dit={"hidden_size": 32, "num_layers": 2, "num_heads": 2})
+
+
+def tiny_denoiser(backbone: str, channels: int, sample_size: int):
+    """TINY_DENOISER or TINY_DIT; the DiT's zero-initialised layers made random, so that its output depends on its weights."""
+    net = build_denoiser(TINY_DIT if backbone == "dit" else TINY_DENOISER, channels=channels, sample_size=sample_size, num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        for parameter in net.parameters() if backbone == "dit" else []:
+            if not parameter.any():
+                parameter.normal_(0, 0.1)
+    return net.eval()
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +116,7 @@ def test_denoiser_presets_set_the_sizes_and_survive_a_round_trip():
     counts = []
     for name, sizes in DENOISER_PRESETS.items():
         cfg = config_from_dict({"ldm": {"denoiser": {"preset": name}}}).ldm.denoiser
-        assert cfg.model_dump(exclude={"preset"}) == sizes and config_from_dict({"ldm": {"denoiser": cfg.model_dump()}}).ldm.denoiser == cfg
+        assert cfg.model_dump(exclude={"preset", "backbone", "dit"}) == sizes and config_from_dict({"ldm": {"denoiser": cfg.model_dump()}}).ldm.denoiser == cfg
         counts.append(sum(p.numel() for p in build_denoiser(cfg, 4, 8, NUM_CLASSES).parameters()))
     assert counts == [2_799_556, 8_974_276, 16_270_340]  # the README's table (4x8x8 latents, 10 classes)
 
@@ -259,15 +270,19 @@ def test_autoencoder_round_trip_on_real_digits(real_digits):
     assert psnr(held_out, reconstruction).mean() > 18
 
 
-@pytest.mark.parametrize("edm_sigma_data", [None, 0.9])
-def test_export_and_reload_give_identical_samples(tmp_path, edm_sigma_data):
+@pytest.mark.parametrize("backbone, sampler, edm_sigma_data", [("unet", "ddim", None), ("unet", "dpmsolver++", 0.9), ("unet", "heun", None),
+                                                             ("dit", "dpmsolver++", None)])  # fmt: skip
+def test_export_and_reload_give_identical_samples(tmp_path, backbone, sampler, edm_sigma_data):
+    """The exported model samples as the trained one did: the same weights and the same sampler settings (before, a
+    reloaded schedule gave DPM-Solver++ and Heun DDPM's "leading" timesteps, from t = 900, and the in-training model 999)."""
     torch.manual_seed(1)
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
-    unet = build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=NUM_CLASSES).eval()
+    unet = tiny_denoiser(backbone, channels=4, sample_size=8)
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
-                               SamplerConfig(name="ddim", num_steps=4, guidance_scale=2.0), (1, 32, 32), edm_sigma_data)  # fmt: skip
+                               SamplerConfig(name=sampler, num_steps=4, guidance_scale=2.0), (1, 32, 32), edm_sigma_data)  # fmt: skip
     model.save_pretrained(tmp_path, {"step": 3})
     assert {p.name for p in tmp_path.iterdir()} == {"unet", "vae", "scheduler", "generator.json", "model_index.json", "genforge_pipeline.py"}
+    assert type(DiffusionGenerator.from_pretrained(tmp_path)[0].unet) is type(unet)
     warnings = []  # diffusers logs to its own stderr handler, which does not propagate
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
@@ -284,22 +299,24 @@ def test_export_and_reload_give_identical_samples(tmp_path, edm_sigma_data):
     assert torch.equal(images, reloaded.sample(labels, seeds))
 
 
-@pytest.mark.parametrize("space, edm_sigma_data", [("latent", None), ("pixel", None), ("latent", 1.1)])
-def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space, edm_sigma_data):
+@pytest.mark.parametrize("space, edm_sigma_data, backbone", [("latent", None, "unet"), ("pixel", None, "unet"), ("latent", 1.1, "unet"),
+                                                            ("latent", None, "dit")])  # fmt: skip
+def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space, edm_sigma_data, backbone):
     """DiffusionPipeline.from_pretrained(export) with diffusers alone (the class comes from the genforge_pipeline.py beside
-    model_index.json): class ids or names, the exported sampler settings by default, and with one generator per image
-    seeded like genforge's samples, the same images."""
+    model_index.json, a DiT's from unet/genforge_dit.py): class ids or names, the exported sampler settings by default,
+    and with one generator per image seeded like genforge's samples, the same images."""
     from diffusers import DiffusionPipeline
 
     torch.manual_seed(2)
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval() if space == "latent" else None
-    unet = build_denoiser(TINY_DENOISER, channels=4 if vae else 1, sample_size=8 if vae else 32, num_classes=NUM_CLASSES).eval()
+    unet = tiny_denoiser(backbone, channels=4 if vae else 1, sample_size=8 if vae else 32)
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
                                SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0), (1, 32, 32), edm_sigma_data)  # fmt: skip
     names = [f"class {i}" for i in range(NUM_CLASSES)]
     model.save_pretrained(tmp_path, {"class_names": names})
     pipe = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, low_cpu_mem_usage=False)
     assert type(pipe).__name__ == "GenforgeLatentDiffusionPipeline" and (pipe.vae is None) == (space == "pixel")
+    assert type(pipe.unet).__name__ == type(unet).__name__
     seeds = [4, 5]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     images = pipe(class_labels=[1, "CLASS 8"], generator=generators, output_type="pt").images

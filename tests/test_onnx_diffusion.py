@@ -65,3 +65,21 @@ def test_an_edm_network_exports_with_its_preconditioning(tmp_path):
     for sampler in ("heun", "dpmsolver++"):
         expected = model.sample(labels, seeds, sampler=sampler)
         assert expected.std() > 0.01 and (onnx.sample(labels, seeds, sampler=sampler) - expected).abs().max() <= 1e-3
+
+
+def test_a_dit_denoiser_exports_and_samples_as_in_torch(tmp_path):
+    """The transformer backbone's graph (attention, per-sample timesteps, adaLN) through ONNX Runtime: the torch samples."""
+    torch.manual_seed(4)
+    dit = build_denoiser(DenoiserConfig(backbone="dit", dit={"hidden_size": 32, "num_layers": 2, "num_heads": 2}), 4, 8, 10).eval()
+    with torch.no_grad():
+        for parameter in dit.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.1)  # the zero-initialised layers: the output depends on every weight
+    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
+    model = DiffusionGenerator(dit, vae, dict(training_schedule(NoiseScheduleConfig()).config), 10,
+                               SamplerConfig(name="dpmsolver++", num_steps=4, guidance_scale=2.0), (1, 32, 32))  # fmt: skip
+    export_diffusion_onnx(model, tmp_path)
+    onnx = OnnxDiffusionGenerator(tmp_path, **json.loads(json.dumps(sampling_record(model))), threads=1)
+    labels, seeds = torch.tensor([1, 8]), [3, 4]
+    expected = model.sample(labels, seeds)
+    assert expected.std() > 0.01 and (onnx.sample(labels, seeds) - expected).abs().max() <= 1e-3

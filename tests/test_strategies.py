@@ -85,8 +85,7 @@ def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, d
     if ds is not None and "gradient_clipping" in options:
         ds["gradient_clipping"] = options["gradient_clipping"]
     strategy = build_strategy(strategy_name, torch.device("cpu"), FsdpConfig(**options.get("fsdp", {})), ds, str(ds_path))
-    run = _gan_worker if family == "gan" else _unet_worker
-    losses, parts, summary = run(strategy, rank, world, options)
+    losses, parts, summary = _gan_worker(strategy, rank, world, options) if family == "gan" else _denoiser_worker(family, strategy, rank, world)
     # checkpoint round trip in the strategy's own form: save, perturb, load, compare
     directory = Path(out) / "checkpoint"
     directory.mkdir(exist_ok=True)
@@ -162,12 +161,21 @@ class _NoFreeze:
         return False
 
 
-def tiny_unet():
+def tiny_denoiser(backbone: str):
+    """A tiny U-Net or DiT; the DiT's zero-initialised modulation and output layers get random values, or its first
+    steps would train only them."""
     from gen_core.config import DenoiserConfig
     from gen_core.diffusion import build_denoiser
 
     torch.manual_seed(0)
-    return build_denoiser(DenoiserConfig(block_out_channels=[32, 32], attention_head_dim=8), 4, 8, 10)
+    config = DenoiserConfig(backbone=backbone, block_out_channels=[32, 32], attention_head_dim=8, dit={"hidden_size": 32, "num_layers": 2, "num_heads": 2})
+    net = build_denoiser(config, 4, 8, 10)
+    if backbone == "dit":
+        with torch.no_grad():
+            for parameter in net.parameters():
+                if not parameter.any():
+                    parameter.normal_(0, 0.02)
+    return net
 
 
 def unet_batches():
@@ -175,12 +183,12 @@ def unet_batches():
     return [(torch.randn(BATCH, 4, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def _unet_worker(strategy, rank, world, options):
+def _denoiser_worker(backbone, strategy, rank, world):
     from gen_core.config import NoiseScheduleConfig
     from gen_core.diffusion import diffusion_loss, training_schedule
 
     schedule = training_schedule(NoiseScheduleConfig())
-    unet = strategy.wrap("unet", tiny_unet(), adam(1e-3), ema=True)
+    unet = strategy.wrap("unet", tiny_denoiser(backbone), adam(1e-3), ema=True)
     losses = []
     for step, (x0, y) in enumerate(unet_batches()):
         mine = slice(rank, None, world)
@@ -272,17 +280,17 @@ def modern_gan_reference(objective: GanObjective) -> tuple[list, float]:
     return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
 
 
-def unet_reference() -> tuple[list, float]:
+def denoiser_reference(backbone: str) -> tuple[list, float]:
     from gen_core.config import NoiseScheduleConfig
     from gen_core.diffusion import diffusion_loss, training_schedule
 
     schedule = training_schedule(NoiseScheduleConfig())
-    unet = tiny_unet()
+    unet = tiny_denoiser(backbone)
     ema = copy.deepcopy(unet)
     opt = adam(1e-3)(unet.parameters())
     out = []
     for step, (x0, y) in enumerate(unet_batches()):
-        # GroupNorm is per sample: the mean of the two shares' losses is the full-batch loss
+        # GroupNorm and LayerNorm are per sample: the mean of the two shares' losses is the full-batch loss
         per_share = [diffusion_loss(unet, schedule, x0[r::2], y[r::2], 10, 0.1, rank_noise(step, r)).mean() for r in range(2)]
         loss = (per_share[0] + per_share[1]) / 2
         opt.zero_grad()
@@ -299,7 +307,8 @@ REFERENCES = {}
 def reference(family: str):
     if family not in REFERENCES:
         REFERENCES[family] = {"gan": gan_reference, "penalised": lambda: modern_gan_reference(PENALISED),
-                              "unpenalised": lambda: modern_gan_reference(UNPENALISED), "unet": unet_reference}[family]()  # fmt: skip
+                              "unpenalised": lambda: modern_gan_reference(UNPENALISED), "unet": lambda: denoiser_reference("unet"),
+                              "dit": lambda: denoiser_reference("dit")}[family]()  # fmt: skip
     return REFERENCES[family]
 
 
@@ -345,10 +354,12 @@ def test_gan_fsdp_knobs_match_single_process(tmp_path, fsdp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fsdp", "zero3"])  # the sharded ones; ddp and ZeRO-1/2 are covered by the GAN cases
-def test_denoiser_two_workers_match_single_process(tmp_path, case):
-    losses, ema_sum = reference("unet")
-    result = run_two_workers(tmp_path, "unet", case)
+@pytest.mark.parametrize("backbone, case", [("unet", "fsdp"), ("unet", "zero3"), ("dit", "fsdp"), ("dit", "zero3")])
+def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
+    """The sharded strategies (ddp and ZeRO-1/2 are covered by the GAN cases), for both backbones: FSDP2 units are the
+    U-Net's blocks or the DiT's transformer blocks."""
+    losses, ema_sum = reference(backbone)
+    result = run_two_workers(tmp_path, backbone, case)
     assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
     assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
 
