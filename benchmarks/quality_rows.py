@@ -12,7 +12,12 @@ metrics/eval/<protocol>/ldm_guidance.json with --sweep .), recipes "NAME g<scale
 
     python benchmarks/quality_rows.py --protocol quick --sweep WORK/NAME --recipe NAME --overrides "k=v ..."
 
-A row replaces the one of the same family, recipe and protocol.
+or the LDM of any project, with its own output directories (a profile's, or --set outputs.ldm.out_dir=... runs):
+
+    python benchmarks/quality_rows.py --protocol standard --project P --family ldm --generator P/models/ldm-quality \
+        --evaluated P/metrics/eval --profile quality --recipe NAME
+
+A row replaces the one of the same family, recipe, profile and protocol.
 """
 
 from __future__ import annotations
@@ -38,22 +43,28 @@ def main() -> None:
     parser.add_argument("--recipe", default="default (params.yaml)")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--sweep", type=Path, help="a directory with eval/<protocol>/ldm_guidance.json (ldm_variants.sh's)")
-    parser.add_argument("--profile", default="default", help="the rows' profile (--sweep): default, or quality for profiles/ldm-quality.yaml")
+    parser.add_argument("--profile", default="default", help="the rows' profile: default, or quality for profiles/ldm-quality.yaml")
+    parser.add_argument("--project", type=Path, help="a project: its metrics/eval and models/<family> (and its reference's floor)")
+    parser.add_argument("--family", choices=("gan", "ldm"), help="one family only")
+    parser.add_argument("--generator", type=Path, help="the export's directory (default <project>/models/<family>)")
+    parser.add_argument("--evaluated", type=Path, help="the evaluate records' directory (default <project>/metrics/eval)")
     args = parser.parse_args()
     if args.sweep:
         return sweep_rows(args)
-    floor = json.loads((args.upstream / "data/ref_stats" / args.protocol / "floor.json").read_text())
+    project = args.project or REPO
+    floor = json.loads(((args.project or args.upstream) / "data/ref_stats" / args.protocol / "floor.json").read_text())
     rows = json.loads(args.out.read_text())
-    for family in ("ldm",) if args.variant else ("gan", "ldm"):
-        evaluated = args.variant / "eval" if args.variant else REPO / "metrics/eval"
+    for family in ("ldm",) if args.variant else (args.family,) if args.family else ("gan", "ldm"):
+        evaluated = args.variant / "eval" if args.variant else args.evaluated or project / "metrics/eval"
         record = json.loads((evaluated / args.protocol / f"{family}.json").read_text())
-        step = json.loads(((args.variant or REPO / "models") / family / "generator.json").read_text()).get("step")
+        generator = args.variant / family if args.variant else args.generator or project / "models" / family
+        step = json.loads((generator / "generator.json").read_text()).get("step")
         extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")} if family == "ldm" else {}
         if args.variant:
             autoencoder = json.loads((args.variant / "autoencoder.json").read_text())
             extra |= {"autoencoder_psnr_db": autoencoder["psnr_db"], "autoencoder_rfid": autoencoder["fid"], "autoencoder_rfid_images": autoencoder["fid_images"]}
         row = {
-            "family": family, "recipe": args.recipe, "overrides": args.overrides.split(), "profile": "default", **extra,
+            "family": family, "recipe": args.recipe, "overrides": args.overrides.split(), "profile": args.profile, **extra,
             "protocol": {"name": args.protocol, "id": record["protocol_id"], "num_samples": record["num_samples"]},
             "exported_step": step, **{k: record[k] for k in METRICS}, "fid_floor": floor["fid"], "recall_floor": floor["recall"],
             **provenance(args.note),
