@@ -75,8 +75,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
     # --- denoiser, its EMA and optimizer, wrapped by the strategy; the noise schedule
     torch.manual_seed(d.seed)
     unet = build_denoiser(d.denoiser, data.shape[1], data.shape[-1], ctx.num_classes).to(device)
-    unet_config = dict(unet.config)
-    backbone = f"{d.denoiser.backbone} {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M"
+    unet_config = {**dict(unet.config), "_class_name": type(unet).__name__}  # the config alone does not name its class
+    backbone = f"{d.denoiser.backbone} of {sum(p.numel() for p in unet.parameters()):,} parameters"
     make_optimizer = lambda params: torch.optim.AdamW(params, lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)  # noqa: E731
     unet = strategy.wrap("unet", unet, make_optimizer, ema=True)
     noise_schedule = training_schedule(d.noise)

@@ -322,8 +322,9 @@ def test_model_trained_against_another_tracking_store_is_one_line_before_samplin
 
 
 def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeline, mlflow_server, tmp_path):
-    """The same latents, an EDM denoiser on 2 workers under ZeRO-3 (two-file partitions per rank). Its export
-    is evaluated and, worse than the threshold, rejected by the gate while the champion stays. A resume
+    """The same latents, an EDM denoiser on the DiT backbone on 2 workers under ZeRO-3 (two-file partitions per rank).
+    Its export (a diffusers pipeline whose unet/ carries the DiT's class) is evaluated and, worse than the threshold,
+    rejected by the gate while the champion stays. A resume
     with another worker count is refused (ZeRO partitions belong to theirs), and so are latents that do
     not match the autoencoder, both in one line before Ray starts."""
     import shutil
@@ -333,11 +334,13 @@ def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeli
     project, _ = pipeline
     ldm = ["python", "-m", "pipelines.train_ldm", "--set", "ray.strategy=deepspeed", "--set", "ray.deepspeed.config=cluster_configs/deepspeed/zero3.json",
            "--set", f"ray.storage_path={tmp_path}/ray", "--set", f"outputs.ldm.out_dir={tmp_path}/ldm", "--set", f"outputs.ldm.losses_file={tmp_path}/ldm.csv", "--set", f"outputs.ldm.eval_file={tmp_path}/ldm_eval.csv",
-           "--set", "ldm.checkpoint_every_steps=5", "--set", "ldm.noise.prediction_type=edm", "--set", "ldm.min_snr_gamma=null"]  # fmt: skip
+           "--set", "ldm.checkpoint_every_steps=5", "--set", "ldm.noise.prediction_type=edm", "--set", "ldm.min_snr_gamma=null",
+           "--set", "ldm.denoiser.backbone=dit", "--set", "ldm.denoiser.dit={hidden_size: 32, num_layers: 2, num_heads: 2}"]  # fmt: skip
     first = run_cli([*ldm, "--set", "ldm.total_steps=10"], project)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "2 worker(s) on cpu, deepspeed ZeRO-3" in first.stdout and "latent space (4, 8, 8)" in first.stdout and "step 10/10" in first.stdout
-    assert "EDM (sigma_data " in first.stdout
+    assert "EDM (sigma_data " in first.stdout and "latent space (4, 8, 8), dit of 49,860 parameters" in first.stdout
+    assert json.loads((tmp_path / "ldm/unet/config.json").read_text())["_class_name"] == "GenforgeDiT" and (tmp_path / "ldm/unet/genforge_dit.py").is_file()
     meta = json.loads((tmp_path / "ldm/generator.json").read_text())
     assert meta["step"] == 10 and meta["space"] == "latent" and meta["autoencoder"]["latent_channels"] == 4
     assert 0.8 < meta["edm_sigma_data"] < 1.2  # measured on the latents, which encode_latents scaled to unit variance
