@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from gen_core.diffusion import min_snr_weight, sample_diffusion
+from gen_core.diffusion import diffusion_loss, sample_diffusion
 
 
 def build_text_denoiser(channels: int, sample_size: int, text_dim: int, block_out_channels=(64, 128), layers_per_block: int = 1,
@@ -60,19 +60,13 @@ class PromptTable(nn.Module):
 def text_diffusion_loss(unet: nn.Module, schedule: DDPMScheduler, x0: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor,
                         null_hidden: torch.Tensor, null_mask: torch.Tensor, text_dropout: float, generator: torch.Generator,
                         min_snr_gamma: float | None = None) -> torch.Tensor:  # fmt: skip
-    """Per-sample epsilon / v MSE at uniform timesteps, as gen_core.diffusion.diffusion_loss, with each caption replaced by
-    the empty prompt with probability `text_dropout` (seeded by `generator`): the unconditional model guidance needs. (N,)"""
-    n, device = len(x0), x0.device
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=generator).to(device)
-    drop = (torch.rand(n, generator=generator) < text_dropout).to(device)
+    """gen_core.diffusion.diffusion_loss itself, over the batch's prompt table: sample i's "class" is its own caption,
+    and label dropout (probability `text_dropout`, seeded by `generator`) sends it to the empty prompt, the unconditional
+    model guidance needs. (N,)"""
     table, table_mask = with_null(hidden, mask, null_hidden, null_mask)
-    rows = torch.where(drop, torch.full((n,), n, device=device), torch.arange(n, device=device))
-    noisy = schedule.add_noise(x0, noise, timesteps)
-    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, timesteps)
-    prediction = PromptTable(unet, table.to(device), table_mask.to(device))(noisy, timesteps, rows)[0]
-    loss = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
-    return loss if min_snr_gamma is None else loss * min_snr_weight(schedule, timesteps, min_snr_gamma).to(device)
+    n, device = len(x0), x0.device
+    return diffusion_loss(PromptTable(unet, table.to(device), table_mask.to(device)), schedule, x0, torch.arange(n, device=device), n,
+                          text_dropout, generator, min_snr_gamma)  # fmt: skip
 
 
 @torch.no_grad()
