@@ -441,6 +441,32 @@ class LdmConfig(TrainingConfig):
         return self
 
 
+class Pix2PixModelConfig(_Section):
+    """The Pix2Pix networks (gen_core.pix2pix): a U-Net generator A -> B and the conditional PatchGAN discriminator."""
+
+    g_width: int = Field(32, ge=8)  # channels of G's first level, doubled per level (at most 8x)
+    g_levels: int = Field(3, ge=1, le=6)  # stride-2 levels: the resolution must be divisible by 2**levels
+    d_width: int = Field(32, ge=8)  # channels of D's first convolution; its depth follows the resolution (pix2pix.patch_layers)
+
+
+class Pix2PixConfig(TrainingConfig):
+    """`pix2pix`: image-to-image translation (Isola et al. 2017) on pairs made from the prepared data: the input A is
+    a deterministic transform of the image B (`condition: edges`: the Sobel edge map, gen_core.paired.edges), and G
+    learns A -> B with the conditional GAN loss plus l1_weight x L1 to B. Off the default pipeline: conditional/dvc.yaml."""
+
+    total_steps: int = Field(1500, ge=1)
+    global_batch_size: int = Field(64, ge=1)
+    condition: Literal["edges"] = "edges"
+    edge_threshold: float | None = Field(0.2, gt=0, lt=1)  # binary edge map where the Sobel magnitude exceeds this; null: the magnitude
+    model: Pix2PixModelConfig = Pix2PixModelConfig()
+    l1_weight: float = Field(100.0, ge=0)  # the paper's lambda
+    lr_g: float = Field(2e-4, gt=0, le=1)
+    lr_d: float = Field(2e-4, gt=0, le=1)
+    adam_beta1: float = Field(0.5, ge=0, lt=1)  # the paper's Adam(0.5, 0.999)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every_steps: int = Field(500, ge=1)
+
+
 class ModelOutputs(_Section):
     """Where one training stage writes: the exported model and its loss curve (DVC outs and plots)."""
 
@@ -458,6 +484,7 @@ class OutputsConfig(_Section):
     autoencoder: ModelOutputs = ModelOutputs(out_dir="models/autoencoder", losses_file="metrics/autoencoder_losses.csv",
                                              metrics_file="metrics/autoencoder.json")  # fmt: skip
     ldm: ModelOutputs = ModelOutputs(out_dir="models/ldm", losses_file="metrics/ldm_losses.csv", eval_file="metrics/ldm_eval.csv")
+    pix2pix: ModelOutputs = ModelOutputs(out_dir="models/pix2pix", losses_file="metrics/pix2pix_losses.csv")
 
 
 class FsdpConfig(_Section):
@@ -573,6 +600,8 @@ class RegistryConfig(_Section):
 
     gan: GateConfig = GateConfig(model_name="genforge-gan", fid_threshold=200.0)
     ldm: GateConfig = GateConfig(model_name="genforge-ldm")
+    # translations of the reference images' edge maps vs the images themselves; recall and class accuracy as for the others
+    pix2pix: GateConfig = GateConfig(model_name="genforge-pix2pix", fid_threshold=100.0, class_accuracy_floor=0.7)
     alias: str = "champion"
     out_dir: str = "metrics/register"  # <out_dir>/<family>.json
 
@@ -598,7 +627,8 @@ class TrackingConfig(_Section):
     server_wait_s: float = Field(45.0, gt=0, le=3600)
 
 
-Family = Literal["gan", "ldm"]
+Family = Literal["gan", "ldm", "pix2pix"]  # what is evaluated and registered
+SweepFamily = Literal["gan", "ldm"]  # what the sweep searches
 
 
 # ---------------------------------------------------------------------------
@@ -684,7 +714,7 @@ class SweepConfig(_Section):
     }
 
     enabled: bool = False  # the dvc `sweep` stage only runs a sweep when true
-    family: Family = "gan"
+    family: SweepFamily = "gan"
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
     searcher: Literal["random", "optuna"] = "random"  # pbt mutates its own population: random only
     num_trials: int = Field(8, ge=1)
@@ -700,7 +730,7 @@ class SweepConfig(_Section):
     seed: int = 0
     asha: AshaConfig = AshaConfig()
     pbt: PbtConfig = PbtConfig()
-    space: dict[Family, dict[str, SearchDimension]] = Field(default_factory=_default_space)
+    space: dict[SweepFamily, dict[str, SearchDimension]] = Field(default_factory=_default_space)
     storage_path: str = "runs/tune"  # local path or s3://; Tune state and the trials' checkpoints
     name: str = "genforge-sweep"  # the same name resumes an interrupted sweep (Tuner.restore)
     out_dir: str = "sweep"  # best_params.yaml, trials.csv, the best trial's model and its gate record
@@ -724,9 +754,9 @@ class SweepConfig(_Section):
             raise ValueError("searcher: pbt explores by mutating its population; use searcher: random")
         return self
 # What a training stage trains: the model kind names its params section (and its `outputs` entry).
-# A model *family* (gan | ldm) is what gets evaluated and registered; the ldm family is trained in
+# A model *family* (gan | ldm | pix2pix) is what gets evaluated and registered; the ldm family is trained in
 # two stages, the autoencoder and then the latent denoiser.
-TRAINING_SECTIONS = ("gan", "autoencoder", "ldm")
+TRAINING_SECTIONS = ("gan", "autoencoder", "ldm", "pix2pix")
 
 
 class RunConfig(_Section):
@@ -737,6 +767,7 @@ class RunConfig(_Section):
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     latents: LatentsConfig = LatentsConfig()
     ldm: LdmConfig = LdmConfig()
+    pix2pix: Pix2PixConfig = Pix2PixConfig()
     outputs: OutputsConfig = OutputsConfig()
     ray: RayConfig = RayConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -787,6 +818,9 @@ class RunConfig(_Section):
                 f"evaluate.kid_subset_size ({self.evaluate.kid_subset_size}) exceeds the samples or reference images "
                 f"of evaluate.protocols.{self.evaluate.protocol}"
             )
+        levels = self.pix2pix.model.g_levels
+        if self.data.resolution % 2**levels:
+            raise ValueError(f"pix2pix.model.g_levels ({levels}): data.resolution ({self.data.resolution}) must be divisible by 2**{levels}")
         return self
 
     @model_validator(mode="after")
@@ -799,7 +833,7 @@ class RunConfig(_Section):
 
     def family(self, family: Family) -> TrainingConfig:
         """The training section of the stage that produces a family's generator."""
-        return self.gan if family == "gan" else self.ldm
+        return getattr(self, family)
 
     def generator_dir(self, family: Family) -> str:
         """Where a family's exported generator is."""

@@ -3,9 +3,10 @@
 An exported generator directory always holds `generator.json` with a `family` key:
     gan  generator.safetensors (+ spec in generator.json)
     ldm  unet/ [vae/] scheduler/ in diffusers format (gen_core.diffusion.DiffusionGenerator)
-`load_image_generator` returns an object with `num_classes`, `to(device)` and
-`sample(labels, seeds, device) -> (N, C, R, R) in [-1, 1]`, where sample i depends only on
-(labels[i], seeds[i]).
+    pix2pix  generator.safetensors (+ spec in generator.json), an image-to-image translator (gen_core.pix2pix.Translator)
+`load_image_generator` returns an object with `num_classes` and `to(device)`; the class-conditional families'
+have `sample(labels, seeds, device) -> (N, C, R, R) in [-1, 1]`, where sample i depends only on
+(labels[i], seeds[i]); a translator has `translate(inputs)` instead.
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ def read_generator_meta(directory: str | Path) -> dict:
 
 
 def load_image_generator(directory: str | Path):
-    """-> (GanGenerator | DiffusionGenerator in eval mode, meta)."""
+    """-> (GanGenerator | DiffusionGenerator | Translator in eval mode, meta)."""
     meta = read_generator_meta(directory)
     if meta.get("family", "gan") == "gan":
         generator, meta = load_generator(directory)
         return GanGenerator(generator), meta
+    if meta["family"] == "pix2pix":
+        from gen_core.pix2pix import Translator
+
+        translator = Translator.load(directory)
+        return translator, translator.meta
     from gen_core.diffusion import DiffusionGenerator
 
     return DiffusionGenerator.from_pretrained(directory)

@@ -1,6 +1,10 @@
 """A request for generated images, as the registered model's `predict` (and so `mlflow models serve`) takes it:
 rows of `label` (a class id or a class name) and `seed`, plus settings; checked as a whole before any sampling,
-every problem a one-line RequestError; and the answer, as uint8 arrays or as PNG files in base64."""
+every problem a one-line RequestError; and the answer, as uint8 arrays or as PNG files in base64.
+
+An image-to-image model (pix2pix) takes rows of `image` instead: a base64 PNG (or an (H, W) / (C, H, W) uint8 array)
+at the model's resolution, with the setting `input`: `condition` (the image is the model's input itself, e.g. an edge
+map) or `image` (an image like the training targets, turned into the input the way the training pairs were made)."""
 
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ MAX_IMAGES = 256  # per request, unless the server sets another cap (GENFORGE_MA
 
 class RequestError(ValueError):
     """A request the model cannot answer, in one line."""
+
+
+TRANSLATION_DEFAULTS = {"format": "array", "input": "condition"}
+TRANSLATION_INPUTS = ("condition", "image")
 
 
 @dataclass
@@ -103,5 +111,71 @@ def answer(images_uint8: np.ndarray, request: ImageRequest, class_names: list[st
         "label": request.labels.tolist(),
         "class_name": [class_names[i] if i < len(class_names) else str(i) for i in request.labels.tolist()],
         "seed": request.seeds,
+        "png": [base64.b64encode(png_bytes(image.transpose(1, 2, 0))).decode("ascii") for image in images_uint8],
+    })  # fmt: skip
+
+
+@dataclass
+class TranslationRequest:
+    images: np.ndarray  # (N, C, R, R) uint8: the inputs, or (input "image") the images to make them from
+    input: str  # condition | image
+    format: str
+
+
+def parse_translation_request(images: list, params: dict | None, resolution: int, max_images: int = MAX_IMAGES) -> TranslationRequest:
+    """Rows of `image` (base64 PNG, or a uint8 array) and settings -> a TranslationRequest, or a one-line RequestError
+    naming the row. Grey and RGB are accepted alike (the model's input makes them grey)."""
+    params = {**TRANSLATION_DEFAULTS, **(params or {})}
+    unknown = sorted(set(params) - set(TRANSLATION_DEFAULTS))
+    if unknown:
+        raise RequestError(f"unknown setting {unknown[0]!r} (settings: {', '.join(TRANSLATION_DEFAULTS)})")
+    if params["format"] not in FORMATS:
+        raise RequestError(f"format {params['format']!r}: one of {', '.join(FORMATS)}")
+    if params["input"] not in TRANSLATION_INPUTS:
+        raise RequestError(f"input {params['input']!r}: one of {', '.join(TRANSLATION_INPUTS)}")
+    if not images:
+        raise RequestError("no rows: give one `image` (a base64 PNG) per translation")
+    if len(images) > max_images:
+        raise RequestError(f"{len(images)} images: at most {max_images} a request")
+    decoded = [_decode_image(image, row, resolution) for row, image in enumerate(images)]
+    channels = max(image.shape[0] for image in decoded)
+    stacked = np.stack([np.repeat(image, channels // image.shape[0], axis=0) for image in decoded])
+    return TranslationRequest(stacked, params["input"], params["format"])
+
+
+def _decode_image(image, row: int, resolution: int) -> np.ndarray:
+    """One row's image -> (C, R, R) uint8 with C 1 or 3."""
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, str):
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(image, validate=True))) as opened:
+                array = np.asarray(opened.convert("L" if opened.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+            raise RequestError(f"image row {row}: not a base64 PNG or JPEG") from None
+    else:
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            raise RequestError(f"image row {row}: an array must be uint8 (got {array.dtype})")
+    if array.ndim == 2:
+        array = array[None]
+    elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
+        array = array.transpose(2, 0, 1)  # (H, W, C) as PIL gives it
+    if array.ndim != 3 or array.shape[0] not in (1, 3) or array.shape[1:] != (resolution, resolution):
+        raise RequestError(f"image row {row}: {'x'.join(map(str, array.shape))}; expected {resolution}x{resolution}, grey or RGB")
+    return np.ascontiguousarray(array)
+
+
+def translation_answer(images_uint8: np.ndarray, request: TranslationRequest):
+    """(N, C, H, W) uint8 -> the array itself, or for format png one record per image: the row and a base64 PNG."""
+    if request.format == "array":
+        return images_uint8
+    import pandas as pd
+
+    return pd.DataFrame({
+        "row": list(range(len(images_uint8))),
         "png": [base64.b64encode(png_bytes(image.transpose(1, 2, 0))).decode("ascii") for image in images_uint8],
     })  # fmt: skip

@@ -5,16 +5,27 @@ cross-entropy plus lambda x L1 to the target (lambda 100 in the paper).
 
 The paper's discriminator has a 70x70 receptive field on 256x256 images; `patch_layers` picks the depth whose field is
 closest to the same share of a smaller image (`receptive_field` computes it). No dropout in G: the paper's dropout is
-its only noise source and would need seeding per (step, rank) like the rest of the loop's noise; not used by a stage yet.
+its only noise source, and without it a translation is a deterministic function of its input (so the exported model
+needs no seeds).
+
+`Translator` is the exported model (generator.safetensors + generator.json with family "pix2pix", as a GAN's export):
+`translate(a)` for inputs already in the model's condition space, `from_images(uint8 B)` to make the inputs first.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gen_core.checkpoint import CheckpointError, load_generator_export
 from gen_core.diffusion import PatchDiscriminator
+from gen_core.paired import edges
+from gen_core.sampling import image_grid, png_bytes, to_uint8
 
 PAPER_FIELD_SHARE = 70 / 256  # the paper's receptive field over its image side
 
@@ -86,3 +97,74 @@ def pix2pix_g_loss(G: nn.Module, D: nn.Module, a: torch.Tensor, b: torch.Tensor,
     adversarial = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
     l1 = (fake.float() - b.float()).abs().mean()
     return adversarial + l1_weight * l1, {"adversarial": adversarial.detach(), "l1": l1.detach()}
+
+
+def condition_images(images_uint8: np.ndarray, condition: str = "edges", edge_threshold: float | None = 0.2) -> torch.Tensor:
+    """(N, C, R, R) uint8 images B -> the inputs A, (N, 1, R, R) in [-1, 1] (`edges`: gen_core.paired.edges)."""
+    if condition != "edges":
+        raise ValueError(f"pix2pix condition {condition!r}: unknown (known: edges)")
+    return torch.from_numpy(edges(images_uint8, edge_threshold)) * 2 - 1
+
+
+def generator_spec(cfg_model, channels: int) -> dict:
+    """What builds G, as recorded in the export: A has one channel (an edge map), B the data's channels."""
+    return {"in_channels": 1, "out_channels": channels, "width": cfg_model.g_width, "levels": cfg_model.g_levels}
+
+
+@dataclass
+class Translator:
+    """An exported Pix2Pix generator with how its inputs are made (generator.json: condition, edge_threshold)."""
+
+    generator: UNetGenerator
+    meta: dict
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Translator":
+        state, meta = load_generator_export(directory)
+        if meta.get("family") != "pix2pix":
+            raise CheckpointError(f"{directory}/generator.json: a {meta.get('family', 'gan')} model, not pix2pix")
+        generator = UNetGenerator(**meta["generator_spec"])
+        generator.load_state_dict(state)
+        return cls(generator.eval(), meta)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta.get("class_names") or [])
+
+    @property
+    def input_channels(self) -> int:
+        return self.meta["generator_spec"]["in_channels"]
+
+    def to(self, device) -> "Translator":
+        self.generator.to(device)
+        return self
+
+    def condition(self, images_uint8: np.ndarray) -> torch.Tensor:
+        """Images B (uint8) -> this model's inputs A."""
+        return condition_images(images_uint8, self.meta["condition"], self.meta["edge_threshold"])
+
+    @torch.no_grad()
+    def translate(self, a: torch.Tensor, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(N, in_channels, R, R) inputs in [-1, 1] -> (N, C, R, R) translations in [-1, 1], float32 on the CPU."""
+        expected = (self.input_channels, self.meta["resolution"], self.meta["resolution"])
+        if a.ndim != 4 or tuple(a.shape[1:]) != expected:
+            raise ValueError(f"pix2pix input of shape {tuple(a.shape)}: expected (N, {expected[0]}, {expected[1]}, {expected[2]})")
+        device = torch.device(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return self.generator(a.to(device)).float().cpu()
+
+    def inputs(self, images_uint8: np.ndarray, given: str = "condition") -> torch.Tensor:
+        """Request images -> the model's inputs: `condition`: they are the inputs (grey, 0..255 -> -1..1), `image`: made from them."""
+        if given == "image":
+            return self.condition(images_uint8)
+        return torch.from_numpy(images_uint8).float().mean(1, keepdim=True) / 127.5 - 1
+
+    def from_images(self, images_uint8: np.ndarray, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Images B -> G(condition(B)): what the evaluation compares with B."""
+        return self.translate(self.condition(images_uint8), device, autocast_dtype)
+
+
+def triplet_grid_png(a: torch.Tensor, translated: torch.Tensor, b: torch.Tensor) -> bytes:
+    """Rows of input / translation / target, one column per example (all in [-1, 1]; a 1-channel input is shown grey)."""
+    a = a.expand(-1, translated.shape[1], -1, -1)
+    return png_bytes(image_grid(to_uint8(torch.cat([a, translated, b]).cpu()), rows=3))

@@ -28,6 +28,8 @@ class StageError(RuntimeError):
     """A stage cannot go on (unreachable server, missing upstream output...). One-line message."""
 
 
+# The DVC pipelines: the default one (`dvc repro`), and the conditional families' (`dvc repro conditional/dvc.yaml`)
+PIPELINE_FILES = ("dvc.yaml", "conditional/dvc.yaml")
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, FeatureNetError, StageError)
 
 
@@ -50,7 +52,7 @@ def stage_parser(description: str, add_help: bool = True, stage: str | None = No
 def family_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The parser of the stages that run once per model family (evaluate, register)."""
     parser = stage_parser(description, stage=stage)
-    parser.add_argument("--family", choices=["gan", "ldm"], default="gan", help="model family (default: gan)")
+    parser.add_argument("--family", choices=["gan", "ldm", "pix2pix"], default="gan", help="model family (default: gan)")
     return parser
 
 
@@ -58,11 +60,13 @@ def stage_params(stage: str) -> list[str]:
     """The params.yaml sections (or keys) the stage depends on, as dvc.yaml declares them (DVC reruns it when they change)."""
     import yaml
 
-    try:
-        body = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"][stage]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return []
-    return [str(p) for p in body.get("do", body).get("params", [])]
+    for pipeline in PIPELINE_FILES:
+        try:
+            body = yaml.safe_load((REPO_ROOT / pipeline).read_text())["stages"][stage]
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            continue
+        return [str(p) for p in body.get("do", body).get("params", [])]
+    return []
 
 
 def params_epilog(stage: str) -> str | None:

@@ -9,6 +9,11 @@ each a strided share of sample indices, streamed in batches). Otherwise this pro
 with all ray.num_workers x ray.cpus_per_worker threads: a local Ray would only add its start-up (seconds
 of CPU on a laptop) to the same work. Sample i uses seed `evaluate.seed + i` and class i mod K, so the
 metrics do not depend on where or on how many workers the samples were made.
+
+An image-to-image model (pix2pix) is measured on pairs: sample i is the translation of reference image i's input
+(its edge map), for every reference image, so its FID, KID, precision and recall compare the translations with their own targets (a perfect
+translator scores 0, below the protocol's real-vs-real floor, which measures other real images), its class accuracy
+is the classifier's agreement with the target's label, and L1 and PSNR measure each translation against its target.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import torch
 
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import RunConfig
+from gen_core.data import load_split
 from gen_core.generators import load_image_generator, read_generator_meta
 from gen_core.io import atomic_write_bytes, atomic_write_json, sha256_file
 from gen_core.metrics import (
     inception_features, load_inception, load_inception_reference, load_ref_stats, protocol_id, sample_metrics,
 )  # fmt: skip
-from gen_core.sampling import balanced_labels, to_uint8
+from gen_core.sampling import balanced_labels, to_uint8, to_unit
 from gen_core.training import autocast_dtype
 from pipelines.common import StageError, format_duration, log
 from pipelines.ray_env import init_ray, ray_address
@@ -61,6 +67,45 @@ def features_for_indices(
     }  # fmt: skip
 
 
+def translation_features_for_indices(
+    translator, classifier, inception, targets: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int, device, report=None,
+    amp_dtype=None,
+) -> dict:  # fmt: skip
+    """Translate the inputs made from targets[i] for i in `indices` -> the translations' Inception and
+    classifier features and probabilities, the targets' labels, and per translation its L1 distance and PSNR to its target."""
+    from gen_core.diffusion import psnr  # diffusers: imported only where a model needs it (gen_core.generators)
+
+    inception_feats, classifier_feats, probabilities, all_labels, l1, psnrs = [], [], [], [], [], []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        target = to_unit(torch.from_numpy(targets[chunk]))
+        images = to_uint8(translator.from_images(targets[chunk], device, amp_dtype))
+        translated = to_unit(images)  # as saved: what the metrics see
+        inception_feats.append(inception_features(inception, images).astype(np.float32))
+        probs, feats = classifier_outputs(classifier, images)
+        classifier_feats.append(feats.astype(np.float32))
+        probabilities.append(probs)
+        all_labels.append(labels[chunk])
+        l1.append((translated - target).abs().flatten(1).mean(1).numpy())
+        psnrs.append(psnr(target, translated).numpy())
+        if report:
+            report(min(start + batch_size, len(indices)), len(indices))
+    return {
+        "inception": np.concatenate(inception_feats), "classifier": np.concatenate(classifier_feats),
+        "probabilities": np.concatenate(probabilities), "labels": np.concatenate(all_labels), "indices": indices,
+        "inception_precision": inception.precision, "l1": np.concatenate(l1), "psnr": np.concatenate(psnrs),
+    }  # fmt: skip
+
+
+def paired_targets(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The protocol's reference images and labels (the first `reference_images` of its split, as ref_stats takes them):
+    the targets whose inputs an image-to-image model translates."""
+    p = cfg.evaluate.active
+    split = load_split(cfg.data.out_dir, p.reference)
+    count = p.reference_images or len(split.labels)
+    return split.images[:count], split.labels[:count]
+
+
 def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices: np.ndarray, threads: int, worker: int | None,
                guidance: float | None = None) -> dict:  # fmt: skip
     """Samples `indices` of the evaluation (in this process, or as a Ray task) -> their features. `guidance`:
@@ -82,13 +127,21 @@ def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices:
         sys.stdout.flush()
 
     amp_dtype = autocast_dtype(e.precision, device)
+    if hasattr(generator, "translate"):
+        targets, labels = paired_targets(cfg)
+        return translation_features_for_indices(generator.to(device), classifier, inception, targets, labels, indices, e.batch_size, device,
+                                                report, amp_dtype)  # fmt: skip
     return features_for_indices(generator.to(device), classifier, inception, indices, e.seed, e.batch_size, device, report, amp_dtype)
 
 
 def _merge(parts: list[dict]) -> dict:
     """The workers' strided shares back in sample order."""
     order = np.argsort(np.concatenate([p["indices"] for p in parts]))
-    return {key: np.concatenate([p[key] for p in parts])[order] for key in ("inception", "classifier", "probabilities", "labels")}
+    keys = ("inception", "classifier", "probabilities", "labels", *PAIRED_KEYS)
+    return {key: np.concatenate([p[key] for p in parts])[order] for key in keys if key in parts[0]}
+
+
+PAIRED_KEYS = ("l1", "psnr")  # per translation, against its target (image-to-image models)
 
 
 def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
@@ -231,8 +284,10 @@ def _measure(cfg: RunConfig, model: _Model, logger, guidance: float | None = Non
     settings = sampler_settings(model.meta)
     if guidance is not None:
         settings["guidance_scale"] = guidance
+    merged = _merge(parts)
+    paired = {key: float(merged[key].mean()) for key in PAIRED_KEYS if key in merged}  # means over the translations
     return {
-        **sample_metrics(model.reference, _merge(parts), e), "protocol": e.protocol, "protocol_id": used,
+        **sample_metrics(model.reference, merged, e), **paired, "protocol": e.protocol, "protocol_id": used,
         "floor": {k: model.floor[k] for k in FLOOR_KEYS}, "step": model.meta["step"],
         "feature_sha256": model.reference["inception"]["feature_sha256"], "family": family, **settings,
     }  # fmt: skip
@@ -245,7 +300,7 @@ def report_line(metrics: dict) -> str:
     """The headline metrics, each with the protocol's real-vs-real floor in brackets."""
     floor = metrics.get("floor", {})
     fmt = {"fid": ".2f", "kid": ".4f", "fid_classifier": ".3f", "class_accuracy": ".3f", "classifier_score": ".2f",
-           "precision": ".3f", "recall": ".3f", "classes_covered": "d", "diversity": ".3f"}  # fmt: skip
+           "precision": ".3f", "recall": ".3f", "classes_covered": "d", "diversity": ".3f", "l1": ".4f", "psnr": ".2f"}  # fmt: skip
     return "  ".join(
         f"{key} {metrics[key]:{f}}" + (f" [floor {floor[key]:{f}}]" if key in floor else "") for key, f in fmt.items() if key in metrics
     ) + f"  ({metrics['num_samples']} samples)"
@@ -268,11 +323,11 @@ def reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict]:
 def _sample(cfg: RunConfig, generator_dir: str, classifier_dir: str, logger, family: str, guidance: float | None = None) -> list[dict]:
     """The samples' features, as one part per worker: in this process (one part) unless the work belongs on Ray."""
     e = cfg.evaluate
-    num_samples = e.active.num_samples
+    num_samples = sample_count(cfg, family)
     if ray_address(cfg) or (cfg.ray.use_gpu and cfg.ray.num_workers > 1):
         return _sample_on_ray(cfg, generator_dir, classifier_dir, logger, family, guidance)
     threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    logger.info("generating %d %s samples in this process, %d threads (protocol %s)", num_samples, family, threads, e.protocol)
+    logger.info("%s %d %s samples in this process, %d threads (protocol %s)", verb(family), num_samples, family, threads, e.protocol)
     return [_eval_task(cfg, generator_dir, classifier_dir, np.arange(num_samples), threads, None, guidance)]
 
 
@@ -281,9 +336,9 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
     e = cfg.evaluate
     ray = init_ray(cfg)
     task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)(_eval_task)
-    num_samples = e.active.num_samples
+    num_samples = sample_count(cfg, family)
     workers = min(cfg.ray.num_workers, num_samples)
-    logger.info("generating %d %s samples on %d Ray workers (protocol %s)", num_samples, family, workers, e.protocol)
+    logger.info("%s %d %s samples on %d Ray workers (protocol %s)", verb(family), num_samples, family, workers, e.protocol)
     all_indices = np.arange(num_samples)
     futures = [task.remote(cfg, generator_dir, classifier_dir, all_indices[w::workers], cfg.ray.cpus_per_worker, w, guidance)
                for w in range(workers)]  # fmt: skip
@@ -291,6 +346,16 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
         return ray.get(futures)
     finally:
         ray.shutdown()
+
+
+def sample_count(cfg: RunConfig, family: str) -> int:
+    """The protocol's samples; for an image-to-image model one translation per reference image (the protocols' sample
+    counts equal their reference counts; where they differ, as in the tiny profile, every reference image is translated)."""
+    return len(paired_targets(cfg)[1]) if family == "pix2pix" else cfg.evaluate.active.num_samples
+
+
+def verb(family: str) -> str:
+    return "translating" if family == "pix2pix" else "generating"
 
 
 def sampler_settings(gen_meta: dict) -> dict:

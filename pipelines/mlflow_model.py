@@ -9,6 +9,10 @@ safetensors weights.
     images = model.predict(pd.DataFrame({"label": [0, 1, 2], "seed": [0, 1, 2]}))  # (N, C, H, W) uint8
     records = model.predict(pd.DataFrame({"label": ["sneaker"], "seed": [7]}), params={"format": "png", "num_steps": 10})
 
+An image-to-image model (genforge-pix2pix) takes rows of `image` (base64 PNG, at the model's resolution) instead, with
+params `format` and `input` (condition: the image is the model's input, e.g. an edge map; image: make the input from it):
+    model.predict(pd.DataFrame({"image": [edge_map_png_b64]}), params={"format": "png"})
+
 A request (gen_core.image_requests): rows of `label` (class id or name) and `seed`; params `format` (array | png: one
 record per image with its label, class_name, seed and a base64 PNG), and for a diffusion model `sampler`,
 `num_steps`, `guidance_scale` (unset: the model's own). A bad request raises an MlflowException with one line
@@ -40,6 +44,8 @@ class GeneratorModel(PythonModel):
 
         names = self.meta.get("class_names") or []
         columns = set(getattr(model_input, "columns", ()))
+        if self.meta.get("family") == "pix2pix":
+            return self._translate(model_input, columns, params)
         try:
             if columns != {"label", "seed"}:
                 raise RequestError(f"columns {sorted(columns)}: expected exactly 'label' and 'seed' (one row per image)")
@@ -50,6 +56,24 @@ class GeneratorModel(PythonModel):
         with torch.no_grad():
             images = self.generator.sample(request.labels, request.seeds, **request.options)
         return answer(to_uint8(images).numpy(), request, names)
+
+    def _translate(self, model_input, columns, params):
+        import torch
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from gen_core.image_requests import RequestError, parse_translation_request, translation_answer
+        from gen_core.sampling import to_uint8
+
+        try:
+            if columns != {"image"}:
+                raise RequestError(f"columns {sorted(columns)}: expected exactly 'image' (one base64 PNG per translation)")
+            request = parse_translation_request(model_input["image"].tolist(), params, self.meta["resolution"], self.max_images)
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        with torch.no_grad():
+            images = self.generator.translate(self.generator.inputs(request.images, request.input))
+        return translation_answer(to_uint8(images).numpy(), request)
 
 
 mlflow.models.set_model(GeneratorModel())

@@ -175,7 +175,7 @@ def model_card(family: str, metrics: dict, gen_meta: dict, gate: GateConfig, dec
     protocol's real-vs-real floor, the gate's thresholds and decision, and where it came from."""
     floor = metrics.get("floor", {})
     rows = [f"| {key} | {metrics[key]:.4g} | {floor[key]:.4g} |" if key in floor else f"| {key} | {metrics[key]:.4g} | |"
-            for key in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity") if key in metrics]  # fmt: skip
+            for key in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "l1", "psnr") if key in metrics]  # fmt: skip
     sampler = f", sampler {metrics['sampler']} x {metrics['sampler_steps']}" if "sampler" in metrics else ""
     return "\n".join([
         f"**genforge {family}** generator at step {gen_meta['step']}{sampler}. Training run `{run_id}`: its sample grids are "
@@ -279,7 +279,8 @@ def _ensure_registered_model(client, name: str, family: str) -> None:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     try:
-        client.create_registered_model(name, description=f"genforge class-conditional generator ({family})")
+        what = "image-to-image translator" if family == "pix2pix" else "class-conditional generator"
+        client.create_registered_model(name, description=f"genforge {what} ({family})")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -326,8 +327,15 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
     from mlflow.models import Model, ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
-    from gen_core.image_requests import DEFAULTS
+    from gen_core.image_requests import DEFAULTS, TRANSLATION_DEFAULTS
 
+    translator = read_generator_meta(generator_dir).get("family") == "pix2pix"
+    settings = TRANSLATION_DEFAULTS if translator else DEFAULTS
+    if translator:  # two blank inputs at the model's resolution, as base64 PNGs
+        blank = example_png(read_generator_meta(generator_dir)["resolution"])
+        example = (pd.DataFrame({"image": [blank, blank]}), {"format": "png"})
+    else:
+        example = (pd.DataFrame({"label": [0, 1], "seed": [0, 1]}), {"format": "png"})
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "generator"
         for path in weight_files(generator_dir):  # weights and configs; not the sample grid
@@ -339,8 +347,8 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
                 artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(MODEL_CODE),
                 artifacts={"generator": str(artifact)}, code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
                 # no input schema: `label` takes class ids and names alike (the model checks every row itself); the settings as params
-                signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, PARAM_TYPES[type(v)], v) for k, v in DEFAULTS.items()])),
-                input_example=(pd.DataFrame({"label": [0, 1], "seed": [0, 1]}), {"format": "png"}),
+                signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, PARAM_TYPES[type(v)], v) for k, v in settings.items()])),
+                input_example=example,
             )  # fmt: skip
     made = mlflow.register_model(info.model_uri, model_name, tags={"generator_sha256": generator_sha256})
     kept = _version_of(client, model_name, generator_sha256)
@@ -353,6 +361,17 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
     if version.run_id != run_id:
         _write(client.set_model_version_tag, model_name, version.version, "training_run_id", run_id)
     return version
+
+
+def example_png(resolution: int) -> str:
+    """A blank grey image as a base64 PNG: the input example of an image-to-image model."""
+    import base64
+
+    import numpy as np
+
+    from gen_core.sampling import png_bytes
+
+    return base64.b64encode(png_bytes(np.zeros((resolution, resolution, 1), np.uint8))).decode("ascii")
 
 
 def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: str, family: str, gate: GateConfig) -> dict[str, str]:
@@ -368,6 +387,7 @@ def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: 
         "fid_feature_sha256": metrics["feature_sha256"], "git_revision": gen_meta["git_revision"], "step": str(gen_meta["step"]),
         "training_run_id": run_id, "generator_sha256": generator_sha256, "model_family": family,
         **{k: str(metrics[k]) for k in ("sampler", "sampler_steps", "guidance_scale") if k in metrics},
+        **{k: f"{metrics[k]:.6f}" for k in ("l1", "psnr") if k in metrics},  # image-to-image models, against their targets
     }  # fmt: skip
 
 

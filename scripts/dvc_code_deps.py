@@ -1,6 +1,7 @@
-"""Rewrite the code deps of every stage in dvc.yaml from the import graph (what tests/test_architecture.py checks).
+"""Rewrite the code deps of every stage in the DVC pipelines (dvc.yaml, conditional/dvc.yaml) from the import graph
+(what tests/test_architecture.py checks).
 
-    python scripts/dvc_code_deps.py          # rewrites dvc.yaml in place; data/config deps are kept as they are
+    python scripts/dvc_code_deps.py          # rewrites them in place; data/config deps are kept as they are
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.test_architecture import PACKAGES, closure, stage_modules  # noqa: E402
+from pipelines.common import PIPELINE_FILES  # noqa: E402
+from tests.test_architecture import PACKAGES, closure, qualified, stage_modules  # noqa: E402
 
 
 def flow_list(items: list[str], indent: int, width: int = 118) -> str:
@@ -29,8 +31,13 @@ def flow_list(items: list[str], indent: int, width: int = 118) -> str:
 
 
 def main() -> None:
-    path = REPO / "dvc.yaml"
-    text, parsed, modules = path.read_text(), yaml.safe_load(path.read_text()), stage_modules()
+    modules = stage_modules()
+    for pipeline in PIPELINE_FILES:
+        rewrite(REPO / pipeline, {stage: modules[qualified(pipeline, stage)] for stage in yaml.safe_load((REPO / pipeline).read_text())["stages"]})
+
+
+def rewrite(path: Path, modules: dict[str, str]) -> None:
+    text, parsed = path.read_text(), yaml.safe_load(path.read_text())
     for stage, entry in parsed["stages"].items():
         other = [d for d in (entry.get("do") or entry)["deps"] if not (d.endswith(".py") and d.split("/")[0] in PACKAGES)]
         code = sorted(closure(modules[stage]), key=lambda p: (not p.startswith("pipelines"), p))

@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from gen_core.config import RunConfig, load_config
+from pipelines.common import PIPELINE_FILES
 from tests.conftest import REPO
 
 PACKAGES = ("gen_core", "pipelines")
-DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+PIPELINES = {name: yaml.safe_load((REPO / name).read_text()) for name in PIPELINE_FILES}
 # Files a module uses by path rather than by import: MLflow loads the registered model's code file; the sweep
 # runs the evaluate and register stages on its best trial as processes of their own.
 RUNTIME_FILES = {"pipelines/registry.py": ("pipelines/mlflow_model.py",),
@@ -51,10 +52,20 @@ def closure(start: str) -> set[str]:
     return seen
 
 
+def qualified(pipeline: str, stage: str) -> str:
+    """A stage's name as DVC addresses it from the repo root: `stage` in dvc.yaml, `path/dvc.yaml:stage` elsewhere."""
+    return stage if pipeline == "dvc.yaml" else f"{pipeline}:{stage}"
+
+
+def stage_entries() -> dict[str, dict]:
+    """Every stage of every pipeline file, by its qualified name -> its dvc.yaml entry."""
+    return {qualified(pipeline, name): entry for pipeline, parsed in PIPELINES.items() for name, entry in parsed["stages"].items()}
+
+
 def stage_modules() -> dict[str, str]:
-    """dvc stage name -> the module file its cmd runs (`python -m pipelines.X`)."""
+    """qualified dvc stage name -> the module file its cmd runs (`python -m pipelines.X`)."""
     out = {}
-    for name, stage in DVC["stages"].items():
+    for name, stage in stage_entries().items():
         cmd = (stage.get("do") or stage)["cmd"]
         module = cmd.split("python -m ")[1].split()[0]
         out[name] = module.replace(".", "/") + ".py"
@@ -107,7 +118,7 @@ def test_the_prepare_stage_and_the_shared_stage_code_start_without_torch():
 def test_dvc_code_deps_are_exactly_what_the_stage_imports(stage):
     """Each stage's code deps in dvc.yaml are its module's transitive in-repo imports: none missing (a
     change there would leave the stage's outputs stale while `dvc status` says up to date), none extra."""
-    entry = DVC["stages"][stage]
+    entry = stage_entries()[stage]
     deps = (entry.get("do") or entry)["deps"]
     declared = {d for d in deps if d.endswith(".py") and d.split("/")[0] in PACKAGES}
     needed = closure(stage_modules()[stage])
@@ -115,19 +126,25 @@ def test_dvc_code_deps_are_exactly_what_the_stage_imports(stage):
     assert not missing and not extra, f"dvc.yaml {stage}: missing {missing}, not used {extra}"
 
 
-def test_the_committed_dvc_lock_ran_this_code():
+@pytest.mark.parametrize("pipeline", PIPELINE_FILES)
+def test_the_committed_dvc_lock_ran_this_code(pipeline):
     """dvc.lock (with metrics/) records what the last `make repro` ran: each of its code deps must have the md5 of the
     file at HEAD, and its stages must be dvc.yaml's. After changing code a stage runs, run `make repro` and
-    commit dvc.lock and metrics/ (README, "Reproducible records"). Directory deps (cluster_configs/deepspeed) are not hashed here."""
+    commit dvc.lock and metrics/ (README, "Reproducible records"). Directory deps (cluster_configs/deepspeed) are not hashed here.
+    conditional/dvc.lock is held to the same rule once it is committed (its pipeline is not part of `make repro`)."""
     import hashlib
 
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
-    declared = {f"{name}@{key}" for name, stage in DVC["stages"].items() for key in (stage.get("foreach") or {})}
-    declared |= {name for name, stage in DVC["stages"].items() if "foreach" not in stage}
+    lock_file = REPO / pipeline.replace("dvc.yaml", "dvc.lock")
+    if pipeline != "dvc.yaml" and not lock_file.exists():
+        pytest.skip(f"{lock_file.relative_to(REPO)} is not committed")
+    stages = PIPELINES[pipeline]["stages"]
+    lock = yaml.safe_load(lock_file.read_text())["stages"]
+    declared = {f"{name}@{key}" for name, stage in stages.items() for key in (stage.get("foreach") or {})}
+    declared |= {name for name, stage in stages.items() if "foreach" not in stage}
     stale = sorted([f"{stage}: not in dvc.lock" for stage in declared - set(lock)] + [f"{stage}: no such stage" for stage in set(lock) - declared])
     for stage, entry in lock.items():
         for dep in entry.get("deps", []):
-            path = REPO / dep["path"]
+            path = (lock_file.parent / entry.get("wdir", ".") / dep["path"]).resolve()
             if path.suffix == ".py" and (not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]):
                 stale.append(f"{stage}: {dep['path']}")
     assert not stale, "dvc.lock is older than the code (run `make repro`, commit dvc.lock and metrics/): " + ", ".join(stale)
