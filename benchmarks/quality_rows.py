@@ -17,6 +17,12 @@ or the LDM of any project, with its own output directories (a profile's, or --se
     python benchmarks/quality_rows.py --protocol standard --project P --family ldm --generator P/models/ldm-quality \
         --evaluated P/metrics/eval --profile quality --recipe NAME
 
+The same for a conditional family (pix2pix, t2i) of a benchmarks/conditional_variants.sh work directory, with the
+training's wall-clock from its log:
+
+    python benchmarks/quality_rows.py --protocol quick --project UPSTREAM --family pix2pix --generator WORK/NAME/model \
+        --evaluated WORK/NAME/eval --recipe NAME --train-wall-s 241
+
 A row replaces the one of the same family, recipe, profile and protocol.
 """
 
@@ -31,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")
+PAIRED = ("l1", "psnr", "brightness_agreement", "size_agreement")  # the pix2pix and t2i families' own measures
 
 
 def main() -> None:
@@ -45,7 +52,8 @@ def main() -> None:
     parser.add_argument("--sweep", type=Path, help="a directory with eval/<protocol>/ldm_guidance.json (ldm_variants.sh's)")
     parser.add_argument("--profile", default="default", help="the rows' profile: default, or quality for profiles/ldm-quality.yaml")
     parser.add_argument("--project", type=Path, help="a project: its metrics/eval and models/<family> (and its reference's floor)")
-    parser.add_argument("--family", choices=("gan", "ldm"), help="one family only")
+    parser.add_argument("--family", choices=("gan", "ldm", "pix2pix", "t2i"), help="one family only (pix2pix and t2i: only with --family)")
+    parser.add_argument("--train-wall-s", type=float, help="the training's wall-clock, read from its log (train_wall_s)")
     parser.add_argument("--generator", type=Path, help="the export's directory (default <project>/models/<family>)")
     parser.add_argument("--evaluated", type=Path, help="the evaluate records' directory (default <project>/metrics/eval)")
     args = parser.parse_args()
@@ -59,7 +67,11 @@ def main() -> None:
         record = json.loads((evaluated / args.protocol / f"{family}.json").read_text())
         generator = args.variant / family if args.variant else args.generator or project / "models" / family
         step = json.loads((generator / "generator.json").read_text()).get("step")
-        extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")} if family == "ldm" else {}
+        meta = json.loads((generator / "generator.json").read_text())
+        extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")} if family in ("ldm", "t2i") else {}
+        extra |= {k: record[k] for k in PAIRED if k in record}
+        if args.train_wall_s:
+            extra |= {"train_wall_s": args.train_wall_s, "images_seen": step * meta["config"][family]["global_batch_size"]}
         if args.variant:
             autoencoder = json.loads((args.variant / "autoencoder.json").read_text())
             extra |= {"autoencoder_psnr_db": autoencoder["psnr_db"], "autoencoder_rfid": autoencoder["fid"], "autoencoder_rfid_images": autoencoder["fid_images"]}

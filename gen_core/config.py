@@ -444,7 +444,7 @@ class LdmConfig(TrainingConfig):
 class Pix2PixModelConfig(_Section):
     """The Pix2Pix networks (gen_core.pix2pix): a U-Net generator A -> B and the conditional PatchGAN discriminator."""
 
-    g_width: int = Field(32, ge=8)  # channels of G's first level, doubled per level (at most 8x)
+    g_width: int = Field(64, ge=8)  # channels of G's first level, doubled per level (at most 8x)
     g_levels: int = Field(3, ge=1, le=6)  # stride-2 levels: the resolution must be divisible by 2**levels
     d_width: int = Field(32, ge=8)  # channels of D's first convolution; its depth follows the resolution (pix2pix.patch_layers)
 
@@ -454,7 +454,7 @@ class Pix2PixConfig(TrainingConfig):
     a deterministic transform of the image B (`condition: edges`: the Sobel edge map, gen_core.paired.edges), and G
     learns A -> B with the conditional GAN loss plus l1_weight x L1 to B. Off the default pipeline: conditional/dvc.yaml."""
 
-    total_steps: int = Field(1500, ge=1)
+    total_steps: int = Field(4000, ge=1)
     global_batch_size: int = Field(64, ge=1)
     condition: Literal["edges"] = "edges"
     edge_threshold: float | None = Field(0.2, gt=0, lt=1)  # binary edge map where the Sobel magnitude exceeds this; null: the magnitude
@@ -465,6 +465,49 @@ class Pix2PixConfig(TrainingConfig):
     adam_beta1: float = Field(0.5, ge=0, lt=1)  # the paper's Adam(0.5, 0.999)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     checkpoint_every_steps: int = Field(500, ge=1)
+
+
+class TextDenoiserConfig(_Section):
+    """The text-to-image denoiser: a diffusers UNet2DConditionModel whose lowest level and middle cross-attend to the
+    text encoder's per-token states (gen_core.text_diffusion.build_text_denoiser)."""
+
+    block_out_channels: tuple[int, ...] = Field((64, 128), min_length=1)
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "TextDenoiserConfig":
+        if any(c % 32 for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {list(self.block_out_channels)}: each must be a multiple of 32 (GroupNorm groups)")
+        return self
+
+
+class T2iConfig(TrainingConfig):
+    """`t2i`: text-to-image latent diffusion on the ldm family's autoencoder and cached latents. Each training image's
+    caption is made from its class and measured attributes (gen_core.captions); the frozen all-MiniLM-L6-v2 encodes it
+    (gen_core.text_encoder); classifier-free guidance is against the empty prompt. Off the default pipeline: conditional/dvc.yaml."""
+
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler"}
+
+    denoiser: TextDenoiserConfig = TextDenoiserConfig()
+    noise: NoiseScheduleConfig = NoiseScheduleConfig()
+    sampler: SamplerConfig = SamplerConfig(guidance_scale=3.0)
+    text_dropout: float = Field(0.1, ge=0, lt=1)  # captions replaced by the empty prompt: trains the unconditional half of CFG
+    min_snr_gamma: float | None = Field(5.0, gt=0)
+    lr: float = Field(1e-3, gt=0, le=1)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    ema_halflife_kimg: float = Field(10.0, gt=0)
+    ema_rampup_ratio: float | None = Field(0.1, gt=0)
+    global_batch_size: int = Field(128, ge=1)
+    total_steps: int = Field(1500, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _epsilon_or_v(self) -> "T2iConfig":
+        if self.noise.prediction_type == "edm":
+            raise ValueError("noise.prediction_type edm: not for the text-to-image family yet (epsilon or v_prediction)")
+        return self
 
 
 class ModelOutputs(_Section):
@@ -485,6 +528,7 @@ class OutputsConfig(_Section):
                                              metrics_file="metrics/autoencoder.json")  # fmt: skip
     ldm: ModelOutputs = ModelOutputs(out_dir="models/ldm", losses_file="metrics/ldm_losses.csv", eval_file="metrics/ldm_eval.csv")
     pix2pix: ModelOutputs = ModelOutputs(out_dir="models/pix2pix", losses_file="metrics/pix2pix_losses.csv")
+    t2i: ModelOutputs = ModelOutputs(out_dir="models/t2i", losses_file="metrics/t2i_losses.csv")
 
 
 class FsdpConfig(_Section):
@@ -602,6 +646,8 @@ class RegistryConfig(_Section):
     ldm: GateConfig = GateConfig(model_name="genforge-ldm")
     # translations of the reference images' edge maps vs the images themselves; recall and class accuracy as for the others
     pix2pix: GateConfig = GateConfig(model_name="genforge-pix2pix", fid_threshold=100.0, class_accuracy_floor=0.7)
+    # generated from the reference images' captions: class accuracy is against the class each prompt names
+    t2i: GateConfig = GateConfig(model_name="genforge-t2i")
     alias: str = "champion"
     out_dir: str = "metrics/register"  # <out_dir>/<family>.json
 
@@ -627,7 +673,7 @@ class TrackingConfig(_Section):
     server_wait_s: float = Field(45.0, gt=0, le=3600)
 
 
-Family = Literal["gan", "ldm", "pix2pix"]  # what is evaluated and registered
+Family = Literal["gan", "ldm", "pix2pix", "t2i"]  # what is evaluated and registered
 SweepFamily = Literal["gan", "ldm"]  # what the sweep searches
 
 
@@ -754,9 +800,9 @@ class SweepConfig(_Section):
             raise ValueError("searcher: pbt explores by mutating its population; use searcher: random")
         return self
 # What a training stage trains: the model kind names its params section (and its `outputs` entry).
-# A model *family* (gan | ldm | pix2pix) is what gets evaluated and registered; the ldm family is trained in
+# A model *family* (gan | ldm | pix2pix | t2i) is what gets evaluated and registered; the ldm family is trained in
 # two stages, the autoencoder and then the latent denoiser.
-TRAINING_SECTIONS = ("gan", "autoencoder", "ldm", "pix2pix")
+TRAINING_SECTIONS = ("gan", "autoencoder", "ldm", "pix2pix", "t2i")
 
 
 class RunConfig(_Section):
@@ -768,6 +814,7 @@ class RunConfig(_Section):
     latents: LatentsConfig = LatentsConfig()
     ldm: LdmConfig = LdmConfig()
     pix2pix: Pix2PixConfig = Pix2PixConfig()
+    t2i: T2iConfig = T2iConfig()
     outputs: OutputsConfig = OutputsConfig()
     ray: RayConfig = RayConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -821,6 +868,9 @@ class RunConfig(_Section):
         levels = self.pix2pix.model.g_levels
         if self.data.resolution % 2**levels:
             raise ValueError(f"pix2pix.model.g_levels ({levels}): data.resolution ({self.data.resolution}) must be divisible by 2**{levels}")
+        if self.data.resolution // 2**levels < 2:  # InstanceNorm needs more than one value per channel
+            raise ValueError(f"pix2pix.model.g_levels ({levels}): leaves a 1x1 bottleneck at data.resolution {self.data.resolution} (at most "
+                             f"{self.data.resolution.bit_length() - 2})")  # fmt: skip
         return self
 
     @model_validator(mode="after")

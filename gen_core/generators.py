@@ -4,9 +4,10 @@ An exported generator directory always holds `generator.json` with a `family` ke
     gan  generator.safetensors (+ spec in generator.json)
     ldm  unet/ [vae/] scheduler/ in diffusers format (gen_core.diffusion.DiffusionGenerator)
     pix2pix  generator.safetensors (+ spec in generator.json), an image-to-image translator (gen_core.pix2pix.Translator)
+    t2i  unet/ vae/ scheduler/ in diffusers format, text-to-image (gen_core.text_diffusion.TextDiffusionGenerator)
 `load_image_generator` returns an object with `num_classes` and `to(device)`; the class-conditional families'
 have `sample(labels, seeds, device) -> (N, C, R, R) in [-1, 1]`, where sample i depends only on
-(labels[i], seeds[i]); a translator has `translate(inputs)` instead.
+(labels[i], seeds[i]); a text-to-image model's takes prompts instead of labels; a translator has `translate(inputs)`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ import torch
 from gen_core.checkpoint import CheckpointError, load_generator
 from gen_core.models import Generator
 from gen_core.sampling import check_labels, sample_gan
+
+
+# The families measured on samples made from the reference images (pix2pix: their edge maps; t2i: their captions), and
+# the measures they add to the evaluation record (pipelines.evaluation), means over the samples that have one
+PAIRED_FAMILIES = ("pix2pix", "t2i")
+PAIRED_KEYS = ("l1", "psnr", "brightness_agreement", "size_agreement")
 
 
 @dataclass
@@ -47,7 +54,7 @@ def read_generator_meta(directory: str | Path) -> dict:
 
 
 def load_image_generator(directory: str | Path):
-    """-> (GanGenerator | DiffusionGenerator | Translator in eval mode, meta)."""
+    """-> (GanGenerator | DiffusionGenerator | Translator | TextDiffusionGenerator in eval mode, meta)."""
     meta = read_generator_meta(directory)
     if meta.get("family", "gan") == "gan":
         generator, meta = load_generator(directory)
@@ -57,6 +64,10 @@ def load_image_generator(directory: str | Path):
 
         translator = Translator.load(directory)
         return translator, translator.meta
+    if meta["family"] == "t2i":
+        from gen_core.text_diffusion import TextDiffusionGenerator
+
+        return TextDiffusionGenerator.from_pretrained(directory)
     from gen_core.diffusion import DiffusionGenerator
 
     return DiffusionGenerator.from_pretrained(directory)

@@ -1,6 +1,7 @@
 """A request for generated images, as the registered model's `predict` (and so `mlflow models serve`) takes it:
 rows of `label` (a class id or a class name) and `seed`, plus settings; checked as a whole before any sampling,
-every problem a one-line RequestError; and the answer, as uint8 arrays or as PNG files in base64.
+every problem a one-line RequestError; and the answer, as uint8 arrays or as PNG files in base64. A text-to-image
+model (t2i) takes rows of `prompt` and `seed` with the same settings.
 
 An image-to-image model (pix2pix) takes rows of `image` instead: a base64 PNG (or an (H, W) / (C, H, W) uint8 array)
 at the model's resolution, with the setting `input`: `condition` (the image is the model's input itself, e.g. an edge
@@ -23,6 +24,7 @@ SAMPLERS = SamplerConfig.model_fields["name"].annotation.__args__  # ddpm, ddim,
 # an empty sampler, 0 steps or a negative guidance scale mean the model's own.
 DEFAULTS = {"format": "array", "sampler": "", "num_steps": 0, "guidance_scale": -1.0}
 MAX_IMAGES = 256  # per request, unless the server sets another cap (GENFORGE_MAX_IMAGES)
+MAX_PROMPT_CHARS = 1000  # the encoder reads 64 tokens of it at most
 
 
 class RequestError(ValueError):
@@ -44,25 +46,56 @@ class ImageRequest:
 def parse_request(labels: list, seeds: list, params: dict | None, class_names: list[str], num_classes: int, family: str,
                   max_images: int = MAX_IMAGES) -> ImageRequest:  # fmt: skip
     """Class ids or names and seeds (one per image) and settings -> an ImageRequest, or a one-line RequestError."""
+    params = _settings(params)
+    _rows(labels, seeds, max_images, "`label` (class id or name)")
+    ids = [class_id(label, class_names, num_classes) for label in labels]
+    return ImageRequest(torch.tensor(ids, dtype=torch.long), _seeds(seeds), _sampler_options(params, family), params["format"])
+
+
+def parse_prompt_request(prompts: list, seeds: list, params: dict | None, max_images: int = MAX_IMAGES) -> PromptRequest:
+    """Prompts and seeds (one per image) and settings -> a PromptRequest for a text-to-image model, or a one-line RequestError.
+    An empty prompt is the unconditional model."""
+    params = _settings(params)
+    _rows(prompts, seeds, max_images, "`prompt`")
+    bad = next((i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)), None)
+    if bad is not None:
+        raise RequestError(f"prompt row {bad}: {prompts[bad]!r} is not text")
+    long = next((i for i, prompt in enumerate(prompts) if len(prompt) > MAX_PROMPT_CHARS), None)
+    if long is not None:
+        raise RequestError(f"prompt row {long}: {len(prompts[long])} characters, at most {MAX_PROMPT_CHARS}")
+    return PromptRequest(list(prompts), _seeds(seeds), _sampler_options(params, "t2i"), params["format"])
+
+
+def _settings(params: dict | None) -> dict:
     params = {**DEFAULTS, **(params or {})}
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
         raise RequestError(f"unknown setting {unknown[0]!r} (settings: {', '.join(DEFAULTS)})")
     if params["format"] not in FORMATS:
         raise RequestError(f"format {params['format']!r}: one of {', '.join(FORMATS)}")
-    if not labels:
-        raise RequestError("no rows: give one `label` (class id or name) and one `seed` per image")
-    if len(labels) > max_images:
-        raise RequestError(f"{len(labels)} images: at most {max_images} a request")
-    if len(seeds) != len(labels):
-        raise RequestError(f"{len(labels)} labels but {len(seeds)} seeds: one seed per image")
-    ids = [class_id(label, class_names, num_classes) for label in labels]
+    return params
+
+
+def _rows(conditions: list, seeds: list, max_images: int, what: str) -> None:
+    if not conditions:
+        raise RequestError(f"no rows: give one {what} and one `seed` per image")
+    if len(conditions) > max_images:
+        raise RequestError(f"{len(conditions)} images: at most {max_images} a request")
+    if len(seeds) != len(conditions):
+        raise RequestError(f"{len(conditions)} {what.split()[0].strip('`')}s but {len(seeds)} seeds: one seed per image")
+
+
+def _seeds(seeds: list) -> list[int]:
     try:
         seeds = [int(seed) for seed in seeds]
     except (TypeError, ValueError):
         raise RequestError(f"seed {next(s for s in seeds if not _is_int(s))!r}: an integer") from None
     if any(seed < 0 or seed >= 2**63 for seed in seeds):
         raise RequestError(f"seed {next(s for s in seeds if s < 0 or s >= 2**63)}: between 0 and 2**63 - 1")
+    return seeds
+
+
+def _sampler_options(params: dict, family: str) -> dict:
     options = {}
     if params["sampler"]:
         if params["sampler"] not in SAMPLERS:
@@ -72,9 +105,9 @@ def parse_request(labels: list, seeds: list, params: dict | None, class_names: l
         options["num_steps"] = int(params["num_steps"])
     if float(params["guidance_scale"]) >= 0:
         options["guidance_scale"] = float(params["guidance_scale"])
-    if options and family != "ldm":
+    if options and family not in ("ldm", "t2i"):
         raise RequestError(f"{', '.join(options)}: settings of a diffusion model; this is a {family}")
-    return ImageRequest(torch.tensor(ids, dtype=torch.long), seeds, options, params["format"])
+    return options
 
 
 def class_id(label, class_names: list[str], num_classes: int, what: str | None = None) -> int:
@@ -113,6 +146,14 @@ def answer(images_uint8: np.ndarray, request: ImageRequest, class_names: list[st
         "seed": request.seeds,
         "png": [base64.b64encode(png_bytes(image.transpose(1, 2, 0))).decode("ascii") for image in images_uint8],
     })  # fmt: skip
+
+
+@dataclass
+class PromptRequest:
+    prompts: list[str]
+    seeds: list[int]
+    options: dict
+    format: str
 
 
 @dataclass
@@ -177,5 +218,17 @@ def translation_answer(images_uint8: np.ndarray, request: TranslationRequest):
 
     return pd.DataFrame({
         "row": list(range(len(images_uint8))),
+        "png": [base64.b64encode(png_bytes(image.transpose(1, 2, 0))).decode("ascii") for image in images_uint8],
+    })  # fmt: skip
+
+
+def prompt_answer(images_uint8: np.ndarray, request: PromptRequest):
+    """(N, C, H, W) uint8 -> the array itself, or for format png one record per image: its prompt, seed and a base64 PNG."""
+    if request.format == "array":
+        return images_uint8
+    import pandas as pd
+
+    return pd.DataFrame({
+        "prompt": request.prompts, "seed": request.seeds,
         "png": [base64.b64encode(png_bytes(image.transpose(1, 2, 0))).decode("ascii") for image in images_uint8],
     })  # fmt: skip

@@ -15,9 +15,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
-from gen_core.config import ConfigError, RunConfig, load_config
+from gen_core.config import ConfigError, Family, RunConfig, load_config
 from gen_core.data import DataError
 from gen_core.errors import CheckpointError, FeatureNetError
 
@@ -52,7 +52,7 @@ def stage_parser(description: str, add_help: bool = True, stage: str | None = No
 def family_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The parser of the stages that run once per model family (evaluate, register)."""
     parser = stage_parser(description, stage=stage)
-    parser.add_argument("--family", choices=["gan", "ldm", "pix2pix"], default="gan", help="model family (default: gan)")
+    parser.add_argument("--family", choices=list(get_args(Family)), default="gan", help="model family (default: gan)")
     return parser
 
 

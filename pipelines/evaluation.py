@@ -14,6 +14,10 @@ An image-to-image model (pix2pix) is measured on pairs: sample i is the translat
 (its edge map), for every reference image, so its FID, KID, precision and recall compare the translations with their own targets (a perfect
 translator scores 0, below the protocol's real-vs-real floor, which measures other real images), its class accuracy
 is the classifier's agreement with the target's label, and L1 and PSNR measure each translation against its target.
+A text-to-image model (t2i) is measured the same way on the reference images' captions (gen_core.captions, worded with
+the model's own attribute scale): sample i is generated from reference image i's caption, its class accuracy is against
+the class the caption names, and brightness and size agreement say how often the image has the attribute its caption
+asked for (over the captions that name one; chance is about 1/3).
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gen_core.captions import captions_for
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import RunConfig
 from gen_core.data import load_split
-from gen_core.generators import load_image_generator, read_generator_meta
+from gen_core.generators import PAIRED_FAMILIES, PAIRED_KEYS, load_image_generator, read_generator_meta
 from gen_core.io import atomic_write_bytes, atomic_write_json, sha256_file
 from gen_core.metrics import (
     inception_features, load_inception, load_inception_reference, load_ref_stats, protocol_id, sample_metrics,
@@ -42,64 +47,73 @@ from pipelines.ray_env import init_ray, ray_address
 from pipelines.tracking import connect, training_run
 
 
+def _features(make, classifier, inception, indices: np.ndarray, batch_size: int, report=None) -> dict:
+    """`make(chunk)` -> (uint8 images, their labels, {name: a per-image measure}) for each batch of `indices` -> the images'
+    Inception and classifier features, classifier probabilities, labels and measures, in the order of `indices`."""
+    inception_feats, classifier_feats, probabilities, all_labels, measures = [], [], [], [], {}
+    for start in range(0, len(indices), batch_size):
+        images, labels, measured = make(indices[start : start + batch_size])
+        inception_feats.append(inception_features(inception, images).astype(np.float32))
+        probs, feats = classifier_outputs(classifier, images)
+        classifier_feats.append(feats.astype(np.float32))
+        probabilities.append(probs)
+        all_labels.append(labels)
+        for key, values in measured.items():
+            measures.setdefault(key, []).append(values)
+        if report:
+            report(min(start + batch_size, len(indices)), len(indices))
+    return {
+        "inception": np.concatenate(inception_feats), "classifier": np.concatenate(classifier_feats),
+        "probabilities": np.concatenate(probabilities), "labels": np.concatenate(all_labels), "indices": indices,
+        "inception_precision": inception.precision, **{key: np.concatenate(values) for key, values in measures.items()},
+    }  # fmt: skip
+
+
 def features_for_indices(
     generator, classifier, inception, indices: np.ndarray, seed: int, batch_size: int, device, report=None, amp_dtype=None,
 ) -> dict:  # fmt: skip
-    """Generate samples `indices` -> their Inception and classifier features, classifier probabilities
-    and the classes they were generated for."""
-    inception_feats, classifier_feats, probabilities, all_labels = [], [], [], []
-    num_classes = generator.num_classes
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        labels = balanced_labels(chunk, num_classes)
+    """Generate samples `indices` (sample i: class i mod K, seed `seed + i`) -> their Inception and classifier features,
+    classifier probabilities and the classes they were generated for."""
+
+    def make(chunk: np.ndarray):
+        labels = balanced_labels(chunk, generator.num_classes)
         images = to_uint8(generator.sample(labels, [seed + int(i) for i in chunk], device, autocast_dtype=amp_dtype).cpu())
-        inception_feats.append(inception_features(inception, images).astype(np.float32))
-        probs, feats = classifier_outputs(classifier, images)
-        classifier_feats.append(feats.astype(np.float32))
-        probabilities.append(probs)
-        all_labels.append(labels.numpy())
-        if report:
-            report(min(start + batch_size, len(indices)), len(indices))
-    return {
-        "inception": np.concatenate(inception_feats), "classifier": np.concatenate(classifier_feats),
-        "probabilities": np.concatenate(probabilities), "labels": np.concatenate(all_labels), "indices": indices,
-        "inception_precision": inception.precision,
-    }  # fmt: skip
+        return images, labels.numpy(), {}
+
+    return _features(make, classifier, inception, indices, batch_size, report)
 
 
-def translation_features_for_indices(
-    translator, classifier, inception, targets: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int, device, report=None,
-    amp_dtype=None,
+def paired_features_for_indices(
+    model, family: str, targets: np.ndarray, labels: np.ndarray, classifier, inception, indices: np.ndarray, seed: int, batch_size: int,
+    device, report=None, amp_dtype=None,
 ) -> dict:  # fmt: skip
-    """Translate the inputs made from targets[i] for i in `indices` -> the translations' Inception and
-    classifier features and probabilities, the targets' labels, and per translation its L1 distance and PSNR to its target."""
+    """Sample i made from reference image i (targets[i], of class labels[i]) -> the features, with the target's label and the
+    family's own measures per sample. pix2pix: the translation of its edge map, with L1 and PSNR to the target. t2i: the
+    image generated from its caption (seed `seed + i`), with whether the generated image has the brightness and size the
+    caption asked for (NaN where the caption names none: a middle level has no word)."""
     from gen_core.diffusion import psnr  # diffusers: imported only where a model needs it (gen_core.generators)
 
-    inception_feats, classifier_feats, probabilities, all_labels, l1, psnrs = [], [], [], [], [], []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        target = to_unit(torch.from_numpy(targets[chunk]))
-        images = to_uint8(translator.from_images(targets[chunk], device, amp_dtype))
-        translated = to_unit(images)  # as saved: what the metrics see
-        inception_feats.append(inception_features(inception, images).astype(np.float32))
-        probs, feats = classifier_outputs(classifier, images)
-        classifier_feats.append(feats.astype(np.float32))
-        probabilities.append(probs)
-        all_labels.append(labels[chunk])
-        l1.append((translated - target).abs().flatten(1).mean(1).numpy())
-        psnrs.append(psnr(target, translated).numpy())
-        if report:
-            report(min(start + batch_size, len(indices)), len(indices))
-    return {
-        "inception": np.concatenate(inception_feats), "classifier": np.concatenate(classifier_feats),
-        "probabilities": np.concatenate(probabilities), "labels": np.concatenate(all_labels), "indices": indices,
-        "inception_precision": inception.precision, "l1": np.concatenate(l1), "psnr": np.concatenate(psnrs),
-    }  # fmt: skip
+    if family == "t2i":
+        captions = captions_for(targets, labels, model.class_names, model.scale)
+        asked = model.scale.levels(targets)
+
+    def make(chunk: np.ndarray):
+        if family == "pix2pix":
+            images = to_uint8(model.from_images(targets[chunk], device, amp_dtype))
+            target, made = to_unit(torch.from_numpy(targets[chunk])), to_unit(images)  # as saved: what the metrics see
+            return images, labels[chunk], {"l1": (made - target).abs().flatten(1).mean(1).numpy(), "psnr": psnr(target, made).numpy()}
+        images = to_uint8(model.sample([captions[i] for i in chunk], [seed + int(i) for i in chunk], device, autocast_dtype=amp_dtype).cpu())
+        made = model.scale.levels(images.numpy())
+        measured = {f"{name}_agreement": np.where(asked[k][chunk] != 1, (made[k] == asked[k][chunk]).astype(float), np.nan)
+                    for k, name in enumerate(("brightness", "size"))}  # fmt: skip
+        return images, labels[chunk], measured
+
+    return _features(make, classifier, inception, indices, batch_size, report)
 
 
 def paired_targets(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """The protocol's reference images and labels (the first `reference_images` of its split, as ref_stats takes them):
-    the targets whose inputs an image-to-image model translates."""
+    what the paired families' samples are made from (pix2pix: their edge maps; t2i: their captions)."""
     p = cfg.evaluate.active
     split = load_split(cfg.data.out_dir, p.reference)
     count = p.reference_images or len(split.labels)
@@ -113,7 +127,7 @@ def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices:
     e = cfg.evaluate
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
-    generator, _ = load_image_generator(generator_dir)
+    generator, meta = load_image_generator(generator_dir)
     if guidance is not None:
         generator.sampler = generator.sampler.model_copy(update={"guidance_scale": guidance})
     classifier, _ = load_classifier(classifier_dir)
@@ -127,10 +141,11 @@ def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices:
         sys.stdout.flush()
 
     amp_dtype = autocast_dtype(e.precision, device)
-    if hasattr(generator, "translate"):
+    family = meta.get("family", "gan")
+    if family in PAIRED_FAMILIES:
         targets, labels = paired_targets(cfg)
-        return translation_features_for_indices(generator.to(device), classifier, inception, targets, labels, indices, e.batch_size, device,
-                                                report, amp_dtype)  # fmt: skip
+        return paired_features_for_indices(generator.to(device), family, targets, labels, classifier, inception, indices, e.seed, e.batch_size,
+                                           device, report, amp_dtype)  # fmt: skip
     return features_for_indices(generator.to(device), classifier, inception, indices, e.seed, e.batch_size, device, report, amp_dtype)
 
 
@@ -141,7 +156,6 @@ def _merge(parts: list[dict]) -> dict:
     return {key: np.concatenate([p[key] for p in parts])[order] for key in keys if key in parts[0]}
 
 
-PAIRED_KEYS = ("l1", "psnr")  # per translation, against its target (image-to-image models)
 
 
 def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
@@ -175,7 +189,7 @@ def guidance_sweep(cfg: RunConfig, family: str) -> dict:
     e, sweep = cfg.evaluate, cfg.evaluate.guidance
     generator_dir = Path(cfg.generator_dir(family)).resolve()
     held = read_generator_meta(generator_dir).get("family", "gan")
-    if held != "ldm":
+    if held not in ("ldm", "t2i"):
         raise StageError(f"{generator_dir}: a {held} model has no classifier-free guidance to sweep")
     model = _Model.open(cfg, family)
     mlflow = connect(cfg)
@@ -285,7 +299,7 @@ def _measure(cfg: RunConfig, model: _Model, logger, guidance: float | None = Non
     if guidance is not None:
         settings["guidance_scale"] = guidance
     merged = _merge(parts)
-    paired = {key: float(merged[key].mean()) for key in PAIRED_KEYS if key in merged}  # means over the translations
+    paired = {key: float(np.nanmean(merged[key])) for key in PAIRED_KEYS if key in merged}  # means over the samples that have one
     return {
         **sample_metrics(model.reference, merged, e), **paired, "protocol": e.protocol, "protocol_id": used,
         "floor": {k: model.floor[k] for k in FLOOR_KEYS}, "step": model.meta["step"],
@@ -300,7 +314,8 @@ def report_line(metrics: dict) -> str:
     """The headline metrics, each with the protocol's real-vs-real floor in brackets."""
     floor = metrics.get("floor", {})
     fmt = {"fid": ".2f", "kid": ".4f", "fid_classifier": ".3f", "class_accuracy": ".3f", "classifier_score": ".2f",
-           "precision": ".3f", "recall": ".3f", "classes_covered": "d", "diversity": ".3f", "l1": ".4f", "psnr": ".2f"}  # fmt: skip
+           "precision": ".3f", "recall": ".3f", "classes_covered": "d", "diversity": ".3f", "l1": ".4f", "psnr": ".2f",
+           "brightness_agreement": ".3f", "size_agreement": ".3f"}  # fmt: skip
     return "  ".join(
         f"{key} {metrics[key]:{f}}" + (f" [floor {floor[key]:{f}}]" if key in floor else "") for key, f in fmt.items() if key in metrics
     ) + f"  ({metrics['num_samples']} samples)"
@@ -349,9 +364,9 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
 
 
 def sample_count(cfg: RunConfig, family: str) -> int:
-    """The protocol's samples; for an image-to-image model one translation per reference image (the protocols' sample
-    counts equal their reference counts; where they differ, as in the tiny profile, every reference image is translated)."""
-    return len(paired_targets(cfg)[1]) if family == "pix2pix" else cfg.evaluate.active.num_samples
+    """The protocol's samples; for a paired family one per reference image (the protocols' sample counts equal their
+    reference counts; where they differ, as in the tiny profile, every reference image is used once)."""
+    return len(paired_targets(cfg)[1]) if family in PAIRED_FAMILIES else cfg.evaluate.active.num_samples
 
 
 def verb(family: str) -> str:

@@ -9,6 +9,9 @@ safetensors weights.
     images = model.predict(pd.DataFrame({"label": [0, 1, 2], "seed": [0, 1, 2]}))  # (N, C, H, W) uint8
     records = model.predict(pd.DataFrame({"label": ["sneaker"], "seed": [7]}), params={"format": "png", "num_steps": 10})
 
+A text-to-image model (genforge-t2i) takes rows of `prompt` and `seed`, with the diffusion settings:
+    model.predict(pd.DataFrame({"prompt": ["a dark sneaker", "a light dress, filling the frame"], "seed": [1, 2]}))
+
 An image-to-image model (genforge-pix2pix) takes rows of `image` (base64 PNG, at the model's resolution) instead, with
 params `format` and `input` (condition: the image is the model's input, e.g. an edge map; image: make the input from it):
     model.predict(pd.DataFrame({"image": [edge_map_png_b64]}), params={"format": "png"})
@@ -46,6 +49,8 @@ class GeneratorModel(PythonModel):
         columns = set(getattr(model_input, "columns", ()))
         if self.meta.get("family") == "pix2pix":
             return self._translate(model_input, columns, params)
+        if self.meta.get("family") == "t2i":
+            return self._from_prompts(model_input, columns, params)
         try:
             if columns != {"label", "seed"}:
                 raise RequestError(f"columns {sorted(columns)}: expected exactly 'label' and 'seed' (one row per image)")
@@ -56,6 +61,24 @@ class GeneratorModel(PythonModel):
         with torch.no_grad():
             images = self.generator.sample(request.labels, request.seeds, **request.options)
         return answer(to_uint8(images).numpy(), request, names)
+
+    def _from_prompts(self, model_input, columns, params):
+        import torch
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from gen_core.image_requests import RequestError, parse_prompt_request, prompt_answer
+        from gen_core.sampling import to_uint8
+
+        try:
+            if columns != {"prompt", "seed"}:
+                raise RequestError(f"columns {sorted(columns)}: expected exactly 'prompt' and 'seed' (one row per image)")
+            request = parse_prompt_request(model_input["prompt"].tolist(), model_input["seed"].tolist(), params, self.max_images)
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        with torch.no_grad():
+            images = self.generator.sample(request.prompts, request.seeds, **request.options)
+        return prompt_answer(to_uint8(images).numpy(), request)
 
     def _translate(self, model_input, columns, params):
         import torch

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gen_core.config import GateConfig, RunConfig
-from gen_core.generators import generator_digest, load_image_generator, read_generator_meta, weight_files
+from gen_core.generators import PAIRED_KEYS, generator_digest, load_image_generator, read_generator_meta, weight_files
 from gen_core.io import atomic_write_json
 from pipelines.common import REPO_ROOT, StageError
 from pipelines.tracking import connect, server_calls, tracking_uri, training_run
@@ -175,7 +175,7 @@ def model_card(family: str, metrics: dict, gen_meta: dict, gate: GateConfig, dec
     protocol's real-vs-real floor, the gate's thresholds and decision, and where it came from."""
     floor = metrics.get("floor", {})
     rows = [f"| {key} | {metrics[key]:.4g} | {floor[key]:.4g} |" if key in floor else f"| {key} | {metrics[key]:.4g} | |"
-            for key in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "l1", "psnr") if key in metrics]  # fmt: skip
+            for key in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", *PAIRED_KEYS) if key in metrics]  # fmt: skip
     sampler = f", sampler {metrics['sampler']} x {metrics['sampler_steps']}" if "sampler" in metrics else ""
     return "\n".join([
         f"**genforge {family}** generator at step {gen_meta['step']}{sampler}. Training run `{run_id}`: its sample grids are "
@@ -279,7 +279,7 @@ def _ensure_registered_model(client, name: str, family: str) -> None:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     try:
-        what = "image-to-image translator" if family == "pix2pix" else "class-conditional generator"
+        what = {"pix2pix": "image-to-image translator", "t2i": "text-to-image generator"}.get(family, "class-conditional generator")
         client.create_registered_model(name, description=f"genforge {what} ({family})")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -329,11 +329,13 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
 
     from gen_core.image_requests import DEFAULTS, TRANSLATION_DEFAULTS
 
-    translator = read_generator_meta(generator_dir).get("family") == "pix2pix"
-    settings = TRANSLATION_DEFAULTS if translator else DEFAULTS
-    if translator:  # two blank inputs at the model's resolution, as base64 PNGs
+    family = read_generator_meta(generator_dir).get("family", "gan")
+    settings = TRANSLATION_DEFAULTS if family == "pix2pix" else DEFAULTS
+    if family == "pix2pix":  # two blank inputs at the model's resolution, as base64 PNGs
         blank = example_png(read_generator_meta(generator_dir)["resolution"])
         example = (pd.DataFrame({"image": [blank, blank]}), {"format": "png"})
+    elif family == "t2i":
+        example = (pd.DataFrame({"prompt": ["a dark sneaker", "a light dress, filling the frame"], "seed": [0, 1]}), {"format": "png"})
     else:
         example = (pd.DataFrame({"label": [0, 1], "seed": [0, 1]}), {"format": "png"})
     with tempfile.TemporaryDirectory() as tmp:
@@ -387,7 +389,7 @@ def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: 
         "fid_feature_sha256": metrics["feature_sha256"], "git_revision": gen_meta["git_revision"], "step": str(gen_meta["step"]),
         "training_run_id": run_id, "generator_sha256": generator_sha256, "model_family": family,
         **{k: str(metrics[k]) for k in ("sampler", "sampler_steps", "guidance_scale") if k in metrics},
-        **{k: f"{metrics[k]:.6f}" for k in ("l1", "psnr") if k in metrics},  # image-to-image models, against their targets
+        **{k: f"{metrics[k]:.6f}" for k in PAIRED_KEYS if k in metrics},  # the paired families' own measures
     }  # fmt: skip
 
 

@@ -158,3 +158,14 @@ def test_pix2pix_trains_on_two_workers_is_evaluated_registered_and_translates_by
     assert np.array_equal(out, ((translator.from_images(images).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
     with pytest.raises(MlflowException, match=r"columns \['label', 'seed'\]: expected exactly 'image'"):
         model.predict(pd.DataFrame({"label": [0], "seed": [0]}))
+
+
+def test_the_conditional_families_are_a_pipeline_of_their_own(project_copy):
+    """`dvc repro conditional/dvc.yaml` resolves its own stages on the root params.yaml, and the default stages they need
+    (not the GAN's); the default `dvc repro` reads dvc.yaml only (DVC's default target), so its 15 minutes are unchanged."""
+    status = run_cli(["dvc", "status", "--json", "--with-deps", "conditional/dvc.yaml"], project_copy)
+    assert status.returncode == 0, status.stderr[-2000:]
+    stale = set(json.loads(status.stdout))
+    ours = {f"conditional/dvc.yaml:{stage}_{family}" for stage in ("train", "evaluate", "register") for family in ("pix2pix", "t2i")}
+    assert ours <= stale and {"prepare", "classifier", "ref_stats", "train_autoencoder", "encode_latents"} <= stale, stale
+    assert not stale & {"train_gan", "train_ldm", "evaluate@gan", "register@ldm"}, stale
