@@ -5,12 +5,16 @@ VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup repro test test-fast eval-standard bench demo
+.PHONY: setup repro repro-conditional test test-fast eval-standard bench demo
 setup:
 	@scripts/setup.sh
 
 repro: setup
 	dvc repro
+
+# The conditional families (Pix2Pix, text-to-image): their own pipeline, beside the default one (README, "Conditional families")
+repro-conditional: setup
+	dvc repro conditional/dvc.yaml
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): most of a Ray or pipeline test is process start-up that leaves
 # a core idle part of the time; three at a time keep two cores busier than two do (README, "Tests"). A module whose
