@@ -144,7 +144,7 @@ def test_the_committed_dvc_lock_ran_this_code(pipeline):
     stale = sorted([f"{stage}: not in dvc.lock" for stage in declared - set(lock)] + [f"{stage}: no such stage" for stage in set(lock) - declared])
     for stage, entry in lock.items():
         for dep in entry.get("deps", []):
-            path = (lock_file.parent / entry.get("wdir", ".") / dep["path"]).resolve()
+            path = (lock_file.parent / stages.get(stage.split("@")[0], {}).get("wdir", ".") / dep["path"]).resolve()  # lock paths: from the stage's wdir
             if path.suffix == ".py" and (not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]):
                 stale.append(f"{stage}: {dep['path']}")
     assert not stale, "dvc.lock is older than the code (run `make repro`, commit dvc.lock and metrics/): " + ", ".join(stale)
