@@ -87,11 +87,11 @@ def captions_for(images: np.ndarray, labels: np.ndarray, class_names: list[str],
     return [caption(class_names[int(label)], int(b), int(s), i) for i, (label, b, s) in enumerate(zip(labels, brightness, size))]
 
 
-def read_caption_sidecar(text: str, source: str, names: list[str]) -> dict[str, str]:
+def read_caption_sidecar(text: str, source: str, names: list[str], required: list[str] | None = None) -> dict[str, str]:
     """A caption file beside an image folder, in the convention of Hugging Face `datasets` image folders: JSON lines
     of {"file_name": <path relative to the folder>, "text": <caption>} (`captions.jsonl` or `metadata.jsonl`).
     -> {file name: caption} for `names`; CaptionError naming `source` and the line for a malformed line, a duplicate,
-    a file that is not among `names`, or an image without a caption."""
+    a file that is not among `names`, or an image of `required` (default: all `names`) without a caption."""
     known, captions = set(names), {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -108,7 +108,7 @@ def read_caption_sidecar(text: str, source: str, names: list[str]) -> dict[str, 
         if file_name in captions:
             raise CaptionError(f"{source}:{number}: a second caption for {file_name}")
         captions[file_name] = caption_text.strip()
-    missing = [name for name in names if name not in captions]
+    missing = [name for name in (names if required is None else required) if name not in captions]
     if missing:
         raise CaptionError(f"{source}: no caption for {len(missing)} image(s), first {missing[0]}")
     return captions

@@ -42,7 +42,10 @@ class DataConfig(_Section):
     max_train_images: int | None = Field(20_000, ge=1)  # None: all
     eval_images: int = Field(1000, ge=10)
     shard_images: int = Field(10_000, ge=100)
-    on_bad_image: Literal["error", "skip"] = "error"
+    on_bad_image: Literal["error", "skip"] = "error"  # also for unmatched or malformed pairs
+    # image_folder only: pairs for image-to-image models (pix2pix.condition: pairs). folders: A/<class>/<file> is the
+    # input of B/<class>/<file>; side_by_side: each image is A on the left half, B on the right. none: plain images.
+    pairs: Literal["none", "folders", "side_by_side"] = "none"
     split_seed: int = 0
     out_dir: str = "data/prepared"
 
@@ -50,6 +53,8 @@ class DataConfig(_Section):
     def _power_of_two(self) -> "DataConfig":
         if self.resolution & (self.resolution - 1):
             raise ValueError(f"resolution must be a power of two (got {self.resolution})")
+        if self.pairs != "none" and self.source != "image_folder":
+            raise ValueError(f"pairs {self.pairs}: user pairs come from an image_folder source (got {self.source}; pix2pix.condition edges makes pairs from any)")
         return self
 
 
@@ -456,7 +461,7 @@ class Pix2PixConfig(TrainingConfig):
 
     total_steps: int = Field(4000, ge=1)
     global_batch_size: int = Field(64, ge=1)
-    condition: Literal["edges"] = "edges"
+    condition: Literal["edges", "pairs"] = "edges"  # pairs: the inputs the user paired with the images (data.pairs)
     edge_threshold: float | None = Field(0.2, gt=0, lt=1)  # binary edge map where the Sobel magnitude exceeds this; null: the magnitude
     model: Pix2PixModelConfig = Pix2PixModelConfig()
     l1_weight: float = Field(100.0, ge=0)  # the paper's lambda

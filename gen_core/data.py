@@ -1,9 +1,11 @@
 """Data sources, validation, and the uint8 shard format.
 
-Every reader returns a `RawSplit`: images (N, H, W, C) uint8 and labels (N,) int64.
+Every reader returns a `RawSplit`: images (N, H, W, C) uint8 and labels (N,) int64; an image folder may add, per
+image, the input of its pair (`data.pairs`: the images are then the pairs' targets B, for image-to-image models) and
+a caption (a `captions.jsonl` or `metadata.jsonl` beside the class folders, for text-to-image models).
 Bad input raises `DataError` with a one-line message that names the file.
-Prepared data on disk is a directory of `.npz` shards of (N, C, H, W) uint8 images plus
-`manifest.json` (counts per class, shape, sha256 of each shard).
+Prepared data on disk is a directory of `.npz` shards of (N, C, H, W) uint8 images (and their `inputs` and
+`captions` where the source has them) plus `manifest.json` (counts per class, shape, sha256 of each shard).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gen_core.captions import CaptionError, read_caption_sidecar
 from gen_core.config import DataConfig, RunConfig
 from gen_core.io import atomic_directory, filesystem, is_remote, open_uri, sha256_bytes
+from gen_core.paired import PairError, match_pairs, split_side_by_side
 
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
@@ -32,6 +36,7 @@ DEFAULT_SOURCE_URIS = {
     "mnist": "/usr/share/datasets/mnist",
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+CAPTION_SIDECARS = ("captions.jsonl", "metadata.jsonl")  # Hugging Face `datasets` image folders use metadata.jsonl
 
 
 class DataError(ValueError):
@@ -42,6 +47,13 @@ class DataError(ValueError):
 class RawSplit:
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int64
+    inputs: np.ndarray | None = None  # (N, H, W, C) uint8: each image's pair input A (user pairs), the image is its B
+    captions: list[str] | None = None  # each image's caption (a caption sidecar)
+
+    def take(self, index: np.ndarray) -> "RawSplit":
+        """The images at `index`, with their inputs and captions."""
+        return RawSplit(self.images[index], self.labels[index], None if self.inputs is None else self.inputs[index],
+                        None if self.captions is None else [self.captions[int(i)] for i in index])  # fmt: skip
 
 
 @dataclass
@@ -190,36 +202,92 @@ def _to_8bit(image: Image.Image, name: str) -> Image.Image:
     return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
 
 
-def read_image_folder(root: str, channels: int, on_bad_image: str, fit) -> RawDataset:
+def read_image_folder(root: str, channels: int, on_bad_image: str, fit, pairs: str = "none") -> RawDataset:
+    """Class sub-folders of PNG/JPEG -> the images, labelled by folder (sorted names). `pairs`: `folders`: A/<class>/<file>
+    and B/<class>/<file> with matching names, B the images and A their inputs; `side_by_side`: every image is A on the
+    left half and B on the right (the original pix2pix datasets). A caption sidecar at the root (CAPTION_SIDECARS,
+    `file_name` "<class>/<file>") gives every image its caption. A corrupt image, an unmatched or malformed pair is a
+    DataError naming it, or with on_bad_image "skip" left out and listed in `skipped`."""
     fs, path = filesystem(root)
+    root = root.rstrip("/")
     if not fs.isdir(path):
         raise DataError(f"{root}: source directory not found")
-    class_dirs = sorted(p for p in fs.ls(path, detail=False) if fs.isdir(p) and not Path(p).name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{root}: no class sub-folders")
-    images, labels, skipped = [], [], []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in fs.ls(class_dir, detail=False) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    side = "B/" if pairs == "folders" else ""
+    if pairs == "folders" and not (fs.isdir(f"{path}/A") and fs.isdir(f"{path}/B")):
+        raise DataError(f"{root}: data.pairs folders needs A/ and B/ sub-folders (A/<class>/<file> -> B/<class>/<file>)")
+    classes = _class_folders(fs, f"{path}/{side}".rstrip("/"), root)
+    names = {c: _image_names(fs, f"{path}/{side}{c}") for c in classes}  # per class, sorted
+    listed, skipped = [f"{c}/{n}" for c in classes for n in names[c]], []
+    if pairs == "folders":
+        a_names = [f"{c}/{n}" for c in _class_folders(fs, f"{path}/A", root, required=False) for n in _image_names(fs, f"{path}/A/{c}")]
+        try:
+            kept, unmatched = match_pairs(a_names, listed, root, on_bad_image)
+        except PairError as err:
+            raise DataError(str(err)) from None
+        skipped += [{"file": f"{root}/{u['file']}", "reason": u["reason"]} for u in unmatched]
+        names = {c: [n.split("/", 1)[1] for n in kept if n.split("/", 1)[0] == c] for c in classes}
+    images, inputs, labels, kept_names = [], [], [], []
+    for label, class_name in enumerate(classes):
         count = 0
-        for file in files:
-            name = f"{root.rstrip('/')}/{Path(class_dir).name}/{Path(file).name}"
+        for file in names[class_name]:
+            name = f"{root}/{side}{class_name}/{file}"
             try:
-                images.append(fit(decode_image(_read_file(fs, file, name), name, channels), name))
+                image = decode_image(_read_file(fs, f"{path}/{side}{class_name}/{file}", name), name, channels)
+                if pairs == "folders":
+                    a_name = f"{root}/A/{class_name}/{file}"
+                    a = fit(decode_image(_read_file(fs, f"{path}/A/{class_name}/{file}", a_name), a_name, channels), a_name)
+                elif pairs == "side_by_side":
+                    try:
+                        a, image = (half.transpose(1, 2, 0) for half in split_side_by_side(image.transpose(2, 0, 1), name))
+                    except PairError as err:
+                        raise DataError(str(err)) from None
+                    a = fit(a, f"{name} (left half)")
+                image = fit(image, name)
             except DataError as err:
                 if on_bad_image == "error":
                     raise
                 skipped.append({"file": name, "reason": str(err).split(": ", 1)[-1]})
                 continue
+            images.append(image)
+            if pairs != "none":
+                inputs.append(a)
             labels.append(label)
+            kept_names.append(f"{class_name}/{file}")
             count += 1
         if count == 0:
-            raise DataError(f"{root.rstrip('/')}/{Path(class_dir).name}: empty class (no readable PNG/JPEG)")
-    return RawDataset(
-        RawSplit(np.stack(images), np.asarray(labels, dtype=np.int64)),
-        None,
-        [Path(d).name for d in class_dirs],
-        skipped,
-    )
+            raise DataError(f"{root}/{side}{class_name}: empty class (no readable PNG/JPEG)")
+    captions = _read_captions(fs, path, root, kept_names, listed)
+    split = RawSplit(np.stack(images), np.asarray(labels, dtype=np.int64), np.stack(inputs) if inputs else None, captions)
+    return RawDataset(split, None, classes, skipped)
+
+
+def _class_folders(fs, path: str, root: str, required: bool = True) -> list[str]:
+    folders = sorted(Path(p).name for p in fs.ls(path, detail=False) if fs.isdir(p) and not Path(p).name.startswith("."))
+    if not folders and required:
+        raise DataError(f"{root}: no class sub-folders" + (f" in {Path(path).name}/" if path.rstrip("/").endswith(("/A", "/B")) else ""))
+    return folders
+
+
+def _image_names(fs, class_path: str) -> list[str]:
+    return sorted(Path(p).name for p in fs.ls(class_path, detail=False) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read_captions(fs, path: str, root: str, kept: list[str], listed: list[str]) -> list[str] | None:
+    """The captions of the `kept` images from the folder's sidecar, in their order; None without a sidecar. A caption
+    may name an image that was skipped (it is among the `listed` ones); every kept image needs one."""
+    present = [name for name in CAPTION_SIDECARS if fs.isfile(f"{path}/{name}")]
+    if not present:
+        return None
+    if len(present) > 1:
+        raise DataError(f"{root}: both {present[0]} and {present[1]}: keep one caption file")
+    source = f"{root}/{present[0]}"
+    try:
+        captions = read_caption_sidecar(fs.cat_file(f"{path}/{present[0]}").decode("utf-8"), source, listed, required=kept)
+    except UnicodeDecodeError:
+        raise DataError(f"{source}: not UTF-8 text") from None
+    except CaptionError as err:
+        raise DataError(str(err)) from None
+    return [captions[name] for name in kept]
 
 
 def _read_file(fs, path: str, name: str) -> bytes:
@@ -292,7 +360,7 @@ def read_source(cfg: DataConfig) -> RawDataset:
         def fit(image, name):
             return fit_image(image, name, cfg.resolution, cfg.channels, cfg.resize)
 
-        return read_image_folder(source_uri, cfg.channels, cfg.on_bad_image, fit)
+        return read_image_folder(source_uri, cfg.channels, cfg.on_bad_image, fit, cfg.pairs)
     label = source_uri or cfg.source
     return RawDataset(
         fit_split(raw.train, cfg, label),
@@ -309,17 +377,16 @@ def split_train_eval(raw: RawDataset, cfg: DataConfig) -> tuple[RawSplit, RawSpl
     if raw.eval is not None:
         train = raw.train
         pick = rng.permutation(len(raw.eval.labels))[: cfg.eval_images]
-        evals = RawSplit(raw.eval.images[np.sort(pick)], raw.eval.labels[np.sort(pick)])
+        evals = raw.eval.take(np.sort(pick))
     else:
         order = rng.permutation(len(raw.train.labels))
         if cfg.eval_images >= len(order):
             raise DataError(f"data.eval_images ({cfg.eval_images}) leaves no training images ({len(order)} total)")
         eval_idx, train_idx = np.sort(order[: cfg.eval_images]), np.sort(order[cfg.eval_images :])
-        evals = RawSplit(raw.train.images[eval_idx], raw.train.labels[eval_idx])
-        train = RawSplit(raw.train.images[train_idx], raw.train.labels[train_idx])
+        evals, train = raw.train.take(eval_idx), raw.train.take(train_idx)
     if cfg.max_train_images is not None and cfg.max_train_images < len(train.labels):
         pick = np.sort(rng.permutation(len(train.labels))[: cfg.max_train_images])
-        train = RawSplit(train.images[pick], train.labels[pick])
+        train = train.take(pick)
     num_classes = len(raw.class_names)
     for split_name, split in (("train", train), ("eval", evals)):
         counts = np.bincount(split.labels, minlength=num_classes)
@@ -379,9 +446,15 @@ def settings_that_do_not_fit(cfg: RunConfig, raw: RawDataset) -> dict[str, tuple
 # ---------------------------------------------------------------------------
 
 
-def _shard_bytes(images_nchw: np.ndarray, labels: np.ndarray) -> bytes:
+def _shard_bytes(split: RawSplit, start: int, stop: int) -> bytes:
+    """Images [start, stop) of `split` as one .npz: images and inputs (N, C, H, W), labels, captions (unicode, no pickle)."""
+    arrays = {"images": np.ascontiguousarray(split.images[start:stop].transpose(0, 3, 1, 2)), "labels": split.labels[start:stop]}
+    if split.inputs is not None:
+        arrays["inputs"] = np.ascontiguousarray(split.inputs[start:stop].transpose(0, 3, 1, 2))
+    if split.captions is not None:
+        arrays["captions"] = np.asarray(split.captions[start:stop], dtype=str)
     buffer = io.BytesIO()
-    np.savez(buffer, images=images_nchw, labels=labels)
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -395,6 +468,8 @@ def write_prepared(out_dir: str | Path, train: RawSplit, evals: RawSplit, raw: R
         "class_names": raw.class_names,
         "shape": [cfg.channels, cfg.resolution, cfg.resolution],
         "dtype": "uint8",
+        "pairs": cfg.pairs if train.inputs is not None else "none",  # user pairs: each image's input A is in the shards
+        "captions": train.captions is not None,  # a caption sidecar: each image's caption is in the shards
         "splits": {},
         "skipped": raw.skipped,
     }
@@ -404,9 +479,7 @@ def write_prepared(out_dir: str | Path, train: RawSplit, evals: RawSplit, raw: R
             shards = []
             for index, start in enumerate(range(0, len(split.labels), cfg.shard_images)):
                 stop = start + cfg.shard_images
-                blob = _shard_bytes(
-                    np.ascontiguousarray(split.images[start:stop].transpose(0, 3, 1, 2)), split.labels[start:stop]
-                )
+                blob = _shard_bytes(split, start, stop)
                 name = f"{split_name}-{index:05d}.npz"
                 (tmp / name).write_bytes(blob)
                 shards.append({"file": name, "count": int(min(stop, len(split.labels)) - start), "sha256": sha256_bytes(blob)})
@@ -426,10 +499,17 @@ class PreparedSplit:
     labels: np.ndarray  # (N,) int64
     class_names: list[str]
     manifest: dict
+    inputs: np.ndarray | None = None  # (N, C, H, W) uint8: the pairs' inputs A (a source with user pairs)
+    captions: list[str] | None = None  # the images' captions (a source with a caption sidecar)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def head(self, count: int) -> "PreparedSplit":
+        """The first `count` images, with their inputs and captions."""
+        return PreparedSplit(self.images[:count], self.labels[:count], self.class_names, self.manifest,
+                             None if self.inputs is None else self.inputs[:count], None if self.captions is None else self.captions[:count])  # fmt: skip
 
 
 def read_manifest(prepared_uri: str) -> dict:
@@ -448,7 +528,7 @@ def load_split(prepared_uri: str, split: str, verify: bool = True) -> PreparedSp
     manifest = read_manifest(prepared_uri)
     if split not in manifest["splits"]:
         raise DataError(f"{prepared_uri}: no '{split}' split in manifest")
-    images, labels = [], []
+    images, labels, inputs, captions = [], [], [], []
     for shard in manifest["splits"][split]["shards"]:
         uri = f"{prepared_uri.rstrip('/')}/{shard['file']}"
         try:
@@ -461,7 +541,12 @@ def load_split(prepared_uri: str, split: str, verify: bool = True) -> PreparedSp
         with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
             images.append(arrays["images"])
             labels.append(arrays["labels"])
-    return PreparedSplit(np.concatenate(images), np.concatenate(labels), manifest["class_names"], manifest)
+            if "inputs" in arrays.files:
+                inputs.append(arrays["inputs"])
+            if "captions" in arrays.files:
+                captions.extend(str(text) for text in arrays["captions"])
+    return PreparedSplit(np.concatenate(images), np.concatenate(labels), manifest["class_names"], manifest,
+                         np.concatenate(inputs) if inputs else None, captions or None)  # fmt: skip
 
 
 def dataset_hash(prepared_uri: str) -> str:

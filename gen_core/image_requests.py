@@ -165,7 +165,7 @@ class TranslationRequest:
 
 def parse_translation_request(images: list, params: dict | None, resolution: int, max_images: int = MAX_IMAGES) -> TranslationRequest:
     """Rows of `image` (base64 PNG, or a uint8 array) and settings -> a TranslationRequest, or a one-line RequestError
-    naming the row. Grey and RGB are accepted alike (the model's input makes them grey)."""
+    naming the row. Grey and RGB are accepted alike (Translator.inputs fits them to the model's input channels)."""
     params = {**TRANSLATION_DEFAULTS, **(params or {})}
     unknown = sorted(set(params) - set(TRANSLATION_DEFAULTS))
     if unknown:

@@ -100,15 +100,28 @@ def pix2pix_g_loss(G: nn.Module, D: nn.Module, a: torch.Tensor, b: torch.Tensor,
 
 
 def condition_images(images_uint8: np.ndarray, condition: str = "edges", edge_threshold: float | None = 0.2) -> torch.Tensor:
-    """(N, C, R, R) uint8 images B -> the inputs A, (N, 1, R, R) in [-1, 1] (`edges`: gen_core.paired.edges)."""
+    """(N, C, R, R) uint8 images B -> the inputs A, (N, 1, R, R) in [-1, 1] (`edges`: gen_core.paired.edges). A model
+    trained on user pairs (`pairs`) has no transform: its inputs come with the data, or with the request."""
+    if condition == "pairs":
+        raise ValueError("pix2pix condition pairs: a model trained on user pairs cannot make its inputs from images; send the inputs themselves")
     if condition != "edges":
-        raise ValueError(f"pix2pix condition {condition!r}: unknown (known: edges)")
+        raise ValueError(f"pix2pix condition {condition!r}: unknown (known: edges, pairs)")
     return torch.from_numpy(edges(images_uint8, edge_threshold)) * 2 - 1
 
 
-def generator_spec(cfg_model, channels: int) -> dict:
-    """What builds G, as recorded in the export: A has one channel (an edge map), B the data's channels."""
-    return {"in_channels": 1, "out_channels": channels, "width": cfg_model.g_width, "levels": cfg_model.g_levels}
+def pair_inputs(split, condition: str, edge_threshold: float | None) -> torch.Tensor:
+    """A prepared split's pair inputs A in [-1, 1]: its images' edge maps (`edges`), or the user pairs' inputs it holds (`pairs`)."""
+    if condition == "pairs":
+        if split.inputs is None:
+            raise ValueError("pix2pix.condition pairs: the prepared data has no pairs (prepare an image_folder with data.pairs folders or side_by_side)")
+        return torch.from_numpy(split.inputs).float() / 127.5 - 1
+    return condition_images(split.images, condition, edge_threshold)
+
+
+def generator_spec(cfg_model, channels: int, condition: str = "edges") -> dict:
+    """What builds G, as recorded in the export: A has one channel (an edge map) or, for user pairs, the data's
+    channels; B the data's channels."""
+    return {"in_channels": channels if condition == "pairs" else 1, "out_channels": channels, "width": cfg_model.g_width, "levels": cfg_model.g_levels}
 
 
 @dataclass
@@ -154,10 +167,14 @@ class Translator:
             return self.generator(a.to(device)).float().cpu()
 
     def inputs(self, images_uint8: np.ndarray, given: str = "condition") -> torch.Tensor:
-        """Request images -> the model's inputs: `condition`: they are the inputs (grey, 0..255 -> -1..1), `image`: made from them."""
+        """Request images (N, C, R, R) uint8 -> the model's inputs: `condition`: they are the inputs (0..255 -> -1..1, made
+        grey for a one-channel input, grey repeated for a colour one), `image`: made from them."""
         if given == "image":
             return self.condition(images_uint8)
-        return torch.from_numpy(images_uint8).float().mean(1, keepdim=True) / 127.5 - 1
+        x = torch.from_numpy(images_uint8).float() / 127.5 - 1
+        if self.input_channels == 1:
+            return x.mean(1, keepdim=True)
+        return x.expand(-1, self.input_channels, -1, -1) if x.shape[1] == 1 else x
 
     def from_images(self, images_uint8: np.ndarray, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Images B -> G(condition(B)): what the evaluation compares with B."""

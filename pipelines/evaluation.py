@@ -11,13 +11,14 @@ of CPU on a laptop) to the same work. Sample i uses seed `evaluate.seed + i` and
 metrics do not depend on where or on how many workers the samples were made.
 
 An image-to-image model (pix2pix) is measured on pairs: sample i is the translation of reference image i's input
-(its edge map), for every reference image, so its FID, KID, precision and recall compare the translations with their own targets (a perfect
+(its edge map, or the input the user paired with it), for every reference image, so its FID, KID, precision and recall compare the translations with their own targets (a perfect
 translator scores 0, below the protocol's real-vs-real floor, which measures other real images), its class accuracy
 is the classifier's agreement with the target's label, and L1 and PSNR measure each translation against its target.
-A text-to-image model (t2i) is measured the same way on the reference images' captions (gen_core.captions, worded with
-the model's own attribute scale): sample i is generated from reference image i's caption, its class accuracy is against
-the class the caption names, and brightness and size agreement say how often the image has the attribute its caption
-asked for (over the captions that name one; chance is about 1/3).
+A text-to-image model (t2i) is measured the same way on the reference images' captions (the data's own, from a caption
+sidecar, or else gen_core.captions', worded with the model's own attribute scale): sample i is generated from reference
+image i's caption, its class accuracy is against that image's class, and for worded captions brightness and size
+agreement say how often the image has the attribute its caption asked for (over the captions that name one; chance is
+about 1/3).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from gen_core.captions import captions_for
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import RunConfig
-from gen_core.data import load_split
+from gen_core.data import PreparedSplit, load_split
 from gen_core.generators import PAIRED_FAMILIES, PAIRED_KEYS, load_image_generator, read_generator_meta
 from gen_core.io import atomic_write_bytes, atomic_write_json, sha256_file
 from gen_core.metrics import (
@@ -84,25 +85,36 @@ def features_for_indices(
 
 
 def paired_features_for_indices(
-    model, family: str, targets: np.ndarray, labels: np.ndarray, classifier, inception, indices: np.ndarray, seed: int, batch_size: int,
+    model, family: str, reference: PreparedSplit, classifier, inception, indices: np.ndarray, seed: int, batch_size: int,
     device, report=None, amp_dtype=None,
 ) -> dict:  # fmt: skip
-    """Sample i made from reference image i (targets[i], of class labels[i]) -> the features, with the target's label and the
-    family's own measures per sample. pix2pix: the translation of its edge map, with L1 and PSNR to the target. t2i: the
-    image generated from its caption (seed `seed + i`), with whether the generated image has the brightness and size the
-    caption asked for (NaN where the caption names none: a middle level has no word)."""
+    """Sample i made from reference image i (reference.images[i], of class reference.labels[i]) -> the features, with the
+    target's label and the family's own measures per sample. pix2pix: the translation of its input (its edge map, or the
+    input the user paired with it), with L1 and PSNR to the target. t2i: the image generated from its caption (seed
+    `seed + i`; the data's own caption where it has one, else the caption worded from its class and measured attributes),
+    with, for worded captions, whether the generated image has the brightness and size the caption asked for (NaN where
+    the caption names none: a middle level has no word)."""
     from gen_core.diffusion import psnr  # diffusers: imported only where a model needs it (gen_core.generators)
 
+    targets, labels = reference.images, reference.labels
     if family == "t2i":
-        captions = captions_for(targets, labels, model.class_names, model.scale)
-        asked = model.scale.levels(targets)
+        worded = reference.captions is None
+        captions = captions_for(targets, labels, model.class_names, model.scale) if worded else reference.captions
+        asked = model.scale.levels(targets) if worded else None
+    elif model.meta["condition"] == "pairs":
+        inputs = reference.inputs if reference.inputs is not None else model.condition(targets)  # the latter: one-line refusal
 
     def make(chunk: np.ndarray):
         if family == "pix2pix":
-            images = to_uint8(model.from_images(targets[chunk], device, amp_dtype))
+            if model.meta["condition"] == "pairs":
+                images = to_uint8(model.translate(model.inputs(inputs[chunk]), device, amp_dtype))
+            else:
+                images = to_uint8(model.from_images(targets[chunk], device, amp_dtype))
             target, made = to_unit(torch.from_numpy(targets[chunk])), to_unit(images)  # as saved: what the metrics see
             return images, labels[chunk], {"l1": (made - target).abs().flatten(1).mean(1).numpy(), "psnr": psnr(target, made).numpy()}
         images = to_uint8(model.sample([captions[i] for i in chunk], [seed + int(i) for i in chunk], device, autocast_dtype=amp_dtype).cpu())
+        if asked is None:
+            return images, labels[chunk], {}
         made = model.scale.levels(images.numpy())
         measured = {f"{name}_agreement": np.where(asked[k][chunk] != 1, (made[k] == asked[k][chunk]).astype(float), np.nan)
                     for k, name in enumerate(("brightness", "size"))}  # fmt: skip
@@ -111,13 +123,13 @@ def paired_features_for_indices(
     return _features(make, classifier, inception, indices, batch_size, report)
 
 
-def paired_targets(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The protocol's reference images and labels (the first `reference_images` of its split, as ref_stats takes them):
-    what the paired families' samples are made from (pix2pix: their edge maps; t2i: their captions)."""
+def paired_targets(cfg: RunConfig) -> PreparedSplit:
+    """The protocol's reference images with their labels (and pair inputs and captions where the data has them): the
+    first `reference_images` of its split, as ref_stats takes them; what the paired families' samples are made from
+    (pix2pix: their inputs; t2i: their captions)."""
     p = cfg.evaluate.active
     split = load_split(cfg.data.out_dir, p.reference)
-    count = p.reference_images or len(split.labels)
-    return split.images[:count], split.labels[:count]
+    return split.head(p.reference_images or len(split.labels))
 
 
 def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices: np.ndarray, threads: int, worker: int | None,
@@ -143,9 +155,8 @@ def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices:
     amp_dtype = autocast_dtype(e.precision, device)
     family = meta.get("family", "gan")
     if family in PAIRED_FAMILIES:
-        targets, labels = paired_targets(cfg)
-        return paired_features_for_indices(generator.to(device), family, targets, labels, classifier, inception, indices, e.seed, e.batch_size,
-                                           device, report, amp_dtype)  # fmt: skip
+        return paired_features_for_indices(generator.to(device), family, paired_targets(cfg), classifier, inception, indices, e.seed,
+                                           e.batch_size, device, report, amp_dtype)  # fmt: skip
     return features_for_indices(generator.to(device), classifier, inception, indices, e.seed, e.batch_size, device, report, amp_dtype)
 
 
@@ -366,7 +377,7 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
 def sample_count(cfg: RunConfig, family: str) -> int:
     """The protocol's samples; for a paired family one per reference image (the protocols' sample counts equal their
     reference counts; where they differ, as in the tiny profile, every reference image is used once)."""
-    return len(paired_targets(cfg)[1]) if family in PAIRED_FAMILIES else cfg.evaluate.active.num_samples
+    return len(paired_targets(cfg).labels) if family in PAIRED_FAMILIES else cfg.evaluate.active.num_samples
 
 
 def verb(family: str) -> str:

@@ -92,6 +92,8 @@ class GeneratorModel(PythonModel):
             if columns != {"image"}:
                 raise RequestError(f"columns {sorted(columns)}: expected exactly 'image' (one base64 PNG per translation)")
             request = parse_translation_request(model_input["image"].tolist(), params, self.meta["resolution"], self.max_images)
+            if request.input == "image" and self.meta["condition"] == "pairs":
+                raise RequestError("input 'image': this model was trained on user pairs, whose inputs cannot be made from images; send the inputs (input 'condition')")
         except RequestError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         with torch.no_grad():

@@ -4,9 +4,10 @@ driver and strategies (ray.strategy: ddp | fsdp | deepspeed; G and D are a two-e
     python -m pipelines.train_pix2pix [--set pix2pix.total_steps=100]
     dvc repro conditional/dvc.yaml          # this stage, then evaluate and register (not part of the default `dvc repro`)
 
-The pairs are made from the prepared data: the input A of image B is its Sobel edge map (pix2pix.condition: edges,
+The pairs come from the prepared data: the input A of image B is its Sobel edge map (pix2pix.condition: edges,
 pix2pix.edge_threshold), computed once per worker for the whole train split (deterministic, so every rank and every
-resumed run has the same pairs). Checkpoints live in <ray.storage_path>/<pix2pix.run_name>-pix2pix-<config signature>
+resumed run has the same pairs), or, with pix2pix.condition: pairs, the input the user paired with B (an image folder
+prepared with data.pairs: folders or side_by_side; refused in one line before Ray starts where the data has none). Checkpoints live in <ray.storage_path>/<pix2pix.run_name>-pix2pix-<config signature>
 and resume as the GAN's do. Outputs: <outputs.pix2pix.out_dir>/ (G as safetensors + generator.json with family
 pix2pix and how its inputs are made; samples.png: rows of input, translation and target for fixed eval images) and
 outputs.pix2pix.losses_file (DVC plots).
@@ -20,13 +21,13 @@ import torch
 
 from gen_core.checkpoint import export_generator
 from gen_core.config import RunConfig
-from gen_core.data import load_split
+from gen_core.data import load_split, read_manifest
 from gen_core.pix2pix import (
-    UNetGenerator, build_patch_discriminator, condition_images, generator_spec, pix2pix_d_loss, pix2pix_g_loss, triplet_grid_png,
+    UNetGenerator, build_patch_discriminator, generator_spec, pair_inputs, pix2pix_d_loss, pix2pix_g_loss, triplet_grid_png,
 )  # fmt: skip
 from gen_core.sampling import to_unit
 from gen_core.training import batch_indices
-from pipelines.common import log, run_stage
+from pipelines.common import StageError, absolute, log, run_stage
 from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
 from pipelines.strategy import Part
 from pipelines.worker import start_worker
@@ -41,13 +42,12 @@ def train_loop_per_worker(worker_config: dict) -> None:
     amp_dtype = worker.autocast_dtype(p.precision)
 
     # --- pairs: every rank holds the whole train split's targets (uint8) and inputs; batches are seeded per step
-    train_images = load_split(ctx.data_uri, "train").images
-    targets, inputs = torch.from_numpy(train_images), condition_images(train_images, p.condition, p.edge_threshold)
-    grid_targets = load_split(ctx.data_uri, "eval").images[:GRID_IMAGES]
-    grid_inputs = condition_images(grid_targets, p.condition, p.edge_threshold)
+    train, grid = load_split(ctx.data_uri, "train"), load_split(ctx.data_uri, "eval")
+    targets, inputs = torch.from_numpy(train.images), pair_inputs(train, p.condition, p.edge_threshold)
+    grid_targets, grid_inputs = grid.images[:GRID_IMAGES], pair_inputs(grid, p.condition, p.edge_threshold)[:GRID_IMAGES]
 
     # --- models and optimizers (same seeded init everywhere), wrapped by the strategy
-    spec = generator_spec(p.model, cfg.data.channels)
+    spec = generator_spec(p.model, cfg.data.channels, p.condition)
     G, D = wrapped_models(p, spec, cfg.data, strategy, device)
     start_step = store.restore([G, D])
     report.say(
@@ -120,8 +120,18 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: Ru
     return export_meta
 
 
+def check_pairs(cfg: RunConfig) -> None:
+    """pix2pix.condition pairs needs prepared data with user pairs: one line before Ray starts, not a failed worker."""
+    if cfg.pix2pix.condition == "pairs" and read_manifest(absolute(cfg.data.out_dir)).get("pairs", "none") == "none":
+        raise StageError(f"pix2pix.condition pairs: {cfg.data.out_dir} has no pairs (prepare an image_folder with data.pairs folders or side_by_side)")
+
+
 def main() -> None:
-    run_stage("train_pix2pix", lambda cfg, args: train(cfg, training_job(cfg)) and None)
+    def run(cfg: RunConfig, args) -> None:
+        check_pairs(cfg)
+        train(cfg, training_job(cfg))
+
+    run_stage("train_pix2pix", run)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
     dvc repro conditional/dvc.yaml:train_t2i     # or the whole conditional pipeline: dvc repro conditional/dvc.yaml
 
 Captions: each training image's from its class and its measured brightness and size in the frame (gen_core.captions;
-the attribute scale is fitted on the train split), worded by one of four templates. The frozen all-MiniLM-L6-v2
-(gen_core.text_encoder) encodes each distinct caption once per worker (a few hundred), so a step costs what a
+the attribute scale is fitted on the train split), worded by one of four templates; an image folder with a caption
+sidecar (captions.jsonl or metadata.jsonl, read by prepare) brings its own instead. The frozen all-MiniLM-L6-v2
+(gen_core.text_encoder) encodes each distinct caption once per worker (a few hundred here), so a step costs what a
 class-conditional step costs plus cross-attention. Text dropout sends a caption to the empty prompt, the null of
 classifier-free guidance. Outputs: <outputs.t2i.out_dir>/ (gen_core.text_diffusion.TextDiffusionGenerator: unet/, vae/,
 scheduler/, generator.json with the text encoder's identity and the attribute scale; samples.png: the prompt grid) and
@@ -50,17 +51,18 @@ class CaptionTable:
         return self.hidden[rows].to(device), self.mask[rows].to(device)
 
 
-def training_data(worker) -> tuple[torch.Tensor, list[str], AttributeScale, list[str]]:
-    """The scaled latents, each train image's caption, the attribute scale and the class names. The latents are the train
-    split's in order (encode_latents), which their labels confirm."""
-    ctx = worker.ctx
-    latents, labels, _ = load_latents(ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
-    split = load_split(ctx.data_uri, "train")
+def training_data(data_uri: str, latents_dir: str, autoencoder_dir: str) -> tuple[torch.Tensor, list[str], AttributeScale, list[str]]:
+    """The scaled latents, each train image's caption (the data's own where it has a caption sidecar, else worded from
+    its class and measured attributes), the attribute scale and the class names. The latents are the train split's in
+    order (encode_latents), which their labels confirm."""
+    latents, labels, _ = load_latents(latents_dir, autoencoder_dir)
+    split = load_split(data_uri, "train")
     if len(split.labels) != len(labels) or not torch.equal(torch.from_numpy(split.labels).long(), labels.long()):
-        raise StageError(f"{ctx.extra['latents_dir']}: the latents are not of this train split (rerun encode_latents)")
-    class_names = read_manifest(ctx.data_uri)["class_names"]
+        raise StageError(f"{latents_dir}: the latents are not of this train split (rerun encode_latents)")
+    class_names = read_manifest(data_uri)["class_names"]
     scale = AttributeScale.fit(split.images)
-    return latents, captions_for(split.images, split.labels, class_names, scale), scale, class_names
+    captions = split.captions if split.captions is not None else captions_for(split.images, split.labels, class_names, scale)
+    return latents, captions, scale, class_names
 
 
 def train_loop_per_worker(worker_config: dict) -> None:
@@ -69,7 +71,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     t = cfg.t2i
     amp_dtype = worker.autocast_dtype(t.precision)
 
-    latents, captions, scale, class_names = training_data(worker)
+    latents, captions, scale, class_names = training_data(ctx.data_uri, ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
     encoder = TextEncoder()
     table = CaptionTable(captions, encoder)
     vae = load_autoencoder(ctx.extra["autoencoder_dir"]).to(device) if worker.is_chief else None  # decodes the prompt grids

@@ -217,3 +217,93 @@ def test_atomic_outputs_get_the_modes_of_ordinary_files(tmp_path):
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "model" / "weights.bin").stat().st_mode) == 0o640
+
+
+def _garment_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> list[tuple[str, np.ndarray]]:
+    """PNG class folders of real images -> [("<class>/<file>", the 28x28 image)] in the reader's order."""
+    written = []
+    for label in range(3):
+        (root / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images[labels == label][:per_class]):
+            Image.fromarray(image).save(root / f"class_{label}" / f"{i}.png")
+            written.append((f"class_{label}/{i}.png", image))
+    return written
+
+
+def test_a_caption_sidecar_gives_each_image_its_caption_through_the_split_and_the_shards(tmp_path, real_digits):
+    """metadata.jsonl (Hugging Face image-folder convention) beside the class folders: every prepared image, in either
+    split, carries the caption written for that very image; a caption for a skipped image is fine, a kept image without
+    one, two sidecars, or a line that is not JSON are one-line errors naming the file."""
+    import json
+
+    images, labels = real_digits
+    root = tmp_path / "folder"
+    written = _garment_folder(root, images, labels)
+    captions = {name: f"image {k} of {name.split('/')[0]}" for k, (name, _) in enumerate(written)}
+    sidecar = root / "metadata.jsonl"
+    sidecar.write_text("".join(json.dumps({"file_name": name, "text": text}) + "\n" for name, text in reversed(captions.items())))
+    cfg = DataConfig(source="image_folder", source_uri=str(root), eval_images=10, shard_images=100)
+    raw = read_source(cfg)
+    train, evals = split_train_eval(raw, cfg)
+    manifest = write_prepared(tmp_path / "out", train, evals, raw, cfg)
+    assert manifest["captions"] is True and manifest["pairs"] == "none"
+    by_pixels = {np.pad(image, 2).tobytes(): captions[name] for name, image in written}
+    for split_name, count in (("train", 14), ("eval", 10)):
+        split = load_split(str(tmp_path / "out"), split_name)
+        assert len(split.captions) == count and split.inputs is None
+        assert [by_pixels[image[0].tobytes()] for image in split.images] == split.captions
+
+    bad = root / "class_1" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # skipped: its caption is still an image of the folder's
+    assert len(read_source(cfg.model_copy(update={"on_bad_image": "skip"})).train.captions) == 23
+    sidecar.write_text("".join(json.dumps({"file_name": name, "text": text}) + "\n" for name, text in captions.items() if name != "class_2/3.png"))
+    with pytest.raises(DataError, match=r"metadata\.jsonl: no caption for 1 image\(s\), first class_2/3\.png$"):
+        read_source(cfg.model_copy(update={"on_bad_image": "skip"}))
+    (root / "captions.jsonl").write_text("{}\n")
+    skip = cfg.model_copy(update={"on_bad_image": "skip"})
+    with pytest.raises(DataError, match=r"folder: both captions\.jsonl and metadata\.jsonl: keep one caption file$"):
+        read_source(skip)
+    sidecar.unlink()
+    with pytest.raises(DataError, match=r'captions\.jsonl:1: not a JSON object with "file_name" and "text"$'):
+        read_source(skip)
+
+
+def test_user_pairs_from_a_and_b_folders_or_side_by_side_keep_each_input_with_its_target(tmp_path, real_digits):
+    """data.pairs: A/<class>/<file> -> B/<class>/<file>, or one image A|B: every prepared target B has its own input A
+    (here A = 255 - B) through the split and the shards; an unmatched or malformed pair is a one-line error naming it,
+    or with on_bad_image skip left out and listed."""
+    images, labels = real_digits
+    pairs = tmp_path / "pairs"
+    written = _garment_folder(pairs / "B", images, labels)
+    for name, image in written:
+        (pairs / "A" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - image).save(pairs / "A" / name)
+    side = tmp_path / "side"
+    for name, image in written:
+        (side / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([255 - image, image], axis=1)).save(side / name)
+    for root, kind in ((pairs, "folders"), (side, "side_by_side")):
+        cfg = DataConfig(source="image_folder", source_uri=str(root), pairs=kind, eval_images=10, shard_images=100)
+        raw = read_source(cfg)
+        assert raw.class_names == ["class_0", "class_1", "class_2"]
+        train, evals = split_train_eval(raw, cfg)
+        assert write_prepared(tmp_path / kind, train, evals, raw, cfg)["pairs"] == kind
+        for split_name in ("train", "eval"):
+            split = load_split(str(tmp_path / kind), split_name)
+            inner = (slice(None), slice(None), slice(2, 30), slice(2, 30))  # pad puts both on black: compare the 28x28 inside
+            assert split.inputs.shape == split.images.shape and (split.inputs[inner] == 255 - split.images[inner]).all()
+
+    (pairs / "A" / "class_1" / "2.png").unlink()
+    (pairs / "A" / "class_2" / "extra.png").write_bytes((pairs / "A" / "class_2" / "1.png").read_bytes())
+    cfg = DataConfig(source="image_folder", source_uri=str(pairs), pairs="folders", eval_images=10)
+    with pytest.raises(DataError, match=rf"^{pairs}/A/class_2/extra\.png: unmatched \(no B/class_2/extra\.png\); 2 unmatched in all$"):
+        read_source(cfg)
+    raw = read_source(cfg.model_copy(update={"on_bad_image": "skip"}))
+    assert len(raw.train.labels) == 23 and sorted(s["file"] for s in raw.skipped) == [f"{pairs}/A/class_2/extra.png", f"{pairs}/B/class_1/2.png"]
+    Image.fromarray(images[0]).save(side / "class_0" / "square.png")
+    with pytest.raises(DataError, match=r"class_0/square\.png: a side-by-side pair must be twice as wide as high \(got 28x28\)$"):
+        read_source(DataConfig(source="image_folder", source_uri=str(side), pairs="side_by_side"))
+    with pytest.raises(DataError, match=r"needs A/ and B/ sub-folders"):
+        read_source(DataConfig(source="image_folder", source_uri=str(side), pairs="folders"))
+    with pytest.raises(ValueError, match=r"pairs folders: user pairs come from an image_folder source \(got mnist5k"):
+        DataConfig(source="mnist5k", pairs="folders")

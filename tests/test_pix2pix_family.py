@@ -110,6 +110,68 @@ def test_the_training_step_is_seeded_and_lowers_l1():
     assert all(np.isfinite(l1)) and l1[-1] < 0.7 * l1[0], l1
 
 
+def test_user_pairs_are_prepared_trained_on_and_evaluated_by_their_inputs(tmp_path):
+    """pix2pix.condition pairs: a side-by-side image folder through the prepare stage, the stage's step trains G on the
+    user's inputs (L1 falls), and the evaluation translates each reference image's own input (its L1 is that of the
+    export's translation of it). Without pairs in the data the stage refuses in one line before Ray; a pairs model's
+    inputs are the request's images, fitted to its channels, and are never made from images."""
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    from gen_core.config import InceptionConfig, config_from_dict
+    from gen_core.data import load_split
+    from gen_core.metrics import load_inception
+    from gen_core.models import Classifier
+    from gen_core.pix2pix import generator_spec, pair_inputs
+    from gen_core.sampling import to_unit
+    from pipelines.common import StageError
+    from pipelines.evaluation import paired_features_for_indices
+    from pipelines.prepare import prepare
+    from pipelines.strategy import Strategy
+    from pipelines.train_pix2pix import check_pairs, pix2pix_step
+
+    images = garments(40)  # (40, 1, 32, 32): inputs A are the inverted garments, side by side with them
+    for i, image in enumerate(images):
+        (tmp_path / "side" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([255 - image[0], image[0]], axis=1)).save(tmp_path / "side" / f"class_{i % 2}" / f"{i}.png")
+    sections = {"data": {"source": "image_folder", "source_uri": str(tmp_path / "side"), "pairs": "side_by_side", "eval_images": 10,
+                         "out_dir": str(tmp_path / "prepared")}, "pix2pix": {"condition": "pairs"},
+                "evaluate": {"kid_subset_size": 10, "protocols": {"quick": {"num_samples": 20}}}}  # sized for 40 images  # fmt: skip
+    cfg = config_from_dict(tiny_params(**sections), "test")
+    prepare(cfg)
+    check_pairs(cfg)  # the data has pairs: no refusal
+    train, evals = load_split(str(tmp_path / "prepared"), "train"), load_split(str(tmp_path / "prepared"), "eval")
+    a, b = pair_inputs(train, "pairs", None), to_unit(torch.from_numpy(train.images))
+    assert torch.allclose(a, -b, atol=1e-6)  # each target with its own input
+
+    spec = generator_spec(cfg.pix2pix.model.model_copy(update={"g_width": 8}), 1, "pairs")
+    torch.manual_seed(0)
+    strategy = Strategy(torch.device("cpu"))
+    G = strategy.wrap("G", UNetGenerator(**spec), lambda p: torch.optim.Adam(p, 2e-3, betas=(0.5, 0.999)))
+    D = strategy.wrap("D", build_patch_discriminator(1, 1, 32, 8), lambda p: torch.optim.Adam(p, 2e-4, betas=(0.5, 0.999)))
+    l1 = [float(pix2pix_step(G, D, a, b, 100.0, nullcontext)["l1"]) for _ in range(15)]
+    assert l1[-1] < 0.7 * l1[0], l1
+
+    meta = {"family": "pix2pix", "generator_spec": spec, "condition": "pairs", "edge_threshold": None, "resolution": 32, "channels": 1,
+            "class_names": train.class_names, "step": 15}  # fmt: skip
+    export_generator(tmp_path / "model", G.module.state_dict(), meta)
+    translator = Translator.load(tmp_path / "model")
+    features = paired_features_for_indices(translator, "pix2pix", evals, Classifier(1, 2, width=8), load_inception(InceptionConfig()),
+                                           np.arange(10), 0, 5, "cpu")  # fmt: skip
+    made = translator.translate(pair_inputs(evals, "pairs", None)).clamp(-1, 1)
+    expected = ((made + 1) * 127.5).round() / 127.5 - 1  # as saved: uint8
+    assert np.allclose(features["l1"], (expected - to_unit(torch.from_numpy(evals.images))).abs().flatten(1).mean(1).numpy(), atol=1e-6)
+    assert torch.equal(translator.inputs(evals.inputs), pair_inputs(evals, "pairs", None))
+    with pytest.raises(ValueError, match="a model trained on user pairs cannot make its inputs from images"):
+        translator.inputs(evals.images, "image")
+
+    plain = config_from_dict(tiny_params(data={"out_dir": str(tmp_path / "plain")}, pix2pix={"condition": "pairs"}), "test")
+    prepare(plain)
+    with pytest.raises(StageError, match=rf"^pix2pix.condition pairs: {tmp_path}/plain has no pairs \(prepare an image_folder with data.pairs"):
+        check_pairs(plain)
+
+
 @pytest.mark.slow
 def test_pix2pix_trains_on_two_workers_is_evaluated_registered_and_translates_by_alias(tiny_upstream, mlflow_server):
     import mlflow
