@@ -5,7 +5,7 @@ VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup repro repro-conditional test test-fast eval-standard bench demo
+.PHONY: setup repro repro-conditional test test-fast eval-standard eval-standard-conditional bench demo
 setup:
 	@scripts/setup.sh
 
@@ -41,6 +41,13 @@ eval-standard: setup
 	python -m pipelines.ref_stats --set evaluate.protocol=standard
 	python -m pipelines.evaluate --family gan --set evaluate.protocol=standard
 	python -m pipelines.evaluate --family ldm --set evaluate.protocol=standard
+
+# The conditional families' models from the last `make repro-conditional` at the standard protocol (every test-split image
+# translated / generated from its caption: 10k each; RESULTS.md "Pix2Pix", "Text-to-image"). Needs the standard ref_stats.
+eval-standard-conditional: setup
+	python -m pipelines.ref_stats --set evaluate.protocol=standard
+	python -m pipelines.evaluate --family pix2pix --set evaluate.protocol=standard
+	python -m pipelines.evaluate --family t2i --set evaluate.protocol=standard
 
 bench: setup
 	python benchmarks/gan_throughput.py

@@ -64,6 +64,13 @@ def adam(lr):
     return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99))
 
 
+def damped_adam(lr):
+    """For the U-Net G: its conv biases before InstanceNorm have a gradient of zero up to rounding, which Adam's first
+    steps (eps 1e-8) turn into +-lr updates of either sign, so two processes' weights would differ by rounding alone.
+    An eps of 1e-2 leaves such gradients near zero and real ones (1e-2 and up) Adam's. (DeepSpeed refuses plain SGD.)"""
+    return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-2)
+
+
 # --------------------------------------------------------------------------- workers
 
 # Each case runs 2 fresh worker processes. They fork from one forkserver that has imported this module (torch,
@@ -85,7 +92,9 @@ def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, d
     if ds is not None and "gradient_clipping" in options:
         ds["gradient_clipping"] = options["gradient_clipping"]
     strategy = build_strategy(strategy_name, torch.device("cpu"), FsdpConfig(**options.get("fsdp", {})), ds, str(ds_path))
-    losses, parts, summary = _gan_worker(strategy, rank, world, options) if family == "gan" else _denoiser_worker(family, strategy, rank, world)
+    worker = {"gan": lambda: _gan_worker(strategy, rank, world, options), "pix2pix": lambda: _pix2pix_worker(strategy, rank, world),
+              "text": lambda: _text_denoiser_worker(strategy, rank, world)}.get(family, lambda: _denoiser_worker(family, strategy, rank, world))  # fmt: skip
+    losses, parts, summary = worker()
     # checkpoint round trip in the strategy's own form: save, perturb, load, compare
     directory = Path(out) / "checkpoint"
     directory.mkdir(exist_ok=True)
@@ -205,6 +214,83 @@ def _denoiser_worker(backbone, strategy, rank, world):
     return losses, [unet], summary
 
 
+def pix2pix_models():
+    from gen_core.pix2pix import UNetGenerator, build_patch_discriminator
+
+    torch.manual_seed(0)
+    return UNetGenerator(1, 1, width=8, levels=2), build_patch_discriminator(1, 1, 16, 8)
+
+
+def pix2pix_batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.rand(BATCH, 1, 16, 16, generator=g) * 2 - 1, torch.rand(BATCH, 1, 16, 16, generator=g) * 2 - 1) for _ in range(STEPS)]
+
+
+def _pix2pix_worker(strategy, rank, world):
+    """The stage's own step (train_pix2pix.pix2pix_step) on this rank's share of each batch of pairs."""
+    from pipelines.train_pix2pix import pix2pix_step
+
+    G, D = pix2pix_models()
+    G, D = strategy.wrap("G", G, damped_adam(2e-3)), strategy.wrap("D", D, damped_adam(2e-3))
+    losses = []
+    for a, b in pix2pix_batches():
+        out = pix2pix_step(G, D, a[rank::world], b[rank::world], 100.0, contextlib.nullcontext)
+        losses.append(_mean([out["d_loss"], out["g_loss"]]))
+
+    def summary():
+        whole = strategy.gather(G, "model")
+        return float(sum(p.detach().double().sum() for p in whole.parameters())) if whole is not None else None
+
+    return losses, [G, D], summary
+
+
+TEXT_DIM, TOKENS = 16, 5
+
+
+def tiny_text_denoiser():
+    from gen_core.text_diffusion import build_text_denoiser
+
+    torch.manual_seed(0)
+    return build_text_denoiser(4, 8, TEXT_DIM, block_out_channels=(32, 32))
+
+
+def text_batches():
+    """Latents, per-token states and masks of the batch's captions (random states: the encoder is frozen and not in a step)."""
+    g = torch.Generator().manual_seed(4)
+    mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
+    mask[::3, 3:] = 0  # shorter captions: padding the attention must ignore
+    return [(torch.randn(BATCH, 4, 8, 8, generator=g), torch.randn(BATCH, TOKENS, TEXT_DIM, generator=g), mask) for _ in range(STEPS)]
+
+
+def text_loss(unet, step: int, rank: int, x0, hidden, mask) -> torch.Tensor:
+    from gen_core.config import NoiseScheduleConfig
+    from gen_core.diffusion import training_schedule
+    from gen_core.text_diffusion import text_diffusion_loss
+
+    null_hidden, null_mask = torch.zeros(1, TOKENS, TEXT_DIM), torch.ones(1, TOKENS, dtype=torch.long)
+    return text_diffusion_loss(unet, training_schedule(NoiseScheduleConfig()), x0, hidden, mask, null_hidden, null_mask, 0.25,
+                               rank_noise(step, rank)).mean()  # fmt: skip
+
+
+def _text_denoiser_worker(strategy, rank, world):
+    """train_t2i's step: the text-conditioned U-Net (cross-attention) with its EMA, on this rank's share."""
+    unet = strategy.wrap("unet", tiny_text_denoiser(), adam(1e-3), ema=True)
+    losses = []
+    for step, (x0, hidden, mask) in enumerate(text_batches()):
+        mine = slice(rank, None, world)
+        loss = text_loss(unet.forward, step, rank, x0[mine], hidden[mine], mask[mine])
+        unet.backward(loss)
+        unet.step()
+        strategy.update_ema(unet, 0.9)
+        losses.append(_mean([loss]))
+
+    def summary():
+        ema = strategy.gather(unet, "ema")
+        return float(sum(p.detach().double().sum() for p in ema.parameters())) if ema is not None else None
+
+    return losses, [unet], summary
+
+
 def run_two_workers(tmp_path: Path, family: str, case: str, **options) -> dict:
     strategy_name, ds_path = CASES[case]
     with socket.socket() as sock:
@@ -301,6 +387,44 @@ def denoiser_reference(backbone: str) -> tuple[list, float]:
     return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
 
 
+def pix2pix_reference() -> tuple[list, float]:
+    """One process: each share through D on its own (D's BatchNorm normalises per rank) and through G; the means of the
+    shares' losses are what the ranks' averaged gradients descend. G's step sees D frozen, in train mode, as on the ranks."""
+    from gen_core.pix2pix import pix2pix_d_loss, pix2pix_g_loss
+
+    G, D = pix2pix_models()
+    opt_G, opt_D = damped_adam(2e-3)(G.parameters()), damped_adam(2e-3)(D.parameters())
+    out = []
+    for a, b in pix2pix_batches():
+        d_loss = sum(pix2pix_d_loss(G, D, a[r::2], b[r::2]) for r in range(2)) / 2
+        opt_D.zero_grad()
+        d_loss.backward()
+        opt_D.step()
+        requires_grad(D, False)
+        g_loss = sum(pix2pix_g_loss(G, D, a[r::2], b[r::2], 100.0)[0] for r in range(2)) / 2
+        opt_G.zero_grad()
+        g_loss.backward()
+        opt_G.step()
+        requires_grad(D, True)
+        out.append([d_loss.item(), g_loss.item()])
+    return out, float(sum(p.detach().double().sum() for p in G.parameters()))
+
+
+def text_denoiser_reference() -> tuple[list, float]:
+    unet = tiny_text_denoiser()
+    ema = copy.deepcopy(unet)
+    opt = adam(1e-3)(unet.parameters())
+    out = []
+    for step, (x0, hidden, mask) in enumerate(text_batches()):
+        loss = sum(text_loss(unet, step, r, x0[r::2], hidden[r::2], mask[r::2]) for r in range(2)) / 2  # GroupNorm: per sample
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_ema(ema, unet, 0.9)
+        out.append([loss.item()])
+    return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
+
+
 REFERENCES = {}
 
 
@@ -308,7 +432,7 @@ def reference(family: str):
     if family not in REFERENCES:
         REFERENCES[family] = {"gan": gan_reference, "penalised": lambda: modern_gan_reference(PENALISED),
                               "unpenalised": lambda: modern_gan_reference(UNPENALISED), "unet": lambda: denoiser_reference("unet"),
-                              "dit": lambda: denoiser_reference("dit")}[family]()  # fmt: skip
+                              "dit": lambda: denoiser_reference("dit"), "pix2pix": pix2pix_reference, "text": text_denoiser_reference}[family]()  # fmt: skip
     return REFERENCES[family]
 
 
@@ -362,6 +486,17 @@ def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
     result = run_two_workers(tmp_path, backbone, case)
     assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
     assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, case", [("pix2pix", "zero3"), ("pix2pix", "fsdp"), ("text", "fsdp")])
+def test_the_conditional_families_steps_on_two_workers_match_single_process(tmp_path, family, case):
+    """Pix2Pix's two-engine pair (its U-Net G, the PatchGAN D with BatchNorm) under ZeRO-3 and FSDP2, and the text-to-image
+    denoiser (cross-attention on token states with padding) under FSDP2: the stages' own steps, equal to one process."""
+    losses, weight_sum = reference(family)
+    result = run_two_workers(tmp_path, family, case)
+    assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
+    assert result["before"] == pytest.approx(weight_sum, rel=RTOL) and result["after"] == result["before"]
 
 
 @pytest.mark.slow
