@@ -46,8 +46,11 @@ def subprocess_env(**extra: str) -> dict:
     # Ray starts its workers at nice 15 (to yield to its own daemons and the user's processes). Beside a test in
     # another xdist process, that starved them: a ZeRO-3 run of 31 s alone took 142-147 s in the suite, and 310 s
     # beside two busy loops (its TrainController still importing torch after 75 s). Nice 0: tests share the cores fairly.
+    # An `mlflow server` (3.x) also starts a job runner for MLflow's own server-side jobs (GenAI judges, trace rollups):
+    # a huey consumer per job queue, each a Python process importing mlflow and polling; genforge submits none.
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}  # fmt: skip
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "RAY_worker_niceness": "0"}  # fmt: skip
     env.pop("RAY_ADDRESS")
     env.update(extra)
     return env
