@@ -197,15 +197,24 @@ def _denoiser_worker(backbone, strategy, rank, world):
     from gen_core.diffusion import diffusion_loss, training_schedule
 
     schedule = training_schedule(NoiseScheduleConfig())
-    unet = strategy.wrap("unet", tiny_denoiser(backbone), adam(1e-3), ema=True)
+
+    def loss(unet, step, x0, y):
+        return diffusion_loss(unet, schedule, x0, y, 10, 0.1, rank_noise(step, rank)).mean()
+
+    return _ema_denoiser_steps(strategy, tiny_denoiser(backbone), unet_batches(), loss, rank, world)
+
+
+def _ema_denoiser_steps(strategy, network, batches, loss, rank, world):
+    """A denoiser with its EMA under the strategy: per batch, `loss(forward, step, *this rank's share of the batch)`,
+    one step, one EMA update. -> (the all-reduced losses, the parts, the EMA's parameter sum on rank 0)."""
+    unet = strategy.wrap("unet", network, adam(1e-3), ema=True)
     losses = []
-    for step, (x0, y) in enumerate(unet_batches()):
-        mine = slice(rank, None, world)
-        loss = diffusion_loss(unet.forward, schedule, x0[mine], y[mine], 10, 0.1, rank_noise(step, rank)).mean()
-        unet.backward(loss)
+    for step, batch in enumerate(batches):
+        value = loss(unet.forward, step, *(tensor[rank::world] for tensor in batch))
+        unet.backward(value)
         unet.step()
         strategy.update_ema(unet, 0.9)
-        losses.append(_mean([loss]))
+        losses.append(_mean([value]))
 
     def summary():
         ema = strategy.gather(unet, "ema")
@@ -274,21 +283,11 @@ def text_loss(unet, step: int, rank: int, x0, hidden, mask) -> torch.Tensor:
 
 def _text_denoiser_worker(strategy, rank, world):
     """train_t2i's step: the text-conditioned U-Net (cross-attention) with its EMA, on this rank's share."""
-    unet = strategy.wrap("unet", tiny_text_denoiser(), adam(1e-3), ema=True)
-    losses = []
-    for step, (x0, hidden, mask) in enumerate(text_batches()):
-        mine = slice(rank, None, world)
-        loss = text_loss(unet.forward, step, rank, x0[mine], hidden[mine], mask[mine])
-        unet.backward(loss)
-        unet.step()
-        strategy.update_ema(unet, 0.9)
-        losses.append(_mean([loss]))
 
-    def summary():
-        ema = strategy.gather(unet, "ema")
-        return float(sum(p.detach().double().sum() for p in ema.parameters())) if ema is not None else None
+    def loss(unet, step, x0, hidden, mask):
+        return text_loss(unet, step, rank, x0, hidden, mask)
 
-    return losses, [unet], summary
+    return _ema_denoiser_steps(strategy, tiny_text_denoiser(), text_batches(), loss, rank, world)
 
 
 def run_two_workers(tmp_path: Path, family: str, case: str, **options) -> dict:
@@ -371,19 +370,26 @@ def denoiser_reference(backbone: str) -> tuple[list, float]:
     from gen_core.diffusion import diffusion_loss, training_schedule
 
     schedule = training_schedule(NoiseScheduleConfig())
-    unet = tiny_denoiser(backbone)
+
+    def loss(unet, step, rank, x0, y):
+        return diffusion_loss(unet, schedule, x0, y, 10, 0.1, rank_noise(step, rank)).mean()
+
+    return _ema_denoiser_reference(tiny_denoiser(backbone), unet_batches(), loss)
+
+
+def _ema_denoiser_reference(unet, batches, loss) -> tuple[list, float]:
+    """One process: per batch the mean of the two ranks' shares' losses (GroupNorm and LayerNorm are per sample, so this
+    is what the ranks' averaged gradients descend), one Adam step, one EMA update -> (losses, the EMA's parameter sum)."""
     ema = copy.deepcopy(unet)
     opt = adam(1e-3)(unet.parameters())
     out = []
-    for step, (x0, y) in enumerate(unet_batches()):
-        # GroupNorm and LayerNorm are per sample: the mean of the two shares' losses is the full-batch loss
-        per_share = [diffusion_loss(unet, schedule, x0[r::2], y[r::2], 10, 0.1, rank_noise(step, r)).mean() for r in range(2)]
-        loss = (per_share[0] + per_share[1]) / 2
+    for step, batch in enumerate(batches):
+        value = sum(loss(unet, step, r, *(tensor[r::2] for tensor in batch)) for r in range(2)) / 2
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
         update_ema(ema, unet, 0.9)
-        out.append([loss.item()])
+        out.append([value.item()])
     return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
 
 
@@ -411,18 +417,7 @@ def pix2pix_reference() -> tuple[list, float]:
 
 
 def text_denoiser_reference() -> tuple[list, float]:
-    unet = tiny_text_denoiser()
-    ema = copy.deepcopy(unet)
-    opt = adam(1e-3)(unet.parameters())
-    out = []
-    for step, (x0, hidden, mask) in enumerate(text_batches()):
-        loss = sum(text_loss(unet, step, r, x0[r::2], hidden[r::2], mask[r::2]) for r in range(2)) / 2  # GroupNorm: per sample
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        update_ema(ema, unet, 0.9)
-        out.append([loss.item()])
-    return out, float(sum(p.detach().double().sum() for p in ema.parameters()))
+    return _ema_denoiser_reference(tiny_text_denoiser(), text_batches(), text_loss)
 
 
 REFERENCES = {}
