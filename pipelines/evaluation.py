@@ -95,21 +95,19 @@ def paired_features_for_indices(
     with, for worded captions, whether the generated image has the brightness and size the caption asked for (NaN where
     the caption names none: a middle level has no word)."""
     from gen_core.diffusion import psnr  # diffusers: imported only where a model needs it (gen_core.generators)
+    from gen_core.pix2pix import pair_inputs
 
     targets, labels = reference.images, reference.labels
     if family == "t2i":
         worded = reference.captions is None
         captions = captions_for(targets, labels, model.class_names, model.scale) if worded else reference.captions
         asked = model.scale.levels(targets) if worded else None
-    elif model.meta["condition"] == "pairs":
-        inputs = reference.inputs if reference.inputs is not None else model.condition(targets)  # the latter: one-line refusal
+    else:  # the model's inputs, made as its training pairs were (edge maps, or the user's own inputs)
+        inputs = pair_inputs(reference, model.meta["condition"], model.meta["edge_threshold"])
 
     def make(chunk: np.ndarray):
         if family == "pix2pix":
-            if model.meta["condition"] == "pairs":
-                images = to_uint8(model.translate(model.inputs(inputs[chunk]), device, amp_dtype))
-            else:
-                images = to_uint8(model.from_images(targets[chunk], device, amp_dtype))
+            images = to_uint8(model.translate(inputs[chunk], device, amp_dtype))
             target, made = to_unit(torch.from_numpy(targets[chunk])), to_unit(images)  # as saved: what the metrics see
             return images, labels[chunk], {"l1": (made - target).abs().flatten(1).mean(1).numpy(), "psnr": psnr(target, made).numpy()}
         images = to_uint8(model.sample([captions[i] for i in chunk], [seed + int(i) for i in chunk], device, autocast_dtype=amp_dtype).cpu())
