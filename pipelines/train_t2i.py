@@ -59,7 +59,7 @@ def training_data(data_uri: str, latents_dir: str, autoencoder_dir: str) -> tupl
     split = load_split(data_uri, "train")
     if len(split.labels) != len(labels) or not torch.equal(torch.from_numpy(split.labels).long(), labels.long()):
         raise StageError(f"{latents_dir}: the latents are not of this train split (rerun encode_latents)")
-    class_names = read_manifest(data_uri)["class_names"]
+    class_names = split.class_names
     scale = AttributeScale.fit(split.images)
     captions = split.captions if split.captions is not None else captions_for(split.images, split.labels, class_names, scale)
     return latents, captions, scale, class_names
