@@ -124,7 +124,7 @@ def test_user_pairs_are_prepared_trained_on_and_evaluated_by_their_inputs(tmp_pa
     from gen_core.metrics import load_inception
     from gen_core.models import Classifier
     from gen_core.pix2pix import generator_spec, pair_inputs
-    from gen_core.sampling import to_unit
+    from gen_core.sampling import to_uint8, to_unit
     from pipelines.common import StageError
     from pipelines.evaluation import paired_features_for_indices
     from pipelines.prepare import prepare
@@ -165,6 +165,19 @@ def test_user_pairs_are_prepared_trained_on_and_evaluated_by_their_inputs(tmp_pa
     assert torch.equal(translator.inputs(evals.inputs), pair_inputs(evals, "pairs", None))
     with pytest.raises(ValueError, match="a model trained on user pairs cannot make its inputs from images"):
         translator.inputs(evals.images, "image")
+    # the registered model's code (MLflow's own context class, the export as its artifact): the inputs answer as the
+    # export does; `input: image` is a request error (HTTP 400 when served), not a failure inside the model
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import PythonModelContext
+
+    from pipelines.mlflow_model import GeneratorModel
+
+    served = GeneratorModel()
+    served.load_context(PythonModelContext(artifacts={"generator": str(tmp_path / "model")}, model_config=None))
+    rows = pd.DataFrame({"image": [base64.b64encode(png_bytes(image.transpose(1, 2, 0))).decode() for image in evals.inputs[:2]]})
+    assert np.array_equal(served.predict(None, rows), to_uint8(translator.translate(pair_inputs(evals, "pairs", None)[:2])).numpy())
+    with pytest.raises(MlflowException, match=r"^input 'image': this model was trained on user pairs, whose inputs cannot be made from images"):
+        served.predict(None, rows, params={"input": "image"})
 
     plain = config_from_dict(tiny_params(data={"out_dir": str(tmp_path / "plain")}, pix2pix={"condition": "pairs"}), "test")
     prepare(plain)
