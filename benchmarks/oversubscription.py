@@ -3,7 +3,13 @@
 and beside one busy core (a pure-Python loop in another process, as a second pytest-xdist worker is),
 alternating, in fresh processes (BLAS reads its thread count once).
 
-    python benchmarks/oversubscription.py [--rounds 2]
+`--wait-policy`: why they also run with OMP_WAIT_POLICY=PASSIVE. The evaluate stage sets its own torch thread
+count (ray.num_workers x ray.cpus_per_worker, 2 in the tests' profile), so the one-thread default does not reach
+it. What it runs, the Inception features of 60 images (bf16 where the CPU has it, as the quick protocol), with
+2 torch threads beside a busy core, with libgomp's default wait policy (a thread that reaches the end of a
+parallel region spins before it sleeps) and with PASSIVE (it sleeps at once).
+
+    python benchmarks/oversubscription.py [--rounds 2] [--wait-policy]
 """
 
 from __future__ import annotations
@@ -33,6 +39,31 @@ print(time.perf_counter() - started, after.ru_utime + after.ru_stime - before.ru
 """
 
 
+INCEPTION_CHILD = """
+import resource, sys, time
+import torch
+sys.path.insert(0, {repo!r})
+from gen_core.config import InceptionConfig
+from gen_core.metrics import inception_features, load_inception
+torch.set_num_threads(2)  # as the evaluate stage does
+net = load_inception(InceptionConfig(), precision="bf16")
+images = torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+inception_features(net, images[:2])  # warm-up
+before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for batch in images.split(30):
+    inception_features(net, batch)
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(time.perf_counter() - started, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+"""
+
+
+def measure_wait_policy(policy: str | None) -> tuple[float, float]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+    out = subprocess.run([sys.executable, "-c", INCEPTION_CHILD.format(repo=str(REPO))], env=env, capture_output=True, text=True, check=True)
+    wall, cpu = map(float, out.stdout.split())
+    return wall, cpu
+
+
 def measure(threads: int) -> tuple[float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO))], env=env, capture_output=True, text=True, check=True)
@@ -43,7 +74,22 @@ def measure(threads: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--wait-policy", action="store_true", help="the evaluate stage's Inception features, 2 torch threads, by OMP_WAIT_POLICY")
     args = parser.parse_args()
+    if args.wait_policy:
+        print(f"{os.cpu_count()} cores; Inception features of 60 images, 2 torch threads, beside a busy core")
+        print("| OMP_WAIT_POLICY | wall (s) | CPU-s |")
+        print("|---|---|---|")
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            for _ in range(args.rounds):
+                for policy in (None, "PASSIVE"):
+                    wall, cpu = measure_wait_policy(policy)
+                    print(f"| {policy or '(unset)'} | {wall:.2f} | {cpu:.2f} |", flush=True)
+        finally:
+            hog.kill()
+        return
     print(f"{os.cpu_count()} cores; two 2048-d Frechet distances per measurement")
     print("| other core | BLAS threads | wall (s) | CPU-s |")
     print("|---|---|---|---|")

@@ -22,6 +22,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Set before numpy is imported: BLAS reads it once.
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
+    # A process that sets its own thread count (the evaluate stage: ray.num_workers x ray.cpus_per_worker) still
+    # runs two: OpenMP's threads then sleep at the end of a parallel region instead of spinning for the descheduled
+    # one. The Inception features of 60 images with 2 threads beside a busy core: CPU-s unset vs PASSIVE in
+    # `python benchmarks/oversubscription.py --wait-policy` (benchmarks/RESULTS.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
