@@ -108,7 +108,14 @@ def read_caption_sidecar(text: str, source: str, names: list[str], required: lis
         if file_name in captions:
             raise CaptionError(f"{source}:{number}: a second caption for {file_name}")
         captions[file_name] = caption_text.strip()
-    missing = [name for name in (names if required is None else required) if name not in captions]
+    sidecar_captions(captions, names if required is None else required, source)
+    return captions
+
+
+def sidecar_captions(captions: dict[str, str], names: list[str], source: str) -> list[str]:
+    """The captions of `names` from a read sidecar (`read_caption_sidecar`), in their order; CaptionError naming
+    `source` and the first image without one."""
+    missing = [name for name in names if name not in captions]
     if missing:
         raise CaptionError(f"{source}: no caption for {len(missing)} image(s), first {missing[0]}")
-    return captions
+    return [captions[name] for name in names]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gen_core.captions import CaptionError, read_caption_sidecar
+from gen_core.captions import CaptionError, read_caption_sidecar, sidecar_captions
 from gen_core.config import DataConfig, RunConfig
 from gen_core.io import atomic_directory, filesystem, is_remote, open_uri, sha256_bytes
 from gen_core.paired import PairError, match_pairs, split_side_by_side
@@ -215,11 +215,12 @@ def read_image_folder(root: str, channels: int, on_bad_image: str, fit, pairs: s
     side = "B/" if pairs == "folders" else ""
     if pairs == "folders" and not (fs.isdir(f"{path}/A") and fs.isdir(f"{path}/B")):
         raise DataError(f"{root}: data.pairs folders needs A/ and B/ sub-folders (A/<class>/<file> -> B/<class>/<file>)")
-    classes = _class_folders(fs, f"{path}/{side}".rstrip("/"), root)
+    classes = _class_folders(fs, f"{path}/{side}".rstrip("/"), root, side)
     names = {c: _image_names(fs, f"{path}/{side}{c}") for c in classes}  # per class, sorted
     listed, skipped = [f"{c}/{n}" for c in classes for n in names[c]], []
+    sidecar = _read_sidecar(fs, path, root, listed)  # before any image is decoded: its errors come first
     if pairs == "folders":
-        a_names = [f"{c}/{n}" for c in _class_folders(fs, f"{path}/A", root, required=False) for n in _image_names(fs, f"{path}/A/{c}")]
+        a_names = [f"{c}/{n}" for c in _class_folders(fs, f"{path}/A", root, "A/", required=False) for n in _image_names(fs, f"{path}/A/{c}")]
         try:
             kept, unmatched = match_pairs(a_names, listed, root, on_bad_image)
         except PairError as err:
@@ -256,15 +257,21 @@ def read_image_folder(root: str, channels: int, on_bad_image: str, fit, pairs: s
             count += 1
         if count == 0:
             raise DataError(f"{root}/{side}{class_name}: empty class (no readable PNG/JPEG)")
-    captions = _read_captions(fs, path, root, kept_names, listed)
+    captions = None
+    if sidecar:
+        try:
+            captions = sidecar_captions(sidecar[1], kept_names, sidecar[0])  # every kept image has one
+        except CaptionError as err:
+            raise DataError(str(err)) from None
     split = RawSplit(np.stack(images), np.asarray(labels, dtype=np.int64), np.stack(inputs) if inputs else None, captions)
     return RawDataset(split, None, classes, skipped)
 
 
-def _class_folders(fs, path: str, root: str, required: bool = True) -> list[str]:
+def _class_folders(fs, path: str, root: str, side: str, required: bool = True) -> list[str]:
+    """The class sub-folders of `path`, sorted; `side` ("A/", "B/" or "") is where `path` is in `root`, for the error."""
     folders = sorted(Path(p).name for p in fs.ls(path, detail=False) if fs.isdir(p) and not Path(p).name.startswith("."))
     if not folders and required:
-        raise DataError(f"{root}: no class sub-folders" + (f" in {Path(path).name}/" if path.rstrip("/").endswith(("/A", "/B")) else ""))
+        raise DataError(f"{root}: no class sub-folders" + (f" in {side}" if side else ""))
     return folders
 
 
@@ -272,9 +279,9 @@ def _image_names(fs, class_path: str) -> list[str]:
     return sorted(Path(p).name for p in fs.ls(class_path, detail=False) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _read_captions(fs, path: str, root: str, kept: list[str], listed: list[str]) -> list[str] | None:
-    """The captions of the `kept` images from the folder's sidecar, in their order; None without a sidecar. A caption
-    may name an image that was skipped (it is among the `listed` ones); every kept image needs one."""
+def _read_sidecar(fs, path: str, root: str, listed: list[str]) -> tuple[str, dict[str, str]] | None:
+    """(its name, {file name: caption}) of the folder's caption sidecar, every line checked against the `listed`
+    images; None without one. Whether every image that is kept has a caption is known only after decoding them."""
     present = [name for name in CAPTION_SIDECARS if fs.isfile(f"{path}/{name}")]
     if not present:
         return None
@@ -282,12 +289,12 @@ def _read_captions(fs, path: str, root: str, kept: list[str], listed: list[str])
         raise DataError(f"{root}: both {present[0]} and {present[1]}: keep one caption file")
     source = f"{root}/{present[0]}"
     try:
-        captions = read_caption_sidecar(fs.cat_file(f"{path}/{present[0]}").decode("utf-8"), source, listed, required=kept)
+        captions = read_caption_sidecar(fs.cat_file(f"{path}/{present[0]}").decode("utf-8"), source, listed, required=[])
     except UnicodeDecodeError:
         raise DataError(f"{source}: not UTF-8 text") from None
     except CaptionError as err:
         raise DataError(str(err)) from None
-    return [captions[name] for name in kept]
+    return source, captions
 
 
 def _read_file(fs, path: str, name: str) -> bytes:

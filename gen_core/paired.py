@@ -12,7 +12,6 @@ image-folder reader does with unreadable images).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 SOBEL_MAX = 4 * np.sqrt(2)  # the largest Sobel magnitude of an image in [0, 1]: each kernel's absolute weights sum to 4
@@ -25,6 +24,8 @@ class PairError(ValueError):
 def edges(images: np.ndarray, threshold: float | None = 0.2) -> np.ndarray:
     """(N, C, H, W) images in [0, 1] (uint8: / 255) -> (N, 1, H, W) edge maps in [0, 1]: the Sobel gradient magnitude of
     the grey image over SOBEL_MAX, then 1 where it exceeds `threshold` (None: the magnitude itself). Deterministic."""
+    from scipy import ndimage  # here: gen_core.data imports this module for every stage, and only edges need scipy
+
     x = images.astype(np.float64) / 255.0 if images.dtype == np.uint8 else images.astype(np.float64)
     grey = x.mean(axis=1)
     # per image: ndimage.sobel on the (N, H, W) stack would also smooth across the batch axis

@@ -233,7 +233,7 @@ def _garment_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_clas
 def test_a_caption_sidecar_gives_each_image_its_caption_through_the_split_and_the_shards(tmp_path, real_digits):
     """metadata.jsonl (Hugging Face image-folder convention) beside the class folders: every prepared image, in either
     split, carries the caption written for that very image; a caption for a skipped image is fine, a kept image without
-    one, two sidecars, or a line that is not JSON are one-line errors naming the file."""
+    one, two sidecars, or a line that is not JSON are one-line errors naming the file, the sidecar's before any image's."""
     import json
 
     images, labels = real_digits
@@ -266,6 +266,9 @@ def test_a_caption_sidecar_gives_each_image_its_caption_through_the_split_and_th
     sidecar.unlink()
     with pytest.raises(DataError, match=r'captions\.jsonl:1: not a JSON object with "file_name" and "text"$'):
         read_source(skip)
+    # read before any image is decoded: its error comes first, not after minutes of decoding (or the corrupt image's)
+    with pytest.raises(DataError, match=r'captions\.jsonl:1: not a JSON object'):
+        read_source(cfg)
 
 
 def test_user_pairs_from_a_and_b_folders_or_side_by_side_keep_each_input_with_its_target(tmp_path, real_digits):
