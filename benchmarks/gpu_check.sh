@@ -35,9 +35,20 @@ if [ "$DRY" = 1 ]; then
   bash -n "$OLDPWD/benchmarks/gpu_check.sh" || exit 1
   $PY -c "from gen_core.config import load_config; c = load_config('params.yaml', overlays=['profiles/tiny.yaml', 'gpu.yaml']); \
 assert c.ray.use_gpu and c.gan.total_steps == $STEPS; print('overlay ok')" || exit 1
-  for stage in prepare classifier ref_stats train_gan train_autoencoder encode_latents train_ldm evaluate; do
-    $PY -m pipelines.$stage --help >/dev/null || { echo "pipelines.$stage --help failed"; exit 1; }
-  done
+  # each stage's `python -m pipelines.<stage> --help`, as runpy runs it, in one process: torch and diffusers imported once
+  $PY - <<'PY' || exit 1
+import contextlib, io, runpy, sys
+for stage in ("prepare", "classifier", "ref_stats", "train_gan", "train_autoencoder", "encode_latents", "train_ldm", "evaluate"):
+    sys.argv = [f"pipelines.{stage}", "--help"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_module(f"pipelines.{stage}", run_name="__main__", alter_sys=True)
+    except SystemExit as end:
+        if end.code not in (0, None):
+            sys.exit(f"pipelines.{stage} --help failed")
+    else:
+        sys.exit(f"pipelines.{stage} --help did not exit")
+PY
   echo "dry run ok: would run in $WORK: prepare, classifier, ref_stats; train_{gan,autoencoder,ldm} x {ddp,fsdp,deepspeed};"
   echo "Inception img/s (torch fp32/bf16 on cuda); evaluate --family gan|ldm"
   exit 0
