@@ -15,6 +15,7 @@ parallel region spins before it sleeps) and with PASSIVE (it sleeps at once).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -57,18 +58,32 @@ print(time.perf_counter() - started, after.ru_utime + after.ru_stime - before.ru
 """
 
 
-def measure_wait_policy(policy: str | None) -> tuple[float, float]:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
-    out = subprocess.run([sys.executable, "-c", INCEPTION_CHILD.format(repo=str(REPO))], env=env, capture_output=True, text=True, check=True)
+def run_child(source: str, env: dict) -> tuple[float, float]:
+    """(wall s, CPU-s) that a fresh process running `source` (one of the CHILD programs) prints for its measured part."""
+    out = subprocess.run([sys.executable, "-c", source.format(repo=str(REPO))], env=env, capture_output=True, text=True, check=True)
     wall, cpu = map(float, out.stdout.split())
     return wall, cpu
+
+
+def measure_wait_policy(policy: str | None) -> tuple[float, float]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+    return run_child(INCEPTION_CHILD, env)
 
 
 def measure(threads: int) -> tuple[float, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO))], env=env, capture_output=True, text=True, check=True)
-    wall, cpu = map(float, out.stdout.split())
-    return wall, cpu
+    return run_child(CHILD, {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+
+
+@contextlib.contextmanager
+def busy_core(busy: bool = True):
+    """A pure-Python loop in another process (as a second pytest-xdist worker is) while the block runs."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        if hog:
+            hog.kill()
 
 
 def main() -> None:
@@ -80,30 +95,21 @@ def main() -> None:
         print(f"{os.cpu_count()} cores; Inception features of 60 images, 2 torch threads, beside a busy core")
         print("| OMP_WAIT_POLICY | wall (s) | CPU-s |")
         print("|---|---|---|")
-        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
-            time.sleep(0.5)
+        with busy_core():
             for _ in range(args.rounds):
                 for policy in (None, "PASSIVE"):
                     wall, cpu = measure_wait_policy(policy)
                     print(f"| {policy or '(unset)'} | {wall:.2f} | {cpu:.2f} |", flush=True)
-        finally:
-            hog.kill()
         return
     print(f"{os.cpu_count()} cores; two 2048-d Frechet distances per measurement")
     print("| other core | BLAS threads | wall (s) | CPU-s |")
     print("|---|---|---|---|")
     for busy in (False, True):
-        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-        try:
-            time.sleep(0.5)
+        with busy_core(busy):
             for _ in range(args.rounds):
                 for threads in (2, 1):
                     wall, cpu = measure(threads)
                     print(f"| {'busy' if busy else 'idle'} | {threads} | {wall:.2f} | {cpu:.2f} |", flush=True)
-        finally:
-            if hog:
-                hog.kill()
 
 
 if __name__ == "__main__":
