@@ -3,7 +3,7 @@ GAN run of the tiny profile (the kind of run the tests make dozens of), under en
 alternately in one session, and optionally where the CPU went, process by process.
 
     python benchmarks/run_overhead.py [--rounds 3] [--processes]
-        [--variant NAME:VAR=VALUE,...]   (default: the stage as shipped vs with Train's preemption watcher on)
+        [--variant NAME:VAR=VALUE,...]   (default: the stage as shipped vs with its Ray's dashboard on)
     python benchmarks/run_overhead.py --idle-ray 60     (what an idle `ray start --head` costs a minute, by role)
 
 CPU-seconds are the whole machine's busy time during the run (/proc/stat), so run it on an idle machine.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.suite_profile import busy_seconds, process_cpu  # noqa: E402
 from benchmarks.sweep_overhead import tiny_params, write_params  # noqa: E402
 
-DEFAULT_VARIANTS = ["as-shipped:", "preemption-watcher:RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1"]
+DEFAULT_VARIANTS = ["as-shipped:", "dashboard:ray.dashboard=true"]  # VAR=VALUE: an environment variable; a.b=VALUE: a params override
 ROLES = [  # (role, pattern in the command line), first match wins
     ("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard", "dashboard/dashboard.py"), ("dashboard", "ray-dashboard-"),
     ("dashboard agent", "dashboard/agent.py"),
@@ -78,11 +78,11 @@ class ProcessSampler(threading.Thread):
         return {name: {"cpu_s": round(totals[name], 1), "processes": counts[name]} for name, _ in totals.most_common()}
 
 
-def one_run(root: Path, params: Path, env: dict, n: int, processes: bool) -> dict:
+def one_run(root: Path, params: Path, env: dict, overrides: list[str], n: int, processes: bool) -> dict:
     storage = root / f"ray-{n}"
     command = [sys.executable, "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={storage}",
                "--set", f"outputs.gan.out_dir={root}/gan-{n}", "--set", f"outputs.gan.losses_file={root}/losses-{n}.csv",
-               "--set", f"outputs.gan.eval_file={root}/eval-{n}.csv", "--set", "gan.total_steps=10", "--set", "gan.checkpoint_every_steps=5"]  # fmt: skip
+               "--set", f"outputs.gan.eval_file={root}/eval-{n}.csv", "--set", "gan.total_steps=10", "--set", "gan.checkpoint_every_steps=5", *(f"--set={o}" for o in overrides)]  # fmt: skip
     sampler = ProcessSampler() if processes else None
     if sampler:
         sampler.start()
@@ -152,7 +152,9 @@ def main() -> None:
         rows = collections.defaultdict(list)
         for n in range(args.rounds):
             for name, extra in variants.items():
-                row = one_run(root, path, {**base, **extra}, sum(map(len, rows.values())), args.processes)
+                env = {**base, **{k: v for k, v in extra.items() if "." not in k}}
+                overrides = [f"{k}={v}" for k, v in extra.items() if "." in k]
+                row = one_run(root, path, env, overrides, sum(map(len, rows.values())), args.processes)
                 rows[name].append(row)
                 print(f"round {n + 1} {name}: wall {row['wall_s']} s, busy CPU {row['busy_cpu_s']} s, training {row['training_s']} s", flush=True)
                 for who, usage in row.get("processes", {}).items():

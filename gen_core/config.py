@@ -563,6 +563,7 @@ class RayConfig(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     storage_path: str = "runs/ray"  # local path or s3:// URL; checkpoints live in <storage_path>/<section.run_name>-<kind>-<signature>
     max_failures: int = Field(0, ge=-1)
+    dashboard: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -384,7 +384,7 @@ def run(cfg: RunConfig) -> dict:
 
     from ray import tune
 
-    ray = init_ray(cfg)
+    ray = init_ray(cfg, dashboard=True)  # its State API releases the placement groups of stopped trials (start_local_ray)
     try:
         resources = ray.cluster_resources()
         concurrency = concurrent_trials(cfg, resources)
