@@ -167,8 +167,9 @@ def test_a_stage_without_an_address_starts_its_own_ray_beside_a_running_cluster(
     """`ray start` leaves its address where ray.init() looks when given none (RAY_TMPDIR/ray/ray_current_cluster).
     A stage with ray.address and RAY_ADDRESS unset must start a Ray of its own, not join that cluster: joining, Ray
     refused the stage's num_cpus with a ValueError traceback. Its workers' State API calls (Train V2's placement-group
-    cleaner makes them; a sweep's own Ray has the dashboard that answers them) must reach its own Ray too: looking for "the" Ray on the machine, they died with `Found multiple
-    active Ray instances`, the placement groups of finished sweep trials were never released, and the sweep hung."""
+    cleaner makes them; a sweep's own Ray has the dashboard that answers them) must reach its own Ray too: looking for
+    "the" Ray on the machine, they died with `Found multiple active Ray instances`, the placement groups of finished
+    sweep trials were never released, and the sweep hung."""
     temp = two_node_cluster["temp"]
     assert (temp / "ray" / "ray_current_cluster").read_text().strip().endswith(two_node_cluster["gcs"].split(":")[1])
     code = ("import sys; from gen_core.config import load_config; from pipelines.ray_env import init_ray; "
