@@ -23,6 +23,13 @@ def ray_address(cfg: RunConfig) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def answers_state_api(cfg: RunConfig, dashboard: bool | None = None) -> bool:
+    """Whether the Ray that init_ray(cfg, dashboard) joins or starts answers Ray's State API: a cluster's own
+    dashboard does; a Ray of this process's own has one only if started with its dashboard (default:
+    ray.dashboard)."""
+    return ray_address(cfg) is not None or (cfg.ray.dashboard if dashboard is None else dashboard)
+
+
 def init_ray(cfg: RunConfig, dashboard: bool | None = None):
     """Join the cluster at ray.address / RAY_ADDRESS, or start a local Ray sized for the job, with its
     dashboard where `dashboard` (default: ray.dashboard)."""
@@ -38,7 +45,7 @@ def init_ray(cfg: RunConfig, dashboard: bool | None = None):
             ray.init(address=address)
         else:
             num_cpus = max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker)
-            start_local_ray(ray, num_cpus=num_cpus, dashboard=cfg.ray.dashboard if dashboard is None else dashboard)
+            start_local_ray(ray, num_cpus=num_cpus, dashboard=answers_state_api(cfg, dashboard))
     except ConnectionError as err:
         raise StageError(f"Ray cluster at {address}: unreachable ({err})") from None
     return ray
@@ -79,14 +86,17 @@ def free_port() -> int:
 
 
 def route_ray_logs(log_path: Path) -> None:
-    """Ray's own driver-side log lines (its start-up notices, warnings) go to `log_path`, not stderr,
-    where they would come before the stage's one-line error; GENFORGE_DEBUG=1 keeps them on stderr too."""
+    """Start this run's section of `log_path` (appended to: a "--- date pid" line a run), before Ray starts.
+    Ray's own driver-side log lines (its start-up notices, warnings) go there, not stderr, where they would
+    come before the stage's one-line error; GENFORGE_DEBUG=1 keeps them on stderr too."""
     import importlib
     import logging
 
     importlib.import_module("ray")  # sets up the "ray" logger's stderr handler, which is replaced here
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
     logger = logging.getLogger("ray")
     for handler in list(logger.handlers):
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not debugging():
@@ -103,7 +113,7 @@ NO_STATE_API = "Failed to query Ray Train Controller actor state. State API may 
 
 def route_worker_logs(log_path: Path, state_api: bool = True) -> None:
     """Ray forwards every worker's and actor's stdout and stderr to this driver. Keep it all in
-    `log_path` (appended), and show on the console only stdout, which carries the progress lines:
+    `log_path` (appended to the run's section that route_ray_logs started), and show on the console only stdout, which carries the progress lines:
     stderr holds Ray's warnings and, when a run fails, the worker and controller tracebacks, which would
     bury the stage's one-line error. GENFORGE_DEBUG=1 shows everything, as Ray does. Without a `state_api`
     (a Ray started without its dashboard) the cleaner's warnings that it cannot reach one are dropped."""
@@ -114,7 +124,6 @@ def route_worker_logs(log_path: Path, state_api: bool = True) -> None:
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sink = open(log_path, "a", buffering=1)
-    sink.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
     show = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
 
     def handle(data: dict) -> None:

@@ -22,7 +22,7 @@ from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
 from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log, portable, state_root
-from pipelines.ray_env import init_ray, ray_address, route_ray_logs, route_worker_logs, run_uri, storage
+from pipelines.ray_env import answers_state_api, init_ray, route_ray_logs, route_worker_logs, run_uri, storage
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import RunLog, connect, tracking_uri
 from pipelines.probe import evaluation_spec
@@ -225,7 +225,7 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
         route_ray_logs(worker_log)
     ray = init_ray(cfg)
     if worker_log:
-        route_worker_logs(worker_log, state_api=cfg.ray.dashboard or ray_address(cfg) is not None)
+        route_worker_logs(worker_log, state_api=answers_state_api(cfg))
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

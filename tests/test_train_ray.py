@@ -99,11 +99,12 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     assert diverged.stderr.strip().splitlines() == [
         f"error: training failed: FloatingPointError: non-finite loss at step 25: d_loss=nan g_loss=nan (worker logs: {run_log})"]
     assert "Traceback" not in diverged.stdout and "Traceback" in (REPO / run_log).read_text()
-    # the stage's Ray has no dashboard: Train's placement-group cleaner cannot reach a State API, and its warning
-    # about that (every second of every run) is left out of the log
+    # the stage's Ray has no dashboard (Ray's start-up line, in this run's section, names none); Train's placement-group
+    # cleaner cannot reach a State API, and its warning about that (every second of every run) is left out of the log
     from pipelines.ray_env import NO_STATE_API
 
     this_run = (REPO / run_log).read_text().rsplit("\n--- ", 1)[-1]  # the log is appended to, a "--- date pid" line a run
+    assert "Started a local Ray instance." in this_run and "View the dashboard" not in this_run, this_run[:2000]
     assert "(RayTrainWorker stderr)" in this_run and NO_STATE_API not in this_run
     assert json.loads((out / "generator.json").read_text())["step"] == 20 and losses(root / "losses.csv")[-1] == 20
     assert not any((checkpoint.parent / f"checkpoint_{step:07d}").exists() for step in (25, 30))  # nothing written after step 20
