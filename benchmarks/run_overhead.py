@@ -4,7 +4,11 @@ alternately in one session, and optionally where the CPU went, process by proces
 
     python benchmarks/run_overhead.py [--rounds 3] [--processes]
         [--variant NAME:VAR=VALUE,...]   (default: the stage as shipped vs with its Ray's dashboard on)
-    python benchmarks/run_overhead.py --idle-ray 60     (what an idle `ray start --head` costs a minute, by role)
+    python benchmarks/run_overhead.py --idle-ray 60 [--no-dashboard]   (what an idle `ray start --head` costs a minute, by role)
+    python benchmarks/run_overhead.py --variant own: --variant joined:ray.address=HEAD   (a stage joining a running head)
+
+`ray.address=HEAD` in a variant: the run joins a `ray start --head` (no dashboard, 2 CPUs, token authentication as the
+README sets up) that the script starts before the first round and stops after the last, instead of starting a Ray of its own.
 
 CPU-seconds are the whole machine's busy time during the run (/proc/stat), so run it on an idle machine.
 --processes samples every process's CPU time from /proc five times a second and groups them by role
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -98,31 +103,38 @@ def one_run(root: Path, params: Path, env: dict, overrides: list[str], n: int, p
     return row
 
 
-def idle_ray(seconds: float) -> dict:
-    """CPU-seconds of a `ray start --head --block` (its own temp dir and ports, 2 CPUs) that runs nothing, over
-    `seconds` after 20 s of start-up, by role: what a Ray kept alive between runs would cost. Ending the
+@contextlib.contextmanager
+def ray_head(dashboard: bool = True, env: dict | None = None):
+    """A `ray start --head --block` (its own temp dir and ports, 2 CPUs), yielding its GCS address; ending the
     blocking `ray start` stops the processes it started."""
     from pipelines.ray_env import free_port
 
-    with tempfile.TemporaryDirectory(prefix="idle-ray-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="head-", dir="/tmp") as tmp:  # Ray's socket paths must stay under 107 bytes
         ports = [str(free_port()) for _ in range(4)]
         command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", tmp,
-                   "--port", ports[0], "--dashboard-host", "127.0.0.1", "--dashboard-port", ports[1],
-                   "--dashboard-agent-listen-port", ports[2], "--ray-client-server-port", ports[3], "--disable-usage-stats"]  # fmt: skip
-        sampler = ProcessSampler()
-        sampler.start()
-        head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
+                   "--port", ports[0], "--dashboard-agent-listen-port", ports[2], "--ray-client-server-port", ports[3], "--disable-usage-stats",
+                   *(["--dashboard-host", "127.0.0.1", "--dashboard-port", ports[1]] if dashboard else ["--include-dashboard=false"])]  # fmt: skip
+        head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**(env or os.environ), "RAY_ADDRESS": ""})
         try:
             time.sleep(20)
-            at_start = collections.Counter()
-            for cpu, name in dict(sampler.seen).values():
-                at_start[name] += cpu
-            time.sleep(seconds)
-            usage = sampler.stop()
+            yield f"127.0.0.1:{ports[0]}"
         finally:
             head.terminate()
             head.wait(60)
-        return {name: round(u["cpu_s"] - at_start[name], 2) for name, u in usage.items() if u["cpu_s"] - at_start[name] >= 0.05}
+
+
+def idle_ray(seconds: float, dashboard: bool = True) -> dict:
+    """CPU-seconds of a Ray head that runs nothing, over `seconds` after 20 s of start-up, by role: what a Ray
+    kept alive between runs would cost."""
+    sampler = ProcessSampler()
+    sampler.start()
+    with ray_head(dashboard):
+        at_start = collections.Counter()
+        for cpu, name in dict(sampler.seen).values():
+            at_start[name] += cpu
+        time.sleep(seconds)
+        usage = sampler.stop()
+    return {name: round(u["cpu_s"] - at_start[name], 2) for name, u in usage.items() if u["cpu_s"] - at_start[name] >= 0.05}
 
 
 def main() -> None:
@@ -132,10 +144,11 @@ def main() -> None:
     parser.add_argument("--variant", action="append", help="NAME:VAR=VALUE,... (repeatable; default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "run_overhead.json")
     parser.add_argument("--idle-ray", type=float, metavar="SECONDS", help="only measure an idle Ray head over SECONDS")
+    parser.add_argument("--no-dashboard", action="store_true", help="--idle-ray: a head without its dashboard")
     args = parser.parse_args()
     if args.idle_ray:
-        usage = idle_ray(args.idle_ray)
-        print(f"idle Ray head, {args.idle_ray:.0f} s: {sum(usage.values()):.1f} CPU-s ({', '.join(f'{k} {v}' for k, v in usage.items() if v)})")
+        usage = idle_ray(args.idle_ray, dashboard=not args.no_dashboard)
+        print(f"idle Ray head{' without its dashboard' if args.no_dashboard else ''}, {args.idle_ray:.0f} s: {sum(usage.values()):.1f} CPU-s ({', '.join(f'{k} {v}' for k, v in usage.items() if v)})")
         return
     variants = {}
     for spec in args.variant or DEFAULT_VARIANTS:
@@ -143,7 +156,10 @@ def main() -> None:
         variants[name] = dict(item.split("=", 1) for item in assignments.split(",") if item)
     base = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
     base.pop("RAY_ADDRESS", None)
-    with tempfile.TemporaryDirectory() as tmp:
+    joins = any(v.get("ray.address") == "HEAD" for v in variants.values())
+    if joins:  # a local Ray's token (~/.ray/auth_token), sent by the joining runs
+        base["RAY_AUTH_MODE"] = "token"
+    with tempfile.TemporaryDirectory() as tmp, ray_head(dashboard=False, env=base) if joins else contextlib.nullcontext() as head:
         root = Path(tmp)
         params = tiny_params(data={"out_dir": str(root / "prepared")}, gan={"evaluation": {"every_steps": None}})
         params["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
@@ -153,7 +169,7 @@ def main() -> None:
         for n in range(args.rounds):
             for name, extra in variants.items():
                 env = {**base, **{k: v for k, v in extra.items() if "." not in k}}
-                overrides = [f"{k}={v}" for k, v in extra.items() if "." in k]
+                overrides = [f"{k}={head if v == 'HEAD' else v}" for k, v in extra.items() if "." in k]
                 row = one_run(root, path, env, overrides, sum(map(len, rows.values())), args.processes)
                 rows[name].append(row)
                 print(f"round {n + 1} {name}: wall {row['wall_s']} s, busy CPU {row['busy_cpu_s']} s, training {row['training_s']} s", flush=True)
