@@ -564,6 +564,7 @@ class RayConfig(_Section):
     storage_path: str = "runs/ray"  # local path or s3:// URL; checkpoints live in <storage_path>/<section.run_name>-<kind>-<signature>
     max_failures: int = Field(0, ge=-1)
     dashboard: bool = False
+    in_process: bool = True  # one DDP worker, no address, max_failures 0, no dashboard: trains in the stage's process, no Ray
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,19 @@ def answers_state_api(cfg: RunConfig, dashboard: bool | None = None) -> bool:
     return ray_address(cfg) is not None or (cfg.ray.dashboard if dashboard is None else dashboard)
 
 
+def trains_in_process(cfg: RunConfig) -> bool:
+    """Whether a training stage runs its worker loop in its own process instead of on Ray Train: one DDP
+    worker (which needs no process group) on this machine, with nothing asked that only Ray Train gives: no
+    cluster (ray.address, RAY_ADDRESS), no worker-group restarts (ray.max_failures) and no dashboard.
+    For that one worker Ray Train would start a local Ray, its controller, five helper actors (each a process
+    that imports ray.train, pandas included) and the worker: about 20 s and 30 CPU-s of start-up a stage on
+    2 cores (benchmarks/RESULTS.md). The checkpoints are the same either way, so a run resumes across the
+    two. ray.in_process: false keeps Ray Train."""
+    ray = cfg.ray
+    return (ray.in_process and ray.num_workers == 1 and ray.strategy == "ddp" and ray.max_failures == 0
+            and not ray.dashboard and ray_address(cfg) is None)  # fmt: skip
+
+
 def init_ray(cfg: RunConfig, dashboard: bool | None = None):
     """Join the cluster at ray.address / RAY_ADDRESS, or start a local Ray sized for the job, with its
     dashboard where `dashboard` (default: ray.dashboard)."""

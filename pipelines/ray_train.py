@@ -5,7 +5,8 @@ A stage describes itself as a `TrainingJob` (its worker loop, its export) and ca
 - the run directory <ray.storage_path>/<section.run_name>-<kind>-<signature>: the same config
   resumes there (also with a larger total_steps), a changed one trains afresh in its own;
 - the MLflow run (created once, continued on resume);
-- fitting with TorchTrainer, then exporting from the final checkpoint.
+- fitting with TorchTrainer (one local DDP worker: the worker loop in this process, see
+  ray_env.trains_in_process), then exporting from the final checkpoint.
 
 The worker side (rank, reporting, checkpoint storage) is pipelines.worker.
 """
@@ -22,11 +23,11 @@ from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
 from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log, portable, state_root
-from pipelines.ray_env import answers_state_api, init_ray, route_ray_logs, route_worker_logs, run_uri, storage
+from pipelines.ray_env import answers_state_api, init_ray, route_ray_logs, route_worker_logs, run_uri, storage, trains_in_process
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import RunLog, connect, tracking_uri
 from pipelines.probe import evaluation_spec
-from pipelines.worker import RunContext, best_checkpoint, list_checkpoints, none_loadable, refused_state_file
+from pipelines.worker import RunContext, best_checkpoint, list_checkpoints, none_loadable, refused_state_file, retire_checkpoints
 
 
 # ---------------------------------------------------------------------------
@@ -81,13 +82,16 @@ def run_directory(cfg: RunConfig, job: TrainingJob, signature: str) -> str:
 
 
 def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run_id: str | None = None,
-          run_tags: dict | None = None, mlflow_run_id: str | None = None, in_process: bool = False, tune_reports: bool = False) -> dict:  # fmt: skip
+          run_tags: dict | None = None, mlflow_run_id: str | None = None, in_process: bool | None = None, tune_reports: bool = False) -> dict:  # fmt: skip
     """Train (or resume, or only export) one job. `callbacks` go to the TorchTrainer (a sweep passes
     Tune's report callback); `parent_run_id` makes a new MLflow run a child run (one per sweep trial);
     `mlflow_run_id` is the run to continue when no checkpoint names one (a sweep trial restarted before its
     first checkpoint keeps its one child run); `in_process`: the worker loop runs in this process as the
-    only worker, without Ray Train (a one-worker sweep trial in its Tune actor), and with `tune_reports` passes
-    its checkpoints' metrics to the trial, as Tune's report callback does for a worker group (RunContext)."""
+    only worker, without Ray Train (None: ray_env.trains_in_process decides; a sweep says it for its trials),
+    and with `tune_reports` passes its checkpoints' metrics to the trial, as Tune's report callback does for
+    a worker group (RunContext)."""
+    if in_process is None:
+        in_process = trains_in_process(cfg)
     data_uri = absolute(cfg.data.out_dir)
     manifest = read_manifest(data_uri)
     if manifest["shape"] != [cfg.data.channels, cfg.data.resolution, cfg.data.resolution]:
@@ -209,6 +213,10 @@ def _refuse_if_none_loads(uri: str, checkpoints: list[tuple[str, dict]], skipped
 def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, callbacks: tuple = ()) -> str:
     """Run the worker loop on Ray Train (in this process: RunContext.in_process) -> the URI of the final checkpoint."""
     if context.in_process:
+        import torch
+
+        torch.set_num_threads(cfg.ray.cpus_per_worker)  # what Ray gives a worker of that many CPUs
+        forget_ray_train_state(context.run_uri)
         try:
             job.worker_loop({"run": cfg.model_dump(mode="json"), "context": asdict(context)})
         except Exception as err:  # the trial's error line, as from a worker group
@@ -253,9 +261,24 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
             ray.shutdown()
     if result.checkpoint is None:
         raise StageError("training finished without a checkpoint")
+    # Ray retires only the checkpoints this run reported; older ones written in process stay until here. It keeps the
+    # newest by step too, so its list in the run's directory names none of those retired.
+    retire_checkpoints(context.run_uri, getattr(cfg, job.section).checkpoints_to_keep)
     if storage_fs:  # pyarrow paths drop the scheme; keep a URI that fsspec can open
         return f"{cfg.ray.storage_path.rstrip('/')}/{run_dir}/{Path(result.checkpoint.path).name}"
     return result.checkpoint.path
+
+
+def forget_ray_train_state(run_uri: str) -> None:
+    """Before a run trains in process: drop the checkpoint list Ray Train keeps in the run's directory
+    (checkpoint_manager_snapshot.json) if an earlier Ray Train run of it left one. Training in process
+    retires checkpoints itself, and Ray Train, resuming later from a list naming a retired one, would
+    refuse the whole directory as corrupted. Without the list it starts its bookkeeping afresh; the
+    checkpoints themselves, which every resume reads (CheckpointStore.restore), stay."""
+    fs, path = filesystem(run_uri)
+    snapshot = f"{path.rstrip('/')}/checkpoint_manager_snapshot.json"
+    if fs.exists(snapshot):
+        fs.rm(snapshot)
 
 
 def log_dataset(mlflow, cfg: RunConfig, data_uri: str, data_hash: str) -> None:

@@ -63,8 +63,8 @@ class RunContext:
     extra: dict  # stage-specific inputs (e.g. the autoencoder directory), plain data
     deepspeed: dict | None = None  # ray.strategy deepspeed: the config file, completed for this run
     evaluation: dict | None = None  # in-training evaluation (pipelines.probe.ProbeSpec), e.g. for sweep trials
-    # The loop runs in the calling process as the only worker, without Ray Train: a one-worker sweep trial in its
-    # Tune trial actor. The store then uploads and retires the checkpoints itself, and with tune_reports passes
+    # The loop runs in the calling process as the only worker, without Ray Train: a one-worker stage on this machine
+    # (ray_env.trains_in_process), or a one-worker sweep trial in its Tune trial actor. The store then uploads and retires the checkpoints itself, and with tune_reports passes
     # each checkpoint's metrics to the trial (what Tune's TuneReportCallback does for a worker group).
     in_process: bool = False
     tune_reports: bool = False
@@ -79,21 +79,22 @@ class Worker:
     """This process in the Ray Train worker group (or, RunContext.in_process, the only worker)."""
 
     def __init__(self, cfg: RunConfig, ctx: RunContext):
-        import ray
-        import ray.train
-        import ray.train.torch
-
         self.cfg, self.ctx = cfg, ctx
-        if ctx.in_process:  # the only worker, in a Tune trial's process (where Ray refuses ray.train's context)
+        spread = ""
+        if ctx.in_process:  # the only worker: the stage's process, or a Tune trial's (where Ray refuses ray.train's context)
             self.rank, self.world_size = 0, 1
             self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.ray.use_gpu else torch.device("cpu")
         else:
+            import ray
+            import ray.train
+            import ray.train.torch
+
             context = ray.train.get_context()
             self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
             self.device = ray.train.torch.get_device()
+            nodes = set(self.all_gather(ray.get_runtime_context().get_node_id()))
+            spread = f" across {len(nodes)} nodes" if len(nodes) > 1 else ""
         self.strategy: Strategy = build_strategy(cfg.ray.strategy, self.device, cfg.ray.fsdp, ctx.deepspeed, cfg.ray.deepspeed.config)
-        nodes = set(self.all_gather(ray.get_runtime_context().get_node_id()))
-        spread = f" across {len(nodes)} nodes" if len(nodes) > 1 else ""
         self.where = f"{self.world_size} worker(s) on {self.device.type}{spread}"  # the loops' start line
 
     @property
@@ -289,8 +290,6 @@ class CheckpointStore:
         """Collective. On entry the strategy has written the training state of `parts` (every rank its
         shards) and this rank's RNG state; the body adds weights, a sample grid, metrics and meta; on
         exit rank 0 writes meta.json (every rank's files with their sizes) and every rank reports."""
-        import ray.train
-
         worker, started = self.worker, time.monotonic()
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = CheckpointWriter(Path(tmp), step, dict(metrics))
@@ -312,6 +311,8 @@ class CheckpointStore:
             if worker.ctx.in_process:
                 self._publish(checkpoint.directory, name, reported)
             else:
+                import ray.train
+
                 ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None, checkpoint_dir_name=name)
             if worker.is_chief and checkpoint.evaluation is not None and checkpoint.evaluation.is_best:
                 keep_best(worker.ctx.run_uri, checkpoint.directory, step, checkpoint.evaluation.best["value"])
@@ -322,9 +323,7 @@ class CheckpointStore:
         directory (meta.json last), keep the newest checkpoints_to_keep, and pass the metrics to the Tune trial."""
         ctx = self.worker.ctx
         upload_directory(directory, f"{ctx.run_uri.rstrip('/')}/{name}")
-        fs, _ = filesystem(ctx.run_uri)
-        for retired, _ in list_checkpoints(ctx.run_uri)[self.report.section.checkpoints_to_keep :]:
-            fs.rm(filesystem(retired)[1], recursive=True)
+        retire_checkpoints(ctx.run_uri, self.report.section.checkpoints_to_keep)
         if ctx.tune_reports:
             from ray import tune
 
@@ -371,6 +370,14 @@ class CheckpointWriter:
 
     def files(self) -> dict[str, int]:
         return {str(p.relative_to(self.directory)): p.stat().st_size for p in self.directory.rglob("*") if p.is_file()}
+
+
+def retire_checkpoints(run_uri: str, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints of a run: what Ray Train's retention does for the
+    checkpoints it was reported, also for those written in process (or by an earlier run of the other kind)."""
+    fs, _ = filesystem(run_uri)
+    for retired, _ in list_checkpoints(run_uri)[keep:]:
+        fs.rm(filesystem(retired)[1], recursive=True)
 
 
 def list_checkpoints(run_uri: str, skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, dict]]:

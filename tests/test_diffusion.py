@@ -402,7 +402,7 @@ def test_the_adversarial_block_off_leaves_run_names_alone_and_needs_ddp_on():
 @pytest.mark.slow
 def test_the_autoencoder_trains_with_its_patchgan_term_on_two_workers_and_checkpoints_the_discriminator(tiny_upstream):
     """The stage under DDP on 2 workers: the term starts after its warm-up (D and G losses logged from there), the
-    discriminator and its optimizer are in the checkpoint, and a resume continues them."""
+    discriminator and its optimizer are in the checkpoint, and a resume (by one worker, in the stage's process) continues them."""
     import csv
     import json
 
@@ -422,8 +422,10 @@ def test_the_autoencoder_trains_with_its_patchgan_term_on_two_workers_and_checkp
     (checkpoint,) = root.glob("runs/*/checkpoint_0000004")
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     assert {"disc", "opt_disc", "vae", "opt_vae"} <= set(state)
-    second = run_cli([*command, "--set", "autoencoder.total_steps=6"], REPO)
-    assert second.returncode == 0 and "resumed from checkpoint at step 4" in second.stdout, second.stderr[-3000:]
+    # resumed by one worker of 2 CPUs (the default layout: in the stage's own process) from the two workers' checkpoint
+    second = run_cli([*command, "--set", "autoencoder.total_steps=6", "--set", "ray.num_workers=1", "--set", "ray.cpus_per_worker=2"], REPO)
+    assert second.returncode == 0 and "resumed from checkpoint at step 4 (ddp, written by 2 worker(s))" in second.stdout, second.stderr[-3000:]
+    assert "1 worker(s) on cpu, ddp" in second.stdout and "RayTrainWorker" not in second.stdout
     rows = list(csv.DictReader((root / "losses.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(float(r["d_loss"]) == 0 for r in rows[:2]) and all(float(r["d_loss"]) > 0 and float(r["adv_scale"]) > 0 for r in rows[2:])

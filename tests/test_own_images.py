@@ -36,7 +36,8 @@ def test_an_rgb_folder_from_prepare_to_register(tmp_path, real_digits):
                                "out_dir": str(tmp_path / "prepared")},
                          classifier={"out_dir": str(tmp_path / "classifier"), "metrics_file": str(tmp_path / "classifier.json")},
                          ref_stats={"out_dir": str(tmp_path / "ref_stats")}, evaluate={"out_dir": str(tmp_path / "eval")},
-                         registry={"out_dir": str(tmp_path / "register")}, ray={"storage_path": str(tmp_path / "ray")},
+                         registry={"out_dir": str(tmp_path / "register")},
+                         ray={"storage_path": str(tmp_path / "ray"), "num_workers": 1, "cpus_per_worker": 2},  # the default layout
                          outputs={"gan": {"out_dir": str(tmp_path / "gan"), "losses_file": str(tmp_path / "losses.csv"),
                                           "eval_file": str(tmp_path / "eval.csv")}})  # fmt: skip
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"

@@ -113,6 +113,21 @@ def test_ray_usage_stats_are_off_unless_the_user_opts_in(monkeypatch):
     assert usage_lib.usage_stats_enabled()  # an explicit opt-in stands
 
 
+def test_one_local_ddp_worker_trains_in_the_stages_process_unless_only_ray_train_gives_what_is_asked(monkeypatch):
+    """The default layout (1 worker, ddp, no cluster) skips Ray Train; a cluster, a worker-group restart, a dashboard,
+    two workers, a sharded strategy or ray.in_process: false each keep it."""
+    from gen_core.config import load_config
+    from pipelines.ray_env import trains_in_process
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert load_config(REPO / "params.yaml").ray.num_workers == 1 and trains_in_process(load_config(REPO / "params.yaml"))
+    for change in ("ray.address=127.0.0.1:6379", "ray.max_failures=1", "ray.dashboard=true", "ray.num_workers=2",
+                   "ray.strategy=fsdp", "ray.strategy=deepspeed", "ray.in_process=false"):  # fmt: skip
+        assert not trains_in_process(load_config(REPO / "params.yaml", [change])), change
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # `ray job submit` sets it for the entry point
+    assert not trains_in_process(load_config(REPO / "params.yaml"))
+
+
 def _log_same_dataset(db: str, experiment_id: str, barrier, digest: str, results) -> None:
     import mlflow
 

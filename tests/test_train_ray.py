@@ -1,4 +1,5 @@
-"""Ray Train: a 2-worker DDP run of a few steps, a resume that continues the step count, a refused
+"""Ray Train: a 2-worker DDP run of a few steps, a resume that continues the step count (by one worker, which trains
+in the stage's own process, and back on two), a refused
 incompatible resume, a run stopped by non-finite losses, data sources on S3 (a real moto_server),
 and a worker killed under FSDP."""
 
@@ -11,6 +12,10 @@ import yaml
 from tests.conftest import REPO, run_cli, subprocess_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
+
+
+# One worker of 2 CPUs, the default layout (the tiny profile's is 2 x 1, for DDP): it trains in the stage's process
+ONE_WORKER = ["--set", "ray.num_workers=1", "--set", "ray.cpus_per_worker=2"]
 
 
 def losses(path):
@@ -40,16 +45,19 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     first_meta = json.loads((out / "generator.json").read_text())
     assert first_meta["step"] == 10
 
-    second = run_cli([*common, "--set", "gan.total_steps=20"], REPO)
+    # resumed by one worker of 2 CPUs, the default layout: it trains in the stage's own process (no Ray, no
+    # "(RayTrainWorker pid=...)" prefix), from the checkpoint the two Ray Train workers wrote
+    second = run_cli([*common, "--set", "gan.total_steps=20", *ONE_WORKER], REPO)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resumed from checkpoint at step 10" in second.stdout and "steps 10->20" in second.stdout
+    assert "resumed from checkpoint at step 10 (ddp, written by 2 worker(s))" in second.stdout and "steps 10->20" in second.stdout
+    assert "\n[train_gan] 1 worker(s) on cpu (2 threads each), ddp" in second.stdout and "RayTrainWorker" not in second.stdout
     meta = json.loads((out / "generator.json").read_text())
     assert meta["step"] == 20
     assert meta["mlflow_run_id"] == first_meta["mlflow_run_id"]  # the resumed run continues the same MLflow run
     assert losses(root / "losses.csv") == [5, 10, 15, 20]  # history survives the resume
 
     # a changed model config does not touch the old run: it trains afresh in its own directory
-    changed = run_cli([*common, "--set", "gan.total_steps=5", "--set", "gan.model.g_width=8"], REPO)
+    changed = run_cli([*common, "--set", "gan.total_steps=5", "--set", "gan.model.g_width=8", *ONE_WORKER], REPO)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "new run genforge-gan-" in changed.stdout and "steps 0->5" in changed.stdout
     assert len([p for p in (root / "ray").iterdir() if p.is_dir()]) == 2
@@ -72,7 +80,7 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     # step-12 one; the shorter run trains in a run directory of its own and leaves the longer one alone
     short_out = root / "gan-short"
     shorter = run_cli([*common, "--set", "gan.total_steps=12", "--set", f"outputs.gan.out_dir={short_out}",
-                       "--set", f"outputs.gan.losses_file={root}/short-losses.csv"], REPO)  # fmt: skip
+                       "--set", f"outputs.gan.losses_file={root}/short-losses.csv", *ONE_WORKER], REPO)  # fmt: skip
     assert shorter.returncode == 0, shorter.stderr[-2000:]
     assert "past gan.total_steps 12 with no checkpoint there: a shorter run of its own" in shorter.stdout and "steps 0->12" in shorter.stdout
     assert json.loads((short_out / "generator.json").read_text())["step"] == 12
@@ -83,7 +91,8 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     assert other.stderr.strip().endswith("checkpoint at step 20 was written with ray.strategy=ddp; resume with it, or set gan.run_name to train afresh")
 
     # weights gone non-finite (its D set to NaN in the newest checkpoint: no valid config produces that in a
-    # few steps): the resumed run stops at the first loss check, in one line, and writes nothing
+    # few steps): the resumed run stops at the first loss check, in one line, and writes nothing. Two Ray Train
+    # workers again, in a run directory whose last checkpoints were written in process
     import torch
 
     checkpoint = sorted(p for p in (root / "ray").glob("genforge-gan-*/checkpoint_0000020") if (p / "state.pt").exists())[-1]
@@ -142,7 +151,7 @@ def test_a_run_whose_only_checkpoint_cannot_load_stops_and_never_overwrites_it(p
     common = ["python", "-m", "pipelines.train_gan", "--params", str(params), "--set", f"ray.storage_path={root}/ray-only",
               "--set", f"outputs.gan.out_dir={root}/only", "--set", f"outputs.gan.losses_file={root}/only.csv",
               "--set", f"outputs.gan.eval_file={root}/only.eval.csv", "--set", "gan.checkpoint_every_steps=5"]  # fmt: skip
-    assert run_cli([*common, "--set", "gan.total_steps=5"], REPO).returncode == 0
+    assert run_cli([*common, "--set", "gan.total_steps=5", *ONE_WORKER], REPO).returncode == 0
     (checkpoint,) = (p for p in (root / "ray-only").glob("*/checkpoint_*") if p.is_dir())
     tampered = _tamper(checkpoint)
     refused = run_cli([*common, "--set", "gan.total_steps=10"], REPO)
