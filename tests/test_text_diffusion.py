@@ -64,6 +64,10 @@ def test_samples_depend_on_their_prompt_and_seed_only_and_guidance_steers(unet, 
     run = lambda rows, seeds, guidance=3.0: sample_text_diffusion(unet, config, prompts.hidden[rows], prompts.mask[rows], null.hidden,  # noqa: E731
                                                                   null.mask, seeds, (4, 8, 8), "dpmsolver++", 4, guidance)  # fmt: skip
     both = run([0, 1], [7, 8])
-    assert both.shape == (2, 4, 8, 8) and (both[1] - run([1], [8])[0]).abs().max() < 1e-4
+    # batch-invariant up to fp32 rounding carried through the sampler: the untrained samples reach |x| ~ 300, and an AMD
+    # EPYC's kernels for the other batch size moved one element by 3e-4 (relative 4e-5); a real dependence on the
+    # batch moves samples by whole units (the prompt and guidance checks below ask for more than 1e-3)
+    assert both.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(both[1], run([1], [8])[0], rtol=1e-4, atol=1e-3)
     assert not torch.allclose(run([0], [7])[0], run([2], [7])[0], atol=1e-3)  # another prompt, another sample
     assert not torch.allclose(run([0], [7], 1.0)[0], both[0], atol=1e-3)  # guidance changes it
