@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]  # one process: 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 NO_FLOORS = {"recall_floor": 0.0, "class_accuracy_floor": 0.0}  # 20-step models: the floors are tested in test_gate.py
 DEFAULT_LAYOUT = {"num_workers": 1, "cpus_per_worker": 2}  # params.yaml's (the tiny profile's is 2 x 1, for DDP)
-TWO_WORKERS = ["ray.num_workers=2", "ray.cpus_per_worker=1"]
+TWO_WORKERS = ["--set", "ray.num_workers=2", "--set", "ray.cpus_per_worker=1"]  # the ZeRO-3 test's layout
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_repro_writes_every_declared_output(pipeline):
     # every training stage in its own process: no Ray started (its worker lines would carry "(RayTrainWorker pid=...)",
     # and its start-up lines go to logs/<run>.log)
     assert result.stdout.count("\n[train_autoencoder] 1 worker(s) on cpu, ddp") + result.stdout.count("\n[train_ldm] 1 worker(s) on cpu, ddp") == 2
-    assert "\n[train_gan] 1 worker(s) on cpu (2 threads each), ddp" in result.stdout  # train_gan
+    assert "\n[train_gan] 1 worker(s) on cpu (2 threads each), ddp" in result.stdout
     assert "RayTrainWorker" not in result.stdout and not (project / "logs").exists()
     assert "[floor " in result.stdout  # every report shows the floor next to the value
     assert "gate: PROMOTED tiny-gan v1 -> @champion" in result.stdout
@@ -339,7 +339,7 @@ def test_denoiser_under_deepspeed_zero3_is_gated_then_resumes_are_refused(pipeli
 
     project, _ = pipeline
     ldm = ["python", "-m", "pipelines.train_ldm", "--set", "ray.strategy=deepspeed", "--set", "ray.deepspeed.config=cluster_configs/deepspeed/zero3.json",
-           *(arg for setting in TWO_WORKERS for arg in ("--set", setting)),
+           *TWO_WORKERS,
            "--set", f"ray.storage_path={tmp_path}/ray", "--set", f"outputs.ldm.out_dir={tmp_path}/ldm", "--set", f"outputs.ldm.losses_file={tmp_path}/ldm.csv", "--set", f"outputs.ldm.eval_file={tmp_path}/ldm_eval.csv",
            "--set", "ldm.checkpoint_every_steps=5", "--set", "ldm.noise.prediction_type=edm", "--set", "ldm.min_snr_gamma=null",
            "--set", "ldm.denoiser.backbone=dit", "--set", "ldm.denoiser.dit={hidden_size: 32, num_layers: 2, num_heads: 2}"]  # fmt: skip
