@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -30,17 +31,23 @@ def answers_state_api(cfg: RunConfig, dashboard: bool | None = None) -> bool:
     return ray_address(cfg) is not None or (cfg.ray.dashboard if dashboard is None else dashboard)
 
 
+def in_process_allowed(cfg: RunConfig, workers: int) -> bool:
+    """Whether `workers` training workers may run as the calling process's own loop instead of on Ray Train:
+    one DDP worker (which needs no process group), unless ray.in_process is false. The rule a training stage
+    (trains_in_process) and a sweep's trials (sweep.trains_in_process) share."""
+    return cfg.ray.in_process and workers == 1 and cfg.ray.strategy == "ddp"
+
+
 def trains_in_process(cfg: RunConfig) -> bool:
     """Whether a training stage runs its worker loop in its own process instead of on Ray Train: one DDP
-    worker (which needs no process group) on this machine, with nothing asked that only Ray Train gives: no
-    cluster (ray.address, RAY_ADDRESS), no worker-group restarts (ray.max_failures) and no dashboard.
+    worker (in_process_allowed) on this machine, with nothing asked that only Ray Train gives: no cluster
+    (ray.address, RAY_ADDRESS), no worker-group restarts (ray.max_failures) and no dashboard.
     For that one worker Ray Train would start a local Ray, its controller, five helper actors (each a process
     that imports ray.train, pandas included) and the worker: about 20 s and 30 CPU-s of start-up a stage on
     2 cores (benchmarks/RESULTS.md). The checkpoints are the same either way, so a run resumes across the
     two. ray.in_process: false keeps Ray Train."""
     ray = cfg.ray
-    return (ray.in_process and ray.num_workers == 1 and ray.strategy == "ddp" and ray.max_failures == 0
-            and not ray.dashboard and ray_address(cfg) is None)  # fmt: skip
+    return in_process_allowed(cfg, ray.num_workers) and ray.max_failures == 0 and not ray.dashboard and ray_address(cfg) is None
 
 
 def init_ray(cfg: RunConfig, dashboard: bool | None = None):
@@ -124,12 +131,43 @@ def route_ray_logs(log_path: Path) -> None:
 NO_STATE_API = "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable"
 
 
+# The autoscaler's lines as Ray forwards them: each record of its logger starts with a timestamp; its periodic status
+# report is the multi-line message of a record whose first line is empty ("autoscaler.py:408 -- ")
+AUTOSCALER_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s")
+AUTOSCALER_REPORT = re.compile(r"autoscaler\.py:\d+ --\s*$")
+
+
+class AutoscalerNews:
+    """Filters the autoscaler's forwarded lines (route_worker_logs): its status report, every 5 s whether
+    anything changed or not (about 20 lines: nodes, usage, demands), and its "The autoscaler took N seconds"
+    lines are dropped; its other records (nodes added or failed, warnings) are kept. A report can span
+    several of Ray's batches, so the filter remembers whether it is inside one."""
+
+    def __init__(self) -> None:
+        self.in_report = False
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        kept = []
+        for line in lines:
+            if AUTOSCALER_RECORD.match(line):
+                self.in_report = bool(AUTOSCALER_REPORT.search(line))
+                if self.in_report or "The autoscaler took " in line:
+                    continue
+            elif "======== Autoscaler status" in line:
+                self.in_report = True
+            if not self.in_report:
+                kept.append(line)
+        return kept
+
+
 def route_worker_logs(log_path: Path, state_api: bool = True) -> None:
-    """Ray forwards every worker's and actor's stdout and stderr to this driver. Keep it all in
-    `log_path` (appended to the run's section that route_ray_logs started), and show on the console only stdout, which carries the progress lines:
-    stderr holds Ray's warnings and, when a run fails, the worker and controller tracebacks, which would
-    bury the stage's one-line error. GENFORGE_DEBUG=1 shows everything, as Ray does. Without a `state_api`
-    (a Ray started without its dashboard) the cleaner's warnings that it cannot reach one are dropped."""
+    """Ray forwards every worker's and actor's stdout and stderr to this driver. Keep it all in `log_path`
+    (appended to the run's section that route_ray_logs started), and show on the console only stdout, which
+    carries the progress lines: stderr holds Ray's warnings and, when a run fails, the worker and controller
+    tracebacks, which would bury the stage's one-line error. GENFORGE_DEBUG=1 shows everything, as Ray does.
+    Left out of the log: without a `state_api` (a Ray started without its dashboard) the placement-group
+    cleaner's warnings that it cannot reach one (every second), and the autoscaler's periodic status report
+    (about 20 lines every 5 s, the same on a fixed local Ray; its other lines, e.g. nodes added, are kept)."""
     import functools
 
     from ray._private import worker as ray_worker
@@ -138,11 +176,16 @@ def route_worker_logs(log_path: Path, state_api: bool = True) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sink = open(log_path, "a", buffering=1)
     show = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+    autoscaler_news = AutoscalerNews()
 
     def handle(data: dict) -> None:
         who = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
         if not state_api and data["is_err"]:
             data = {**data, "lines": [line for line in data["lines"] if NO_STATE_API not in line]}
+        if data.get("pid") == "autoscaler":
+            data = {**data, "lines": autoscaler_news(data["lines"])}
+        if not data["lines"]:
+            return
         sink.writelines(f"({who}{' stderr' if data['is_err'] else ''}) {line}\n" for line in data["lines"])
         if debugging() or not data["is_err"]:
             show(data)

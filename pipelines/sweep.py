@@ -46,7 +46,7 @@ from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json,
 from gen_core.metrics import load_ref_stats
 from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser, state_path
 from pipelines.probe import EvaluationSpec
-from pipelines.ray_env import init_ray, run_uri, storage
+from pipelines.ray_env import in_process_allowed, init_ray, run_uri, storage
 from pipelines.ray_train import TrainingJob, job_signature, run_directory, train
 from pipelines.tracking import connect, redact, tracking_uri
 from pipelines.worker import history_csv, list_checkpoints
@@ -58,10 +58,11 @@ TRIAL_ACTOR = {"CPU": 0, "memory": 256 * 1024**2}
 
 
 def trains_in_process(cfg: RunConfig) -> bool:
-    """Whether a trial trains in its own actor rather than on a Ray Train worker group: one DDP worker, which
-    needs no process group. Ray Train would start a controller, a worker and helper actors for it, process
-    start-up that costs about as much CPU as a short trial's training on 2 cores (benchmarks/RESULTS.md)."""
-    return cfg.sweep.workers_per_trial == 1 and cfg.ray.strategy == "ddp"
+    """Whether a trial trains in its own actor rather than on a Ray Train worker group: one DDP worker, by the
+    rule a training stage follows (ray_env.in_process_allowed; ray.in_process: false keeps Ray Train). Ray Train
+    would start a controller, a worker and helper actors for it, process start-up that costs about as much CPU
+    as a short trial's training on 2 cores (benchmarks/RESULTS.md)."""
+    return in_process_allowed(cfg, cfg.sweep.workers_per_trial)
 
 
 def trial_resources(cfg: RunConfig) -> dict:

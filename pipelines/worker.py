@@ -64,8 +64,9 @@ class RunContext:
     deepspeed: dict | None = None  # ray.strategy deepspeed: the config file, completed for this run
     evaluation: dict | None = None  # in-training evaluation (pipelines.probe.ProbeSpec), e.g. for sweep trials
     # The loop runs in the calling process as the only worker, without Ray Train: a one-worker stage on this machine
-    # (ray_env.trains_in_process), or a one-worker sweep trial in its Tune trial actor. The store then uploads and retires the checkpoints itself, and with tune_reports passes
-    # each checkpoint's metrics to the trial (what Tune's TuneReportCallback does for a worker group).
+    # (ray_env.trains_in_process), or a one-worker sweep trial in its Tune trial actor (sweep.trains_in_process). The
+    # store then uploads and retires the checkpoints itself, and with tune_reports passes each checkpoint's metrics
+    # to the trial (what Tune's TuneReportCallback does for a worker group).
     in_process: bool = False
     tune_reports: bool = False
 

@@ -128,6 +128,60 @@ def test_one_local_ddp_worker_trains_in_the_stages_process_unless_only_ray_train
     assert not trains_in_process(load_config(REPO / "params.yaml"))
 
 
+def test_a_sweeps_one_worker_trials_follow_the_stages_rule_for_training_in_process():
+    """A one-worker ddp trial trains in its trial's actor (a cluster does not change that: the actor is on it);
+    two workers per trial, a sharded strategy or ray.in_process: false put each trial on a Ray Train worker group."""
+    from gen_core.config import load_config
+    from pipelines.sweep import TRIAL_ACTOR, trains_in_process, trial_resources
+
+    sweep = ["sweep.enabled=true"]
+    assert trains_in_process(load_config(REPO / "params.yaml", sweep))
+    assert trains_in_process(load_config(REPO / "params.yaml", [*sweep, "ray.address=127.0.0.1:6379"]))
+    assert trial_resources(load_config(REPO / "params.yaml", sweep)) == {"CPU": 2}
+    for change in ("sweep.workers_per_trial=2", "ray.strategy=fsdp", "ray.in_process=false"):
+        cfg = load_config(REPO / "params.yaml", [*sweep, change])
+        assert not trains_in_process(cfg) and trial_resources(cfg) == TRIAL_ACTOR, change
+
+
+# The autoscaler's lines as a local Ray forwarded them to a training stage's driver (Ray 2.x, one node), one status report
+AUTOSCALER_LINES = """2026-12-03 23:16:13,703\tINFO autoscaler.py:147 -- The autoscaler took 0.0 seconds to fetch the list of nodes.
+2026-12-03 23:16:13,703\tINFO autoscaler.py:408 -- 
+======== Autoscaler status: 2026-12-03 23:16:13.703858 ========
+Node status
+---------------------------------------------------------------
+Active:
+ 1 node_81a25d84c81370c5d2cdc0e8234f13e8f343b3f0ba33eaa814e225eb
+Pending:
+ (no pending nodes)
+Recent failures:
+ (no failures)
+
+Resources
+---------------------------------------------------------------
+Total Usage:
+ 0.0/2.0 CPU
+ 0B/16.07GiB memory
+ 16.83KiB/6.89GiB object_store_memory
+
+From request_resources:
+ (none)
+Pending Demands:
+ (no resource demands)
+2026-12-03 23:16:13,704\tINFO autoscaler.py:469 -- The autoscaler took 0.001 seconds to complete the update iteration.""".splitlines()
+
+
+def test_the_autoscalers_status_report_is_left_out_of_a_runs_log_and_its_news_kept():
+    from pipelines.ray_env import AutoscalerNews
+
+    news = "2026-12-03 23:16:20,001\tINFO autoscaler.py:500 -- Adding 1 node(s) of type worker."
+    warning = "2026-12-03 23:16:25,002\tWARNING autoscaler.py:600 -- Node worker failed to start"
+    keep = AutoscalerNews()
+    assert keep(AUTOSCALER_LINES) == [] and keep([news]) == [news]
+    # a report split across Ray's batches, the news right after it: each batch filtered with what came before
+    keep, cut = AutoscalerNews(), 9
+    assert keep(AUTOSCALER_LINES[:cut]) == [] and keep([*AUTOSCALER_LINES[cut:], warning, " its detail"]) == [warning, " its detail"]
+
+
 def _log_same_dataset(db: str, experiment_id: str, barrier, digest: str, results) -> None:
     import mlflow
 
