@@ -112,11 +112,12 @@ def test_two_workers_then_resume_then_changed_config_trains_afresh(prepared):
     # cleaner cannot reach a State API, and its warning about that (every second of every run) is left out of the log
     from pipelines.ray_env import NO_STATE_API
 
-    this_run = (REPO / run_log).read_text().rsplit("\n--- ", 1)[-1]  # the log is appended to, a "--- date pid" line a run
+    whole_log = (REPO / run_log).read_text()
+    this_run = whole_log.rsplit("\n--- ", 1)[-1]  # the log is appended to, a "--- date pid" line a run
     assert "Started a local Ray instance." in this_run and "View the dashboard" not in this_run, this_run[:2000]
     assert "(RayTrainWorker stderr)" in this_run and NO_STATE_API not in this_run
     # nor the autoscaler's status report (every 5 s of every Ray Train run this log has sections of)
-    assert "Autoscaler status" not in (REPO / run_log).read_text() and "The autoscaler took" not in (REPO / run_log).read_text()
+    assert "Autoscaler status" not in whole_log and "The autoscaler took" not in whole_log
     assert json.loads((out / "generator.json").read_text())["step"] == 20 and losses(root / "losses.csv")[-1] == 20
     assert not any((checkpoint.parent / f"checkpoint_{step:07d}").exists() for step in (25, 30))  # nothing written after step 20
 
