@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The denoiser trained several ways on one project's latents and autoencoder, each measured by the guidance sweep at
-# guidance 3 and 8 under the params' protocol: one factor at a time (benchmarks/RESULTS.md, "the default LDM's guidance curve").
+# guidance 3 and 8 (SCALES) under the params' protocol: one factor at a time (benchmarks/RESULTS.md, "the default LDM's guidance curve").
 #
 #   UPSTREAM=/path/to/a/project/after/make/repro WORK=/tmp/ldm_variants benchmarks/ldm_variants.sh \
 #       "snr5:ldm.min_snr_gamma=5" "vpred-snr5:ldm.min_snr_gamma=5 ldm.noise.prediction_type=v_prediction"
@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 UPSTREAM=${UPSTREAM:?set UPSTREAM to a project directory after make repro}
 WORK=${WORK:-/tmp/ldm_variants}
 PY=${PY:-.venv/bin/python}
+SCALES=${SCALES:-[3,8]}
 export RAY_worker_niceness=${RAY_worker_niceness:-0}
 for spec in "$@"; do
   name=${spec%%:*}; sets=${spec#*:}
@@ -25,7 +26,7 @@ for spec in "$@"; do
   echo "== $name: $sets"
   $PY -m pipelines.train_ldm "${args[@]}" > "$W/train.log" 2>&1 || { echo "train failed: $W/train.log"; tail -5 "$W/train.log"; continue; }
   grep "finished" "$W/train.log" | tail -1
-  $PY -m pipelines.evaluate --family ldm --guidance-sweep --set "evaluate.guidance.scales=[3,8]" "${args[@]}" > "$W/eval.log" 2>&1 \
+  $PY -m pipelines.evaluate --family ldm --guidance-sweep --set "evaluate.guidance.scales=$SCALES" "${args[@]}" > "$W/eval.log" 2>&1 \
     || { echo "evaluate failed: $W/eval.log"; tail -3 "$W/eval.log"; continue; }
   grep -A6 "guidance sweep (" "$W/eval.log"
 done

@@ -407,8 +407,8 @@ class SamplerConfig(_Section):
 class LdmConfig(TrainingConfig):
     """`train_ldm`: class-conditional denoiser in the autoencoder's latent space (or on pixels: the baseline)."""
 
-    # the sampler is used only when sampling (grids, export), never by the training step
-    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler"}
+    # the sampler is used only when sampling; the cooldown follows total_steps (gen_core.training.cooldown)
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler", "lr_cooldown"}
 
     space: Literal["latent", "pixel"] = "latent"  # pixel: same denoiser family on the images themselves
     denoiser: DenoiserConfig = DenoiserConfig()
@@ -422,6 +422,8 @@ class LdmConfig(TrainingConfig):
     # SNR = gamma, so the low-noise steps stop dominating training; 5 is the paper's; null: the plain MSE.
     min_snr_gamma: float | None = Field(5.0, gt=0)
     lr: float = Field(1e-3, gt=0, le=1)
+    # the last lr_cooldown x total_steps steps take the rate down to 0 along a half cosine; 0: constant
+    lr_cooldown: float = Field(0.0, ge=0, le=1)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

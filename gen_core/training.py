@@ -57,6 +57,19 @@ def config_signature(obj: dict) -> str:
 
 
 
+def cooldown(step: int, total_steps: int, fraction: float) -> float:
+    """The learning-rate multiplier at `step` (0-based) of a warmup-stable-decay schedule without the warmup: 1,
+    then over the last `fraction` of total_steps a half cosine towards 0 (reached after the last step) (Hägele et al. 2024,
+    "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations": a short cooldown matches a whole-run
+    cosine and keeps the run extendable). The schedule follows total_steps, so a run resumed past its old end
+    (total_steps raised) trains at the full rate again until the new cooldown. 0: constant."""
+    start = total_steps * (1.0 - fraction)
+    if fraction <= 0 or step < start:
+        return 1.0
+    progress = (step - start) / (total_steps - start)
+    return 0.5 + 0.5 * math.cos(math.pi * progress)
+
+
 def ramp(start_ratio: float, images_seen: int, ramp_kimg: float | None) -> float:
     """A multiplier that rises (or falls) from `start_ratio` to 1 along a half cosine over the first `ramp_kimg`
     thousand images, then stays 1 (R3GAN's schedules for rates and penalties). No ramp: 1."""

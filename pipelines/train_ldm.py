@@ -25,7 +25,7 @@ from gen_core.diffusion import build_denoiser, denoiser_class, diffusion_generat
 from gen_core.latents import autoencoder_record, load_autoencoder, load_latents
 from gen_core.models import ema_beta
 from gen_core.sampling import class_grid_png, to_unit
-from gen_core.training import batch_indices, step_generator
+from gen_core.training import batch_indices, cooldown, step_generator
 from pipelines.common import absolute, log, run_stage
 from pipelines.probe import checkpoint_evaluator
 from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
@@ -85,7 +85,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
         f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
-        f"{tuple(data.shape[1:])}, {backbone}, {target_description(d, sigma_data)}, global batch {d.global_batch_size}, steps {start_step}->{d.total_steps}"
+        f"{tuple(data.shape[1:])}, {backbone}, {target_description(d, sigma_data)}, global batch {d.global_batch_size}, "
+        f"lr {d.lr:g}{f' (cosine cooldown over the last {d.lr_cooldown:.0%})' if d.lr_cooldown else ''}, steps {start_step}->{d.total_steps}"
     )
 
     for step in range(start_step, d.total_steps):
@@ -93,6 +94,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
         noise = step_generator(d.seed, step, worker.rank)
         index = batch_indices(step, d.global_batch_size, len(labels), d.seed, worker.rank, worker.world_size)
         x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
+        if d.lr_cooldown:
+            unet.set_learning_rate(d.lr * cooldown(step, d.total_steps, d.lr_cooldown))
         with worker.autocast(amp_dtype):
             if sigma_data is None:
                 loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise,
