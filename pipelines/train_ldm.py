@@ -63,6 +63,10 @@ def target_description(d, sigma_data: float | None) -> str:
     return f"{d.noise.prediction_type} target{f' (min-SNR-{d.min_snr_gamma:g} weighted)' if d.min_snr_gamma else ''}"
 
 
+def rate_description(d) -> str:
+    return f"lr {d.lr:g}" + (f" (cosine cooldown over the last {d.lr_cooldown:.0%} of the steps)" if d.lr_cooldown else "")
+
+
 def train_loop_per_worker(worker_config: dict) -> None:
     worker, report, store = start_worker(worker_config)
     cfg, ctx, device, strategy = worker.cfg, worker.ctx, worker.device, worker.strategy
@@ -81,12 +85,10 @@ def train_loop_per_worker(worker_config: dict) -> None:
     unet = strategy.wrap("unet", unet, make_optimizer, ema=True)
     noise_schedule = training_schedule(d.noise)
     start_step = store.restore([unet])
-    unet.set_learning_rate(d.lr)  # the config's: a PBT hand-off resumes another trial's state with a new rate
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
-        f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space "
-        f"{tuple(data.shape[1:])}, {backbone}, {target_description(d, sigma_data)}, global batch {d.global_batch_size}, "
-        f"lr {d.lr:g}{f' (cosine cooldown over the last {d.lr_cooldown:.0%})' if d.lr_cooldown else ''}, steps {start_step}->{d.total_steps}"
+        f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space {tuple(data.shape[1:])}, {backbone}, "
+        f"{target_description(d, sigma_data)}, global batch {d.global_batch_size}, {rate_description(d)}, steps {start_step}->{d.total_steps}"
     )
 
     for step in range(start_step, d.total_steps):
@@ -94,8 +96,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         noise = step_generator(d.seed, step, worker.rank)
         index = batch_indices(step, d.global_batch_size, len(labels), d.seed, worker.rank, worker.world_size)
         x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
-        if d.lr_cooldown:
-            unet.set_learning_rate(d.lr * cooldown(step, d.total_steps, d.lr_cooldown))
+        unet.set_learning_rate(d.lr * cooldown(step, d.total_steps, d.lr_cooldown))  # the config's (not a PBT hand-off's), on its cooldown
         with worker.autocast(amp_dtype):
             if sigma_data is None:
                 loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise,

@@ -15,7 +15,7 @@ from gen_core.diffusion import (
 )  # fmt: skip
 from gen_core.diffusers_pipeline import EDM_TIMESTEP_SCALE, EDMDenoiser, edm_preconditioning, make_sampler
 from gen_core.sampling import to_unit
-from gen_core.training import autocast_dtype
+from gen_core.training import autocast_dtype, cooldown
 from tests.conftest import REPO, tiny_params, upstream_sections
 
 NUM_CLASSES = 10
@@ -382,6 +382,19 @@ def test_patch_hinge_loss_and_the_adaptive_weight_follow_their_formulas():
     assert weight.item() == pytest.approx((g_rec.norm() / (g_adv.norm() + 1e-4)).item(), rel=1e-6) and not weight.requires_grad
     (reconstruction_loss + weight * adversarial_loss).backward()  # the graphs were kept for the step's backward
     assert adaptive_weight(1e6 * layer.weight.sum(), 1e-12 * layer.weight.sum(), layer.weight).item() == 1e4  # clamped
+
+
+def test_the_denoisers_cooldown_holds_the_rate_then_falls_along_a_half_cosine_and_a_run_resumes_across_it():
+    rates = [cooldown(step, 1000, 0.2) for step in range(1000)]
+    assert rates[:800] == [1.0] * 800 and rates[900] == pytest.approx(0.5) and 0 < rates[-1] < 1e-4
+    assert all(later < earlier for earlier, later in zip(rates[800:], rates[801:]))  # falling at every step of the cooldown
+    assert cooldown(999, 1000, 1.0) < 1e-4 and cooldown(500, 1000, 1.0) == pytest.approx(0.5)  # 1: a cosine over the whole run
+    assert {cooldown(step, 1000, 0.0) for step in range(1000)} == {1.0}  # 0 (the default): constant
+    # a schedule, like total_steps: changing it resumes the run (same run name) instead of training afresh
+    on = config_from_dict({"ldm": {"lr_cooldown": 0.2}})
+    assert on.ldm.resume_signature() == config_from_dict({}).ldm.resume_signature()
+    with pytest.raises(ConfigError, match="ldm.lr_cooldown"):
+        config_from_dict({"ldm": {"lr_cooldown": 1.5}})
 
 
 def test_the_adversarial_block_off_leaves_run_names_alone_and_needs_ddp_on():

@@ -31,7 +31,7 @@ TWO_WORKERS = ["--set", "ray.num_workers=2", "--set", "ray.cpus_per_worker=1"]  
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, mlflow_server):
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
-    write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"}, ray=DEFAULT_LAYOUT,
+    write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"}, ray=DEFAULT_LAYOUT, ldm={"lr_cooldown": 0.5},
                                       registry={"gan": {"model_name": "tiny-gan", "fid_threshold": 1000.0, **NO_FLOORS},
                                                 "ldm": {"model_name": "tiny-ldm", "fid_threshold": 1000.0, **NO_FLOORS}}))  # fmt: skip
     result = run_cli(["dvc", "repro"], project, timeout=900)
@@ -65,6 +65,15 @@ def test_repro_writes_every_declared_output(pipeline):
     losses = (project / "metrics/gan_losses.csv").read_text().splitlines()
     assert losses[0] == "step,d_loss,g_loss,img_per_s" and losses[-1].startswith("20,")
     assert (project / "metrics/ldm_losses.csv").read_text().splitlines()[0] == "step,loss,img_per_s"
+    # the denoiser's rate: constant for the first half of its 20 steps, then the cosine cooldown (its optimizer's state)
+    import torch
+
+    from gen_core.training import cooldown
+
+    rates = {c.name: torch.load(c / "state.pt", weights_only=True)["opt_unet"]["param_groups"][0]["lr"]
+             for c in (project / "runs/ray").glob("genforge-ldm-*/checkpoint_00000[12]0")}  # fmt: skip
+    assert rates == {"checkpoint_0000010": 1e-3, "checkpoint_0000020": pytest.approx(1e-3 * cooldown(19, 20, 0.5))}, rates
+    assert 0 < rates["checkpoint_0000020"] < 1e-4
     # every training stage in its own process: no Ray started (its worker lines would carry "(RayTrainWorker pid=...)",
     # and its start-up lines go to logs/<run>.log)
     assert result.stdout.count("\n[train_autoencoder] 1 worker(s) on cpu, ddp") + result.stdout.count("\n[train_ldm] 1 worker(s) on cpu, ddp") == 2
