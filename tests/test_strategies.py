@@ -74,9 +74,10 @@ def damped_adam(lr):
 # --------------------------------------------------------------------------- workers
 
 # Each case runs 2 fresh worker processes. They fork from one forkserver that has imported this module (torch,
-# the strategies) and DeepSpeed once, instead of each importing them anew (spawn: about 5 CPU-s a process, 25
-# cases). The forkserver only imports: no thread, process group or model exists in it before a fork.
-mp.set_forkserver_preload([__name__, "deepspeed"])
+# the strategies), DeepSpeed and the diffusion models once, instead of each importing them anew (spawn: about 5 CPU-s
+# a process, 25 cases; gen_core.diffusion, i.e. diffusers, another 4.2 CPU-s in each of the 16 workers of the
+# denoiser, Pix2Pix and text cases). The forkserver only imports: no thread, process group or model exists in it before a fork.
+mp.set_forkserver_preload([__name__, "deepspeed", "gen_core.diffusion"])
 
 
 def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, ds_path, options: dict, out: str) -> None:
