@@ -54,6 +54,7 @@ class EvaluationSpec:
     patience: int | None = None
     collapse_warning: float | None = None
     batch_size: int = 100
+    guidance_scale: float | None = None  # a diffusion model's classifier-free guidance; None: the one it samples with
 
     def due(self, step: int) -> bool:
         return step % self.every_steps == 0 or step == self.final_step
@@ -78,6 +79,7 @@ def evaluation_spec(cfg: RunConfig, section: str) -> dict | None:
         inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
         num_samples=e.num_samples, seed=cfg.evaluate.seed, every_steps=e.every_steps, final_step=t.total_steps,
         use_inception=e.inception, metric=e.metric, patience=e.patience, collapse_warning=e.collapse_warning,
+        guidance_scale=getattr(e, "guidance_scale", None),
     ))  # fmt: skip
 
 
@@ -140,7 +142,8 @@ class Evaluator:
         shown = " ".join(f"{k} {v:.4f}" for k, v in outcome.values.items()
                          if k in ("fid", "fid_classifier", "class_accuracy", "recall_classifier", "diversity", "min_class_diversity", "classes_covered"))  # fmt: skip
         note = " (best)" if outcome.is_best else f" (best {outcome.best['value']:.4f} at step {outcome.best['step']})"
-        self.report.say(f"evaluation at step {step}: {shown}{note} ({time.monotonic() - started:.1f}s)")
+        at = "" if spec.guidance_scale is None else f" at guidance {spec.guidance_scale:g}"
+        self.report.say(f"evaluation at step {step}{at}: {shown}{note} ({time.monotonic() - started:.1f}s)")
         return outcome
 
     def _features(self, generator, indices: np.ndarray, amp_dtype, with_inception: bool) -> dict:
@@ -148,7 +151,9 @@ class Evaluator:
         for start in range(0, len(indices), self.spec.batch_size):
             chunk = indices[start : start + self.spec.batch_size]
             labels = balanced_labels(chunk, generator.num_classes)
-            images = to_uint8(generator.sample(labels, [self.spec.seed + int(i) for i in chunk], self.worker.device, autocast_dtype=amp_dtype).cpu())
+            guidance = {} if self.spec.guidance_scale is None else {"guidance_scale": self.spec.guidance_scale}
+            images = to_uint8(generator.sample(labels, [self.spec.seed + int(i) for i in chunk], self.worker.device, autocast_dtype=amp_dtype,
+                                               **guidance).cpu())  # fmt: skip
             probabilities, feats = classifier_outputs(self.classifier, images)
             out["classifier"].append(feats), out["probabilities"].append(probabilities), out["labels"].append(labels.numpy())
             if with_inception:

@@ -399,6 +399,7 @@ def run(cfg: RunConfig) -> dict:
             inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
             num_samples=s.probe_samples, seed=cfg.evaluate.seed, every_steps=s.report_every_steps, final_step=s.total_steps,
             final_inception_samples=s.final_fid_samples, metric=s.metric if s.metric in EVAL_METRIC_MODES else "fid_classifier",
+            guidance_scale=getattr(getattr(cfg, s.family).evaluation, "guidance_scale", None),  # judged as its training run would be
         )  # fmt: skip
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, settings=TrialSettings(cfg.model_dump(mode="json"), asdict(probe), parent)), trial_resources(cfg),

@@ -31,7 +31,8 @@ TWO_WORKERS = ["--set", "ray.num_workers=2", "--set", "ray.cpus_per_worker=1"]  
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, mlflow_server):
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
-    write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"}, ray=DEFAULT_LAYOUT, ldm={"lr_cooldown": 0.5},
+    write_params(project, tiny_params(tracking={"tracking_uri": mlflow_server, "experiment": "e2e"}, ray=DEFAULT_LAYOUT,
+                                      ldm={"lr_cooldown": 0.5, "evaluation": {"guidance_scale": 1.5}},
                                       registry={"gan": {"model_name": "tiny-gan", "fid_threshold": 1000.0, **NO_FLOORS},
                                                 "ldm": {"model_name": "tiny-ldm", "fid_threshold": 1000.0, **NO_FLOORS}}))  # fmt: skip
     result = run_cli(["dvc", "repro"], project, timeout=900)
@@ -74,6 +75,9 @@ def test_repro_writes_every_declared_output(pipeline):
              for c in (project / "runs/ray").glob("genforge-ldm-*/checkpoint_00000[12]0")}  # fmt: skip
     assert rates == {"checkpoint_0000010": 1e-3, "checkpoint_0000020": pytest.approx(1e-3 * cooldown(19, 20, 0.5))}, rates
     assert 0 < rates["checkpoint_0000020"] < 1e-4
+    # the denoiser's checkpoints judged at ldm.evaluation.guidance_scale, the export sampled at the sampler's (the tiny profile's 8)
+    assert "[train_ldm] evaluation at step 10 at guidance 1.5: " in result.stdout
+    assert json.loads((project / "metrics/eval/quick/ldm.json").read_text())["guidance_scale"] == 8.0
     # every training stage in its own process: no Ray started (its worker lines would carry "(RayTrainWorker pid=...)",
     # and its start-up lines go to logs/<run>.log)
     assert result.stdout.count("\n[train_autoencoder] 1 worker(s) on cpu, ddp") + result.stdout.count("\n[train_ldm] 1 worker(s) on cpu, ddp") == 2

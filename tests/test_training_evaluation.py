@@ -76,3 +76,41 @@ def test_training_evaluates_exports_the_best_checkpoint_and_stops_early(upstream
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"stopped early at step {steps[-1]}" in again.stdout and "resuming" not in again.stdout
     assert json.loads((out / "generator.json").read_text())["step"] == steps[best]
+
+
+def test_a_diffusion_models_checkpoints_are_judged_at_the_evaluations_own_guidance(upstream):
+    """`ldm.evaluation.guidance_scale`: the evaluator draws its samples at that scale, not at the sampler's (what the
+    export samples with); null keeps the sampler's. A random tiny EDM denoiser in pixel space (its preconditioning keeps
+    the samples in range), its class table scaled up so that conditional and unconditional predictions differ: the two
+    scales then give other images, and other classifier features."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from gen_core.classifier import classifier_outputs
+    from gen_core.config import load_config
+    from gen_core.diffusion import build_denoiser, diffusion_generator
+    from gen_core.sampling import balanced_labels, to_uint8
+    from pipelines.probe import EvaluationSpec, Evaluator, evaluation_spec
+
+    _, params = upstream
+    cfg = load_config(params, ["ldm.space=pixel", "ldm.noise.prediction_type=edm", "ldm.min_snr_gamma=null", "ldm.evaluation.guidance_scale=1.5"])
+    spec = EvaluationSpec(**evaluation_spec(cfg, "ldm"))
+    assert spec.guidance_scale == 1.5 and cfg.ldm.sampler.guidance_scale == 8.0
+    assert EvaluationSpec(**evaluation_spec(load_config(params), "ldm")).guidance_scale is None
+    worker = SimpleNamespace(device=torch.device("cpu"), ctx=SimpleNamespace(data_uri=cfg.data.out_dir), rank=0, world_size=1)
+    evaluator = Evaluator(spec, worker, report=None, restored_meta=None)
+    torch.manual_seed(0)
+    denoiser = build_denoiser(cfg.ldm.denoiser, 1, 32, 10)
+    with torch.no_grad():
+        denoiser.class_embedding.weight.mul_(100.0)
+    generator = diffusion_generator(cfg.ldm, cfg.data, denoiser, None, 10, edm_sigma_data=0.5)
+    indices = np.arange(4)
+    judged = evaluator._features(generator, indices, None, with_inception=False)["classifier"]
+
+    def features_at(scale: float) -> np.ndarray:
+        images = generator.sample(balanced_labels(indices, 10), [spec.seed + int(i) for i in indices], guidance_scale=scale)
+        return classifier_outputs(evaluator.classifier, to_uint8(images))[1]
+
+    assert np.allclose(judged, features_at(1.5), atol=1e-5) and not np.allclose(judged, features_at(8.0), atol=1e-3)
