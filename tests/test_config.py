@@ -35,6 +35,8 @@ def test_repo_params_parse_and_match_defaults_where_unset():
         ({"evaluate": {"guidance": {"scales": []}}}, "params: evaluate.guidance.scales: List should have at least 1 item"),
         ({"evaluate": {"guidance": {"class_accuracy_floor": 1.5}}}, "params: evaluate.guidance.class_accuracy_floor: Input should be less than or equal to 1"),
         ({"ldm": {"min_snr_gamma": 0}}, "params: ldm.min_snr_gamma: Input should be greater than 0"),
+        ({"ldm": {"evaluation": {"guidance_scale": -1}}}, "params: ldm.evaluation.guidance_scale: Input should be greater than or equal to 0"),
+        ({"gan": {"evaluation": {"guidance_scale": 2}}}, "params: gan.evaluation.guidance_scale: unknown key"),  # a diffusion model's knob
         # the run's name moved from ray to each family section; an old params file is told where
         ({"ray": {"run_name": "mine"}}, "ray.run_name is now per family: set gan.run_name, autoencoder.run_name or ldm.run_name"),
         ({"gan": {"run_name": "my run/1"}}, "params: gan.run_name: String should match pattern"),
