@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gen_core.config import load_config  # noqa: E402
+from gen_core.data import load_split  # noqa: E402
 from gen_core.diffusion import psnr  # noqa: E402
 from gen_core.latents import load_autoencoder, reconstruct  # noqa: E402
 from gen_core.metrics import fid_from_stats, inception_stats, load_inception, load_inception_reference  # noqa: E402
 from gen_core.sampling import to_uint8, to_unit  # noqa: E402
-from pipelines.ref_stats import reference_set  # noqa: E402
 
 
 def main() -> None:
@@ -43,10 +43,12 @@ def main() -> None:
     os.chdir(args.project)
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config("params.yaml", [f"evaluate.protocol={args.protocol}"])
-    images, _ = reference_set(cfg)
+    protocol = cfg.evaluate.active  # its reference set: the first reference_images of its split, as ref_stats reads it
+    split = load_split(cfg.data.out_dir, protocol.reference)
+    images = torch.from_numpy(split.images[: protocol.reference_images or len(split.labels)])
     reference, _ = load_inception_reference(cfg.reference_dir, cfg.ref_stats.inception)
     floor = json.loads(Path(cfg.reference_dir, "floor.json").read_text())
-    net = load_inception(cfg.ref_stats.inception, precision=cfg.evaluate.active.inception_precision)
+    net = load_inception(cfg.ref_stats.inception, precision=protocol.inception_precision)
     rows = []
     for directory in args.autoencoders:
         started = time.monotonic()
@@ -59,7 +61,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, protocol {args.protocol} ({len(images)} images, "
-          f"Inception {cfg.evaluate.active.inception_precision}); real-vs-real floor FID {floor['fid']:.2f}")
+          f"Inception {protocol.inception_precision}); real-vs-real floor FID {floor['fid']:.2f}")
     print("| autoencoder | reconstruction FID | PSNR (dB) |\n|---|---|---|")
     for row in rows:
         print(f"| {row['autoencoder']} | {row['rfid']:.2f} | {row['psnr_db']:.2f} |")
