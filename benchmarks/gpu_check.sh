@@ -6,19 +6,23 @@
 #   benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
 #   benchmarks/gpu_check.sh --dry-run  # anywhere: syntax, the overlay validates, every command's --help parses
 #
-# It works in a copy of the tracked files under $WORK (default: a temp dir; $OUT/gpu_check when $OUT is
-# set), with the tiny profile's data and models but GPU-sized step counts, so nothing in the checkout
-# changes. Each row says ok or FAILED with the log file to read.
+# It works in a copy of the tracked files under $WORK (default: a temp dir), with the tiny profile's data
+# and models but GPU-sized step counts, so nothing in the checkout changes. Each row says ok or FAILED with
+# the log file to read (and the log's tail); where $OUT is set (the device tool), the logs land there as one
+# archive. PYTHON names the interpreter (default: python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
 PY=$(command -v "${PYTHON:-python}"); [[ "$PY" = /* ]] || PY="$PWD/$PY"  # absolute: the check runs in a copy
-WORK=${WORK:-${OUT:+$OUT/gpu_check}}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
 STEPS=${GPU_CHECK_STEPS:-300}
 
-git ls-files -z | xargs -0 -I{} cp --parents {} "$WORK/" 2>/dev/null || rsync -a --exclude .git ./ "$WORK/"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -z | xargs -0 -I{} cp --parents {} "$WORK/"
+else  # a copy of the tree without its .git (the device tool's): everything but the hidden folders
+  tar cf - --exclude='./.*' . | tar xf - -C "$WORK"
+fi
 cd "$WORK"
 cat > gpu.yaml <<EOF
 # gpu_check overlay (over profiles/tiny.yaml): one GPU worker, GPU-sized batches, short runs
@@ -61,6 +65,7 @@ step() {  # step NAME LOG CMD...: run, time, record ok/FAILED
   local t0=$SECONDS
   if "$@" >"$log" 2>&1; then ROWS+=("$name|ok|$((SECONDS - t0))|$(rate "$log")"); else ROWS+=("$name|FAILED ($log)|$((SECONDS - t0))|"); fi
   echo "[gpu_check] $name: ${ROWS[-1]}"
+  [[ "${ROWS[-1]}" == *FAILED* ]] && tail -n 15 "$log" | sed 's/^/    /'  # the cause, where only this output comes back
 }
 rate() { grep -o '[0-9.]* img/s' "$1" | tail -1; }
 
@@ -92,4 +97,5 @@ echo; echo "gpu_check $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,
 echo "| step | result | seconds | last img/s |"; echo "|---|---|---|---|"
 for row in "${ROWS[@]}"; do echo "| ${row//|/ | } |"; done
 grep -h "inception .*img/s" logs_inception.txt 2>/dev/null
+[ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check_logs.tgz" logs_*.txt
 ! printf '%s\n' "${ROWS[@]}" | grep -q FAILED
