@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,29 @@ def answers_state_api(cfg: RunConfig, dashboard: bool | None = None) -> bool:
     dashboard does; a Ray of this process's own has one only if started with its dashboard (default:
     ray.dashboard)."""
     return ray_address(cfg) is not None or (cfg.ray.dashboard if dashboard is None else dashboard)
+
+
+def require_gpus(cfg: RunConfig, in_process: bool, ray_gpus: float | None = None) -> None:
+    """ray.use_gpu on this machine's own Ray (no ray.address) or in this process, with fewer GPUs than the
+    workers take (one each): refused in one line. Ray Train would wait for them forever: a local Ray never
+    grows, its autoscaler only repeats "No available node types can fulfill resource request". Checked
+    before Ray starts with torch's count (skipped once Ray is up here: a sweep's trials are placed by the
+    sweep, which checks the cluster itself), and after init_ray with `ray_gpus`, what that Ray found (its
+    detection can differ from torch's). A joined cluster may add GPU nodes on demand: never refused."""
+    if not cfg.ray.use_gpu or ray_address(cfg) is not None:
+        return
+    if ray_gpus is None:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            return
+        import torch
+
+        found, where = torch.cuda.device_count(), "this machine has"
+    else:
+        found, where = ray_gpus, "the local Ray found"
+    need = 1 if in_process else cfg.ray.num_workers
+    if found < need:
+        raise StageError(f"ray.use_gpu: {need} worker(s) need {need} GPU(s), {where} {found:g}; set ray.use_gpu: false, or join a GPU cluster with ray.address")
 
 
 def in_process_allowed(cfg: RunConfig, workers: int) -> bool:

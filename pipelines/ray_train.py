@@ -23,7 +23,9 @@ from gen_core.data import dataset_hash, read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, download_directory, filesystem
 from gen_core.training import config_signature
 from pipelines.common import REPO_ROOT, StageError, absolute, error_line, git_revision, log, portable, state_root
-from pipelines.ray_env import answers_state_api, init_ray, route_ray_logs, route_worker_logs, run_uri, storage, trains_in_process
+from pipelines.ray_env import (
+    answers_state_api, init_ray, require_gpus, route_ray_logs, route_worker_logs, run_uri, storage, trains_in_process,
+)  # fmt: skip
 from pipelines.strategy import check_resumable, deepspeed_config
 from pipelines.tracking import RunLog, connect, tracking_uri
 from pipelines.probe import evaluation_spec
@@ -92,6 +94,7 @@ def train(cfg: RunConfig, job: TrainingJob, *, callbacks: tuple = (), parent_run
     a worker group (RunContext)."""
     if in_process is None:
         in_process = trains_in_process(cfg)
+    require_gpus(cfg, in_process)
     data_uri = absolute(cfg.data.out_dir)
     manifest = read_manifest(data_uri)
     if manifest["shape"] != [cfg.data.channels, cfg.data.resolution, cfg.data.resolution]:
@@ -232,6 +235,8 @@ def fit(cfg: RunConfig, job: TrainingJob, context: RunContext, run_dir: str, cal
     if worker_log:
         route_ray_logs(worker_log)
     ray = init_ray(cfg)
+    if owns_ray:
+        require_gpus(cfg, in_process=False, ray_gpus=ray.cluster_resources().get("GPU", 0))
     if worker_log:
         route_worker_logs(worker_log, state_api=answers_state_api(cfg))
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig

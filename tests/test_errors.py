@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gen_core.config import ConfigError, load_config
@@ -129,3 +130,13 @@ def test_an_idx_header_whose_dimensions_overflow_is_one_line(tmp_path):
     path.write_bytes(gzip.compress(struct.pack(">BBBB", 0, 0, 0x08, 4) + struct.pack(">4I", 65536, 65536, 65536, 65536)))
     with pytest.raises(DataError, match=r"payload is 0 bytes, header \[65536, 65536, 65536, 65536\] needs 18446744073709551616"):
         read_idx(str(path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_use_gpu_without_a_gpu_is_one_line_not_an_endless_wait(tmp_path):
+    # Ray Train's worker group would wait forever for a GPU the local Ray cannot have (fsdp: not in-process)
+    (tmp_path / "params.yaml").write_text(GOOD)
+    args = ["python", "-m", "pipelines.train_gan", "--params", str(tmp_path / "params.yaml"), "--set", "ray.use_gpu=true",
+            "--set", "ray.strategy=fsdp", "--set", "ray.num_workers=2"]  # fmt: skip
+    line = one_line_error(run_cli(args, tmp_path, timeout=120))
+    assert line == "error: ray.use_gpu: 2 worker(s) need 2 GPU(s), this machine has 0; set ray.use_gpu: false, or join a GPU cluster with ray.address"
