@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gen_core.config import load_config  # noqa: E402
-from gen_core.data import load_split  # noqa: E402
+from gen_core.data import reference_split  # noqa: E402
 from gen_core.diffusion import psnr  # noqa: E402
 from gen_core.latents import load_autoencoder, reconstruct  # noqa: E402
 from gen_core.metrics import fid_from_stats, inception_stats, load_inception, load_inception_reference  # noqa: E402
@@ -43,9 +43,8 @@ def main() -> None:
     os.chdir(args.project)
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config("params.yaml", [f"evaluate.protocol={args.protocol}"])
-    protocol = cfg.evaluate.active  # its reference set: the first reference_images of its split, as ref_stats reads it
-    split = load_split(cfg.data.out_dir, protocol.reference)
-    images = torch.from_numpy(split.images[: protocol.reference_images or len(split.labels)])
+    protocol = cfg.evaluate.active
+    images = torch.from_numpy(reference_split(cfg).images)  # what ref_stats measured
     reference, _ = load_inception_reference(cfg.reference_dir, cfg.ref_stats.inception)
     floor = json.loads(Path(cfg.reference_dir, "floor.json").read_text())
     net = load_inception(cfg.ref_stats.inception, precision=protocol.inception_precision)

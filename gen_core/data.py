@@ -556,6 +556,18 @@ def load_split(prepared_uri: str, split: str, verify: bool = True) -> PreparedSp
                          np.concatenate(inputs) if inputs else None, captions or None)  # fmt: skip
 
 
+def reference_split(cfg: RunConfig) -> PreparedSplit:
+    """The evaluation protocol's reference set: the first `reference_images` of its split (all of it when null), with
+    their labels, pair inputs and captions. What ref_stats measures, the paired families' samples are made from, and
+    benchmarks compare against; refused in one line when the split is smaller."""
+    name, p = cfg.evaluate.protocol, cfg.evaluate.active
+    split = load_split(cfg.data.out_dir, p.reference)
+    count = p.reference_images or len(split.labels)
+    if count > len(split.labels):
+        raise DataError(f"evaluate.protocols.{name}: needs {count} reference images, the {p.reference} split of {cfg.data.out_dir} has {len(split.labels)}")
+    return split.head(count)
+
+
 def dataset_hash(prepared_uri: str) -> str:
     """A content hash of a prepared dataset: sha256 over its shard hashes (stable across copies)."""
     manifest = read_manifest(prepared_uri)

@@ -35,7 +35,7 @@ import torch
 from gen_core.captions import captions_for
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import RunConfig
-from gen_core.data import PreparedSplit, load_split
+from gen_core.data import PreparedSplit, reference_split
 from gen_core.generators import PAIRED_FAMILIES, PAIRED_KEYS, load_image_generator, read_generator_meta
 from gen_core.io import atomic_write_bytes, atomic_write_json, sha256_file
 from gen_core.metrics import (
@@ -122,12 +122,9 @@ def paired_features_for_indices(
 
 
 def paired_targets(cfg: RunConfig) -> PreparedSplit:
-    """The protocol's reference images with their labels (and pair inputs and captions where the data has them): the
-    first `reference_images` of its split, as ref_stats takes them; what the paired families' samples are made from
+    """The protocol's reference set (gen_core.data.reference_split): what the paired families' samples are made from
     (pix2pix: their inputs; t2i: their captions)."""
-    p = cfg.evaluate.active
-    split = load_split(cfg.data.out_dir, p.reference)
-    return split.head(p.reference_images or len(split.labels))
+    return reference_split(cfg)
 
 
 def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices: np.ndarray, threads: int, worker: int | None,

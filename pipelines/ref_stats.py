@@ -15,23 +15,10 @@ import torch
 
 from gen_core.classifier import classifier_outputs, load_classifier
 from gen_core.config import RunConfig
-from gen_core.data import DataError, load_split
+from gen_core.data import DataError, load_split, reference_split
 from gen_core.io import atomic_write_bytes, atomic_write_json, sha256_file
 from gen_core.metrics import FeatureStats, inception_stats, load_inception, protocol_id, sample_metrics, save_ref_stats
 from pipelines.common import inception_progress, log, run_stage
-
-
-def reference_set(cfg: RunConfig) -> tuple[torch.Tensor, np.ndarray]:
-    """The protocol's reference images and labels: the first `reference_images` of its split."""
-    p = cfg.evaluate.active
-    split = load_split(cfg.data.out_dir, p.reference)
-    count = p.reference_images or len(split.labels)
-    if count > len(split.labels):
-        raise DataError(
-            f"evaluate.protocols.{cfg.evaluate.protocol}: needs {count} reference images, the {p.reference} split of "
-            f"{cfg.data.out_dir} has {len(split.labels)}"
-        )
-    return torch.from_numpy(split.images[:count]), split.labels[:count]
 
 
 def floor_set(cfg: RunConfig) -> tuple[torch.Tensor, np.ndarray]:
@@ -57,7 +44,8 @@ def run(cfg: RunConfig) -> dict:
     classifier, _ = load_classifier(cfg.classifier.out_dir)
     cls_sha = sha256_file(f"{cfg.classifier.out_dir}/classifier.safetensors")
     net = load_inception(cfg.ref_stats.inception, precision=cfg.evaluate.active.inception_precision)
-    images, labels = reference_set(cfg)
+    reference = reference_split(cfg)
+    images, labels = torch.from_numpy(reference.images), reference.labels
     pid = protocol_id(cfg.evaluate.protocol, cfg.evaluate.active, net.precision, len(labels))
     logger.info("protocol %s (Inception %s, %s backend)", pid, net.precision, net.backend)
 

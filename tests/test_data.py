@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gen_core.config import DataConfig
+from gen_core.config import DataConfig, RunConfig
 from gen_core.data import (
     DataError, RawDataset, RawSplit, dataset_hash, fit_image, load_split, read_idx, read_source, settings_that_do_not_fit,
-    split_train_eval, write_prepared,
+    reference_split, split_train_eval, write_prepared,
 )  # fmt: skip
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -310,3 +310,17 @@ def test_user_pairs_from_a_and_b_folders_or_side_by_side_keep_each_input_with_it
         read_source(DataConfig(source="image_folder", source_uri=str(side), pairs="folders"))
     with pytest.raises(ValueError, match=r"pairs folders: user pairs come from an image_folder source \(got mnist5k"):
         DataConfig(source="mnist5k", pairs="folders")
+
+
+def test_the_reference_split_is_the_protocols_head_and_refuses_a_short_split(tmp_path):
+    cfg = DataConfig(source="mnist5k", eval_images=100, shard_images=1000, max_train_images=500)
+    raw = read_source(cfg)
+    train, evals = split_train_eval(raw, cfg)
+    write_prepared(tmp_path / "prepared", train, evals, raw, cfg)
+    run = RunConfig.model_validate({"data": {"source": "mnist5k", "out_dir": str(tmp_path / "prepared")},
+                                    "evaluate": {"kid_subset_size": 30, "protocols": {"quick": {"num_samples": 60, "reference": "eval", "reference_images": 60}}}})  # fmt: skip
+    reference = reference_split(run)
+    assert reference.images.shape[0] == 60 and np.array_equal(reference.labels, evals.labels[:60])
+    short = run.model_copy(update={"evaluate": run.evaluate.model_copy(update={"protocols": {"quick": run.evaluate.active.model_copy(update={"reference_images": 150})}})})
+    with pytest.raises(DataError, match=r"evaluate.protocols.quick: needs 150 reference images, the eval split of .* has 100$"):
+        reference_split(short)
