@@ -74,13 +74,21 @@ def evaluation_spec(cfg: RunConfig, section: str) -> dict | None:
             f"{section}.evaluation: {missing[0]} not found (run the classifier and ref_stats stages first, "
             f"or set {section}.evaluation.every_steps: null to train without evaluating)"
         )
-    return asdict(EvaluationSpec(
-        classifier_dir=classifier_dir, ref_stats_dir=reference_dir, inception=cfg.ref_stats.inception.model_dump(),
-        inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
-        num_samples=e.num_samples, seed=cfg.evaluate.seed, every_steps=e.every_steps, final_step=t.total_steps,
+    return asdict(protocol_spec(
+        cfg, classifier_dir, reference_dir, num_samples=e.num_samples, every_steps=e.every_steps, final_step=t.total_steps,
         use_inception=e.inception, metric=e.metric, patience=e.patience, collapse_warning=e.collapse_warning,
         guidance_scale=getattr(e, "guidance_scale", None),
     ))  # fmt: skip
+
+
+def protocol_spec(cfg: RunConfig, classifier_dir: str, reference_dir: str, **fields) -> EvaluationSpec:
+    """An EvaluationSpec judged as the evaluation protocol judges (its feature networks' files, Inception precision,
+    settings and seed), with the schedule and the rest in `fields`: a training run's (evaluation_spec) or a sweep's probe."""
+    return EvaluationSpec(
+        classifier_dir=classifier_dir, ref_stats_dir=reference_dir, inception=cfg.ref_stats.inception.model_dump(),
+        inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
+        seed=cfg.evaluate.seed, **fields,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from gen_core.data import read_manifest
 from gen_core.io import atomic_directory, atomic_write_bytes, atomic_write_json, download_directory, upload_directory
 from gen_core.metrics import load_ref_stats
 from pipelines.common import StageError, absolute, error_line, format_duration, log, run_stage, stage_parser, state_path
-from pipelines.probe import EvaluationSpec
+from pipelines.probe import protocol_spec
 from pipelines.ray_env import in_process_allowed, init_ray, run_uri, storage
 from pipelines.ray_train import TrainingJob, job_signature, run_directory, train
 from pipelines.tracking import connect, redact, tracking_uri
@@ -394,11 +394,10 @@ def run(cfg: RunConfig) -> dict:
         resumed = tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs)
         mlflow = connect(cfg)
         parent = _parent_run(cfg, mlflow, resumed)
-        probe = EvaluationSpec(
-            classifier_dir=cfg.classifier.out_dir, ref_stats_dir=cfg.reference_dir, inception=cfg.ref_stats.inception.model_dump(),
-            inception_precision=cfg.evaluate.active.inception_precision, settings=cfg.evaluate.model_dump(mode="json"),
-            num_samples=s.probe_samples, seed=cfg.evaluate.seed, every_steps=s.report_every_steps, final_step=s.total_steps,
-            final_inception_samples=s.final_fid_samples, metric=s.metric if s.metric in EVAL_METRIC_MODES else "fid_classifier",
+        probe = protocol_spec(
+            cfg, cfg.classifier.out_dir, cfg.reference_dir, num_samples=s.probe_samples, every_steps=s.report_every_steps,
+            final_step=s.total_steps, final_inception_samples=s.final_fid_samples,
+            metric=s.metric if s.metric in EVAL_METRIC_MODES else "fid_classifier",
             guidance_scale=getattr(getattr(cfg, s.family).evaluation, "guidance_scale", None),  # judged as its training run would be
         )  # fmt: skip
         trainable = tune.with_resources(
