@@ -75,9 +75,9 @@ def test_repro_writes_every_declared_output(pipeline):
              for c in (project / "runs/ray").glob("genforge-ldm-*/checkpoint_00000[12]0")}  # fmt: skip
     assert rates == {"checkpoint_0000010": 1e-3, "checkpoint_0000020": pytest.approx(1e-3 * cooldown(19, 20, 0.5))}, rates
     assert 0 < rates["checkpoint_0000020"] < 1e-4
-    # the denoiser's checkpoints judged at ldm.evaluation.guidance_scale, the export sampled at the sampler's (the tiny profile's 8)
+    # the denoiser's checkpoints judged at ldm.evaluation.guidance_scale, the export sampled at the sampler's (params.yaml's 3)
     assert "[train_ldm] evaluation at step 10 at guidance 1.5: " in result.stdout
-    assert json.loads((project / "metrics/eval/quick/ldm.json").read_text())["guidance_scale"] == 8.0
+    assert json.loads((project / "metrics/eval/quick/ldm.json").read_text())["guidance_scale"] == 3.0
     # every training stage in its own process: no Ray started (its worker lines would carry "(RayTrainWorker pid=...)",
     # and its start-up lines go to logs/<run>.log)
     assert result.stdout.count("\n[train_autoencoder] 1 worker(s) on cpu, ddp") + result.stdout.count("\n[train_ldm] 1 worker(s) on cpu, ddp") == 2

@@ -97,7 +97,7 @@ def test_a_diffusion_models_checkpoints_are_judged_at_the_evaluations_own_guidan
     _, params = upstream
     cfg = load_config(params, ["ldm.space=pixel", "ldm.noise.prediction_type=edm", "ldm.min_snr_gamma=null", "ldm.evaluation.guidance_scale=1.5"])
     spec = EvaluationSpec(**evaluation_spec(cfg, "ldm"))
-    assert spec.guidance_scale == 1.5 and cfg.ldm.sampler.guidance_scale == 8.0
+    assert spec.guidance_scale == 1.5 and cfg.ldm.sampler.guidance_scale == 3.0
     assert EvaluationSpec(**evaluation_spec(load_config(params), "ldm")).guidance_scale is None
     worker = SimpleNamespace(device=torch.device("cpu"), ctx=SimpleNamespace(data_uri=cfg.data.out_dir), rank=0, world_size=1)
     evaluator = Evaluator(spec, worker, report=None, restored_meta=None)
