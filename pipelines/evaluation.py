@@ -121,12 +121,6 @@ def paired_features_for_indices(
     return _features(make, classifier, inception, indices, batch_size, report)
 
 
-def paired_targets(cfg: RunConfig) -> PreparedSplit:
-    """The protocol's reference set (gen_core.data.reference_split): what the paired families' samples are made from
-    (pix2pix: their inputs; t2i: their captions)."""
-    return reference_split(cfg)
-
-
 def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices: np.ndarray, threads: int, worker: int | None,
                guidance: float | None = None) -> dict:  # fmt: skip
     """Samples `indices` of the evaluation (in this process, or as a Ray task) -> their features. `guidance`:
@@ -150,7 +144,7 @@ def _eval_task(cfg: RunConfig, generator_dir: str, classifier_dir: str, indices:
     amp_dtype = autocast_dtype(e.precision, device)
     family = meta.get("family", "gan")
     if family in PAIRED_FAMILIES:
-        return paired_features_for_indices(generator.to(device), family, paired_targets(cfg), classifier, inception, indices, e.seed,
+        return paired_features_for_indices(generator.to(device), family, reference_split(cfg), classifier, inception, indices, e.seed,
                                            e.batch_size, device, report, amp_dtype)  # fmt: skip
     return features_for_indices(generator.to(device), classifier, inception, indices, e.seed, e.batch_size, device, report, amp_dtype)
 
@@ -372,7 +366,7 @@ def _sample_on_ray(cfg: RunConfig, generator_dir: str, classifier_dir: str, logg
 def sample_count(cfg: RunConfig, family: str) -> int:
     """The protocol's samples; for a paired family one per reference image (the protocols' sample counts equal their
     reference counts; where they differ, as in the tiny profile, every reference image is used once)."""
-    return len(paired_targets(cfg).labels) if family in PAIRED_FAMILIES else cfg.evaluate.active.num_samples
+    return len(reference_split(cfg).labels) if family in PAIRED_FAMILIES else cfg.evaluate.active.num_samples
 
 
 def verb(family: str) -> str:
