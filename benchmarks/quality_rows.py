@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -110,7 +111,15 @@ SWEEP_COMMAND = "python -m pipelines.evaluate --family ldm --guidance-sweep"
 
 def provenance(note: str) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {"machine": f"{platform.machine()}, {platform.processor() or '?'}", "date": time.strftime("%Y-%m-%d"), "commit": commit, "note": note}
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit, "note": note}
+
+
+def machine() -> str:
+    """e.g. "x86_64, AMD EPYC, 2 cores": the CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor() or "?")
+    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
 
 
 def with_row(rows: list[dict], row: dict) -> list[dict]:
