@@ -33,10 +33,15 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.suite_profile import cpu_model  # noqa: E402
+
 METRICS = ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")
 PAIRED = ("l1", "psnr", "brightness_agreement", "size_agreement")  # the pix2pix and t2i families' own measures
 
@@ -115,11 +120,8 @@ def provenance(note: str) -> dict:
 
 
 def machine() -> str:
-    """e.g. "x86_64, AMD EPYC, 2 cores": the CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor() or "?")
-    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
+    """e.g. "x86_64, AMD EPYC, 2 cores"."""
+    return f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores"
 
 
 def with_row(rows: list[dict], row: dict) -> list[dict]:

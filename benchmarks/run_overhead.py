@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.suite_profile import busy_seconds, process_cpu  # noqa: E402
+from benchmarks.suite_profile import busy_seconds, cpu_model, process_cpu  # noqa: E402
 from benchmarks.sweep_overhead import tiny_params, write_params  # noqa: E402
 
 DEFAULT_VARIANTS = ["as-shipped:", "dashboard:ray.dashboard=true"]  # VAR=VALUE: an environment variable; a.b=VALUE: a params override
@@ -180,7 +180,7 @@ def main() -> None:
     for name, s in summary.items():
         print(f"{name}: mean wall {s['mean_wall_s']} s, mean busy CPU {s['mean_busy_cpu_s']} s over {len(s['runs'])} runs")
     record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-              "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?"),
+              "cpu_model": cpu_model(),
               "run": "train_gan, tiny profile, 10 steps, 2 workers (DDP), checkpoint every 5, no in-training evaluation", "variants": summary}  # fmt: skip
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"-> {args.out}")

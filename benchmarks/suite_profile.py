@@ -19,6 +19,7 @@ import argparse
 import collections
 import json
 import os
+import platform
 import re
 import time
 
@@ -40,6 +41,14 @@ def busy_seconds() -> float:
     """The whole machine's busy CPU-seconds since boot (/proc/stat: all but idle and iowait)."""
     fields = [int(v) for v in open("/proc/stat").read().split("\n", 1)[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (e.g. "AMD EPYC"; platform.processor() is empty on Linux), else
+    platform.processor(), else "?"."""
+    cpuinfo = "/proc/cpuinfo"
+    lines = open(cpuinfo).read().splitlines() if os.path.exists(cpuinfo) else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor() or "?")
 
 
 def process_cpu(pid: str) -> tuple[str, float, str] | None:
