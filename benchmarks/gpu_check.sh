@@ -8,7 +8,8 @@
 #
 # It works in a copy of the tracked files under $WORK (default: a temp dir), with the tiny profile's data
 # and models but GPU-sized step counts, so nothing in the checkout changes. Each row says ok or FAILED with
-# the log file to read (and the log's tail). A step stops after GPU_CHECK_STEP_TIMEOUT s (default 180; its
+# the log file to read (and the log's tail). GPU_CHECK_STRATEGIES picks the strategies and their order (default
+# "ddp fsdp deepspeed"). A step stops after GPU_CHECK_STEP_TIMEOUT s (default 180; its
 # row says TIMED OUT, and its log ends with every thread's stack: where it waited). Where $OUT is set, the
 # logs land there as one archive, refreshed after every step. PYTHON names the interpreter (default: python).
 set -uo pipefail
@@ -28,9 +29,11 @@ cd "$WORK"
 cat > gpu.yaml <<EOF
 # gpu_check overlay (over profiles/tiny.yaml): one GPU worker, GPU-sized batches, short runs
 ray: {num_workers: 1, use_gpu: true, cpus_per_worker: 4}
-gan: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50}
+# in-training evaluation 3 times a run, not the tiny profile's every 10 steps: under fsdp/deepspeed each one also writes a
+# sharded checkpoint (~1 s on the H200), which made a 300-step run outlast the step timeout (RESULTS.md, session 49)
+gan: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50, evaluation: {every_steps: $((STEPS / 3))}}
 autoencoder: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50}
-ldm: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50}
+ldm: {total_steps: $STEPS, global_batch_size: 256, checkpoint_every_steps: $STEPS, log_every_steps: 50, evaluation: {every_steps: $((STEPS / 3))}}
 tracking: {tracking_uri: "sqlite:///$WORK/mlflow.db"}
 EOF
 ARGS=(--overlay profiles/tiny.yaml --overlay gpu.yaml)
@@ -80,7 +83,7 @@ rate() { { grep 'step [0-9]*/' "$1" || cat "$1"; } | grep -o '[0-9.]* img/s' | t
 step prepare logs_prepare.txt $PY -m pipelines.prepare "${ARGS[@]}"
 step classifier logs_classifier.txt $PY -m pipelines.classifier "${ARGS[@]}"
 step ref_stats logs_ref_stats.txt $PY -m pipelines.ref_stats "${ARGS[@]}"
-for strategy in ddp fsdp deepspeed; do
+for strategy in ${GPU_CHECK_STRATEGIES:-ddp fsdp deepspeed}; do
   S=(--set ray.strategy=$strategy --set gan.run_name=gpu-$strategy --set autoencoder.run_name=gpu-$strategy --set ldm.run_name=gpu-$strategy)
   step "train_gan $strategy" logs_gan_$strategy.txt $PY -m pipelines.train_gan "${ARGS[@]}" "${S[@]}"
   step "train_autoencoder $strategy" logs_ae_$strategy.txt $PY -m pipelines.train_autoencoder "${ARGS[@]}" "${S[@]}"

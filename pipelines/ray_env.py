@@ -109,7 +109,9 @@ def start_local_ray(ray, num_cpus: int, dashboard: bool = True, attempts: int = 
         port = free_port()
         api_server = f"http://127.0.0.1:{port}"
         os.environ["RAY_API_SERVER_ADDRESS"] = api_server  # this driver's own State API calls
-        env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), "RAY_API_SERVER_ADDRESS": api_server,
+        # PYTHONPATH: the repository first, then the driver's own (packages installed there, Ray's too, must import in the workers)
+        python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path, "RAY_API_SERVER_ADDRESS": api_server,
                     # Train's PreemptionWatcher (an actor process per run, ~1.3 CPU-s) watches for node drains; this one-node Ray has none
                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}  # fmt: skip
         try:

@@ -222,3 +222,25 @@ def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path):
     assert [o for o in outcomes if o[1] != "ok"] == []
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     assert all(len(client.get_run(run_id).inputs.dataset_inputs) == 1 for run_id, _ in outcomes)
+
+
+LOCAL_RAY_TASK_IMPORTS = """
+import ray
+from pipelines.ray_env import start_local_ray
+start_local_ray(ray, num_cpus=1, dashboard=False)
+@ray.remote
+def probe():
+    import genforge_probe_module
+    return genforge_probe_module.VALUE
+print(ray.get(probe.remote(), timeout=60))
+"""
+
+
+@pytest.mark.slow
+def test_a_local_rays_workers_keep_the_drivers_pythonpath(tmp_path):
+    """Found on a GPU machine whose Ray was installed under PYTHONPATH: the stage's runtime env replaced PYTHONPATH with
+    the repository alone, so its Ray Train workers could not import ray and the run waited for them forever."""
+    (tmp_path / "genforge_probe_module.py").write_text("VALUE = 'imported in the worker'\n")
+    result = run_cli(["python", "-c", LOCAL_RAY_TASK_IMPORTS], REPO, env=subprocess_env(PYTHONPATH=str(tmp_path)), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "imported in the worker"
