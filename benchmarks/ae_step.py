@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import load_config  # noqa: E402
 from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for variant in variants:
             rates[variant].append(steps_per_s(variant, args.steps, model, optimizer, lpips, batch, amp) * len(batch))
-    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores {cpu_model()}, torch {torch.__version__}, "
           f"{'bf16' if amp else 'fp32'}, global batch {len(batch)}, {args.rounds} rounds x {args.steps} steps")
     base = statistics.median(rates[variants[0]])
     for variant, values in rates.items():

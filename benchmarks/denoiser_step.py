@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import DenoiserConfig, load_config  # noqa: E402
 from gen_core.diffusion import build_denoiser, diffusion_loss, sample_diffusion, training_schedule  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
         for variant in variants:
             train[variant].append(train_steps_per_s(nets[variant], optimizers[variant], schedule, batch, labels, args.steps, amp, d.min_snr_gamma) * len(batch))
             sample[variant].append(sample_images_per_s(nets[variant], dict(schedule.config), args.sample_images, amp))
-    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores {cpu_model()}, torch {torch.__version__}, "
           f"{'bf16' if amp else 'fp32'}, global batch {len(batch)}, {args.rounds} rounds x {args.steps} steps, {args.sample_images} samples")
     base = statistics.median(train[variants[0]])
     for variant in variants:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -37,6 +36,7 @@ import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 
 def features(rng, samples: int, dim: int, mixing: np.ndarray, shift: float) -> np.ndarray:
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> None:
     mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
     reference = features(rng, 5000, dim, mixing, 0.0)
     b = reference.mean(0), np.cov(reference, rowvar=False)
-    print(f"{platform.processor() or platform.machine()}, numpy {np.__version__}, {args.threads} BLAS threads, {args.repeats} repeats (median)")
+    print(f"{cpu_model()}, numpy {np.__version__}, {args.threads} BLAS threads, {args.repeats} repeats (median)")
     print("| generated samples | clean-fid sqrtm (s) | eigh d x d (s) | from features (s) | clean-fid value | eigh value | from-features value |")
     print("|---|---|---|---|---|---|---|")
     for samples in (100, 1000, 5000):

@@ -20,7 +20,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 from gan_throughput import bare_loop  # noqa: E402
 
 from gen_core.config import load_config  # noqa: E402
@@ -175,7 +174,7 @@ def make_row(recipe: str, profile: str, cfg, metrics: dict, train_log: str, eval
         "train_wall_s": train_wall, "images_seen": steps * batch, "exported_step": metrics["step"],
         **{k: metrics.get(k) for k in ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")},
         "fid_floor": metrics["floor"].get("fid"), "recall_floor": metrics["floor"].get("recall"),
-        "curve": curve, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "curve": curve, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(), "commit": git_commit(),
     }  # fmt: skip
     print(f"{recipe}: fid {row['fid']:.1f} [floor {row['fid_floor']:.1f}] recall {row['recall']:.3f} precision {row['precision']:.3f} "

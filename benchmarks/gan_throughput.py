@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import load_config  # noqa: E402
 from gen_core.losses import discriminator_loss, gan_objective, generator_loss  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
         results["ray 2 workers x 1 CPU (bf16)"] = ray_path(params_path, 2, 1, args.steps, work)
 
     base = results.get("bare bf16", next(iter(results.values())))
-    print(f"# GAN step throughput, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+    print(f"# GAN step throughput, {time.strftime('%Y-%m-%d')}, {cpu_model()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, global batch {cfg.gan.global_batch_size}")  # fmt: skip
     print("| variant | img/s | vs bare bf16 |\n|---|---|---|")
     for name, rate in results.items():

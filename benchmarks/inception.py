@@ -32,6 +32,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import DataConfig, InceptionConfig  # noqa: E402
 from gen_core.data import read_source  # noqa: E402
@@ -162,7 +163,7 @@ def main() -> None:
               f"rel L2 err {rows[name]['rel_l2_error']:.2e}  "
               f"fid {fid:.4f} ({fid - base[1]:+.2e})", flush=True)  # fmt: skip
     first = rows["before fp32"]["img_per_s"]
-    print(f"\n{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
+    print(f"\n{date.today()}, {cpu_model()}, {os.cpu_count()} CPUs, {args.threads} threads, "
           f"{args.images} vs {args.images} real {source} images, bf16 native: {bf16_supported(torch.device('cpu'))}")  # fmt: skip
     print("| variant | img/s | vs before fp32 | max rel. feature error | mean rel. L2 error per image | FID | FID diff |\n|---|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import load_config  # noqa: E402
 
@@ -177,7 +177,7 @@ def main() -> None:
 
     cfg = load_config(args.params)
     started = time.monotonic()
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
               "device": "cuda" if torch.cuda.is_available() else "cpu", "params": vars(args)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from pipelines.ray_env import free_port  # noqa: E402
 
@@ -83,7 +83,7 @@ def main() -> None:
         for name, enabled in VARIANTS.items():
             results[name].append(one_server(enabled, args.idle, args.workers))
             print(f"round {round_ + 1} {name}: {results[name][-1]}", flush=True)
-    print(f"\nmedians of {args.rounds} rounds, --workers {args.workers}, {args.idle:g} s idle ({platform.processor() or platform.machine()}):")
+    print(f"\nmedians of {args.rounds} rounds, --workers {args.workers}, {args.idle:g} s idle ({cpu_model()}):")
     for name, runs in results.items():
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         print(f"  {name}: ready in {medians['ready_s']} s, start {medians['start_cpu_s']} CPU-s, idle {medians['idle_cpu_s']} CPU-s "

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import socket
 import sys
@@ -33,6 +32,7 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 CASES = {"ddp": ("ddp", None), "fsdp": ("fsdp", None),
          **{f"zero{n}": ("deepspeed", f"cluster_configs/deepspeed/zero{n}.json") for n in (1, 2, 3)}}  # fmt: skip
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="subset of " + ",".join(CASES))
     parser.add_argument("--out", default=str(REPO / "benchmarks/strategies.json"))
     args = parser.parse_args()
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "steps": args.steps, "rows": []}  # fmt: skip
     print(f"{'family':6} {'strategy':8} {'img/s':>8} {'peak RSS/worker MiB':>20} {'save s':>7} {'load s':>7} {'ckpt MiB':>9}")
     for family in args.families.split(","):

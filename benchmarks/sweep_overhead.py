@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from benchmarks.suite_profile import busy_seconds  # noqa: E402
+from benchmarks.suite_profile import busy_seconds, cpu_model  # noqa: E402
 
 from gen_core.config import merge  # noqa: E402
 
@@ -91,7 +90,7 @@ def main() -> None:
             for name, checkout in checkouts:
                 runs.append({"checkout": name, "round": round_ + 1, **one_sweep(checkout, root, f"{name}-{round_}", params, env)})
                 print(f"round {round_ + 1} {name}: {runs[-1]['stage_s']:.0f} s, {runs[-1]['cpu_s']:.0f} busy CPU-s", file=sys.stderr)
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"# {time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores")
     print("| checkout | round | trial | status | reports | trial s | fid_classifier | fid |")
     print("|---|---|---|---|---|---|---|---|")
     for run in runs:
