@@ -178,7 +178,8 @@ def main() -> None:
                       "mean_busy_cpu_s": round(sum(r["busy_cpu_s"] for r in runs) / len(runs), 1), "runs": runs} for name, runs in rows.items()}  # fmt: skip
     for name, s in summary.items():
         print(f"{name}: mean wall {s['mean_wall_s']} s, mean busy CPU {s['mean_busy_cpu_s']} s over {len(s['runs'])} runs")
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {cpu_model()}", "cpu_model": cpu_model(),
+    model = cpu_model()
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {model}", "cpu_model": model,
               "run": "train_gan, tiny profile, 10 steps, 2 workers (DDP), checkpoint every 5, no in-training evaluation", "variants": summary}  # fmt: skip
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"-> {args.out}")
