@@ -97,12 +97,18 @@ def sweep_rows(args) -> None:
     evaluated = args.sweep / "eval" if (args.sweep / "eval").is_dir() else args.sweep / "metrics/eval"
     sweep = json.loads((evaluated / args.protocol / "ldm_guidance.json").read_text())
     rows = json.loads(args.out.read_text())
+    extra = {}
+    if args.train_wall_s:  # images seen: the swept weights' step times the batch their export's config trained with
+        if args.generator is None:
+            sys.exit("quality_rows: --train-wall-s with --sweep needs --generator (the swept export, for its batch size)")
+        batch = json.loads((args.generator / "generator.json").read_text())["config"]["ldm"]["global_batch_size"]
+        extra = {"train_wall_s": args.train_wall_s, "images_seen": sweep["step"] * batch}
     for point in sweep["curve"]:
         recipe = f"{args.recipe} g{point['guidance']:g}"
         row = {
             "family": "ldm", "recipe": recipe, "overrides": args.overrides.split(), "profile": args.profile,
             "protocol": {"name": sweep["protocol"], "id": sweep["protocol_id"], "num_samples": int(sweep["protocol_id"].split(":")[1].split("-")[0])},
-            "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"],
+            "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"], **extra,
             **{k: point[k] for k in METRICS}, "fid_floor": sweep["floor"]["fid"], "recall_floor": sweep["floor"]["recall"],
             "how": SWEEP_COMMAND, **provenance(args.note),
         }  # fmt: skip
