@@ -77,7 +77,7 @@ def main() -> None:
         extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")} if family in ("ldm", "t2i") else {}
         extra |= {k: record[k] for k in PAIRED if k in record}
         if args.train_wall_s:
-            extra |= {"train_wall_s": args.train_wall_s, "images_seen": step * meta["config"][family]["global_batch_size"]}
+            extra |= training_extent(meta, family, step, args.train_wall_s)
         if args.variant:
             autoencoder = json.loads((args.variant / "autoencoder.json").read_text())
             extra |= {"autoencoder_psnr_db": autoencoder["psnr_db"], "autoencoder_rfid": autoencoder["fid"], "autoencoder_rfid_images": autoencoder["fid_images"]}
@@ -98,11 +98,10 @@ def sweep_rows(args) -> None:
     sweep = json.loads((evaluated / args.protocol / "ldm_guidance.json").read_text())
     rows = json.loads(args.out.read_text())
     extra = {}
-    if args.train_wall_s:  # images seen: the swept weights' step times the batch their export's config trained with
+    if args.train_wall_s:
         if args.generator is None:
             sys.exit("quality_rows: --train-wall-s with --sweep needs --generator (the swept export, for its batch size)")
-        batch = json.loads((args.generator / "generator.json").read_text())["config"]["ldm"]["global_batch_size"]
-        extra = {"train_wall_s": args.train_wall_s, "images_seen": sweep["step"] * batch}
+        extra = training_extent(json.loads((args.generator / "generator.json").read_text()), "ldm", sweep["step"], args.train_wall_s)
     for point in sweep["curve"]:
         recipe = f"{args.recipe} g{point['guidance']:g}"
         row = {
@@ -118,6 +117,11 @@ def sweep_rows(args) -> None:
 
 
 SWEEP_COMMAND = "python -m pipelines.evaluate --family ldm --guidance-sweep"
+
+
+def training_extent(meta: dict, family: str, step: int, train_wall_s: float) -> dict:
+    """train_wall_s and images_seen: the exported step times the batch its export's config trained with."""
+    return {"train_wall_s": train_wall_s, "images_seen": step * meta["config"][family]["global_batch_size"]}
 
 
 def provenance(note: str) -> dict:
