@@ -411,6 +411,16 @@ class SamplerConfig(_Section):
     # Classifier-free guidance: 1 = conditional model as is, 0 = unconditional, > 1 = sharper classes.
     # 3: the default LDM's lowest FID with class accuracy >= 0.9 (benchmarks/RESULTS.md).
     guidance_scale: float = Field(3.0, ge=0)
+    # Guidance only at the steps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]; the others are
+    # the conditional model's, one network call instead of two (Kynkaanniemi et al. 2024). null: every step.
+    guidance_interval: tuple[float, float] | None = None
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, interval):
+        if interval is not None and not 0 <= interval[0] < interval[1]:
+            raise ValueError(f"[lo, hi] with 0 <= lo < hi (noise levels sigma_t), got {list(interval)}")
+        return interval
 
 
 class LdmConfig(TrainingConfig):

@@ -113,16 +113,17 @@ def per_sample_generators(seeds, device: torch.device | str = "cpu") -> list[tor
 def sample_diffusion(
     unet: nn.Module, schedule_config, labels: torch.Tensor, seeds, shape: tuple[int, ...], num_classes: int,
     sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0, device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None, guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Run the reverse process from seeded noise. Returns x_0 of shape (N, *shape), unclipped.
 
     labels: (N,) class ids in [0, num_classes). Guidance mixes the conditional and the "null"
-    class predictions: out = uncond + guidance_scale * (cond - uncond).
+    class predictions: out = uncond + guidance_scale * (cond - uncond), at every step or at the
+    steps whose noise level sigma_t lies in guidance_interval = (lo, hi].
     """
     generators = per_sample_generators(seeds, "cpu")
     return denoise(unet, schedule_config, check_labels(labels, num_classes), generators, shape, num_classes, sampler, num_steps,
-                   guidance_scale, device, autocast_dtype)  # fmt: skip
+                   guidance_scale, device, autocast_dtype, guidance_interval)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -293,6 +294,7 @@ class DiffusionGenerator:
             self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes,
             sampler or self.sampler.name, num_steps or self.sampler.num_steps,
             self.sampler.guidance_scale if guidance_scale is None else guidance_scale, device, autocast_dtype,
+            self.sampler.guidance_interval,
         )  # fmt: skip
         if self.vae is None:
             return latents.clamp(-1, 1)
@@ -305,6 +307,7 @@ class DiffusionGenerator:
         pipeline = GenforgeLatentDiffusionPipeline(
             self.unet, make_sampler("ddpm", self.schedule_config), self.vae, meta.get("class_names"), self.sampler.name,
             self.sampler.num_steps, self.sampler.guidance_scale, list(self.image_shape), self.edm_sigma_data,
+            list(self.sampler.guidance_interval) if self.sampler.guidance_interval else None,
         )  # fmt: skip
         pipeline.save_pretrained(directory, safe_serialization=True)
         index = json.loads((directory / "model_index.json").read_text())

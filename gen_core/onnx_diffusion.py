@@ -95,6 +95,7 @@ class OnnxDiffusionGenerator:
         latents = sample_diffusion(
             self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes, sampler or self.sampler.name,
             num_steps or self.sampler.num_steps, self.sampler.guidance_scale if guidance_scale is None else guidance_scale,
+            guidance_interval=self.sampler.guidance_interval,
         )  # fmt: skip
         if self.decoder is None:
             return latents.clamp(-1, 1)

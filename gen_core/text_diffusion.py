@@ -85,13 +85,14 @@ def text_diffusion_loss(unet: nn.Module, schedule: DDPMScheduler, x0: torch.Tens
 @torch.no_grad()
 def sample_text_diffusion(unet: UNet2DConditionModel, schedule_config, hidden: torch.Tensor, mask: torch.Tensor, null_hidden: torch.Tensor,
                           null_mask: torch.Tensor, seeds, shape: tuple[int, ...], sampler: str = "dpmsolver++", num_steps: int = 10,
-                          guidance_scale: float = 1.0, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+                          guidance_scale: float = 1.0, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                          guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:  # fmt: skip
     """Latents (K, *shape) for K prompts' states, sample i from seeds[i]; guidance against the empty prompt. Sample i depends
     only on (prompt i, seeds[i]): the same loop, noise and guidance batching as the class-conditional samplers."""
     table, table_mask = with_null(hidden, mask, null_hidden, null_mask)
     prompts = len(hidden)
     return sample_diffusion(PromptTable(unet, table, table_mask), schedule_config, torch.arange(prompts), seeds, shape, prompts,
-                            sampler, num_steps, guidance_scale, device, autocast_dtype)  # fmt: skip
+                            sampler, num_steps, guidance_scale, device, autocast_dtype, guidance_interval)  # fmt: skip
 
 
 @dataclass
@@ -130,6 +131,7 @@ class TextDiffusionGenerator:
             self.unet, self.schedule_config, encoded.hidden, encoded.mask, null.hidden, null.mask, seeds, self.latent_shape,
             sampler or self.sampler.name, num_steps or self.sampler.num_steps,
             self.sampler.guidance_scale if guidance_scale is None else guidance_scale, device, autocast_dtype,
+            self.sampler.guidance_interval,
         )  # fmt: skip
         return decode_latents(self.vae, latents).clamp(-1, 1)
 

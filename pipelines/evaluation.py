@@ -206,6 +206,7 @@ def guidance_sweep(cfg: RunConfig, family: str) -> dict:
         "step": model.meta["step"], "sampler": metrics["sampler"], "sampler_steps": metrics["sampler_steps"],
         "exported_guidance": model.meta["sampler"]["guidance_scale"], "class_accuracy_floor": sweep.class_accuracy_floor,
         "chosen": chosen and chosen["guidance"], "curve": curve,
+        **({"guidance_interval": metrics["guidance_interval"]} if "guidance_interval" in metrics else {}),
     }  # fmt: skip
     out = Path(cfg.eval_file(family)).with_name(f"{family}_guidance.json")
     atomic_write_json(out, record)
@@ -251,7 +252,8 @@ def plot_guidance(record: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(scales, [p["fid"] for p in record["curve"]], marker="o", color="C0", label="FID")
     ax.axhline(record["floor"]["fid"], color="C0", linestyle="--", linewidth=0.8, label="FID floor (real vs real)")
-    ax.set(xlabel="classifier-free guidance scale", ylabel="FID", title=f"{record['sampler']} {record['sampler_steps']} steps, step {record['step']}: "
+    interval = f", guided at sigma in ({record['guidance_interval'][0]:g}, {record['guidance_interval'][1]:g}]" if record.get("guidance_interval") else ""
+    ax.set(xlabel="classifier-free guidance scale", ylabel="FID", title=f"{record['sampler']} {record['sampler_steps']} steps{interval}, step {record['step']}: "
            f"{record['protocol_id']}")  # fmt: skip
     ax.title.set_fontsize(8)
     right = ax.twinx()
@@ -377,4 +379,6 @@ def sampler_settings(gen_meta: dict) -> dict:
     sampler = gen_meta.get("sampler")
     if not sampler:
         return {}
-    return {"sampler": sampler["name"], "sampler_steps": sampler["num_steps"], "guidance_scale": sampler["guidance_scale"]}
+    interval = sampler.get("guidance_interval")  # only where set: a run without one records what it did before
+    return {"sampler": sampler["name"], "sampler_steps": sampler["num_steps"], "guidance_scale": sampler["guidance_scale"],
+            **({"guidance_interval": list(interval)} if interval else {})}  # fmt: skip

@@ -13,7 +13,7 @@ from gen_core.diffusion import (
     AutoencoderRoundTrip, DiffusionGenerator, autoencoder_loss, build_autoencoder, build_denoiser, diffusion_loss, edm_loss, min_snr_weight,
     psnr, sample_diffusion, training_schedule,
 )  # fmt: skip
-from gen_core.diffusers_pipeline import EDM_TIMESTEP_SCALE, EDMDenoiser, edm_preconditioning, make_sampler
+from gen_core.diffusers_pipeline import EDM_TIMESTEP_SCALE, EDMDenoiser, edm_preconditioning, log_sigmas, make_sampler, timestep_sigma
 from gen_core.sampling import to_unit
 from gen_core.training import autocast_dtype, cooldown
 from tests.conftest import REPO, tiny_params, upstream_sections
@@ -78,6 +78,37 @@ def test_guidance_changes_samples_and_scale_one_is_conditional(label_sensitive_u
     assert (other_class[0] - conditional[0]).abs().mean() > 1e-4 and torch.allclose(other_class[1], conditional[1], atol=1e-5)
 
 
+def test_guidance_in_an_interval_guides_only_the_steps_whose_noise_level_lies_in_it(label_sensitive_unet, schedule_config):
+    """DPM-Solver++ 10 steps on the linear schedule visit sigma_t = 157.4, 60.3, 25.5, 11.9, 6.1, 3.4, 2.0, 1.24, 0.72, 0.34:
+    (0.5, 7] guides the five from 6.1 to 0.72, each with a doubled batch (conditional + null class), the others with one."""
+    batches = []
+
+    def counting(sample, timestep, class_labels=None, return_dict=False):
+        batches.append(len(sample))
+        return label_sensitive_unet(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+
+    def draw(guidance, interval):
+        batches.clear()
+        return sample_diffusion(counting, schedule_config, torch.tensor([4, 5]), [1, 2], (4, 8, 8), NUM_CLASSES, "dpmsolver++", 10,
+                                guidance, guidance_interval=interval)  # fmt: skip
+
+    assert draw(3.0, (0.5, 7.0)) is not None and batches == [2, 2, 2, 2, 4, 4, 4, 4, 4, 2]
+    partial = draw(3.0, (5.0, 30.0))
+    assert batches == [2, 2, 4, 4, 4, 2, 2, 2, 2, 2]
+    everywhere, conditional = draw(3.0, None), draw(1.0, None)
+    assert batches == [2] * 10
+    assert torch.equal(draw(3.0, (0.0, 1e4)), everywhere) and torch.equal(draw(3.0, (200.0, 1e4)), conditional)
+    assert not torch.equal(partial, everywhere) and not torch.equal(partial, conditional)  # (an untrained net: its guidance at sigma < 30 moves little)
+
+
+def test_a_timesteps_noise_level_is_the_samplers_own(schedule_config):
+    """guided_steps reads sigma_t off the training schedule at each sampler timestep, fractional ones too: Heun's timesteps
+    on Karras noise levels map back to the sigmas it steps through."""
+    heun = make_sampler("heun", schedule_config)
+    heun.set_timesteps(6)
+    torch.testing.assert_close(timestep_sigma(log_sigmas(schedule_config), heun.timesteps), heun.sigmas[:-1].float(), rtol=1e-3, atol=0)
+
+
 def test_out_of_range_label_is_a_clear_error(unet, schedule_config):
     with pytest.raises(ValueError, match=r"class label out of range: got 0\.\.10, model has 0\.\.9"):
         sample(unet, schedule_config, [0, 10], [1, 2], "ddim")
@@ -99,6 +130,9 @@ def test_out_of_range_label_is_a_clear_error(unet, schedule_config):
         ({"edm": {"p_std": 0}}, "ldm.edm.p_std: Input should be greater than 0"),
         ({"denoiser": {"preset": "m", "layers_per_block": 1}}, "ldm.denoiser: preset m sets layers_per_block: leave it out, or set preset: null"),
         ({"denoiser": {"preset": "xl"}}, "ldm.denoiser.preset: Input should be 's', 'm' or 'l'"),
+        ({"sampler": {"guidance_interval": [3, 1]}}, "ldm.sampler.guidance_interval: [lo, hi] with 0 <= lo < hi (noise levels sigma_t), got [3.0, 1.0]"),
+        ({"sampler": {"guidance_interval": [-1, 1]}}, "ldm.sampler.guidance_interval: [lo, hi] with 0 <= lo < hi"),
+        ({"sampler": {"guidance_interval": [1]}}, "ldm.sampler.guidance_interval.1: Field required (got [1])"),
     ],
 )  # fmt: skip
 def test_sampler_and_denoiser_config_is_validated(ldm, message):
@@ -270,16 +304,16 @@ def test_autoencoder_round_trip_on_real_digits(real_digits):
     assert psnr(held_out, reconstruction).mean() > 18
 
 
-@pytest.mark.parametrize("backbone, sampler, edm_sigma_data", [("unet", "ddim", None), ("unet", "dpmsolver++", 0.9), ("unet", "heun", None),
-                                                             ("dit", "dpmsolver++", None)])  # fmt: skip
-def test_export_and_reload_give_identical_samples(tmp_path, backbone, sampler, edm_sigma_data):
+@pytest.mark.parametrize("backbone, sampler, edm_sigma_data, interval", [("unet", "ddim", None, None), ("unet", "dpmsolver++", 0.9, None),
+                                                                       ("unet", "heun", None, (0.5, 20.0)), ("dit", "dpmsolver++", None, None)])  # fmt: skip
+def test_export_and_reload_give_identical_samples(tmp_path, backbone, sampler, edm_sigma_data, interval):
     """The exported model samples as the trained one did: the same weights and the same sampler settings (before, a
     reloaded schedule gave DPM-Solver++ and Heun DDPM's "leading" timesteps, from t = 900, and the in-training model 999)."""
     torch.manual_seed(1)
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
     unet = tiny_denoiser(backbone, channels=4, sample_size=8)
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
-                               SamplerConfig(name=sampler, num_steps=4, guidance_scale=2.0), (1, 32, 32), edm_sigma_data)  # fmt: skip
+                               SamplerConfig(name=sampler, num_steps=4, guidance_scale=2.0, guidance_interval=interval), (1, 32, 32), edm_sigma_data)  # fmt: skip
     model.save_pretrained(tmp_path, {"step": 3})
     assert {p.name for p in tmp_path.iterdir()} == {"unet", "vae", "scheduler", "generator.json", "model_index.json", "genforge_pipeline.py"}
     assert type(DiffusionGenerator.from_pretrained(tmp_path)[0].unet) is type(unet)
@@ -293,15 +327,16 @@ def test_export_and_reload_give_identical_samples(tmp_path, backbone, sampler, e
         logging.getLogger("diffusers").removeHandler(handler)
     assert warnings == []  # quietly: before, a notice to install `accelerate` on every load
     assert meta["step"] == 3 and reloaded.vae.config.scaling_factor == pytest.approx(0.7) and reloaded.edm_sigma_data == edm_sigma_data
+    assert reloaded.sampler == model.sampler
     labels, seeds = torch.tensor([0, 5, 9]), [7, 8, 9]
     images = model.sample(labels, seeds)
     assert images.shape == (3, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
     assert torch.equal(images, reloaded.sample(labels, seeds))
 
 
-@pytest.mark.parametrize("space, edm_sigma_data, backbone", [("latent", None, "unet"), ("pixel", None, "unet"), ("latent", 1.1, "unet"),
-                                                            ("latent", None, "dit")])  # fmt: skip
-def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space, edm_sigma_data, backbone):
+@pytest.mark.parametrize("space, edm_sigma_data, backbone, interval", [("latent", None, "unet", None), ("pixel", None, "unet", None),
+                                                                      ("latent", 1.1, "unet", (0.5, 20.0)), ("latent", None, "dit", None)])  # fmt: skip
+def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space, edm_sigma_data, backbone, interval):
     """DiffusionPipeline.from_pretrained(export) with diffusers alone (the class comes from the genforge_pipeline.py beside
     model_index.json, a DiT's from unet/genforge_dit.py): class ids or names, the exported sampler settings by default,
     and with one generator per image seeded like genforge's samples, the same images."""
@@ -311,12 +346,12 @@ def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path,
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval() if space == "latent" else None
     unet = tiny_denoiser(backbone, channels=4 if vae else 1, sample_size=8 if vae else 32)
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
-                               SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0), (1, 32, 32), edm_sigma_data)  # fmt: skip
+                               SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0, guidance_interval=interval), (1, 32, 32), edm_sigma_data)  # fmt: skip
     names = [f"class {i}" for i in range(NUM_CLASSES)]
     model.save_pretrained(tmp_path, {"class_names": names})
     pipe = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, low_cpu_mem_usage=False)
     assert type(pipe).__name__ == "GenforgeLatentDiffusionPipeline" and (pipe.vae is None) == (space == "pixel")
-    assert type(pipe.unet).__name__ == type(unet).__name__
+    assert type(pipe.unet).__name__ == type(unet).__name__ and pipe.config.guidance_interval == (list(interval) if interval else None)
     seeds = [4, 5]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     images = pipe(class_labels=[1, "CLASS 8"], generator=generators, output_type="pt").images
