@@ -74,7 +74,8 @@ def main() -> None:
         generator = args.variant / family if args.variant else args.generator or project / "models" / family
         step = json.loads((generator / "generator.json").read_text()).get("step")
         meta = json.loads((generator / "generator.json").read_text())
-        extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps")} if family in ("ldm", "t2i") else {}
+        extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps"),
+                 **interval(record)} if family in ("ldm", "t2i") else {}  # fmt: skip
         extra |= {k: record[k] for k in PAIRED if k in record}
         if args.train_wall_s:
             extra |= training_extent(meta, family, step, args.train_wall_s)
@@ -107,7 +108,7 @@ def sweep_rows(args) -> None:
         row = {
             "family": "ldm", "recipe": recipe, "overrides": args.overrides.split(), "profile": args.profile,
             "protocol": {"name": sweep["protocol"], "id": sweep["protocol_id"], "num_samples": int(sweep["protocol_id"].split(":")[1].split("-")[0])},
-            "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"], **extra,
+            "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"], **interval(sweep), **extra,
             **{k: point[k] for k in METRICS}, "fid_floor": sweep["floor"]["fid"], "recall_floor": sweep["floor"]["recall"],
             "how": SWEEP_COMMAND, **provenance(args.note),
         }  # fmt: skip
@@ -117,6 +118,11 @@ def sweep_rows(args) -> None:
 
 
 SWEEP_COMMAND = "python -m pipelines.evaluate --family ldm --guidance-sweep"
+
+
+def interval(record: dict) -> dict:
+    """{"guidance_interval": [lo, hi]} where the model was guided in a noise interval only; {} where at every step."""
+    return {"guidance_interval": record["guidance_interval"]} if record.get("guidance_interval") else {}
 
 
 def training_extent(meta: dict, family: str, step: int, train_wall_s: float) -> dict:
