@@ -103,7 +103,6 @@ def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], devi
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
-@torch.no_grad()
 def guided_steps(timesteps: torch.Tensor, schedule_config, guidance_scale: float, interval: tuple[float, float] | None) -> list[bool]:
     """Which steps mix in the null class: all when guidance is on and `interval` is None; with an interval (lo, hi),
     those whose noise level sigma_t lies in (lo, hi] (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval
@@ -119,6 +118,7 @@ def guided_steps(timesteps: torch.Tensor, schedule_config, guidance_scale: float
     return [bool(low < sigma <= high) for sigma in sigmas.tolist()]
 
 
+@torch.no_grad()
 def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.Generator], shape: tuple[int, ...], num_classes: int,
             sampler: str, num_steps: int, guidance_scale: float, device, autocast_dtype: torch.dtype | None = None,
             guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:  # fmt: skip

@@ -98,6 +98,7 @@ def test_guidance_in_an_interval_guides_only_the_steps_whose_noise_level_lies_in
     everywhere, conditional = draw(3.0, None), draw(1.0, None)
     assert batches == [2] * 10
     assert torch.equal(draw(3.0, (0.0, 1e4)), everywhere) and torch.equal(draw(3.0, (200.0, 1e4)), conditional)
+    assert not partial.requires_grad  # sampling records no graph
     assert not torch.equal(partial, everywhere) and not torch.equal(partial, conditional)  # (an untrained net: its guidance at sigma < 30 moves little)
 
 
