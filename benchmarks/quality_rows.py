@@ -72,8 +72,8 @@ def main() -> None:
         evaluated = args.variant / "eval" if args.variant else args.evaluated or project / "metrics/eval"
         record = json.loads((evaluated / args.protocol / f"{family}.json").read_text())
         generator = args.variant / family if args.variant else args.generator or project / "models" / family
-        step = json.loads((generator / "generator.json").read_text()).get("step")
         meta = json.loads((generator / "generator.json").read_text())
+        step = meta.get("step")
         extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps"),
                  **interval(record)} if family in ("ldm", "t2i") else {}  # fmt: skip
         extra |= {k: record[k] for k in PAIRED if k in record}
