@@ -254,8 +254,8 @@ class AdversarialConfig(_Section):
 class AutoencoderConfig(TrainingConfig):
     """`train_autoencoder`: KL-regularised autoencoder (diffusers AutoencoderKL) for latent diffusion."""
 
-    # rfid_images only sizes the export's reconstruction FID
-    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"rfid_images"}
+    # rfid_images only sizes the export's reconstruction FID; latent_normalisation is measured at export
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"rfid_images", "latent_normalisation"}
 
     downsample_factor: int = Field(4, ge=1, le=32)  # latents are resolution / factor on a side
     latent_channels: int = Field(4, ge=1)
@@ -271,6 +271,9 @@ class AutoencoderConfig(TrainingConfig):
     sample_grid_seed: int = 0
     rfid_images: int | None = Field(500, ge=10)  # eval images whose reconstructions get an Inception FID; None: all
     adversarial: AdversarialConfig = AdversarialConfig()
+    # how the export normalises latents for the denoiser: "global" one scale, 1/std over all channels (Stable Diffusion);
+    # "per_channel" each channel's mean and std (EDM2 on SD latents; diffusers' latents_mean / latents_std)
+    latent_normalisation: Literal["global", "per_channel"] = "global"
 
     def resume_signature(self) -> dict:
         """The adversarial block counts only when it is on, and the perceptual network only when it is not the LPIPS

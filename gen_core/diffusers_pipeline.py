@@ -53,6 +53,34 @@ def timestep_sigma(log_sigmas: torch.Tensor, timestep) -> torch.Tensor:
     return ((1 - weight) * log_sigmas[low] + weight * log_sigmas[high]).exp()
 
 
+def _channel_statistics(vae_config, like: torch.Tensor):
+    """diffusers' per-channel latent statistics (`latents_mean`, `latents_std` in an AutoencoderKL's config, as SDXL-derived
+    models carry them), shaped to broadcast over `like` (N, c, h, w); (None, None) when the config has none."""
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
+    if mean is None or std is None:
+        return None, None
+    shape = (1, len(mean), 1, 1)
+    return (torch.tensor(mean, dtype=like.dtype, device=like.device).view(shape),
+            torch.tensor(std, dtype=like.dtype, device=like.device).view(shape))  # fmt: skip
+
+
+def to_denoiser_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The autoencoder's latents (posterior means) -> the denoiser's: `z * scaling_factor` (one scale for every channel, as
+    Stable Diffusion), or `(z - latents_mean) * scaling_factor / latents_std` per channel when the config has those."""
+    mean, std = _channel_statistics(vae_config, latents)
+    if mean is None:
+        return latents * vae_config["scaling_factor"]
+    return (latents - mean) * vae_config["scaling_factor"] / std
+
+
+def from_denoiser_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The inverse of `to_denoiser_latents`: what the autoencoder's decoder takes."""
+    mean, std = _channel_statistics(vae_config, latents)
+    if mean is None:
+        return latents / vae_config["scaling_factor"]
+    return latents * std / vae_config["scaling_factor"] + mean
+
+
 class EDMDenoiser(torch.nn.Module):
     """An EDM-trained network F, called as diffusers' samplers call an epsilon network: (x_t, timestep) -> epsilon.
 
@@ -147,8 +175,8 @@ def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.
 
 class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
     """Class-conditional diffusion with classifier-free guidance: a UNet2DModel with a class embedding (label
-    `num_classes` is the null class), in an AutoencoderKL's latent space (`vae`, scaled by its scaling_factor) or on
-    pixels (`vae` None). `scheduler` is the training noise schedule; the sampler is built from it per call. With
+    `num_classes` is the null class), in an AutoencoderKL's latent space (`vae`; `to_denoiser_latents` normalises them by
+    its config) or on pixels (`vae` None). `scheduler` is the training noise schedule; the sampler is built from it per call. With
     `edm_sigma_data` the UNet is an EDM network, sampled through EDMDenoiser."""
 
     model_cpu_offload_seq = "unet->vae"
@@ -202,7 +230,7 @@ class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
             self.config.guidance_scale if guidance_scale is None else guidance_scale, self.unet.device,
             guidance_interval=getattr(self.config, "guidance_interval", None),  # older exports: every step
         )  # fmt: skip
-        images = latents if self.vae is None else self.vae.decode(latents / self.vae.config.scaling_factor).sample.float()
+        images = latents if self.vae is None else self.vae.decode(from_denoiser_latents(latents, self.vae.config)).sample.float()
         images = ((images.clamp(-1, 1) + 1) / 2).cpu()
         if output_type == "pt":
             output = images

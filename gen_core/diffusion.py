@@ -29,7 +29,8 @@ from torch import nn
 from gen_core.errors import LatentMismatchError
 from gen_core.config import AutoencoderConfig, DenoiserConfig, EdmConfig, NoiseScheduleConfig, SamplerConfig
 from gen_core import diffusers_pipeline, dit
-from gen_core.diffusers_pipeline import EDM_TIMESTEP_SCALE, EDMDenoiser, GenforgeLatentDiffusionPipeline, denoise, edm_preconditioning, make_sampler
+from gen_core.diffusers_pipeline import (EDM_TIMESTEP_SCALE, EDMDenoiser, GenforgeLatentDiffusionPipeline, denoise, edm_preconditioning,
+                                        from_denoiser_latents, make_sampler)  # fmt: skip
 from gen_core.dit import GenforgeDiT
 from gen_core.latents import PRETRAINED
 from gen_core.sampling import check_labels
@@ -349,8 +350,8 @@ def diffusion_generator(ldm, data, unet: UNet2DModel | GenforgeDiT, vae: Autoenc
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (as the denoiser sees them) -> images."""
-    return vae.decode(latents / vae.config.scaling_factor).sample.float()
+    """Normalised latents (as the denoiser sees them) -> images."""
+    return vae.decode(from_denoiser_latents(latents, vae.config)).sample.float()
 
 
 def check_latent_match(denoiser_channels: int, vae: AutoencoderKL, where: str) -> None:

@@ -1,10 +1,12 @@
 """The latent-diffusion family's files: the exported autoencoder and the cached latents tied to it.
 
-- An exported autoencoder is a diffusers `AutoencoderKL` directory whose config holds
-  `scaling_factor` = 1 / std of the train split's latents (as Stable Diffusion does).
+- An exported autoencoder is a diffusers `AutoencoderKL` directory whose config says how its latents are normalised for
+  the denoiser (gen_core.diffusers_pipeline.to_denoiser_latents): `scaling_factor` = 1 / std of the train split's latents
+  (one scale, as Stable Diffusion does), or, with `autoencoder.latent_normalisation: per_channel`, `latents_mean` and
+  `latents_std` per channel (diffusers' names, as SDXL-derived models carry them) and `scaling_factor` 1.
   `autoencoder_digest` (sha256 of its weights) is what latents and denoisers are tied to.
 - Cached latents: <dir>/latents.safetensors (posterior means, unscaled, (N, c, r, r) float32, plus
-  labels) and latents.json, which records the autoencoder's digest, latent channels and scale.
+  labels) and latents.json, which records the autoencoder's digest, latent channels and normalisation.
   `load_latents` refuses latents whose record does not match the autoencoder it is given.
 """
 
@@ -17,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from gen_core.diffusers_pipeline import to_denoiser_latents
 from gen_core.errors import CheckpointError, LatentMismatchError
 from gen_core.io import atomic_directory, sha256_file
 from gen_core.sampling import image_grid, png_bytes, to_uint8, to_unit
@@ -47,11 +50,20 @@ def load_autoencoder(directory: str | Path) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(directory, **PRETRAINED).eval()
 
 
+NORMALISATION_KEYS = ("scaling_factor", "latents_mean", "latents_std")  # an AutoencoderKL config's; the last two only per channel
+
+
+def normalisation(vae_config) -> dict:
+    """The config's entries that normalise latents for the denoiser; the per-channel ones only when set (so records of
+    autoencoders with one scale read as they did before the choice existed)."""
+    return {key: vae_config[key] for key in NORMALISATION_KEYS if vae_config.get(key) is not None}
+
+
 def autoencoder_record(directory: str | Path) -> dict:
-    """What a denoiser is tied to: the autoencoder's weights, latent channels and scale."""
+    """What a denoiser is tied to: the autoencoder's weights, latent channels and latent normalisation."""
     sha256 = autoencoder_digest(directory)
     config = json.loads((Path(directory) / "config.json").read_text())
-    return {"sha256": sha256, "latent_channels": config["latent_channels"], "scaling_factor": config["scaling_factor"]}
+    return {"sha256": sha256, "latent_channels": config["latent_channels"], **normalisation(config)}
 
 
 @torch.no_grad()
@@ -75,10 +87,15 @@ def reconstruction_grid_png(vae, images_uint8: torch.Tensor) -> bytes:
 
 
 @torch.no_grad()
-def latent_std(vae, images_uint8: torch.Tensor, batch_size: int = 500) -> float:
-    """Std of the posterior means over `images_uint8`: 1/std scales latents to unit variance (SD's 0.18215)."""
+def latent_normalisation(vae, images_uint8: torch.Tensor, per_channel: bool = False, batch_size: int = 500) -> dict:
+    """How the posterior means of `images_uint8` reach zero mean, unit variance for the denoiser -> the config entries
+    (`to_denoiser_latents`): {"scaling_factor": 1/std} over all channels (SD's 0.18215), or per channel
+    {"scaling_factor": 1, "latents_mean": [...], "latents_std": [...]}."""
     latents = torch.cat([vae.encode(to_unit(images_uint8[s : s + batch_size])).latent_dist.mode() for s in range(0, len(images_uint8), batch_size)])
-    return float(latents.float().std())
+    latents = latents.float()
+    if not per_channel:
+        return {"scaling_factor": 1.0 / float(latents.std())}
+    return {"scaling_factor": 1.0, "latents_mean": latents.mean(dim=(0, 2, 3)).tolist(), "latents_std": latents.std(dim=(0, 2, 3)).tolist()}
 
 
 # ---------------------------------------------------------------------------
@@ -93,7 +110,7 @@ def save_latents(out_dir: str | Path, latents: torch.Tensor, labels: torch.Tenso
 
 
 def load_latents(directory: str | Path, autoencoder_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """-> (scaled latents (N, c, r, r), labels (N,), record), after checking they belong to the autoencoder."""
+    """-> (normalised latents (N, c, r, r), labels (N,), record), after checking they belong to the autoencoder."""
     directory = Path(directory)
     try:
         record = json.loads((directory / "latents.json").read_text())
@@ -102,7 +119,11 @@ def load_latents(directory: str | Path, autoencoder_dir: str | Path) -> tuple[to
         raise LatentMismatchError(f"{directory}: no cached latents (run the encode_latents stage first)") from None
     vae_config = json.loads((Path(autoencoder_dir) / "config.json").read_text())
     check_latents(record, tensors["latents"], vae_config, autoencoder_digest(autoencoder_dir), str(directory))
-    return tensors["latents"] * record["scaling_factor"], tensors["labels"], record
+    return to_denoiser_latents(tensors["latents"], vae_config), tensors["labels"], record
+
+
+def _values(statistics) -> list[float] | None:
+    return None if statistics is None else [float(v) for v in statistics]
 
 
 def check_latents(record: dict, latents: torch.Tensor, vae_config: dict, vae_sha256: str, where: str) -> None:
@@ -114,5 +135,8 @@ def check_latents(record: dict, latents: torch.Tensor, vae_config: dict, vae_sha
         raise LatentMismatchError(
             f"{where}: latents were scaled by {record['scaling_factor']:.6g}, autoencoder uses {vae_config['scaling_factor']:.6g}; rerun encode_latents"
         )
+    if any(_values(record.get(key)) != _values(vae_config.get(key)) for key in NORMALISATION_KEYS[1:]):
+        raise LatentMismatchError(f"{where}: latents were recorded with other per-channel statistics (latents_mean, latents_std) "
+                                  "than the autoencoder's; rerun encode_latents")  # fmt: skip
     if record["autoencoder_sha256"] != vae_sha256:
         raise LatentMismatchError(f"{where}: latents come from a different autoencoder (weights sha256 differs); rerun encode_latents")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gen_core.diffusers_pipeline import from_denoiser_latents
 from gen_core.diffusion import DiffusionGenerator, sample_diffusion
 from gen_core.onnx_gan import ort_session, write_onnx
 
@@ -31,14 +32,18 @@ class _Denoiser(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """Scaled latents (as the denoiser sees them) -> images, as gen_core.diffusion.decode_latents."""
+    """Normalised latents (as the denoiser sees them) -> images, as gen_core.diffusion.decode_latents."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
-        self.vae, self.scale = vae, float(vae.config.scaling_factor)
+        self.vae = vae
+        # from_denoiser_latents is an affine map per channel: latents * scale + shift, kept as constants of the graph
+        zero = torch.zeros(1, vae.config.latent_channels, 1, 1)
+        self.register_buffer("shift", from_denoiser_latents(zero, vae.config))
+        self.register_buffer("scale", from_denoiser_latents(zero + 1, vae.config) - self.shift)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scale).sample
+        return self.vae.decode(latents * self.scale + self.shift).sample
 
 
 def export_diffusion_onnx(model: DiffusionGenerator, directory: str | Path) -> dict[str, str]:

@@ -4,7 +4,7 @@
 
 Writes <latents.out_dir>/latents.safetensors (posterior means, unscaled, (N, c, r, r) float32,
 plus labels) and latents.json, which ties them to the autoencoder: its weights' sha256, latent
-channels and scaling factor (gen_core.latents). train_ldm refuses latents whose record does not
+channels and latent normalisation (gen_core.latents). train_ldm refuses latents whose record does not
 match the autoencoder it is given.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from gen_core.config import RunConfig
 from gen_core.data import dataset_hash, load_split
-from gen_core.latents import autoencoder_digest, load_autoencoder, save_latents
+from gen_core.latents import autoencoder_digest, load_autoencoder, normalisation, save_latents
 from gen_core.sampling import to_unit
 from pipelines.common import absolute, format_duration, log, run_stage
 
@@ -37,7 +37,7 @@ def run(cfg: RunConfig) -> dict:
     latents = torch.cat(latents)
     record = {
         "autoencoder_sha256": autoencoder_digest(cfg.outputs.autoencoder.out_dir), "latent_channels": vae.config.latent_channels,
-        "scaling_factor": vae.config.scaling_factor, "count": len(latents), "shape": list(latents.shape[1:]),
+        **normalisation(vae.config), "count": len(latents), "shape": list(latents.shape[1:]),
         "data_hash": dataset_hash(absolute(cfg.data.out_dir)),
     }  # fmt: skip
     save_latents(cfg.latents.out_dir, latents, torch.from_numpy(split.labels), record)

@@ -5,7 +5,9 @@
 Same driver as the GAN (pipelines.ray_train): ray.strategy workers, resume from storage, MLflow run.
 Outputs:
   <outputs.autoencoder.out_dir>/  AutoencoderKL in diffusers format; its config's `scaling_factor` is
-                                  1 / std of the train split's latents, measured after training;
+                                  1 / std of the train split's latents, measured after training (or, with
+                                  autoencoder.latent_normalisation per_channel, 1 beside each channel's
+                                  `latents_mean` and `latents_std`);
                                   autoencoder.json: provenance + metrics; samples.png: eval images over
                                   their reconstructions
   outputs.autoencoder.metrics_file  reconstruction PSNR (dB) and FID of the eval split (DVC metrics)
@@ -24,7 +26,7 @@ from gen_core.config import RunConfig
 from gen_core.data import load_split
 from gen_core.diffusion import AutoencoderRoundTrip, PatchDiscriminator, adaptive_weight, autoencoder_loss, build_autoencoder, patch_hinge_loss, psnr
 from gen_core.io import atomic_write_json
-from gen_core.latents import latent_std, reconstruct, reconstruction_grid_png
+from gen_core.latents import latent_normalisation, reconstruct, reconstruction_grid_png
 from gen_core.lpips import LpipsWeightsError, load_lpips
 from gen_core.metrics import fid_from_stats, inception_stats, load_inception, load_inception_reference
 from gen_core.sampling import to_uint8, to_unit
@@ -163,8 +165,9 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: Ru
         vae.load_state_dict(weights["vae"])
         vae.eval()
         train_images = torch.from_numpy(load_split(context.data_uri, "train").images[:10_000])
-        scaling_factor = 1.0 / latent_std(vae, train_images)
-        vae.register_to_config(scaling_factor=scaling_factor)
+        normalisation = latent_normalisation(vae, train_images, per_channel=a.latent_normalisation == "per_channel")
+        vae.register_to_config(**normalisation)
+        scaling_factor = normalisation["scaling_factor"]
 
         evals = torch.from_numpy(load_split(context.data_uri, "eval").images)
         reconstruction = reconstruct(vae, evals)

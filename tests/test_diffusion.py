@@ -336,16 +336,52 @@ def test_export_and_reload_give_identical_samples(tmp_path, backbone, sampler, e
     assert torch.equal(images, reloaded.sample(labels, seeds))
 
 
+PER_CHANNEL = {"scaling_factor": 1.0, "latents_mean": [0.3, -0.8, 0.0, 0.1], "latents_std": [0.6, 1.3, 1.0, 0.9]}
+
+
+def per_channel_autoencoder():
+    """A 4-channel autoencoder whose config normalises latents per channel, as an export with
+    autoencoder.latent_normalisation per_channel is written."""
+    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1).eval()
+    vae.register_to_config(**PER_CHANNEL)
+    return vae
+
+
+def test_latents_are_normalised_by_one_scale_or_per_channel_and_back():
+    from gen_core.diffusers_pipeline import from_denoiser_latents, to_denoiser_latents
+    from gen_core.latents import latent_normalisation
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1).eval()
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([2.0, -1.0, 0.0, 0.5])  # posterior means off centre, per channel
+    images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = vae.encode(to_unit(images)).latent_dist.mode()
+        one, per = latent_normalisation(vae, images, batch_size=40), latent_normalisation(vae, images, per_channel=True, batch_size=40)
+    assert set(one) == {"scaling_factor"} and one["scaling_factor"] == pytest.approx(1 / z.std().item(), rel=1e-5)
+    assert torch.equal(to_denoiser_latents(z, one), z * one["scaling_factor"])  # an autoencoder of before: as it was
+    assert per["scaling_factor"] == 1.0 and len(per["latents_mean"]) == len(per["latents_std"]) == 4
+    normalised = to_denoiser_latents(z, per)
+    assert normalised.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (normalised.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4
+    assert z.mean(dim=(0, 2, 3)).abs().max() > 0.3  # the per-channel offsets were there to remove
+    for config in (one, per):
+        assert (from_denoiser_latents(to_denoiser_latents(z, config), config) - z).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("space, edm_sigma_data, backbone, interval", [("latent", None, "unet", None), ("pixel", None, "unet", None),
-                                                                      ("latent", 1.1, "unet", (0.5, 20.0)), ("latent", None, "dit", None)])  # fmt: skip
+                                                                      ("latent", 1.1, "unet", (0.5, 20.0)), ("latent", None, "dit", None),
+                                                                      ("latent per channel", None, "unet", None)])  # fmt: skip
 def test_an_export_is_a_diffusers_pipeline_that_draws_genforges_images(tmp_path, space, edm_sigma_data, backbone, interval):
     """DiffusionPipeline.from_pretrained(export) with diffusers alone (the class comes from the genforge_pipeline.py beside
     model_index.json, a DiT's from unet/genforge_dit.py): class ids or names, the exported sampler settings by default,
-    and with one generator per image seeded like genforge's samples, the same images."""
+    and with one generator per image seeded like genforge's samples, the same images (an autoencoder normalising its
+    latents per channel too)."""
     from diffusers import DiffusionPipeline
 
     torch.manual_seed(2)
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval() if space == "latent" else None
+    vae = per_channel_autoencoder() if space == "latent per channel" else vae
     unet = tiny_denoiser(backbone, channels=4 if vae else 1, sample_size=8 if vae else 32)
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), NUM_CLASSES,
                                SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0, guidance_interval=interval), (1, 32, 32), edm_sigma_data)  # fmt: skip
@@ -388,6 +424,13 @@ def test_cached_latents_must_match_the_autoencoder():
         check_latents(record, latents, {"latent_channels": 4, "scaling_factor": 0.6}, "a", "cache")
     with pytest.raises(LatentMismatchError, match="different autoencoder"):
         check_latents(record, latents, {"latent_channels": 4, "scaling_factor": 0.5}, "b", "cache")
+    per_channel = {"latent_channels": 4, **PER_CHANNEL}
+    check_latents({**record, **PER_CHANNEL}, latents, per_channel, "a", "cache")
+    for stale in (record, {**record, **PER_CHANNEL, "latents_std": [0.6, 1.3, 1.0, 1.0]}):
+        with pytest.raises(LatentMismatchError, match=r"other per-channel statistics \(latents_mean, latents_std\)"):
+            check_latents({**stale, "scaling_factor": 1.0}, latents, per_channel, "a", "cache")
+    with pytest.raises(LatentMismatchError, match="per-channel"):  # per-channel latents, an autoencoder of one scale
+        check_latents({**record, **PER_CHANNEL}, latents, {"latent_channels": 4, "scaling_factor": 1.0}, "a", "cache")
 
 
 # ---------------------------------------------------------------------------
@@ -447,6 +490,15 @@ def test_the_adversarial_block_off_leaves_run_names_alone_and_needs_ddp_on():
         training_job(load_config(REPO / "params.yaml", ["autoencoder.adversarial.weight=0.5", "ray.strategy=fsdp"]))
     assert str(err.value) == ("autoencoder.adversarial: needs ray.strategy ddp, not fsdp (its adaptive weight takes gradients at the "
                               "decoder's last layer, which fsdp and deepspeed shard)")
+
+
+def test_latent_normalisation_is_read_at_export_so_a_run_keeps_its_name_and_a_wrong_value_is_refused():
+    from gen_core.config import load_config
+
+    per_channel = load_config(REPO / "params.yaml", ["autoencoder.latent_normalisation=per_channel"])
+    assert per_channel.autoencoder.resume_signature() == load_config(REPO / "params.yaml").autoencoder.resume_signature()
+    with pytest.raises(ConfigError, match=r"params.yaml: autoencoder.latent_normalisation: Input should be 'global' or 'per_channel' \(got 'channel'\)$"):
+        load_config(REPO / "params.yaml", ["autoencoder.latent_normalisation=channel"])
 
 
 @pytest.mark.slow

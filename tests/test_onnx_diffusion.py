@@ -40,6 +40,22 @@ def test_one_denoiser_step_and_the_decoder_equal_torch(exported):
     assert (images - decoded).abs().max() <= 1e-4
 
 
+def test_the_decoder_of_an_autoencoder_normalising_per_channel_equals_torch(tmp_path):
+    """autoencoder.latent_normalisation per_channel: the graph carries each channel's mean and std as constants."""
+    torch.manual_seed(6)
+    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1).eval()
+    vae.register_to_config(scaling_factor=1.0, latents_mean=[0.3, -0.8, 0.0, 0.1], latents_std=[0.6, 1.3, 1.0, 0.9])
+    unet = build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=10).eval()
+    model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), 10, SamplerConfig(), (1, 32, 32))
+    export_diffusion_onnx(model, tmp_path)
+    onnx = OnnxDiffusionGenerator(tmp_path, **json.loads(json.dumps(sampling_record(model))), threads=1)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        decoded, unnormalised = decode_latents(vae, x), vae.decode(x).sample  # the second: as if the statistics were ignored
+    images = torch.from_numpy(onnx.decoder.run(["images"], {"latents": x.numpy()})[0])
+    assert (images - decoded).abs().max() <= 1e-4 and (unnormalised - decoded).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("sampler, guidance", [("dpmsolver++", 2.0), ("ddim", 1.0), ("ddpm", 3.0), ("heun", 2.0)])  # ddpm: fresh noise per step
 def test_samples_through_onnx_runtime_are_the_torch_samples(exported, sampler, guidance):
     model, onnx, _, _ = exported
