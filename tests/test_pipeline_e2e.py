@@ -308,6 +308,18 @@ def test_guidance_sweep_measures_one_model_at_each_scale_and_names_the_best_that
     run_id = exported["mlflow_run_id"]
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "guidance/quick")}
     assert logged == {"guidance/quick/ldm_guidance.json", "guidance/quick/ldm_guidance.png"}
+    # benchmarks/quality_rows.py makes it quality.json rows, one a scale; run again, it replaces them
+    rows_file = tmp_path / "quality.json"
+    rows_file.write_text("[]\n")
+    rows_command = [sys.executable, str(REPO / "benchmarks/quality_rows.py"), "--protocol", "quick", "--sweep", str(tmp_path), "--recipe", "tiny",
+                    "--generator", str(project / "models/ldm"), "--train-wall-s", "12.5", "--out", str(rows_file)]  # fmt: skip
+    for _ in range(2):
+        made = subprocess.run(rows_command, capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr[-2000:]
+    rows = json.loads(rows_file.read_text())
+    assert [r["recipe"] for r in rows] == ["tiny g1", "tiny g3"] and [r["fid"] for r in rows] == [p["fid"] for p in record["curve"]]
+    assert {r["fid_floor"] for r in rows} == {record["floor"]["fid"]} and rows[1]["protocol"]["id"] == record["protocol_id"]
+    assert rows[0]["images_seen"] == record["step"] * exported["config"]["ldm"]["global_batch_size"] and rows[0]["train_wall_s"] == 12.5
     # no scale reaches an unreachable floor: said, and nothing chosen (the choice itself: tests/test_guidance_sweep.py)
     strict = run_cli(["python", "-m", "pipelines.evaluate", "--family", "ldm", "--guidance-sweep", *out,
                       "--set", "evaluate.guidance.scales=[1]", "--set", "evaluate.guidance.class_accuracy_floor=1"], project)  # fmt: skip
