@@ -11,6 +11,7 @@ from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConf
 from gen_core.diffusion import DiffusionGenerator, build_autoencoder, build_denoiser, decode_latents, training_schedule
 from gen_core.io import sha256_file
 from gen_core.onnx_diffusion import OnnxDiffusionGenerator, export_diffusion_onnx, sampling_record
+from tests.test_diffusion import per_channel_autoencoder
 
 TINY_DENOISER = DenoiserConfig(block_out_channels=(32, 32), attention_levels=1, attention_head_dim=8)
 
@@ -43,8 +44,7 @@ def test_one_denoiser_step_and_the_decoder_equal_torch(exported):
 def test_the_decoder_of_an_autoencoder_normalising_per_channel_equals_torch(tmp_path):
     """autoencoder.latent_normalisation per_channel: the graph carries each channel's mean and std as constants."""
     torch.manual_seed(6)
-    vae = build_autoencoder(AutoencoderConfig(width=8), channels=1).eval()
-    vae.register_to_config(scaling_factor=1.0, latents_mean=[0.3, -0.8, 0.0, 0.1], latents_std=[0.6, 1.3, 1.0, 0.9])
+    vae = per_channel_autoencoder()
     unet = build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=10).eval()
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), 10, SamplerConfig(), (1, 32, 32))
     export_diffusion_onnx(model, tmp_path)
