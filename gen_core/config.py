@@ -417,6 +417,14 @@ class SamplerConfig(_Section):
     # Guidance only at the steps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]; the others are
     # the conditional model's, one network call instead of two (Kynkaanniemi et al. 2024). null: every step.
     guidance_interval: tuple[float, float] | None = None
+    # What the guided prediction is pushed away from: out = ref + guidance_scale * (model(c) - ref), with ref
+    #   cfg          the model's own null-class prediction (classifier-free guidance, Ho & Salimans 2022);
+    #   autoguidance a guide's conditional prediction: a smaller, shorter-trained denoiser on the same latents
+    #                (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): quality without
+    #                the class emphasis, recall kept;
+    #   guide_null   the guide's null-class prediction: classifier-free guidance against the weak model, both effects.
+    # The guide: ldm.guide_dir (the latent-diffusion family only).
+    guidance: Literal["cfg", "autoguidance", "guide_null"] = "cfg"
 
     @field_validator("guidance_interval")
     @classmethod
@@ -430,13 +438,16 @@ class LdmConfig(TrainingConfig):
     """`train_ldm`: class-conditional denoiser in the autoencoder's latent space (or on pixels: the baseline)."""
 
     # the sampler is used only when sampling; the cooldown follows total_steps (gen_core.training.cooldown)
-    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler", "lr_cooldown"}
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler", "lr_cooldown", "guide_dir"}
 
     space: Literal["latent", "pixel"] = "latent"  # pixel: same denoiser family on the images themselves
     denoiser: DenoiserConfig = DenoiserConfig()
     noise: NoiseScheduleConfig = NoiseScheduleConfig()
     edm: EdmConfig = EdmConfig()
     sampler: SamplerConfig = SamplerConfig()
+    # The guide of sampler.guidance autoguidance / guide_null: an exported diffusion model (this stage's output, trained
+    # smaller and shorter on the same latents and noise schedule), copied into the export beside the denoiser
+    guide_dir: str | None = None
     # Dropping labels (to the extra "null" class) trains the unconditional model that
     # classifier-free guidance needs, inside the same network.
     label_dropout: float = Field(0.1, ge=0, lt=1)
@@ -467,6 +478,8 @@ class LdmConfig(TrainingConfig):
             raise ValueError(
                 f"sampler.num_steps ({self.sampler.num_steps}) exceeds noise.num_train_timesteps ({self.noise.num_train_timesteps})"
             )
+        if self.sampler.guidance != "cfg" and not self.guide_dir:
+            raise ValueError(f"sampler.guidance {self.sampler.guidance} needs guide_dir (an exported denoiser on the same latents)")
         return self
 
 
@@ -536,6 +549,8 @@ class T2iConfig(TrainingConfig):
     def _epsilon_or_v(self) -> "T2iConfig":
         if self.noise.prediction_type == "edm":
             raise ValueError("noise.prediction_type edm: not for the text-to-image family yet (epsilon or v_prediction)")
+        if self.sampler.guidance != "cfg":
+            raise ValueError(f"sampler.guidance {self.sampler.guidance}: the text-to-image family guides with cfg only")
         return self
 
 

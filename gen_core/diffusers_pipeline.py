@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "heun": HeunDiscreteScheduler}
 # heun: Karras et al. 2022's 2nd-order sampler on their noise levels (rho 7); n steps evaluate the network 2n - 1 times
 FORWARD_PROCESS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type", "clip_sample")
+GUIDANCE = ("cfg", "autoguidance", "guide_null")  # what guidance pushes away from: see `denoise`
 SAMPLER_OPTIONS = {"dpmsolver++": {"algorithm_type": "dpmsolver++", "solver_order": 2}, "heun": {"use_karras_sigmas": True}}
 
 
@@ -149,10 +150,16 @@ def guided_steps(timesteps: torch.Tensor, schedule_config, guidance_scale: float
 @torch.no_grad()
 def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.Generator], shape: tuple[int, ...], num_classes: int,
             sampler: str, num_steps: int, guidance_scale: float, device, autocast_dtype: torch.dtype | None = None,
-            guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:  # fmt: skip
-    """The reverse process from seeded noise (one generator per sample) -> x_0 (N, *shape), unclipped. Guidance mixes
-    the conditional and the "null" class (label num_classes) predictions: out = uncond + guidance_scale * (cond - uncond),
-    at every step, or at the steps whose noise level lies in `guidance_interval` (`guided_steps`)."""
+            guidance_interval: tuple[float, float] | None = None, guide=None, guidance: str = "cfg") -> torch.Tensor:  # fmt: skip
+    """The reverse process from seeded noise (one generator per sample) -> x_0 (N, *shape), unclipped. Guidance pushes the
+    conditional prediction away from a reference: out = ref + guidance_scale * (cond - ref), at every step, or at the steps
+    whose noise level lies in `guidance_interval` (`guided_steps`). The reference (`guidance`): cfg, the same network's
+    "null" class (label num_classes; one batch of both halves); autoguidance, the `guide` network's conditional prediction
+    (Karras et al. 2024: a smaller, shorter-trained denoiser of the same data); guide_null, the guide's null class."""
+    if guidance not in GUIDANCE:
+        raise ValueError(f"unknown guidance {guidance!r} (choose from {', '.join(GUIDANCE)})")
+    if (guide is None) != (guidance == "cfg"):
+        raise ValueError(f"guidance {guidance} " + ("needs a guide network" if guide is None else "takes no guide network"))
     device = torch.device(device)
     scheduler = make_sampler(sampler, schedule_config)
     scheduler.set_timesteps(num_steps, device=device)
@@ -161,12 +168,16 @@ def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.
     null = torch.full_like(labels, num_classes)
     for t, guided in zip(scheduler.timesteps, guided_steps(scheduler.timesteps, schedule_config, guidance_scale, guidance_interval)):
         model_in = scheduler.scale_model_input(x, t)
-        batch_in, batch_labels = (torch.cat([model_in, model_in]), torch.cat([labels, null])) if guided else (model_in, labels)
+        self_guided = guided and guide is None  # cfg: the conditional and null halves as one batch
+        batch_in, batch_labels = (torch.cat([model_in, model_in]), torch.cat([labels, null])) if self_guided else (model_in, labels)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             out = unet(batch_in, t, class_labels=batch_labels, return_dict=False)[0].float()
+            if guided and guide is not None:
+                ref = guide(model_in, t, class_labels=labels if guidance == "autoguidance" else null, return_dict=False)[0].float()
+        if self_guided:
+            out, ref = out.chunk(2)
         if guided:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            out = ref + guidance_scale * (out - ref)
         # DDPM draws fresh noise per step: per-sample generators keep it batch-independent
         step_kwargs = {"generator": generators} if sampler == "ddpm" else {}
         x = scheduler.step(out, t, x, **step_kwargs).prev_sample
@@ -177,22 +188,29 @@ class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
     """Class-conditional diffusion with classifier-free guidance: a UNet2DModel with a class embedding (label
     `num_classes` is the null class), in an AutoencoderKL's latent space (`vae`; `to_denoiser_latents` normalises them by
     its config) or on pixels (`vae` None). `scheduler` is the training noise schedule; the sampler is built from it per call. With
-    `edm_sigma_data` the UNet is an EDM network, sampled through EDMDenoiser."""
+    `edm_sigma_data` the UNet is an EDM network, sampled through EDMDenoiser. `guide` (optional): the smaller denoiser that
+    `guidance` autoguidance / guide_null guides against (`denoise`), an EDM network when `guide_edm_sigma_data` is set."""
 
-    model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "unet->guide->vae"
+    _optional_components = ["vae", "guide"]
 
-    def __init__(self, unet, scheduler, vae=None, class_names: list[str] | None = None, sampler: str = "dpmsolver++", num_steps: int = 10,
-                 guidance_scale: float = 1.0, image_shape: list[int] | None = None, edm_sigma_data: float | None = None,
-                 guidance_interval: list[float] | None = None):  # fmt: skip
+    def __init__(self, unet, scheduler, vae=None, guide=None, class_names: list[str] | None = None, sampler: str = "dpmsolver++",
+                 num_steps: int = 10, guidance_scale: float = 1.0, image_shape: list[int] | None = None, edm_sigma_data: float | None = None,
+                 guidance_interval: list[float] | None = None, guidance: str = "cfg", guide_edm_sigma_data: float | None = None):  # fmt: skip
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, guide=guide)
         self.register_to_config(class_names=class_names, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                                image_shape=image_shape, edm_sigma_data=edm_sigma_data, guidance_interval=guidance_interval)  # fmt: skip
+                                image_shape=image_shape, edm_sigma_data=edm_sigma_data, guidance_interval=guidance_interval,
+                                guidance=guidance, guide_edm_sigma_data=guide_edm_sigma_data)  # fmt: skip
 
     @property
     def num_classes(self) -> int:
         return self.unet.config.num_class_embeds - 1  # the last embedding is the null class
+
+    def network(self, module, sigma_key: str):
+        """`module` as the samplers call it: itself, or an EDMDenoiser around it when the config holds its sigma_data."""
+        sigma_data = getattr(self.config, sigma_key, None)  # older exports: None
+        return module if sigma_data is None else EDMDenoiser(module, self.scheduler.config, sigma_data)
 
     def class_ids(self, class_labels) -> torch.Tensor:
         """Ids or names (any case) -> (N,) ids; ValueError naming the first unknown one."""
@@ -223,12 +241,13 @@ class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
         if len(generators) != len(labels):
             raise ValueError(f"{len(generators)} generators for {len(labels)} images: one per image, or one for all")
         sample_size = self.unet.config.sample_size
-        sigma_data = getattr(self.config, "edm_sigma_data", None)  # an EDM network (EDMDenoiser); older exports: None
+        guide = getattr(self, "guide", None)  # older exports: none
         latents = denoise(
-            self.unet if sigma_data is None else EDMDenoiser(self.unet, self.scheduler.config, sigma_data), self.scheduler.config, labels, generators, (self.unet.config.in_channels, sample_size, sample_size),
+            self.network(self.unet, "edm_sigma_data"), self.scheduler.config, labels, generators, (self.unet.config.in_channels, sample_size, sample_size),
             self.num_classes, sampler or self.config.sampler, num_inference_steps or self.config.num_steps,
             self.config.guidance_scale if guidance_scale is None else guidance_scale, self.unet.device,
             guidance_interval=getattr(self.config, "guidance_interval", None),  # older exports: every step
+            guide=None if guide is None else self.network(guide, "guide_edm_sigma_data"), guidance=getattr(self.config, "guidance", "cfg"),
         )  # fmt: skip
         images = latents if self.vae is None else self.vae.decode(from_denoiser_latents(latents, self.vae.config)).sample.float()
         images = ((images.clamp(-1, 1) + 1) / 2).cpu()

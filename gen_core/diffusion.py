@@ -8,7 +8,7 @@ needs around them:
 - `AutoencoderRoundTrip`: encode -> sample posterior -> decode as one forward, so DDP sees it.
 - `autoencoder_loss` / `diffusion_loss` / `edm_loss`: per-sample losses, the training step reduces them; the autoencoder's
   optional PatchGAN term: `PatchDiscriminator`, `patch_hinge_loss`, `adaptive_weight`.
-- `sample_diffusion`: DDPM / DDIM / DPM-Solver++ / Heun with classifier-free guidance, one seeded
+- `sample_diffusion`: DDPM / DDIM / DPM-Solver++ / Heun with classifier-free guidance or autoguidance, one seeded
   torch.Generator per sample, so sample i is the same image whatever the batch or worker.
 - `DiffusionGenerator`: an exported model (diffusers format on disk) that samples images.
 """
@@ -29,8 +29,8 @@ from torch import nn
 from gen_core.errors import LatentMismatchError
 from gen_core.config import AutoencoderConfig, DenoiserConfig, EdmConfig, NoiseScheduleConfig, SamplerConfig
 from gen_core import diffusers_pipeline, dit
-from gen_core.diffusers_pipeline import (EDM_TIMESTEP_SCALE, EDMDenoiser, GenforgeLatentDiffusionPipeline, denoise, edm_preconditioning,
-                                        from_denoiser_latents, make_sampler)  # fmt: skip
+from gen_core.diffusers_pipeline import (EDM_TIMESTEP_SCALE, FORWARD_PROCESS, EDMDenoiser, GenforgeLatentDiffusionPipeline, denoise,
+                                        edm_preconditioning, from_denoiser_latents, make_sampler)  # fmt: skip
 from gen_core.dit import GenforgeDiT
 from gen_core.latents import PRETRAINED
 from gen_core.sampling import check_labels
@@ -114,17 +114,19 @@ def per_sample_generators(seeds, device: torch.device | str = "cpu") -> list[tor
 def sample_diffusion(
     unet: nn.Module, schedule_config, labels: torch.Tensor, seeds, shape: tuple[int, ...], num_classes: int,
     sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0, device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None, guidance_interval: tuple[float, float] | None = None,
+    autocast_dtype: torch.dtype | None = None, guidance_interval: tuple[float, float] | None = None, guide: nn.Module | None = None,
+    guidance: str = "cfg",
 ) -> torch.Tensor:  # fmt: skip
     """Run the reverse process from seeded noise. Returns x_0 of shape (N, *shape), unclipped.
 
-    labels: (N,) class ids in [0, num_classes). Guidance mixes the conditional and the "null"
-    class predictions: out = uncond + guidance_scale * (cond - uncond), at every step or at the
-    steps whose noise level sigma_t lies in guidance_interval = (lo, hi].
+    labels: (N,) class ids in [0, num_classes). Guidance pushes the conditional prediction away from a
+    reference: out = ref + guidance_scale * (cond - ref), at every step or at the steps whose noise level
+    sigma_t lies in guidance_interval = (lo, hi]; ref is the "null" class prediction (guidance cfg) or
+    the `guide` network's (autoguidance, guide_null: gen_core.diffusers_pipeline.denoise).
     """
     generators = per_sample_generators(seeds, "cpu")
     return denoise(unet, schedule_config, check_labels(labels, num_classes), generators, shape, num_classes, sampler, num_steps,
-                   guidance_scale, device, autocast_dtype, guidance_interval)  # fmt: skip
+                   guidance_scale, device, autocast_dtype, guidance_interval, guide, guidance)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +271,12 @@ class DiffusionGenerator:
     sampler: SamplerConfig
     image_shape: tuple[int, int, int]  # (C, R, R) of the decoded images
     edm_sigma_data: float | None = None  # an EDM network (its data's std): sampled through EDMDenoiser
+    guide: UNet2DModel | GenforgeDiT | None = None  # sampler.guidance autoguidance / guide_null: the weaker denoiser
+    guide_edm_sigma_data: float | None = None  # the guide's, when it is an EDM network
+
+    def __post_init__(self):
+        if (self.guide is None) != (self.sampler.guidance == "cfg"):
+            raise LatentMismatchError(f"sampler guidance {self.sampler.guidance} " + ("needs a guide" if self.guide is None else "takes no guide"))
 
     @property
     def denoiser(self) -> nn.Module:
@@ -276,14 +284,21 @@ class DiffusionGenerator:
         return self.unet if self.edm_sigma_data is None else EDMDenoiser(self.unet, self.schedule_config, self.edm_sigma_data)
 
     @property
+    def guide_denoiser(self) -> nn.Module | None:
+        """The guide as the samplers call it (None for classifier-free guidance)."""
+        if self.guide is None or self.guide_edm_sigma_data is None:
+            return self.guide
+        return EDMDenoiser(self.guide, self.schedule_config, self.guide_edm_sigma_data)
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
     def to(self, device) -> "DiffusionGenerator":
-        self.unet.to(device)
-        if self.vae is not None:
-            self.vae.to(device)
+        for module in (self.unet, self.vae, self.guide):
+            if module is not None:
+                module.to(device)
         return self
 
     @torch.no_grad()
@@ -295,7 +310,7 @@ class DiffusionGenerator:
             self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes,
             sampler or self.sampler.name, num_steps or self.sampler.num_steps,
             self.sampler.guidance_scale if guidance_scale is None else guidance_scale, device, autocast_dtype,
-            self.sampler.guidance_interval,
+            self.sampler.guidance_interval, self.guide_denoiser, self.sampler.guidance,
         )  # fmt: skip
         if self.vae is None:
             return latents.clamp(-1, 1)
@@ -306,20 +321,23 @@ class DiffusionGenerator:
         model_index.json naming gen_core.diffusers_pipeline's class, a copy of that file as genforge_pipeline.py."""
         directory = Path(directory)
         pipeline = GenforgeLatentDiffusionPipeline(
-            self.unet, make_sampler("ddpm", self.schedule_config), self.vae, meta.get("class_names"), self.sampler.name,
+            self.unet, make_sampler("ddpm", self.schedule_config), self.vae, self.guide, meta.get("class_names"), self.sampler.name,
             self.sampler.num_steps, self.sampler.guidance_scale, list(self.image_shape), self.edm_sigma_data,
-            list(self.sampler.guidance_interval) if self.sampler.guidance_interval else None,
+            list(self.sampler.guidance_interval) if self.sampler.guidance_interval else None, self.sampler.guidance,
+            self.guide_edm_sigma_data,
         )  # fmt: skip
         pipeline.save_pretrained(directory, safe_serialization=True)
         index = json.loads((directory / "model_index.json").read_text())
         index["_class_name"] = [PIPELINE_MODULE, GenforgeLatentDiffusionPipeline.__name__]  # diffusers loads it from the .py beside it
         shutil.copyfile(Path(diffusers_pipeline.__file__), directory / f"{PIPELINE_MODULE}.py")
-        if isinstance(self.unet, GenforgeDiT):  # a custom component: diffusers loads it from unet/<module>.py
-            index["unet"] = [DIT_MODULE, GenforgeDiT.__name__]
-            shutil.copyfile(Path(dit.__file__), directory / "unet" / f"{DIT_MODULE}.py")
+        for name, network in (("unet", self.unet), ("guide", self.guide)):
+            if isinstance(network, GenforgeDiT):  # a custom component: diffusers loads it from <name>/<module>.py
+                index[name] = [DIT_MODULE, GenforgeDiT.__name__]
+                shutil.copyfile(Path(dit.__file__), directory / name / f"{DIT_MODULE}.py")
         (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         info = {**meta, "family": "ldm", "space": "pixel" if self.vae is None else "latent", "num_classes": self.num_classes,
-                "image_shape": list(self.image_shape), "sampler": self.sampler.model_dump(), "edm_sigma_data": self.edm_sigma_data}  # fmt: skip
+                "image_shape": list(self.image_shape), "sampler": self.sampler.model_dump(), "edm_sigma_data": self.edm_sigma_data,
+                **({"guide_edm_sigma_data": self.guide_edm_sigma_data} if self.guide is not None else {})}  # fmt: skip
         (directory / "generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -329,24 +347,51 @@ class DiffusionGenerator:
             meta = json.loads((directory / "generator.json").read_text())
         except FileNotFoundError:
             raise LatentMismatchError(f"{directory}: no generator.json (not an exported genforge diffusion model)") from None
-        unet_config = json.loads((directory / "unet" / "config.json").read_text())
-        unet = denoiser_class(unet_config).from_pretrained(directory / "unet", **PRETRAINED).eval()
+        unet = load_denoiser(directory / "unet")
+        guide = load_denoiser(directory / "guide") if (directory / "guide").is_dir() else None
         vae = None
         if meta["space"] == "latent":
             vae = AutoencoderKL.from_pretrained(directory / "vae", **PRETRAINED).eval()
             check_latent_match(unet.config.in_channels, vae, str(directory))
         schedule = DDPMScheduler.from_pretrained(directory / "scheduler").config
         model = cls(unet, vae, dict(schedule), meta["num_classes"], SamplerConfig(**meta["sampler"]), tuple(meta["image_shape"]),
-                    meta.get("edm_sigma_data"))  # fmt: skip
+                    meta.get("edm_sigma_data"), guide, meta.get("guide_edm_sigma_data"))  # fmt: skip
         return model, meta
 
 
+def load_denoiser(directory: Path) -> UNet2DModel | GenforgeDiT:
+    """An exported denoiser component (unet/ or guide/), in eval mode."""
+    config = json.loads((directory / "config.json").read_text())
+    return denoiser_class(config).from_pretrained(directory, **PRETRAINED).eval()
+
+
+def load_guide(directory: str | Path, schedule_config: dict, latent_shape, num_classes: int, space: str,
+               autoencoder_sha256: str | None) -> tuple[UNet2DModel | GenforgeDiT, float | None]:  # fmt: skip
+    """The denoiser of the exported diffusion model in `directory`, as the guide of a model with these properties ->
+    (network, its EDM sigma_data or None). LatentMismatchError naming what differs when it does not work in the same
+    space (autoencoder weights by sha256, latent shape) with the same noise schedule and classes."""
+    guide, meta = DiffusionGenerator.from_pretrained(directory)
+    held = meta.get("autoencoder", {}).get("sha256") if meta["space"] == "latent" else None
+    checks = (
+        ("space", meta["space"], space), ("latent shape", list(guide.latent_shape), list(latent_shape)),
+        ("classes", guide.num_classes, num_classes), ("autoencoder sha256", held, autoencoder_sha256),
+        ("noise schedule", {k: guide.schedule_config.get(k) for k in FORWARD_PROCESS}, {k: schedule_config.get(k) for k in FORWARD_PROCESS}),
+    )  # fmt: skip
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            raise LatentMismatchError(f"{directory}: not a guide for this model: its {what} is {theirs}, the model's {ours}")
+    return guide.unet, guide.edm_sigma_data
+
+
 def diffusion_generator(ldm, data, unet: UNet2DModel | GenforgeDiT, vae: AutoencoderKL | None, num_classes: int,
-                        edm_sigma_data: float | None = None) -> DiffusionGenerator:  # fmt: skip
+                        edm_sigma_data: float | None = None, guide: tuple | None = None) -> DiffusionGenerator:  # fmt: skip
     """A trained denoiser as a generator, with the training schedule and the configured sampler.
-    `ldm`, `data`: gen_core.config.LdmConfig and DataConfig; `edm_sigma_data`: the run's, for an EDM network."""
+    `ldm`, `data`: gen_core.config.LdmConfig and DataConfig; `edm_sigma_data`: the run's, for an EDM network;
+    `guide`: load_guide's (network, sigma_data) for sampler.guidance autoguidance / guide_null."""
     image_shape = (data.channels, data.resolution, data.resolution)
-    return DiffusionGenerator(unet, vae, dict(training_schedule(ldm.noise).config), num_classes, ldm.sampler, image_shape, edm_sigma_data)
+    network, sigma = guide or (None, None)
+    return DiffusionGenerator(unet, vae, dict(training_schedule(ldm.noise).config), num_classes, ldm.sampler, image_shape, edm_sigma_data,
+                              network, sigma)  # fmt: skip
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

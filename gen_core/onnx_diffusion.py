@@ -1,5 +1,6 @@
-"""The latent-diffusion model in ONNX: the denoiser `(sample, timestep, class_labels) -> prediction` and the
-decoder `latents -> images`, each with a dynamic batch axis, and the sampling loop over ONNX Runtime sessions.
+"""The latent-diffusion model in ONNX: the denoiser `(sample, timestep, class_labels) -> prediction` (and an
+autoguided model's guide, the same signature), the decoder `latents -> images`, each with a dynamic batch axis, and the
+sampling loop over ONNX Runtime sessions.
 
 The loop is gen_core.diffusion.sample_diffusion itself (the same diffusers scheduler, seeded noise and guidance
 batching: the conditional and the null-class halves go through the denoiser as one batch), given an adapter
@@ -47,11 +48,14 @@ class _Decoder(nn.Module):
 
 
 def export_diffusion_onnx(model: DiffusionGenerator, directory: str | Path) -> dict[str, str]:
-    """denoiser.onnx (and decoder.onnx for a latent model) in `directory` -> {file name: sha256}."""
+    """denoiser.onnx (guide.onnx for an autoguided model, decoder.onnx for a latent one) in `directory` -> {file name: sha256}."""
     directory = Path(directory)
     c, size = model.latent_shape[0], model.latent_shape[1]
     example = (torch.zeros(2, c, size, size), torch.tensor([10.0, 500.5]), torch.tensor([1, model.num_classes]))
-    files = {"denoiser.onnx": write_onnx(_Denoiser(model.denoiser), example, ["sample", "timestep", "class_labels"], "prediction", directory / "denoiser.onnx")}
+    files = {}
+    for name, network in (("denoiser.onnx", model.denoiser), ("guide.onnx", model.guide_denoiser)):
+        if network is not None:
+            files[name] = write_onnx(_Denoiser(network), example, ["sample", "timestep", "class_labels"], "prediction", directory / name)
     if model.vae is not None:
         files["decoder.onnx"] = write_onnx(_Decoder(model.vae), (torch.zeros(2, c, size, size),), ["latents"], "images", directory / "decoder.onnx")
     return files
@@ -86,8 +90,10 @@ class OnnxDiffusionGenerator:
 
         directory = Path(directory)
         self.denoiser = _OnnxDenoiser(ort_session(directory / "denoiser.onnx", threads))
+        self.sampler = SamplerConfig(**sampler)
+        self.guide = _OnnxDenoiser(ort_session(directory / "guide.onnx", threads)) if self.sampler.guidance != "cfg" else None
         self.decoder = ort_session(directory / "decoder.onnx", threads) if latent else None
-        self.schedule_config, self.num_classes, self.sampler = schedule_config, num_classes, SamplerConfig(**sampler)
+        self.schedule_config, self.num_classes = schedule_config, num_classes
         self.latent_shape = tuple(latent_shape)
 
     def to(self, device) -> "OnnxDiffusionGenerator":
@@ -100,7 +106,7 @@ class OnnxDiffusionGenerator:
         latents = sample_diffusion(
             self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes, sampler or self.sampler.name,
             num_steps or self.sampler.num_steps, self.sampler.guidance_scale if guidance_scale is None else guidance_scale,
-            guidance_interval=self.sampler.guidance_interval,
+            guidance_interval=self.sampler.guidance_interval, guide=self.guide, guidance=self.sampler.guidance,
         )  # fmt: skip
         if self.decoder is None:
             return latents.clamp(-1, 1)

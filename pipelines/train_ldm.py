@@ -8,20 +8,26 @@ match the autoencoder (channels, scale, weights), which is also part of the run'
 signature: a new autoencoder starts a new run. With `ldm.space: pixel` the same denoiser family
 trains on the images themselves.
 
+With `ldm.sampler.guidance: autoguidance` (or guide_null) samples are guided by `ldm.guide_dir`, another export of
+this stage trained smaller and shorter on the same latents; it is checked before training starts, guides the
+in-training evaluations and is copied into the export.
+
 Outputs <outputs.ldm.out_dir>/: the EMA denoiser, the autoencoder and the noise schedule in diffusers
 format (gen_core.diffusion.DiffusionGenerator), generator.json, samples.png; outputs.ldm.losses_file.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
 from gen_core.config import RunConfig
-from gen_core.data import load_split
-from gen_core.diffusion import build_denoiser, denoiser_class, diffusion_generator, diffusion_loss, edm_loss, training_schedule
+from gen_core.data import load_split, read_manifest
+from gen_core.diffusion import build_denoiser, denoiser_class, diffusion_generator, diffusion_loss, edm_loss, load_guide, training_schedule
 from gen_core.latents import autoencoder_record, load_autoencoder, load_latents
 from gen_core.models import ema_beta
 from gen_core.sampling import class_grid_png, to_unit
@@ -37,16 +43,19 @@ from pipelines.worker import start_worker
 # ---------------------------------------------------------------------------
 
 
-def training_data(worker, space: str) -> tuple[torch.Tensor, torch.Tensor, AutoencoderKL | None]:
+def training_data(worker, d) -> tuple[torch.Tensor, torch.Tensor, AutoencoderKL | None, tuple | None]:
     """Cached scaled latents (checked against the autoencoder) and, on rank 0, the autoencoder that decodes
-    the sample grids (evaluation sends the whole model to the other ranks); or, in pixel space, the images."""
+    the sample grids and the guide of sampler.guidance (evaluation sends the whole model to the other ranks);
+    or, in pixel space, the images."""
     ctx = worker.ctx
-    if space == "pixel":
+    if d.space == "pixel":
         split = load_split(ctx.data_uri, "train")
-        return torch.from_numpy(split.images), torch.from_numpy(split.labels).long(), None
-    data, labels, _ = load_latents(ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
-    vae = load_autoencoder(ctx.extra["autoencoder_dir"]).to(worker.device) if worker.is_chief else None
-    return data, labels, vae
+        data, labels, vae = torch.from_numpy(split.images), torch.from_numpy(split.labels).long(), None
+    else:
+        data, labels, _ = load_latents(ctx.extra["latents_dir"], ctx.extra["autoencoder_dir"])
+        vae = load_autoencoder(ctx.extra["autoencoder_dir"]).to(worker.device) if worker.is_chief else None
+    guide = guide_for(d, ctx.extra, ctx.num_classes, data.shape[1:], worker.device) if worker.is_chief else None
+    return data, labels, vae, guide
 
 
 def edm_sigma_data(d, data: torch.Tensor) -> float | None:
@@ -55,6 +64,17 @@ def edm_sigma_data(d, data: torch.Tensor) -> float | None:
     if d.noise.prediction_type != "edm":
         return None
     return d.edm.sigma_data or float((data.float() if d.space == "latent" else to_unit(data)).std())
+
+
+def guide_for(d, extra: dict, num_classes: int, shape, device="cpu") -> tuple | None:
+    """sampler.guidance autoguidance / guide_null: ldm.guide_dir's denoiser, checked against this run (load_guide), on
+    `device` -> (network, its EDM sigma_data); None for classifier-free guidance."""
+    if d.sampler.guidance == "cfg":
+        return None
+    autoencoder = extra.get("autoencoder")
+    network, sigma_data = load_guide(extra["guide_dir"], dict(training_schedule(d.noise).config), tuple(shape), num_classes, d.space,
+                                     autoencoder and autoencoder["sha256"])  # fmt: skip
+    return network.to(device), sigma_data
 
 
 def target_description(d, sigma_data: float | None) -> str:
@@ -73,7 +93,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     d = cfg.ldm
     amp_dtype = worker.autocast_dtype(d.precision)
 
-    data, labels, vae = training_data(worker, d.space)
+    data, labels, vae, guide = training_data(worker, d)
     sigma_data = edm_sigma_data(d, data)
 
     # --- denoiser, its EMA and optimizer, wrapped by the strategy; the noise schedule
@@ -117,7 +137,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         if store.due(step + 1):
             with store.writing(step + 1, [unet], values) as checkpoint:
                 unet_ema = strategy.gather(unet, "ema")  # collective; a plain module on rank 0, None elsewhere
-                model = diffusion_generator(d, cfg.data, unet_ema, vae, ctx.num_classes, sigma_data) if unet_ema is not None else None
+                model = diffusion_generator(d, cfg.data, unet_ema, vae, ctx.num_classes, sigma_data, guide) if unet_ema is not None else None
                 if model is not None:
                     checkpoint.add_sample_grid(class_grid_png(model, d.sample_grid_seed, device))
                     checkpoint.add_weights({"unet_ema": unet_ema.state_dict()})
@@ -138,9 +158,13 @@ def training_job(cfg: RunConfig) -> TrainingJob:
     """The denoiser is tied to the autoencoder (weights, channels, scale): it is one of the job's inputs."""
     autoencoder = autoencoder_record(cfg.outputs.autoencoder.out_dir) if cfg.ldm.space == "latent" else None
     extra = {"autoencoder": autoencoder}
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     if autoencoder is not None:
         extra.update(latents_dir=absolute(cfg.latents.out_dir), autoencoder_dir=absolute(cfg.outputs.autoencoder.out_dir))
-        load_latents(extra["latents_dir"], extra["autoencoder_dir"])  # refuse mismatched latents before starting Ray
+        shape = load_latents(extra["latents_dir"], extra["autoencoder_dir"])[0].shape[1:]  # refuse mismatched latents before starting Ray
+    if cfg.ldm.sampler.guidance != "cfg":  # and a guide that does not fit
+        extra["guide_dir"] = absolute(cfg.ldm.guide_dir)
+        guide_for(cfg.ldm, extra, len(read_manifest(absolute(cfg.data.out_dir))["class_names"]), shape)
     return TrainingJob(
         stage="train_ldm", kind="ldm" if cfg.ldm.space == "latent" else "pixel", section="ldm", worker_loop=train_loop_per_worker,
         export=export, inputs={"autoencoder": autoencoder}, extra=extra,
@@ -157,11 +181,19 @@ def export(cfg: RunConfig, checkpoint_uri: str, context: RunContext, run_log: Ru
             vae = load_autoencoder(context.extra["autoencoder_dir"])
         unet = denoiser_class(meta["unet_config"]).from_config(meta["unet_config"])
         unet.load_state_dict(weights["unet_ema"])
-        model = diffusion_generator(cfg.ldm, cfg.data, unet.eval(), vae, context.num_classes, meta.get("edm_sigma_data"))
-        export_meta = {"autoencoder": meta.get("autoencoder"), **export_provenance(meta, checkpoint_uri, context)}
+        guide = guide_for(cfg.ldm, context.extra, context.num_classes, (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size))
+        model = diffusion_generator(cfg.ldm, cfg.data, unet.eval(), vae, context.num_classes, meta.get("edm_sigma_data"), guide)
+        export_meta = {"autoencoder": meta.get("autoencoder"), **export_provenance(meta, checkpoint_uri, context),
+                       **({"guide": guide_provenance(cfg.ldm.guide_dir)} if guide else {})}  # fmt: skip
         publish_export(cfg.outputs.ldm, local, run_log, lambda tmp: model.save_pretrained(tmp, export_meta))
     log("train_ldm").info("exported EMA denoiser at step %d -> %s", meta["step"], cfg.outputs.ldm.out_dir)
     return export_meta
+
+
+def guide_provenance(directory: str) -> dict:
+    """Where the exported guide came from: its export's step, checkpoint and training run."""
+    meta = json.loads((Path(directory) / "generator.json").read_text())  # load_guide has read it
+    return {"dir": directory, **{key: meta.get(key) for key in ("step", "checkpoint", "mlflow_run_id", "git_revision")}}
 
 
 def main() -> None:
