@@ -12,6 +12,7 @@ O=(--overlay profiles/ldm-quality.yaml --set "evaluate.protocol=$PROTOCOL")
 for s in ${SETS:-}; do O+=(--set "$s"); done
 date; /usr/bin/time -f "ae %e s" .venv/bin/python -m pipelines.train_autoencoder "${O[@]}"
 date; .venv/bin/python -m pipelines.encode_latents "${O[@]}"
+date; /usr/bin/time -f "guide %e s" .venv/bin/python -m pipelines.train_ldm "${O[@]}" --overlay profiles/ldm-quality-guide.yaml
 date; /usr/bin/time -f "ldm %e s" .venv/bin/python -m pipelines.train_ldm "${O[@]}"
 if [ -n "$SCALES" ]; then
   date; .venv/bin/python -m pipelines.evaluate --family ldm --guidance-sweep --set "evaluate.guidance.scales=$SCALES" "${O[@]}"
