@@ -370,6 +370,8 @@ def load_guide(directory: str | Path, schedule_config: dict, latent_shape, num_c
     """The denoiser of the exported diffusion model in `directory`, as the guide of a model with these properties ->
     (network, its EDM sigma_data or None). LatentMismatchError naming what differs when it does not work in the same
     space (autoencoder weights by sha256, latent shape) with the same noise schedule and classes."""
+    if not (Path(directory) / "generator.json").is_file():
+        raise LatentMismatchError(f"{directory}: no exported guide (train it first with train_ldm: a smaller, shorter run on the same latents)")
     guide, meta = DiffusionGenerator.from_pretrained(directory)
     held = meta.get("autoencoder", {}).get("sha256") if meta["space"] == "latent" else None
     checks = (

@@ -158,7 +158,7 @@ def test_a_guide_must_share_the_models_latents_schedule_and_classes(tmp_path, sc
     ]:
         with pytest.raises(LatentMismatchError, match=f"^{tmp_path}: not a guide for this model: {message}"):
             load_guide(tmp_path, *args)
-    with pytest.raises(LatentMismatchError, match="no generator.json"):
+    with pytest.raises(LatentMismatchError, match=r"missing: no exported guide \(train it first with train_ldm"):
         load_guide(tmp_path / "missing", schedule_config, SHAPE, NUM_CLASSES, "latent", "aaaa")
 
 
