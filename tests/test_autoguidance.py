@@ -179,7 +179,7 @@ def test_train_ldm_refuses_a_guide_that_does_not_fit_then_guides_its_evaluations
     """A pixel-space tiny run with `ldm.sampler.guidance: autoguidance`: a guide of other classes is refused in one line
     before training; a fitting one (an export of the same schedule and image shape) guides the in-training evaluations,
     is copied into the export and recorded in generator.json."""
-    params = tiny_params(**upstream_sections(tiny_upstream), ldm={"space": "pixel"},
+    params = tiny_params(**upstream_sections(tiny_upstream), ldm={"space": "pixel", "total_steps": 10},  # one checkpoint, one evaluation
                          outputs={"ldm": {"out_dir": str(tmp_path / "ldm"), "losses_file": str(tmp_path / "losses.csv"),
                                           "eval_file": str(tmp_path / "eval.csv")}},
                          ray={"storage_path": str(tmp_path / "runs")})  # fmt: skip
@@ -197,7 +197,7 @@ def test_train_ldm_refuses_a_guide_that_does_not_fit_then_guides_its_evaluations
     assert refused.stderr.strip().splitlines()[-1].endswith(f"{tmp_path / 'wrong'}: not a guide for this model: its classes is 3, the model's 10")
     trained = run_cli([*stage, "--set", f"ldm.guide_dir={tmp_path / 'guide'}"], REPO)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert "evaluation at step 20" in trained.stdout and len((tmp_path / "eval.csv").read_text().splitlines()) == 3
+    assert "evaluation at step 10" in trained.stdout and len((tmp_path / "eval.csv").read_text().splitlines()) == 2
     meta = json.loads((tmp_path / "ldm" / "generator.json").read_text())
     assert meta["sampler"]["guidance"] == "autoguidance" and meta["guide"]["dir"] == str(tmp_path / "guide") and meta["guide"]["step"] == 9
     exported, _ = DiffusionGenerator.from_pretrained(tmp_path / "ldm")
