@@ -422,9 +422,20 @@ class SamplerConfig(_Section):
     #   autoguidance a guide's conditional prediction: a smaller, shorter-trained denoiser on the same latents
     #                (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): quality without
     #                the class emphasis, recall kept;
-    #   guide_null   the guide's null-class prediction: classifier-free guidance against the weak model, both effects.
+    #   guide_null   the guide's null-class prediction: classifier-free guidance against the weak model, both effects;
+    #   guide_blend  guide_blend x the guide's conditional + (1 - guide_blend) x its null class: between autoguidance
+    #                (1) and guide_null (0), its two predictions one batch.
     # The guide: ldm.guide_dir (the latent-diffusion family only).
-    guidance: Literal["cfg", "autoguidance", "guide_null"] = "cfg"
+    guidance: Literal["cfg", "autoguidance", "guide_null", "guide_blend"] = "cfg"
+    guide_blend: float | None = Field(None, ge=0, le=1)  # guidance guide_blend only: the guide's conditional share
+
+    @model_validator(mode="after")
+    def _blend(self):
+        if self.guidance == "guide_blend" and self.guide_blend is None:
+            raise ValueError("guidance guide_blend needs guide_blend (the guide's conditional share, 0..1)")
+        if self.guidance != "guide_blend" and self.guide_blend is not None:
+            raise ValueError(f"guide_blend applies to guidance guide_blend only (here {self.guidance})")
+        return self
 
     @field_validator("guidance_interval")
     @classmethod
@@ -445,7 +456,7 @@ class LdmConfig(TrainingConfig):
     noise: NoiseScheduleConfig = NoiseScheduleConfig()
     edm: EdmConfig = EdmConfig()
     sampler: SamplerConfig = SamplerConfig()
-    # The guide of sampler.guidance autoguidance / guide_null: an exported diffusion model (this stage's output, trained
+    # The guide of sampler.guidance autoguidance / guide_null / guide_blend: an exported diffusion model (this stage's output, trained
     # smaller and shorter on the same latents and noise schedule), copied into the export beside the denoiser
     guide_dir: str | None = None
     # Dropping labels (to the extra "null" class) trains the unconditional model that

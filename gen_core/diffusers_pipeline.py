@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "heun": HeunDiscreteScheduler}
 # heun: Karras et al. 2022's 2nd-order sampler on their noise levels (rho 7); n steps evaluate the network 2n - 1 times
 FORWARD_PROCESS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type", "clip_sample")
-GUIDANCE = ("cfg", "autoguidance", "guide_null")  # what guidance pushes away from: see `denoise`
+GUIDANCE = ("cfg", "autoguidance", "guide_null", "guide_blend")  # what guidance pushes away from: see `denoise`
 SAMPLER_OPTIONS = {"dpmsolver++": {"algorithm_type": "dpmsolver++", "solver_order": 2}, "heun": {"use_karras_sigmas": True}}
 
 
@@ -150,16 +150,21 @@ def guided_steps(timesteps: torch.Tensor, schedule_config, guidance_scale: float
 @torch.no_grad()
 def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.Generator], shape: tuple[int, ...], num_classes: int,
             sampler: str, num_steps: int, guidance_scale: float, device, autocast_dtype: torch.dtype | None = None,
-            guidance_interval: tuple[float, float] | None = None, guide=None, guidance: str = "cfg") -> torch.Tensor:  # fmt: skip
+            guidance_interval: tuple[float, float] | None = None, guide=None, guidance: str = "cfg",
+            guide_blend: float | None = None) -> torch.Tensor:  # fmt: skip
     """The reverse process from seeded noise (one generator per sample) -> x_0 (N, *shape), unclipped. Guidance pushes the
     conditional prediction away from a reference: out = ref + guidance_scale * (cond - ref), at every step, or at the steps
     whose noise level lies in `guidance_interval` (`guided_steps`). The reference (`guidance`): cfg, the same network's
     "null" class (label num_classes; one batch of both halves); autoguidance, the `guide` network's conditional prediction
-    (Karras et al. 2024: a smaller, shorter-trained denoiser of the same data); guide_null, the guide's null class."""
+    (Karras et al. 2024: a smaller, shorter-trained denoiser of the same data); guide_null, the guide's null class;
+    guide_blend, guide_blend x the guide's conditional + (1 - guide_blend) x its null class."""
     if guidance not in GUIDANCE:
         raise ValueError(f"unknown guidance {guidance!r} (choose from {', '.join(GUIDANCE)})")
     if (guide is None) != (guidance == "cfg"):
         raise ValueError(f"guidance {guidance} " + ("needs a guide network" if guide is None else "takes no guide network"))
+    if (guidance == "guide_blend") != (guide_blend is not None) or not 0 <= (guide_blend or 0) <= 1:
+        raise ValueError(f"guide_blend {guide_blend}: a share in [0, 1] with guidance guide_blend, None otherwise (here {guidance})")
+    share = {"autoguidance": 1.0, "guide_null": 0.0}.get(guidance, guide_blend)  # the guide's conditional share of ref
     device = torch.device(device)
     scheduler = make_sampler(sampler, schedule_config)
     scheduler.set_timesteps(num_steps, device=device)
@@ -173,7 +178,7 @@ def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             out = unet(batch_in, t, class_labels=batch_labels, return_dict=False)[0].float()
             if guided and guide is not None:
-                ref = guide(model_in, t, class_labels=labels if guidance == "autoguidance" else null, return_dict=False)[0].float()
+                ref = guide_reference(guide, model_in, t, labels, null, share)
         if self_guided:
             out, ref = out.chunk(2)
         if guided:
@@ -184,24 +189,34 @@ def denoise(unet, schedule_config, labels: torch.Tensor, generators: list[torch.
     return x
 
 
+def guide_reference(guide, x: torch.Tensor, t, labels: torch.Tensor, null: torch.Tensor, share: float) -> torch.Tensor:
+    """What a guide-based guidance pushes away from: share x the guide's conditional prediction + (1 - share) x its null
+    class's; one call when share is 0 or 1, else both halves as one batch."""
+    if share in (0.0, 1.0):
+        return guide(x, t, class_labels=labels if share == 1.0 else null, return_dict=False)[0].float()
+    cond, uncond = guide(torch.cat([x, x]), t, class_labels=torch.cat([labels, null]), return_dict=False)[0].float().chunk(2)
+    return share * cond + (1 - share) * uncond
+
+
 class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
     """Class-conditional diffusion with classifier-free guidance: a UNet2DModel with a class embedding (label
     `num_classes` is the null class), in an AutoencoderKL's latent space (`vae`; `to_denoiser_latents` normalises them by
     its config) or on pixels (`vae` None). `scheduler` is the training noise schedule; the sampler is built from it per call. With
     `edm_sigma_data` the UNet is an EDM network, sampled through EDMDenoiser. `guide` (optional): the smaller denoiser that
-    `guidance` autoguidance / guide_null guides against (`denoise`), an EDM network when `guide_edm_sigma_data` is set."""
+    `guidance` autoguidance / guide_null / guide_blend guides against (`denoise`), an EDM network when `guide_edm_sigma_data` is set."""
 
     model_cpu_offload_seq = "unet->guide->vae"
     _optional_components = ["vae", "guide"]
 
     def __init__(self, unet, scheduler, vae=None, guide=None, class_names: list[str] | None = None, sampler: str = "dpmsolver++",
                  num_steps: int = 10, guidance_scale: float = 1.0, image_shape: list[int] | None = None, edm_sigma_data: float | None = None,
-                 guidance_interval: list[float] | None = None, guidance: str = "cfg", guide_edm_sigma_data: float | None = None):  # fmt: skip
+                 guidance_interval: list[float] | None = None, guidance: str = "cfg", guide_edm_sigma_data: float | None = None,
+                 guide_blend: float | None = None):  # fmt: skip
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, guide=guide)
         self.register_to_config(class_names=class_names, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                                 image_shape=image_shape, edm_sigma_data=edm_sigma_data, guidance_interval=guidance_interval,
-                                guidance=guidance, guide_edm_sigma_data=guide_edm_sigma_data)  # fmt: skip
+                                guidance=guidance, guide_edm_sigma_data=guide_edm_sigma_data, guide_blend=guide_blend)  # fmt: skip
 
     @property
     def num_classes(self) -> int:
@@ -248,6 +263,7 @@ class GenforgeLatentDiffusionPipeline(DiffusionPipeline):
             self.config.guidance_scale if guidance_scale is None else guidance_scale, self.unet.device,
             guidance_interval=getattr(self.config, "guidance_interval", None),  # older exports: every step
             guide=None if guide is None else self.network(guide, "guide_edm_sigma_data"), guidance=getattr(self.config, "guidance", "cfg"),
+            guide_blend=getattr(self.config, "guide_blend", None),
         )  # fmt: skip
         images = latents if self.vae is None else self.vae.decode(from_denoiser_latents(latents, self.vae.config)).sample.float()
         images = ((images.clamp(-1, 1) + 1) / 2).cpu()

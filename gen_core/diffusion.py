@@ -115,18 +115,18 @@ def sample_diffusion(
     unet: nn.Module, schedule_config, labels: torch.Tensor, seeds, shape: tuple[int, ...], num_classes: int,
     sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0, device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None, guidance_interval: tuple[float, float] | None = None, guide: nn.Module | None = None,
-    guidance: str = "cfg",
+    guidance: str = "cfg", guide_blend: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Run the reverse process from seeded noise. Returns x_0 of shape (N, *shape), unclipped.
 
     labels: (N,) class ids in [0, num_classes). Guidance pushes the conditional prediction away from a
     reference: out = ref + guidance_scale * (cond - ref), at every step or at the steps whose noise level
     sigma_t lies in guidance_interval = (lo, hi]; ref is the "null" class prediction (guidance cfg) or
-    the `guide` network's (autoguidance, guide_null: gen_core.diffusers_pipeline.denoise).
+    the `guide` network's (autoguidance, guide_null, guide_blend: gen_core.diffusers_pipeline.denoise).
     """
     generators = per_sample_generators(seeds, "cpu")
     return denoise(unet, schedule_config, check_labels(labels, num_classes), generators, shape, num_classes, sampler, num_steps,
-                   guidance_scale, device, autocast_dtype, guidance_interval, guide, guidance)  # fmt: skip
+                   guidance_scale, device, autocast_dtype, guidance_interval, guide, guidance, guide_blend)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -271,7 +271,7 @@ class DiffusionGenerator:
     sampler: SamplerConfig
     image_shape: tuple[int, int, int]  # (C, R, R) of the decoded images
     edm_sigma_data: float | None = None  # an EDM network (its data's std): sampled through EDMDenoiser
-    guide: UNet2DModel | GenforgeDiT | None = None  # sampler.guidance autoguidance / guide_null: the weaker denoiser
+    guide: UNet2DModel | GenforgeDiT | None = None  # sampler.guidance autoguidance / guide_null / guide_blend: the weaker denoiser
     guide_edm_sigma_data: float | None = None  # the guide's, when it is an EDM network
 
     def __post_init__(self):
@@ -310,7 +310,7 @@ class DiffusionGenerator:
             self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes,
             sampler or self.sampler.name, num_steps or self.sampler.num_steps,
             self.sampler.guidance_scale if guidance_scale is None else guidance_scale, device, autocast_dtype,
-            self.sampler.guidance_interval, self.guide_denoiser, self.sampler.guidance,
+            self.sampler.guidance_interval, self.guide_denoiser, self.sampler.guidance, self.sampler.guide_blend,
         )  # fmt: skip
         if self.vae is None:
             return latents.clamp(-1, 1)
@@ -324,7 +324,7 @@ class DiffusionGenerator:
             self.unet, make_sampler("ddpm", self.schedule_config), self.vae, self.guide, meta.get("class_names"), self.sampler.name,
             self.sampler.num_steps, self.sampler.guidance_scale, list(self.image_shape), self.edm_sigma_data,
             list(self.sampler.guidance_interval) if self.sampler.guidance_interval else None, self.sampler.guidance,
-            self.guide_edm_sigma_data,
+            self.guide_edm_sigma_data, self.sampler.guide_blend,
         )  # fmt: skip
         pipeline.save_pretrained(directory, safe_serialization=True)
         index = json.loads((directory / "model_index.json").read_text())

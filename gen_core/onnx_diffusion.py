@@ -107,6 +107,7 @@ class OnnxDiffusionGenerator:
             self.denoiser, self.schedule_config, labels, seeds, self.latent_shape, self.num_classes, sampler or self.sampler.name,
             num_steps or self.sampler.num_steps, self.sampler.guidance_scale if guidance_scale is None else guidance_scale,
             guidance_interval=self.sampler.guidance_interval, guide=self.guide, guidance=self.sampler.guidance,
+            guide_blend=self.sampler.guide_blend,
         )  # fmt: skip
         if self.decoder is None:
             return latents.clamp(-1, 1)

@@ -177,7 +177,8 @@ def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
     return metrics
 
 
-GUIDANCE_NAMES = {"cfg": "classifier-free guidance", "autoguidance": "autoguidance", "guide_null": "guidance against the guide's null class"}
+GUIDANCE_NAMES = {"cfg": "classifier-free guidance", "autoguidance": "autoguidance", "guide_null": "guidance against the guide's null class",
+                  "guide_blend": "guidance against a blend of the guide's classes"}
 GUIDANCE_KEYS = ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "classes_covered", "diversity")
 
 
@@ -207,7 +208,7 @@ def guidance_sweep(cfg: RunConfig, family: str) -> dict:
         "step": model.meta["step"], "sampler": metrics["sampler"], "sampler_steps": metrics["sampler_steps"],
         "exported_guidance": model.meta["sampler"]["guidance_scale"], "class_accuracy_floor": sweep.class_accuracy_floor,
         "chosen": chosen and chosen["guidance"], "curve": curve,
-        **{key: metrics[key] for key in ("guidance_interval", "guidance") if key in metrics},
+        **{key: metrics[key] for key in ("guidance_interval", "guidance", "guide_blend") if key in metrics},
     }  # fmt: skip
     out = Path(cfg.eval_file(family)).with_name(f"{family}_guidance.json")
     atomic_write_json(out, record)
@@ -254,7 +255,8 @@ def plot_guidance(record: dict, path: Path) -> None:
     ax.plot(scales, [p["fid"] for p in record["curve"]], marker="o", color="C0", label="FID")
     ax.axhline(record["floor"]["fid"], color="C0", linestyle="--", linewidth=0.8, label="FID floor (real vs real)")
     interval = f", guided at sigma in ({record['guidance_interval'][0]:g}, {record['guidance_interval'][1]:g}]" if record.get("guidance_interval") else ""
-    ax.set(xlabel=f"{GUIDANCE_NAMES[record.get('guidance', 'cfg')]} scale", ylabel="FID", title=f"{record['sampler']} {record['sampler_steps']} steps{interval}, step {record['step']}: "
+    blend = f" (conditional share {record['guide_blend']:g})" if record.get("guide_blend") is not None else ""
+    ax.set(xlabel=f"{GUIDANCE_NAMES[record.get('guidance', 'cfg')]}{blend} scale", ylabel="FID", title=f"{record['sampler']} {record['sampler_steps']} steps{interval}, step {record['step']}: "
            f"{record['protocol_id']}")  # fmt: skip
     ax.title.set_fontsize(8)
     right = ax.twinx()
@@ -380,7 +382,8 @@ def sampler_settings(gen_meta: dict) -> dict:
     sampler = gen_meta.get("sampler")
     if not sampler:
         return {}
-    interval = sampler.get("guidance_interval")  # these two only where set: a run without them records what it did before
+    interval = sampler.get("guidance_interval")  # these three only where set: a run without them records what it did before
     guidance = sampler.get("guidance", "cfg")
     return {"sampler": sampler["name"], "sampler_steps": sampler["num_steps"], "guidance_scale": sampler["guidance_scale"],
-            **({"guidance_interval": list(interval)} if interval else {}), **({"guidance": guidance} if guidance != "cfg" else {})}  # fmt: skip
+            **({"guidance_interval": list(interval)} if interval else {}), **({"guidance": guidance} if guidance != "cfg" else {}),
+            **({"guide_blend": sampler["guide_blend"]} if sampler.get("guide_blend") is not None else {})}  # fmt: skip

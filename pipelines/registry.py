@@ -388,7 +388,7 @@ def _version_tags(metrics: dict, gen_meta: dict, run_id: str, generator_sha256: 
         "gate_class_accuracy_floor": str(gate.class_accuracy_floor), "data_hash": gen_meta["data_hash"],
         "fid_feature_sha256": metrics["feature_sha256"], "git_revision": gen_meta["git_revision"], "step": str(gen_meta["step"]),
         "training_run_id": run_id, "generator_sha256": generator_sha256, "model_family": family,
-        **{k: str(metrics[k]) for k in ("sampler", "sampler_steps", "guidance_scale", "guidance_interval", "guidance") if k in metrics},
+        **{k: str(metrics[k]) for k in ("sampler", "sampler_steps", "guidance_scale", "guidance_interval", "guidance", "guide_blend") if k in metrics},
         **{k: f"{metrics[k]:.6f}" for k in PAIRED_KEYS if k in metrics},  # the paired families' own measures
     }  # fmt: skip
 

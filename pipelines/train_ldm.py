@@ -8,7 +8,7 @@ match the autoencoder (channels, scale, weights), which is also part of the run'
 signature: a new autoencoder starts a new run. With `ldm.space: pixel` the same denoiser family
 trains on the images themselves.
 
-With `ldm.sampler.guidance: autoguidance` (or guide_null) samples are guided by `ldm.guide_dir`, another export of
+With `ldm.sampler.guidance: autoguidance` (or guide_null, guide_blend) samples are guided by `ldm.guide_dir`, another export of
 this stage trained smaller and shorter on the same latents; it is checked before training starts, guides the
 in-training evaluations and is copied into the export.
 
@@ -67,7 +67,7 @@ def edm_sigma_data(d, data: torch.Tensor) -> float | None:
 
 
 def guide_for(d, extra: dict, num_classes: int, shape, device="cpu") -> tuple | None:
-    """sampler.guidance autoguidance / guide_null: ldm.guide_dir's denoiser, checked against this run (load_guide), on
+    """sampler.guidance autoguidance / guide_null / guide_blend: ldm.guide_dir's denoiser, checked against this run (load_guide), on
     `device` -> (network, its EDM sigma_data); None for classifier-free guidance."""
     if d.sampler.guidance == "cfg":
         return None

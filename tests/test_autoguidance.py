@@ -1,4 +1,4 @@
-"""Guidance against a guide network (`ldm.sampler.guidance: autoguidance | guide_null`, `ldm.guide_dir`): the sampling
+"""Guidance against a guide network (`ldm.sampler.guidance: autoguidance | guide_null | guide_blend`, `ldm.guide_dir`): the sampling
 formula, export and reload (genforge's own loader and diffusers' DiffusionPipeline), the guide's compatibility checks, the
 config's refusals, and the train_ldm stage guiding its in-training evaluations and exporting the guide."""
 
@@ -41,9 +41,9 @@ def guide_net():
     return label_sensitive(1)
 
 
-def draw(net, schedule_config, guidance_scale, guide=None, guidance="cfg", interval=None, labels=(4, 5, 7), seeds=(1, 2, 3)):
+def draw(net, schedule_config, guidance_scale, guide=None, guidance="cfg", interval=None, labels=(4, 5, 7), seeds=(1, 2, 3), blend=None):
     return sample_diffusion(net, schedule_config, torch.tensor(labels), list(seeds), SHAPE, NUM_CLASSES, "dpmsolver++", 6, guidance_scale,
-                            guidance_interval=interval, guide=guide, guidance=guidance)  # fmt: skip
+                            guidance_interval=interval, guide=guide, guidance=guidance, guide_blend=blend)  # fmt: skip
 
 
 class Elementwise(torch.nn.Module):
@@ -70,6 +70,18 @@ def test_guiding_against_the_model_itself_gives_the_conditional_model_or_classif
     assert (other - conditional).abs().mean() > 0.1 and (other - cfg).abs().mean() > 0.1
 
 
+def test_a_blend_of_the_guides_classes_is_each_end_and_the_formula_between(schedule_config):
+    """guide_blend a: ref = a guide(c) + (1 - a) guide(null). a = 1 is autoguidance and a = 0 guide_null, bit for bit; with
+    the model as its own guide, out = ref + w (c - ref) = null + (a + (1 - a) w) (c - null): classifier-free guidance at
+    a + (1 - a) w (at w = 3, a = 0.5: 2)."""
+    net, guide = Elementwise(0), Elementwise(1)
+    assert torch.equal(draw(net, schedule_config, 3.0, guide, "guide_blend", blend=1.0), draw(net, schedule_config, 3.0, guide, "autoguidance"))
+    assert torch.equal(draw(net, schedule_config, 3.0, guide, "guide_blend", blend=0.0), draw(net, schedule_config, 3.0, guide, "guide_null"))
+    torch.testing.assert_close(draw(net, schedule_config, 3.0, net, "guide_blend", blend=0.5), draw(net, schedule_config, 2.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(draw(net, schedule_config, 3.0, net, "guide_blend", blend=0.25), draw(net, schedule_config, 2.5), rtol=1e-5, atol=1e-5)
+    assert (draw(net, schedule_config, 3.0, guide, "guide_blend", blend=0.5) - draw(net, schedule_config, 2.0)).abs().mean() > 0.1
+
+
 def test_a_weaker_guide_moves_the_samples_by_the_formula_at_each_step(model_net, guide_net, schedule_config):
     """Each guided step calls the model on the conditional batch and the guide once (its labels: the conditional ones for
     autoguidance, the null class for guide_null); scale 1 and steps outside the interval never call the guide."""
@@ -92,6 +104,9 @@ def test_a_weaker_guide_moves_the_samples_by_the_formula_at_each_step(model_net,
     assert torch.equal(draw(model, schedule_config, 1.0, guide, "autoguidance"), draw(model_net, schedule_config, 1.0))
     assert calls == [("model", 3, [4, 5, 7])] * 6  # guidance 1: the conditional model alone
     calls.clear()
+    draw(model, schedule_config, 2.0, guide, "guide_blend", blend=0.3)
+    assert calls == [("model", 3, [4, 5, 7]), ("guide", 6, [4, 5, 7, NUM_CLASSES])] * 6  # both of the guide's classes, one batch
+    calls.clear()
     draw(model, schedule_config, 2.0, guide, "autoguidance", interval=(1.0, 30.0))  # dpmsolver++ 6 steps: sigma_t 157.4, 33.5, 9.5, 3.4, 1.5, 0.58
     assert [name for name, _, _ in calls] == ["model", "model", *["model", "guide"] * 3, "model"]
     conditional = draw(model_net, schedule_config, 1.0)
@@ -106,12 +121,19 @@ def test_the_guide_and_the_guidance_must_agree(model_net, guide_net, schedule_co
         draw(model_net, schedule_config, 2.0, guide_net, "cfg")
     with pytest.raises(ValueError, match="unknown guidance 'auto'"):
         draw(model_net, schedule_config, 2.0, guide_net, "auto")
+    with pytest.raises(ValueError, match=r"guide_blend None: a share in \[0, 1\] with guidance guide_blend, None otherwise \(here guide_blend\)"):
+        draw(model_net, schedule_config, 2.0, guide_net, "guide_blend")
+    with pytest.raises(ValueError, match=r"guide_blend 0.5: .* None otherwise \(here autoguidance\)"):
+        draw(model_net, schedule_config, 2.0, guide_net, "autoguidance", blend=0.5)
+    with pytest.raises(ValueError, match=r"guide_blend 1.5: a share in \[0, 1\]"):
+        draw(model_net, schedule_config, 2.0, guide_net, "guide_blend", blend=1.5)
     with pytest.raises(LatentMismatchError, match="sampler guidance guide_null needs a guide"):
         DiffusionGenerator(model_net, None, schedule_config, NUM_CLASSES, SamplerConfig(guidance="guide_null"), (1, 32, 32))
 
 
-@pytest.mark.parametrize("guidance, guide_backbone, guide_sigma_data", [("autoguidance", "unet", None), ("guide_null", "dit", 0.8)])
-def test_an_autoguided_export_carries_its_guide_and_draws_the_same_images_through_diffusers(tmp_path, schedule_config, guidance,
+@pytest.mark.parametrize("guidance, blend, guide_backbone, guide_sigma_data",
+                         [("autoguidance", None, "unet", None), ("guide_null", None, "dit", 0.8), ("guide_blend", 0.6, "unet", None)])
+def test_an_autoguided_export_carries_its_guide_and_draws_the_same_images_through_diffusers(tmp_path, schedule_config, guidance, blend,
                                                                                            guide_backbone, guide_sigma_data):  # fmt: skip
     """save_pretrained writes guide/ beside unet/ (a DiT guide with its class file; an EDM guide's sigma_data in the
     config); DiffusionGenerator.from_pretrained and DiffusionPipeline.from_pretrained both sample through it, with
@@ -120,21 +142,21 @@ def test_an_autoguided_export_carries_its_guide_and_draws_the_same_images_throug
 
     torch.manual_seed(3)
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
-    sampler = SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0, guidance=guidance)
+    sampler = SamplerConfig(name="ddim", num_steps=3, guidance_scale=2.0, guidance=guidance, guide_blend=blend)
     model = DiffusionGenerator(label_sensitive(0), vae, schedule_config, NUM_CLASSES, sampler, (1, 32, 32), None,
                                label_sensitive(1, guide_backbone), guide_sigma_data)  # fmt: skip
     model.save_pretrained(tmp_path, {"class_names": [f"c{i}" for i in range(NUM_CLASSES)]})
     assert (tmp_path / "guide" / "config.json").exists() and (guide_backbone == "dit") == (tmp_path / "guide" / "genforge_dit.py").exists()
     reloaded, meta = DiffusionGenerator.from_pretrained(tmp_path)
-    assert reloaded.sampler.guidance == guidance and meta["guide_edm_sigma_data"] == guide_sigma_data
+    assert reloaded.sampler.guidance == guidance and reloaded.sampler.guide_blend == blend and meta["guide_edm_sigma_data"] == guide_sigma_data
     assert type(reloaded.guide) is type(model.guide) and reloaded.guide_edm_sigma_data == guide_sigma_data
     labels, seeds = torch.tensor([1, 8]), [4, 5]
     images = model.sample(labels, seeds)
     assert torch.equal(reloaded.sample(labels, seeds), images)
-    unguided = DiffusionGenerator(model.unet, vae, schedule_config, NUM_CLASSES, sampler.model_copy(update={"guidance": "cfg"}), (1, 32, 32))
+    unguided = DiffusionGenerator(model.unet, vae, schedule_config, NUM_CLASSES, sampler.model_copy(update={"guidance": "cfg", "guide_blend": None}), (1, 32, 32))
     assert (unguided.sample(labels, seeds) - images).abs().mean() > 1e-3  # the guide is what made them
     pipe = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, low_cpu_mem_usage=False)
-    assert type(pipe.guide).__name__ == type(model.guide).__name__ and pipe.config.guidance == guidance
+    assert type(pipe.guide).__name__ == type(model.guide).__name__ and pipe.config.guidance == guidance and pipe.config.guide_blend == blend
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     through_diffusers = pipe(class_labels=[1, "C8"], generator=generators, output_type="pt").images
     assert (through_diffusers * 2 - 1 - images).abs().max() <= 1e-5
@@ -168,8 +190,15 @@ def test_guidance_against_a_guide_needs_one_is_read_at_export_and_is_the_ldm_fam
     assert guided.ldm.resume_signature() == load_config(params).ldm.resume_signature()  # a finished run re-exports with it
     with pytest.raises(ConfigError, match="sampler.guidance guide_null needs guide_dir"):
         load_config(params, ["ldm.sampler.guidance=guide_null"])
-    with pytest.raises(ConfigError, match="Input should be 'cfg', 'autoguidance' or 'guide_null'"):
+    with pytest.raises(ConfigError, match="Input should be 'cfg', 'autoguidance', 'guide_null' or 'guide_blend'"):
         load_config(params, ["ldm.sampler.guidance=auto"])
+    blended = load_config(params, ["ldm.sampler.guidance=guide_blend", "ldm.sampler.guide_blend=0.5", "ldm.guide_dir=models/ldm-guide"])
+    assert blended.ldm.sampler.guide_blend == 0.5
+    for sets, message in [(["ldm.sampler.guidance=guide_blend"], "guidance guide_blend needs guide_blend"),
+                          (["ldm.sampler.guide_blend=0.5"], r"guide_blend applies to guidance guide_blend only \(here cfg\)"),
+                          (["ldm.sampler.guidance=guide_blend", "ldm.sampler.guide_blend=2"], "guide_blend: Input should be less than or equal to 1")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(params, [*sets, "ldm.guide_dir=models/ldm-guide"])
     with pytest.raises(ConfigError, match="the text-to-image family guides with cfg only"):
         load_config(params, ["t2i.sampler.guidance=autoguidance"])
 

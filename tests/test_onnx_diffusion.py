@@ -120,21 +120,22 @@ def test_a_dit_denoiser_exports_and_samples_as_in_torch(tmp_path):
     assert expected.std() > 0.01 and (onnx.sample(labels, seeds) - expected).abs().max() <= 1e-3
 
 
-@pytest.mark.parametrize("guidance", ["autoguidance", "guide_null"])
-def test_an_autoguided_model_exports_its_guide_and_samples_as_in_torch(tmp_path, guidance):
-    """sampler.guidance autoguidance / guide_null: guide.onnx beside denoiser.onnx (here an EDM guide, with its
-    preconditioning), and the ONNX path guides as the torch one does, against the guide, not the model's own null class."""
+@pytest.mark.parametrize("guidance, blend", [("autoguidance", None), ("guide_blend", 0.4)])
+def test_an_autoguided_model_exports_its_guide_and_samples_as_in_torch(tmp_path, guidance, blend):
+    """sampler.guidance autoguidance / guide_blend (the guide's both classes in one batch): guide.onnx beside denoiser.onnx
+    (here an EDM guide, with its preconditioning), and the ONNX path guides as the torch one does, against the guide, not
+    the model's own null class."""
     torch.manual_seed(7)
     vae = build_autoencoder(AutoencoderConfig(width=8), channels=1, scaling_factor=0.7).eval()
     unet, guide = (build_denoiser(TINY_DENOISER, channels=4, sample_size=8, num_classes=10).eval() for _ in range(2))
     with torch.no_grad():
         unet.class_embedding.weight.mul_(10)  # an untrained net barely uses its labels; make them matter
-    sampler = SamplerConfig(name="dpmsolver++", num_steps=6, guidance_scale=3.0, guidance=guidance)
+    sampler = SamplerConfig(name="dpmsolver++", num_steps=6, guidance_scale=3.0, guidance=guidance, guide_blend=blend)
     model = DiffusionGenerator(unet, vae, dict(training_schedule(NoiseScheduleConfig()).config), 10, sampler, (1, 32, 32), None, guide, 0.7)
     assert set(export_diffusion_onnx(model, tmp_path)) == {"denoiser.onnx", "guide.onnx", "decoder.onnx"}
     onnx = OnnxDiffusionGenerator(tmp_path, **json.loads(json.dumps(sampling_record(model))), threads=1)
     labels, seeds = torch.tensor([1, 8]), [3, 4]
     expected = model.sample(labels, seeds)
-    self_guided = dataclasses.replace(model, sampler=sampler.model_copy(update={"guidance": "cfg"}), guide=None).sample(labels, seeds)
+    self_guided = dataclasses.replace(model, sampler=SamplerConfig(name="dpmsolver++", num_steps=6, guidance_scale=3.0), guide=None).sample(labels, seeds)
     assert expected.std() > 0.01 and (expected - self_guided).abs().max() > 0.1  # measured 0.15
     assert (onnx.sample(labels, seeds) - expected).abs().max() <= 1e-3  # measured 2e-5
