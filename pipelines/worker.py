@@ -39,7 +39,7 @@ import torch
 from gen_core.checkpoint import CheckpointError, load_state, save_weights, write_meta
 from gen_core.config import RunConfig, TrainingConfig
 from gen_core.io import download_directory, filesystem, upload_directory
-from gen_core.training import autocast_dtype
+from gen_core.training import autocast_dtype, training_compute
 from pipelines.common import format_duration
 from pipelines.probe import Evaluation
 from pipelines.strategy import Part, Strategy, build_strategy, check_resumable
@@ -106,7 +106,8 @@ class Worker:
         return autocast_dtype(precision, self.device)
 
     def autocast(self, dtype: torch.dtype | None):
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        """A training forward's context: autocast, and on a CPU the math attention kernel (gen_core.training.training_compute)."""
+        return training_compute(self.device, dtype)
 
     def all_gather(self, obj) -> list:
         """Collective: every rank's `obj`, in rank order."""

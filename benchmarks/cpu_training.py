@@ -1,0 +1,156 @@
+"""Two CPU settings for the training loops, each on and off, side by side: training-step img/s of the default params'
+autoencoder (L1 + KL + LPIPS on every image), latent denoiser (U-Net s) and GAN (ResNet), bf16 autocast where native,
+2 threads, as a 1-worker stage runs them on this machine.
+
+  attention  flash: torch's default kernel choice (the CPU flash kernel): what the loops ran before
+             math:  gen_core.training.training_compute, what every training loop now runs its forward under
+  heap       off:   glibc's default (large blocks from fresh mmap()s, faulted in and zeroed on first touch)
+             on:    large blocks up to 32 MiB kept in glibc's heap (mallopt M_MMAP_THRESHOLD): measured, not adopted
+
+The allocator setting is process-wide, so every variant runs in a fresh child process (import, build, warm-up,
+then timed steps); variants alternate within each round and the median of the rounds is reported. "math attention"
+is what the loops run now; "before" what they ran until then.
+
+    python benchmarks/cpu_training.py [--rounds 3] [--steps 8] [--models ae,ldm,gan]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.suite_profile import cpu_model  # noqa: E402
+
+from gen_core.config import load_config  # noqa: E402
+from gen_core.training import autocast_dtype, training_compute  # noqa: E402
+
+VARIANTS = {  # name -> (attention, heap)
+    "before": ("flash", False),
+    "math attention": ("math", False),
+    "heap": ("flash", True),
+    "product": ("math", True),
+}
+MODELS_WITHOUT_ATTENTION = {"gan"}
+
+
+def keep_large_allocations_in_heap() -> None:
+    """glibc: serve blocks up to 32 MiB (its ceiling for this setting on 64-bit) from the heap, not fresh mmap()s."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    if not ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 32 << 20):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) refused")
+
+
+def step_function(model: str, cfg, amp, attention: str):
+    """-> (one training step, its batch size): the ae or ldm stage's step on the default params' model."""
+    cpu = torch.device("cpu")
+
+    def context():
+        if attention == "math":
+            return training_compute(cpu, amp)
+        return torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    if model == "ae":
+        from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder
+        from gen_core.lpips import load_lpips
+
+        a = cfg.autoencoder
+        net = AutoencoderRoundTrip(build_autoencoder(a, cfg.data.channels))
+        optimizer = torch.optim.Adam(net.parameters(), lr=a.lr)
+        lpips = load_lpips()
+        batch = torch.rand(a.global_batch_size, cfg.data.channels, cfg.data.resolution, cfg.data.resolution) * 2 - 1
+
+        def loss():
+            return autoencoder_loss(net, batch, a.reconstruction_loss, a.kl_weight, generator, lpips, a.perceptual_weight, a.perceptual_images)[0].mean()
+
+        size = len(batch)
+    elif model == "ldm":
+        from gen_core.diffusion import build_denoiser, diffusion_loss, training_schedule
+
+        d, shape = cfg.ldm, (4, 8, 8)  # the default autoencoder's latents
+        net = build_denoiser(d.denoiser, shape[0], shape[1], 10)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=d.lr)
+        schedule = training_schedule(d.noise)
+        batch = torch.randn(d.global_batch_size, *shape, generator=torch.Generator().manual_seed(1))
+        labels = torch.arange(d.global_batch_size) % 10
+
+        def loss():
+            return diffusion_loss(net, schedule, batch, labels, 10, d.label_dropout, generator, d.min_snr_gamma).mean()
+
+        size = len(batch)
+    else:
+        raise ValueError(f"{model}: ae or ldm (gan runs benchmarks/gan_throughput.py's bare loop)")
+
+    def step():
+        with context():
+            value = loss()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+
+    return step, size
+
+
+def child(model: str, variant: str, steps: int) -> None:
+    attention, heap = VARIANTS[variant]
+    if heap:
+        keep_large_allocations_in_heap()
+    torch.set_num_threads(2)
+    cfg = load_config(REPO / "params.yaml")
+    amp = autocast_dtype(cfg.ldm.precision, torch.device("cpu"))
+    if model == "gan":  # its bare loop times itself after its own warm-up
+        from benchmarks.gan_throughput import bare_loop
+
+        print(bare_loop(cfg, steps * 4, amp is not None, 2))
+        return
+    step, size = step_function(model, cfg, amp, attention)
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    print(steps * size / (time.perf_counter() - started))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--models", default="ae,ldm,gan")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child, args.steps)
+        return
+    runs = [(m, v) for m in args.models.split(",") for v in VARIANTS if m not in MODELS_WITHOUT_ATTENTION or VARIANTS[v][0] == "flash"]
+    rates: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    for r in range(args.rounds):
+        for model, variant in runs:
+            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", model, variant],
+                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            rates[(model, variant)].append(float(out.split()[-1]))
+            print(f"round {r + 1}: {model} {variant}: {rates[(model, variant)][-1]:.1f} img/s", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores {cpu_model()}, torch {torch.__version__}, "
+          f"{args.rounds} rounds x {args.steps} steps (gan: {args.steps * 4}), each variant in a fresh process")
+    print("| model | variant | attention | heap | img/s (median) | vs before | rounds |\n|---|---|---|---|---|---|---|")
+    for model, variant in runs:
+        median, base = statistics.median(rates[(model, variant)]), statistics.median(rates[(model, "before")])
+        attention, heap = VARIANTS[variant]
+        print(f"| {model} | {variant} | {attention if model not in MODELS_WITHOUT_ATTENTION else '-'} | {'on' if heap else 'off'} | "
+              f"{median:.1f} | {median / base:.2f}x | {', '.join(f'{v:.0f}' for v in rates[(model, variant)])} |")
+
+
+if __name__ == "__main__":
+    main()
