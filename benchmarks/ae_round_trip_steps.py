@@ -20,7 +20,7 @@ from gen_core.config import AutoencoderConfig  # noqa: E402
 from gen_core.data import read_mnist5k  # noqa: E402
 from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder, psnr  # noqa: E402
 from gen_core.sampling import to_unit  # noqa: E402
-from gen_core.training import autocast_dtype  # noqa: E402
+from gen_core.training import autocast_dtype, training_compute  # noqa: E402
 
 REPORT_AT = (80, 100, 120, 150, 200)
 
@@ -43,7 +43,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         for step in range(1, max(REPORT_AT) + 1):
             batch = train[torch.randint(0, len(train), (64,), generator=generator)]
-            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            with training_compute(torch.device("cpu"), amp):  # the training loops' forward context
                 loss, _ = autoencoder_loss(round_trip, batch, "l1", 1e-6, generator)
             optimizer.zero_grad()
             loss.mean().backward()

@@ -1,7 +1,7 @@
 """Autoencoder training-step throughput (img/s) with and without the LPIPS term, side by side in one run.
 
 Each variant is the train_autoencoder loop's step on the default params' autoencoder and global batch: the
-AutoencoderRoundTrip forward under the loop's precision (bf16 autocast where native), L1 + KL (+ LPIPS-VGG16 on
+AutoencoderRoundTrip forward under the loop's context (bf16 autocast where native, math attention), L1 + KL (+ LPIPS-VGG16 on
 `perceptual_images` of the batch), backward, Adam. Variants alternate within each round; the median of the rounds
 is reported. 2 threads, as a 1-worker run of the stage gets on this machine.
 
@@ -26,7 +26,7 @@ from benchmarks.suite_profile import cpu_model  # noqa: E402
 from gen_core.config import load_config  # noqa: E402
 from gen_core.diffusion import AutoencoderRoundTrip, autoencoder_loss, build_autoencoder  # noqa: E402
 from gen_core.lpips import load_lpips  # noqa: E402
-from gen_core.training import autocast_dtype  # noqa: E402
+from gen_core.training import autocast_dtype, training_compute  # noqa: E402
 
 
 def perceptual_images(variant: str, batch: int) -> int | None:
@@ -41,7 +41,7 @@ def steps_per_s(variant: str, steps: int, model, optimizer, lpips, batch: torch.
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with training_compute(torch.device("cpu"), amp):  # the training loops' forward context
             loss, _ = autoencoder_loss(model, batch, "l1", 1e-6, generator, lpips if k else None, 1.0 if k else 0.0, k)
         optimizer.zero_grad()
         loss.mean().backward()

@@ -2,7 +2,7 @@
 
 Each variant is `ldm.denoiser` of params.yaml with a backbone and preset (unet-s is the default's U-Net, dit-s/m/l the
 DiT presets, dit-s-p2 on 2x2 patches) on the default's latents (4 x 8 x 8) and global batch. A training step is the train_ldm loop's: the
-default's diffusion_loss (epsilon, min-SNR-5, label dropout) under the loop's precision (bf16 autocast where native),
+default's diffusion_loss (epsilon, min-SNR-5, label dropout) under the loop's context (bf16 autocast where native, math attention),
 backward, AdamW. Sampling is DPM-Solver++ 10 steps at guidance 8 (two network calls a step), as evaluate runs it.
 Variants alternate within each round; the median of the rounds is reported. 2 threads, as a 1-worker run of the
 stage gets on this machine. Memory: the bytes autograd saves for backward in one training step (activations), and
@@ -28,7 +28,7 @@ from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import DenoiserConfig, load_config  # noqa: E402
 from gen_core.diffusion import build_denoiser, diffusion_loss, sample_diffusion, training_schedule  # noqa: E402
-from gen_core.training import autocast_dtype  # noqa: E402
+from gen_core.training import autocast_dtype, training_compute  # noqa: E402
 
 LATENT = (4, 8, 8)
 NUM_CLASSES = 10
@@ -46,7 +46,7 @@ def train_steps_per_s(net, optimizer, schedule, batch, labels, steps: int, amp, 
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with training_compute(torch.device("cpu"), amp):  # the training loops' forward context
             loss = diffusion_loss(net, schedule, batch, labels, NUM_CLASSES, 0.1, generator, min_snr_gamma).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -70,7 +70,7 @@ def activation_bytes(net, schedule, batch, labels, amp, min_snr_gamma) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with training_compute(torch.device("cpu"), amp):  # the training loops' forward context
             loss = diffusion_loss(net, schedule, batch, labels, NUM_CLASSES, 0.1, torch.Generator().manual_seed(0), min_snr_gamma).mean()
     loss.backward()
     return sum(saved)
