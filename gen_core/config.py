@@ -77,7 +77,7 @@ class InceptionConfig(_Section):
     source: Literal["package", "url"] = "package"
     url: str = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
     sha256: str | None = None  # required for source=url; downloads are never trusted unverified
-    batch_size: int = Field(50, ge=1)
+    batch_size: int = Field(25, ge=1)  # the features are the same to the bit at any batch size
     # auto: ONNX Runtime for fp32 features on a CPU (2.2x torch there, same features to 1e-6), torch for
     # bf16 and on GPUs. Precision is the evaluation protocol's (evaluate.protocols.<name>.inception_precision).
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"

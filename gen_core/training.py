@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -65,6 +66,23 @@ def training_compute(device: torch.device, dtype: torch.dtype | None) -> context
     if device.type == "cpu":
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
+
+
+def retain_freed_memory() -> bool:
+    """glibc's malloc, set for a training process: blocks up to 32 MiB (its ceiling for M_MMAP_THRESHOLD on 64-bit) come
+    from the heap rather than fresh mmap()s, and freed heap memory stays with the process (M_TRIM_THRESHOLD at its
+    largest, 2 GiB: mallopt takes an int) rather than going back to the kernel, so each step's activations reuse pages instead of faulting in and zeroing new
+    ones. On 2 cores: the LPIPS autoencoder's step 1.08-1.15x, the denoiser's 1.01-1.17x, the GAN's 1.01-1.05x, page faults
+    -25% to -53% (benchmarks/glibc_malloc.sh; the trim setting alone, which turns glibc's adaptive threshold off, ran
+    0.4-0.6x). What PyTorch's CUDA caching allocator does on GPUs; values are unchanged, only where memory comes from.
+    Process-wide. False, and nothing changed, where the C library has no mallopt (macOS) or refuses the values."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
 def config_signature(obj: dict) -> str:

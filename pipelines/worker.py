@@ -39,7 +39,7 @@ import torch
 from gen_core.checkpoint import CheckpointError, load_state, save_weights, write_meta
 from gen_core.config import RunConfig, TrainingConfig
 from gen_core.io import download_directory, filesystem, upload_directory
-from gen_core.training import autocast_dtype, training_compute
+from gen_core.training import autocast_dtype, retain_freed_memory, training_compute
 from pipelines.common import format_duration
 from pipelines.probe import Evaluation
 from pipelines.strategy import Part, Strategy, build_strategy, check_resumable
@@ -133,6 +133,7 @@ class Worker:
 def start_worker(worker_config: dict) -> tuple[Worker, "Reporter", "CheckpointStore"]:
     """The prologue of every training loop: this worker, its reporter and its checkpoint store."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # workers do not inherit the stage's environment
+    retain_freed_memory()  # CPU activations reuse the process's pages instead of fresh mmap()s; values unchanged
     cfg = RunConfig.model_validate(worker_config["run"])
     ctx = RunContext(**worker_config["context"])
     worker = Worker(cfg, ctx)

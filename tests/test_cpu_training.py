@@ -1,10 +1,19 @@
-"""The training forward's context (gen_core.training.training_compute): autocast, and on a CPU the math attention kernel."""
+"""The training processes' CPU settings (gen_core.training): the forward's context (autocast, and on a CPU the math
+attention kernel), and glibc's malloc kept from handing memory back, which must not change a single value."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from gen_core.training import training_compute
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def attention_backward_node(device: torch.device, dtype) -> tuple[str, torch.dtype]:
@@ -34,3 +43,30 @@ def test_the_math_kernel_computes_the_same_attention_and_gradients_in_fp32():
     torch.testing.assert_close(math, flash)
     for a, b in zip(grads_math, grads_flash):
         torch.testing.assert_close(a, b)
+
+
+STEP = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from gen_core.training import retain_freed_memory
+print("set", retain_freed_memory() if sys.argv[1] == "on" else False)
+torch.set_num_threads(2)
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(64, 64, 3, padding=1))
+opt = torch.optim.Adam(net.parameters())
+x = torch.randn(16, 3, 64, 64)  # 16 MiB activations: fresh mmap()s by default, reused heap pages with the setting
+for _ in range(3):
+    loss = net(x).square().mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+print("digest", repr(float(loss)), repr(float(sum(p.double().sum() for p in net.parameters()))))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_retaining_freed_memory_takes_effect_and_changes_no_value():
+    runs = {}
+    for setting in ("off", "on"):
+        out = subprocess.run([sys.executable, "-c", STEP.format(repo=str(REPO)), setting], capture_output=True, text=True, check=True).stdout
+        runs[setting] = dict(line.split(" ", 1) for line in out.splitlines())
+    assert runs["on"]["set"] == "True" and runs["off"]["set"] == "False"
+    assert runs["on"]["digest"] == runs["off"]["digest"]
