@@ -3,34 +3,43 @@ attention kernel), and glibc's malloc kept from handing memory back, which must 
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gen_core.training import training_compute
+from pipelines.worker import Worker
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def attention_backward_node(device: torch.device, dtype) -> tuple[str, torch.dtype]:
+def attention_backward_node(context) -> tuple[str, torch.dtype]:
     q, k, v = (torch.randn(4, 2, 16, 32, requires_grad=True) for _ in range(3))
-    with training_compute(device, dtype):
+    with context:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     return type(out.grad_fn).__name__, out.dtype
 
 
 def test_a_training_forward_on_cpu_runs_attention_through_the_math_kernel_under_autocast():
-    default = type(torch.nn.functional.scaled_dot_product_attention(*(torch.randn(4, 2, 16, 32, requires_grad=True) for _ in range(3))).grad_fn).__name__
+    default, _ = attention_backward_node(contextlib.nullcontext())
     assert "Flash" in default  # what the CPU picks by itself, and what training_compute avoids
-    node, dtype = attention_backward_node(torch.device("cpu"), torch.bfloat16)
+    node, dtype = attention_backward_node(training_compute(torch.device("cpu"), torch.bfloat16))
     assert "Flash" not in node and "Attention" not in node  # decomposed into matrix products and a softmax
     assert dtype == torch.bfloat16
-    node, dtype = attention_backward_node(torch.device("cpu"), None)
+    node, dtype = attention_backward_node(training_compute(torch.device("cpu"), None))
     assert "Flash" not in node and dtype == torch.float32
+
+
+def test_every_training_loop_enters_it_through_the_workers_autocast():
+    cpu_worker = SimpleNamespace(device=torch.device("cpu"))  # Worker.autocast reads only the worker's device
+    node, dtype = attention_backward_node(Worker.autocast(cpu_worker, torch.bfloat16))
+    assert "Flash" not in node and dtype == torch.bfloat16
 
 
 def test_the_math_kernel_computes_the_same_attention_and_gradients_in_fp32():
