@@ -12,7 +12,10 @@ The allocator setting is process-wide, so every variant runs in a fresh child pr
 then timed steps); variants alternate within each round and the median of the rounds is reported. "math attention"
 is what the loops run now; "before" what they ran until then.
 
-    python benchmarks/cpu_training.py [--rounds 3] [--steps 8] [--models ae,ldm,gan]
+    python benchmarks/cpu_training.py [--rounds 3] [--steps 8] [--models ae,ldm,gan] [--variants before,math attention,...]
+
+Models: ae, ldm (the default U-Net s), gan, and other denoisers as ldm-<benchmarks/denoiser_step.py variant>, e.g. ldm-unet-m,
+ldm-dit-s (on the same latents and batch).
 """
 
 from __future__ import annotations
@@ -77,11 +80,12 @@ def step_function(model: str, cfg, amp, attention: str):
             return autoencoder_loss(net, batch, a.reconstruction_loss, a.kl_weight, generator, lpips, a.perceptual_weight, a.perceptual_images)[0].mean()
 
         size = len(batch)
-    elif model == "ldm":
+    elif model.split("-")[0] == "ldm":
+        from benchmarks.denoiser_step import denoiser_config
         from gen_core.diffusion import build_denoiser, diffusion_loss, training_schedule
 
         d, shape = cfg.ldm, (4, 8, 8)  # the default autoencoder's latents
-        net = build_denoiser(d.denoiser, shape[0], shape[1], 10)
+        net = build_denoiser(denoiser_config(model[4:]) if model != "ldm" else d.denoiser, shape[0], shape[1], 10)
         optimizer = torch.optim.AdamW(net.parameters(), lr=d.lr)
         schedule = training_schedule(d.noise)
         batch = torch.randn(d.global_batch_size, *shape, generator=torch.Generator().manual_seed(1))
@@ -130,12 +134,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", default="ae,ldm,gan")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="of: " + ", ".join(VARIANTS))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.steps)
         return
-    runs = [(m, v) for m in args.models.split(",") for v in VARIANTS if m not in MODELS_WITHOUT_ATTENTION or VARIANTS[v][0] == "flash"]
+    variants = args.variants.split(",")
+    if "before" not in variants or not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: some of {', '.join(VARIANTS)}, including before (the baseline)")
+    runs = [(m, v) for m in args.models.split(",") for v in variants if m not in MODELS_WITHOUT_ATTENTION or VARIANTS[v][0] == "flash"]
     rates: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     for r in range(args.rounds):
         for model, variant in runs:
