@@ -6,7 +6,7 @@ autoencoder (L1 + KL + LPIPS on every image), latent denoiser (U-Net s) and GAN 
              math:  gen_core.training.training_compute, what every training loop now runs its forward under
   heap       off:   glibc's default (large blocks from fresh mmap()s, faulted in and zeroed on first touch)
              on:    large blocks up to 32 MiB kept in glibc's heap (mallopt M_MMAP_THRESHOLD alone): not adopted; the
-                    product also raises the trim threshold (gen_core.training.retain_freed_memory, benchmarks/glibc_malloc.sh)
+                    product also raises the trim threshold (pipelines.worker.retain_freed_memory, benchmarks/glibc_malloc.sh)
 
 The allocator setting is process-wide, so every variant runs in a fresh child process (import, build, warm-up,
 then timed steps); variants alternate within each round and the median of the rounds is reported. "math attention"

@@ -4,7 +4,7 @@
 # autoencoder and GAN steps on torch's default attention kernel, the denoiser's on the math kernel), two rounds.
 #   none       glibc's defaults (adaptive mmap threshold, trim threshold 128 KiB)
 #   trim       trim threshold 16 GiB alone (this turns the adaptive mmap threshold off: every block > 128 KiB is mmap()ed)
-#   mmap_trim  mmap threshold 32 MiB + trim threshold 2 GiB - 1: what gen_core.training.retain_freed_memory sets through
+#   mmap_trim  mmap threshold 32 MiB + trim threshold 2 GiB - 1: what pipelines.worker.retain_freed_memory sets through
 #              mallopt (whose int argument caps the trim threshold there)
 #     benchmarks/glibc_malloc.sh [ROUNDS]
 cd "$(dirname "$0")/.." || exit 1

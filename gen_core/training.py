@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -57,8 +56,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def training_compute(device: torch.device, dtype: torch.dtype | None) -> contextlib.ExitStack:
     """The context of a training forward: autocast to `dtype` (None: fp32) and, on a CPU, attention through the
     math kernel (softmax(QK^T)V as matrix products) rather than the CPU flash kernel, whose backward took 23% of a
-    latent denoiser's step for 16-token attention: the default U-Net's step is 1.29x faster with the math kernel on 2
-    cores (U-Net m 1.25x, DiT s 1.3x, the LPIPS autoencoder 1.02x; benchmarks/cpu_training.py, RESULTS.md).
+    latent denoiser's step for 16-token attention: on 2 cores the default U-Net's step is 1.29x faster with the math
+    kernel, U-Net m's 1.41x, DiT s's 1.44x, the LPIPS autoencoder's 1.02x (benchmarks/cpu_training.py, RESULTS.md).
     Sampling keeps the default kernel, as fast or faster there. The backward follows the kernel its forward chose,
     so the context need not cover `backward()`."""
     stack = contextlib.ExitStack()
@@ -68,27 +67,9 @@ def training_compute(device: torch.device, dtype: torch.dtype | None) -> context
     return stack
 
 
-def retain_freed_memory() -> bool:
-    """glibc's malloc, set for a training process: blocks up to 32 MiB (its ceiling for M_MMAP_THRESHOLD on 64-bit) come
-    from the heap rather than fresh mmap()s, and freed heap memory stays with the process (M_TRIM_THRESHOLD at its
-    largest, 2 GiB: mallopt takes an int) rather than going back to the kernel, so each step's activations reuse pages instead of faulting in and zeroing new
-    ones. On 2 cores: the LPIPS autoencoder's step 1.08-1.15x, the denoiser's 1.01-1.17x, the GAN's 1.01-1.05x, page faults
-    -25% to -53% (benchmarks/glibc_malloc.sh; the trim setting alone, which turns glibc's adaptive threshold off, ran
-    0.4-0.6x). What PyTorch's CUDA caching allocator does on GPUs; values are unchanged, only where memory comes from.
-    Process-wide. False, and nothing changed, where the C library has no mallopt (macOS) or refuses the values."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
-
-
 def config_signature(obj: dict) -> str:
     """Stable short hash of a JSON-able dict (what a checkpoint must match to be resumed)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
 
 
 def cooldown(step: int, total_steps: int, fraction: float) -> float:

@@ -76,7 +76,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         index = batch_indices(step, a.global_batch_size, len(images), a.seed, worker.rank, worker.world_size)
         x = to_unit(images[index]).to(device)
         adversarial = adv.weight and step >= adv.start_step
-        with worker.autocast(amp_dtype):
+        with worker.training_compute(amp_dtype):
             loss, reconstruction = autoencoder_loss(model.forward, x, a.reconstruction_loss, a.kl_weight, noise, perceptual,
                                                     a.perceptual_weight, a.perceptual_images)  # fmt: skip
             logged = {"loss": loss.mean(), **({"g_adv": zero, "adv_scale": zero, "d_loss": zero} if adv.weight else {})}  # same columns every step
@@ -84,7 +84,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         model.backward(loss)
         model.step()
         if adversarial:  # D step: images vs the reconstructions just made
-            with worker.autocast(amp_dtype):
+            with worker.training_compute(amp_dtype):
                 logged["d_loss"] = patch_hinge_loss(disc.forward(x), disc.forward(reconstruction.detach()))
             disc.backward(logged["d_loss"])
             disc.step()

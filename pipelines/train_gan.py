@@ -68,7 +68,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         G.set_learning_rate(t.lr_g * lr_ramp)
         D.set_learning_rate(lr_d * lr_ramp)
         gamma_scale = ramp(t.schedule.gamma_start_ratio, step * t.global_batch_size, t.schedule.ramp_kimg)
-        losses = gan_step(G, D, real, y, noise, g_spec.z_dim, objective, t.d_steps_per_g_step, lambda: worker.autocast(amp_dtype),
+        losses = gan_step(G, D, real, y, noise, g_spec.z_dim, objective, t.d_steps_per_g_step, lambda: worker.training_compute(amp_dtype),
                           step, gamma_scale)  # fmt: skip
         penalties.update((k, losses.pop(k)) for k in ("r1", "r2", "gp") if k in losses)
         losses.update(penalties)

@@ -117,7 +117,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         index = batch_indices(step, d.global_batch_size, len(labels), d.seed, worker.rank, worker.world_size)
         x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
         unet.set_learning_rate(d.lr * cooldown(step, d.total_steps, d.lr_cooldown))  # the config's (not a PBT hand-off's), on its cooldown
-        with worker.autocast(amp_dtype):
+        with worker.training_compute(amp_dtype):
             if sigma_data is None:
                 loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise,
                                       d.min_snr_gamma)  # fmt: skip

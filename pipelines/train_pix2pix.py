@@ -59,14 +59,14 @@ def train_loop_per_worker(worker_config: dict) -> None:
     for step in range(start_step, p.total_steps):
         index = batch_indices(step, p.global_batch_size, len(targets), p.seed, worker.rank, worker.world_size)
         a, b = inputs[index].to(device), to_unit(targets[index]).to(device)
-        losses = pix2pix_step(G, D, a, b, p.l1_weight, lambda: worker.autocast(amp_dtype))
+        losses = pix2pix_step(G, D, a, b, p.l1_weight, lambda: worker.training_compute(amp_dtype))
         values = report.step_done(step + 1, losses)
 
         if store.due(step + 1):
             with store.writing(step + 1, [G, D], values) as checkpoint:
                 G_whole = strategy.gather(G, "model")  # collective; a plain module on rank 0, None elsewhere
                 if G_whole is not None:
-                    with torch.no_grad(), worker.autocast(amp_dtype):
+                    with torch.no_grad(), worker.training_compute(amp_dtype):
                         translated = G_whole(grid_inputs.to(device)).float().cpu()
                     checkpoint.add_sample_grid(triplet_grid_png(grid_inputs, translated, to_unit(torch.from_numpy(grid_targets))))
                     checkpoint.add_weights({"G": G_whole.state_dict()})
@@ -74,16 +74,16 @@ def train_loop_per_worker(worker_config: dict) -> None:
     report.finished(p.total_steps - start_step)
 
 
-def pix2pix_step(G: Part, D: Part, a: torch.Tensor, b: torch.Tensor, l1_weight: float, autocast) -> dict[str, torch.Tensor]:
+def pix2pix_step(G: Part, D: Part, a: torch.Tensor, b: torch.Tensor, l1_weight: float, compute) -> dict[str, torch.Tensor]:
     """One D step and one G step on this rank's pairs (a inputs, b targets, both in [-1, 1]) under any strategy, by
     pipelines.gan_step's rules for a two-engine pair: D's step on G's plain forward under no_grad (nothing of G to sync),
     then G's step through D frozen and called as its plain module (required under DeepSpeed). -> {"d_loss", "g_loss",
-    "adversarial", "l1"} (this rank's means). `autocast` is a context-manager factory."""
-    with autocast():
+    "adversarial", "l1"} (this rank's means). `compute` makes the training forward's context (Worker.training_compute)."""
+    with compute():
         d_loss = pix2pix_d_loss(G.module, D.forward, a, b)
     D.backward(d_loss)
     D.step()
-    with D.frozen() as frozen_D, autocast():
+    with D.frozen() as frozen_D, compute():
         g_loss, parts = pix2pix_g_loss(G.forward, frozen_D, a, b, l1_weight)
     G.backward(g_loss)
     G.step()

@@ -97,7 +97,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         noise = step_generator(t.seed, step, worker.rank)
         index = batch_indices(step, t.global_batch_size, len(captions), t.seed, worker.rank, worker.world_size)
         hidden, mask = table.batch(index, device)
-        with worker.autocast(amp_dtype):
+        with worker.training_compute(amp_dtype):
             loss = text_diffusion_loss(unet.forward, noise_schedule, latents[index].to(device), hidden, mask, table.null_hidden,
                                        table.null_mask, t.text_dropout, noise, t.min_snr_gamma).mean()  # fmt: skip
         unet.backward(loss)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import io
 import json
 import os
@@ -39,7 +40,7 @@ import torch
 from gen_core.checkpoint import CheckpointError, load_state, save_weights, write_meta
 from gen_core.config import RunConfig, TrainingConfig
 from gen_core.io import download_directory, filesystem, upload_directory
-from gen_core.training import autocast_dtype, retain_freed_memory, training_compute
+from gen_core.training import autocast_dtype, training_compute
 from pipelines.common import format_duration
 from pipelines.probe import Evaluation
 from pipelines.strategy import Part, Strategy, build_strategy, check_resumable
@@ -105,8 +106,8 @@ class Worker:
     def autocast_dtype(self, precision: str) -> torch.dtype | None:
         return autocast_dtype(precision, self.device)
 
-    def autocast(self, dtype: torch.dtype | None):
-        """A training forward's context: autocast, and on a CPU the math attention kernel (gen_core.training.training_compute)."""
+    def training_compute(self, dtype: torch.dtype | None):
+        """A training forward's context: autocast to `dtype`, and on a CPU the math attention kernel (gen_core.training)."""
         return training_compute(self.device, dtype)
 
     def all_gather(self, obj) -> list:
@@ -128,6 +129,25 @@ class Worker:
         box = [obj]
         torch.distributed.broadcast_object_list(box)
         return box[0]
+
+
+def retain_freed_memory() -> bool:
+    """glibc's malloc, set for a training process (process-wide): blocks up to 32 MiB (its ceiling for M_MMAP_THRESHOLD on
+    64-bit) come from the heap rather than fresh mmap()s, and freed heap memory stays with the process (M_TRIM_THRESHOLD
+    at its largest, 2 GiB - 1: mallopt takes an int) rather than going back to the kernel, so each step's activations
+    reuse pages instead of faulting in and zeroing new ones: what PyTorch's caching allocator does on GPUs. On 2 cores
+    (benchmarks/glibc_malloc.sh, RESULTS.md): steps 0.97-1.13x (LPIPS autoencoder), 1.02-1.20x (denoiser), 1.01-1.02x
+    (GAN), minor page faults -11% to -48%; a whole `make repro` within noise. The trim setting alone is a trap: it turns
+    glibc's adaptive mmap threshold off (0.4-0.6x). Values are unchanged, only where memory comes from
+    (tests/test_cpu_training.py). False, and nothing changed, where the C library has no mallopt (macOS) or refuses
+    the values."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
 def start_worker(worker_config: dict) -> tuple[Worker, "Reporter", "CheckpointStore"]:
