@@ -4,13 +4,14 @@ autoencoder (L1 + KL + LPIPS on every image), latent denoiser (U-Net s) and GAN 
 
   attention  flash: torch's default kernel choice (the CPU flash kernel): what the loops ran before
              math:  gen_core.training.training_compute, what every training loop now runs its forward under
-  heap       off:   glibc's default (large blocks from fresh mmap()s, faulted in and zeroed on first touch)
-             on:    large blocks up to 32 MiB kept in glibc's heap (mallopt M_MMAP_THRESHOLD alone): not adopted; the
-                    product also raises the trim threshold (pipelines.worker.retain_freed_memory, benchmarks/glibc_malloc.sh)
+  heap       off:     glibc's default (large blocks from fresh mmap()s, faulted in and zeroed on first touch)
+             mmap:    large blocks up to 32 MiB kept in glibc's heap (mallopt M_MMAP_THRESHOLD alone): not adopted
+             retain:  pipelines.worker.retain_freed_memory, what every training worker sets: the mmap threshold
+                      and the trim threshold raised (benchmarks/glibc_malloc.sh compares the two in page faults)
 
 The allocator setting is process-wide, so every variant runs in a fresh child process (import, build, warm-up,
-then timed steps); variants alternate within each round and the median of the rounds is reported. "math attention"
-is what the loops run now; "before" what they ran until then.
+then timed steps); variants alternate within each round and the median of the rounds is reported. "product" is
+what a training worker runs now (math attention, retain_freed_memory); "before" what the loops ran until session 56.
 
     python benchmarks/cpu_training.py [--rounds 3] [--steps 8] [--models ae,ldm,gan] [--variants before,math attention,...]
 
@@ -36,12 +37,14 @@ from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import load_config  # noqa: E402
 from gen_core.training import autocast_dtype, training_compute  # noqa: E402
+from pipelines.worker import retain_freed_memory  # noqa: E402
 
 VARIANTS = {  # name -> (attention, heap)
-    "before": ("flash", False),
-    "math attention": ("math", False),
-    "heap": ("flash", True),
-    "product": ("math", True),
+    "before": ("flash", "off"),
+    "math attention": ("math", "off"),
+    "heap": ("flash", "mmap"),
+    "both": ("math", "mmap"),
+    "product": ("math", "retain"),  # what a training worker runs now
 }
 MODELS_WITHOUT_ATTENTION = {"gan"}
 
@@ -110,8 +113,10 @@ def step_function(model: str, cfg, amp, attention: str):
 
 def child(model: str, variant: str, steps: int) -> None:
     attention, heap = VARIANTS[variant]
-    if heap:
+    if heap == "mmap":
         keep_large_allocations_in_heap()
+    elif heap == "retain" and not retain_freed_memory():
+        raise RuntimeError("retain_freed_memory: mallopt refused or absent")
     torch.set_num_threads(2)
     cfg = load_config(REPO / "params.yaml")
     amp = autocast_dtype(cfg.ldm.precision, torch.device("cpu"))
@@ -157,7 +162,7 @@ def main() -> None:
     for model, variant in runs:
         median, base = statistics.median(rates[(model, variant)]), statistics.median(rates[(model, "before")])
         attention, heap = VARIANTS[variant]
-        print(f"| {model} | {variant} | {attention if model not in MODELS_WITHOUT_ATTENTION else '-'} | {'on' if heap else 'off'} | "
+        print(f"| {model} | {variant} | {attention if model not in MODELS_WITHOUT_ATTENTION else '-'} | {heap} | "
               f"{median:.1f} | {median / base:.2f}x | {', '.join(f'{v:.0f}' for v in rates[(model, variant)])} |")
 
 

@@ -85,6 +85,7 @@ for _ in range(3):
 print("digest", repr(float(loss)), repr(float(sum(p.double().sum() for p in net.parameters()))))
 """
 
+
 def glibc_version() -> tuple[int, ...]:
     name, version = platform.libc_ver()
     return tuple(int(part) for part in version.split(".")) if name == "glibc" and version else ()
