@@ -75,15 +75,17 @@ def test_onnx_runtime_guides_in_the_exports_interval(tmp_path):
     unet = build_denoiser(TINY_DENOISER, channels=1, sample_size=32, num_classes=10).eval()  # on pixels: no decoder to damp the change
     with torch.no_grad():
         unet.class_embedding.weight.mul_(10)  # an untrained net barely uses its labels; make them matter
-    sampler = SamplerConfig(name="dpmsolver++", num_steps=6, guidance_scale=4.0, guidance_interval=(0.0, 30.0))
+    # guidance 16: 99% of this untrained net's pixels saturate at -1 or 1, so only the rest show the interval's effect; at
+    # guidance 4 that was 0.034 on an AMD EPYC but 0.014 on an AMX Xeon, under the bound below (fp32 kernels differ)
+    sampler = SamplerConfig(name="dpmsolver++", num_steps=6, guidance_scale=16.0, guidance_interval=(0.0, 30.0))
     model = DiffusionGenerator(unet, None, dict(training_schedule(NoiseScheduleConfig()).config), 10, sampler, (1, 32, 32))
     export_diffusion_onnx(model, tmp_path)
     onnx = OnnxDiffusionGenerator(tmp_path, **json.loads(json.dumps(sampling_record(model))), threads=1)
     labels, seeds = torch.tensor([1, 8]), [3, 4]
     expected = model.sample(labels, seeds)
     everywhere = dataclasses.replace(model, sampler=sampler.model_copy(update={"guidance_interval": None})).sample(labels, seeds)
-    assert (expected - everywhere).abs().max() > 2e-2  # the interval changes the images: measured 0.034
-    # float32 rounding, magnified by the amplified labels of an untrained net on pixels: measured 0.002, 1/15 of the above
+    assert (expected - everywhere).abs().max() > 2e-2  # the interval changes the images: measured 0.074 on the Xeon
+    # float32 rounding, magnified by the amplified labels of an untrained net on pixels: measured 0.0027, 1/27 of the above
     assert (onnx.sample(labels, seeds) - expected).abs().max() <= 5e-3
 
 
