@@ -20,10 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.suite_profile import cpu_model  # noqa: E402
-from gen_core.config import NoiseScheduleConfig, SamplerConfig  # noqa: E402
+from gen_core.config import DenoiserConfig, NoiseScheduleConfig, SamplerConfig  # noqa: E402
 from gen_core.diffusion import DiffusionGenerator, build_denoiser, training_schedule  # noqa: E402
 from gen_core.onnx_diffusion import OnnxDiffusionGenerator, export_diffusion_onnx, sampling_record  # noqa: E402
-from tests.test_onnx_diffusion import TINY_DENOISER  # noqa: E402
+
+# tests/test_onnx_diffusion.py's TINY_DENOISER, restated: benchmarks do not import tests (tests/test_architecture.py)
+TINY_DENOISER = DenoiserConfig(block_out_channels=(32, 32), attention_levels=1, attention_head_dim=8)
 
 
 def margins(scale: float) -> dict[str, float]:
