@@ -10,10 +10,16 @@ Correct under concurrency without a lock (MLflow has no compare-and-set on alias
 - Idempotency key: the generator's sha256, tagged when the version is created. Registering the same
   generator again returns its version; two processes that create one at the same time both end on the
   lowest-numbered one (the other is deleted by its maker).
+- Created measured: a version is created with all its tags (sha256 and the gate's metrics) in one registry
+  write, so a process that reads the registry after creating its own version sees every earlier version's
+  metrics. Without that, a better version created first but tagged a moment later was invisible to a worse
+  one's gate, which promoted itself and printed PROMOTED before the better one took the alias back.
 - A converging rule: after tagging its version, a process computes the champion from the registry's
   contents alone (`converge`: the passing version with the lowest FID, or the champion if none beats it),
   moves the alias if needed and re-reads until a read confirms it. Whichever process moves last also reads
-  last, so every run ends with the best passing version as champion, whatever the interleaving.
+  last, so every run ends with the best passing version as champion, whatever the interleaving. A version
+  that prints PROMOTED was the best that existed when it was created; only a version created after it
+  can displace it.
 A version tagged `revoked` (any value) never wins: the way to retire a champion is to tag it and rerun register.
 A person can promote outside the gate only through `promote(..., override=REASON)` (`genforge promote`):
 the version is tagged gate=override with the reason, who and when, and is pinned: registrations leave it in
@@ -143,11 +149,12 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
         client = mlflow.MlflowClient()
         run_id = training_run(mlflow, gen_meta.get("mlflow_run_id"), generator_dir)
         _ensure_registered_model(client, gate.model_name, family)
+        tags = _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate)
         version = _version_of(client, gate.model_name, generator_sha256)
         if version is None:
             print(f"registering {generator_dir} (sha256 {generator_sha256[:12]}) as a new version of {gate.model_name}", flush=True)
-            version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, generator_sha256)
-        for key, value in _version_tags(metrics, gen_meta, run_id, generator_sha256, family, gate).items():
+            version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, tags)
+        for key, value in tags.items():  # an existing version's, or the kept one of a concurrent registration: upserts
             _write(client.set_model_version_tag, gate.model_name, version.version, key, value)
         decision = _apply_gate(client, gate, r.alias, str(version.version), metrics)  # a str over REST, an int from sqlite
         card = model_card(family, metrics, gen_meta, gate, decision, run_id)
@@ -318,9 +325,10 @@ def _evaluation(cfg: RunConfig, family: str, gen_meta: dict) -> dict:
 PARAM_TYPES = {str: "string", int: "long", float: "double"}
 
 
-def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: str, generator_sha256: str):
+def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: str, tags: dict[str, str]):
     """Log the generator as an MLflow "model from code" linked to its training run (without reopening
-    that run: its status stays what training left) and register it, tagged with its sha256 at creation.
+    that run: its status stays what training left) and register it with `tags` (its sha256, metrics and
+    training run id) written in the same registry write that creates it.
     Another process registering the same generator at the same time may have made a version too: the
     lowest-numbered one is kept and the others deleted by their makers, so both end on the same version."""
     import pandas as pd
@@ -352,17 +360,13 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
                 signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, PARAM_TYPES[type(v)], v) for k, v in settings.items()])),
                 input_example=example,
             )  # fmt: skip
-    made = mlflow.register_model(info.model_uri, model_name, tags={"generator_sha256": generator_sha256})
-    kept = _version_of(client, model_name, generator_sha256)
+    made = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    kept = _version_of(client, model_name, tags["generator_sha256"])
     if kept is not None and kept.version != made.version:
         client.delete_model_version(model_name, made.version)
         print(f"{model_name} v{kept.version} holds this generator already (registered concurrently): v{made.version} deleted", flush=True)
         return kept
-    version = client.get_model_version(model_name, made.version)
-    # the source is a models:/m-... URI; the run id links the version to its training run
-    if version.run_id != run_id:
-        _write(client.set_model_version_tag, model_name, version.version, "training_run_id", run_id)
-    return version
+    return client.get_model_version(model_name, made.version)  # the source is a models:/m-... URI; tags link the training run
 
 
 def example_png(resolution: int) -> str:
