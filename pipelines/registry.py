@@ -154,8 +154,9 @@ def register(cfg: RunConfig, family: str = "gan", require_promotion: bool = Fals
         if version is None:
             print(f"registering {generator_dir} (sha256 {generator_sha256[:12]}) as a new version of {gate.model_name}", flush=True)
             version = _log_version(mlflow, client, gate.model_name, generator_dir, run_id, tags)
-        for key, value in tags.items():  # an existing version's, or the kept one of a concurrent registration: upserts
-            _write(client.set_model_version_tag, gate.model_name, version.version, key, value)
+        for key, value in tags.items():  # a version just made has them all; an existing (or concurrently kept) one gets what differs
+            if version.tags.get(key) != value:
+                _write(client.set_model_version_tag, gate.model_name, version.version, key, value)
         decision = _apply_gate(client, gate, r.alias, str(version.version), metrics)  # a str over REST, an int from sqlite
         card = model_card(family, metrics, gen_meta, gate, decision, run_id)
         _write(client.update_model_version, gate.model_name, version.version, card)
