@@ -37,7 +37,7 @@ from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 from gen_core.config import load_config  # noqa: E402
 from gen_core.training import autocast_dtype, training_compute  # noqa: E402
-from pipelines.worker import retain_freed_memory  # noqa: E402
+from pipelines.worker import MMAP_THRESHOLD_CEILING, retain_freed_memory, set_malloc_thresholds  # noqa: E402
 
 VARIANTS = {  # name -> (attention, heap)
     "before": ("flash", "off"),
@@ -47,15 +47,6 @@ VARIANTS = {  # name -> (attention, heap)
     "product": ("math", "retain"),  # what a training worker runs now
 }
 MODELS_WITHOUT_ATTENTION = {"gan"}
-
-
-def keep_large_allocations_in_heap() -> None:
-    """glibc: serve blocks up to 32 MiB (its ceiling for this setting on 64-bit) from the heap, not fresh mmap()s."""
-    import ctypes
-
-    M_MMAP_THRESHOLD = -3
-    if not ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 32 << 20):
-        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) refused")
 
 
 def step_function(model: str, cfg, amp, attention: str):
@@ -113,9 +104,9 @@ def step_function(model: str, cfg, amp, attention: str):
 
 def child(model: str, variant: str, steps: int) -> None:
     attention, heap = VARIANTS[variant]
-    if heap == "mmap":
-        keep_large_allocations_in_heap()
-    elif heap == "retain" and not retain_freed_memory():
+    if heap == "mmap" and not set_malloc_thresholds(MMAP_THRESHOLD_CEILING):  # the mmap threshold alone
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) refused or absent")
+    if heap == "retain" and not retain_freed_memory():
         raise RuntimeError("retain_freed_memory: mallopt refused or absent")
     torch.set_num_threads(2)
     cfg = load_config(REPO / "params.yaml")

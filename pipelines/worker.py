@@ -131,6 +131,24 @@ class Worker:
         return box[0]
 
 
+MMAP_THRESHOLD_CEILING = 32 << 20  # glibc's largest M_MMAP_THRESHOLD on 64-bit
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int | None = None) -> bool:
+    """glibc's mallopt, process-wide: blocks up to `mmap_threshold` bytes from the heap rather than fresh mmap()s, and
+    freed heap memory above `trim_threshold` handed back to the kernel (None: glibc's default). False, and nothing
+    changed after the first refusal, where the C library has no mallopt (macOS) or refuses a value."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not mallopt(M_MMAP_THRESHOLD, mmap_threshold):
+        return False
+    return trim_threshold is None or bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
 def retain_freed_memory() -> bool:
     """glibc's malloc, set for a training process (process-wide): blocks up to 32 MiB (its ceiling for M_MMAP_THRESHOLD on
     64-bit) come from the heap rather than fresh mmap()s, and freed heap memory stays with the process (M_TRIM_THRESHOLD
@@ -139,15 +157,8 @@ def retain_freed_memory() -> bool:
     (benchmarks/glibc_malloc.sh, RESULTS.md): steps 0.97-1.13x (LPIPS autoencoder), 1.02-1.20x (denoiser), 1.01-1.02x
     (GAN), minor page faults -11% to -48%; a whole `make repro` within noise. The trim setting alone is a trap: it turns
     glibc's adaptive mmap threshold off (0.4-0.6x). Values are unchanged, only where memory comes from
-    (tests/test_cpu_training.py). False, and nothing changed, where the C library has no mallopt (macOS) or refuses
-    the values."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    (tests/test_cpu_training.py). False where the C library has no mallopt (macOS) or refuses the values."""
+    return set_malloc_thresholds(MMAP_THRESHOLD_CEILING, (1 << 31) - 1)
 
 
 def start_worker(worker_config: dict) -> tuple[Worker, "Reporter", "CheckpointStore"]:
