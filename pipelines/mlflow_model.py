@@ -26,6 +26,7 @@ images per request (default 256).
 import os
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -37,7 +38,9 @@ class GeneratorModel(PythonModel):
         self.generator, self.meta = load_image_generator(context.artifacts["generator"])
         self.max_images = int(os.environ.get("GENFORGE_MAX_IMAGES") or MAX_IMAGES)
 
-    def predict(self, context, model_input, params=None):
+    # the hint is one MLflow infers no schema from (it validates nothing, as without one) and stops its "add type hints"
+    # warning at every log and load; the rows' columns are checked below (the model has no input schema: see registry)
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import torch
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE

@@ -34,7 +34,6 @@ import math
 import re
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -352,15 +351,13 @@ def _log_version(mlflow, client, model_name: str, generator_dir: Path, run_id: s
         for path in weight_files(generator_dir):  # weights and configs; not the sample grid
             (artifact / path.relative_to(generator_dir)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, artifact / path.relative_to(generator_dir))
-        with warnings.catch_warnings():  # "add type hints to predict": hints would change the request format the server takes
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-            info = Model.log(
-                artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(MODEL_CODE),
-                artifacts={"generator": str(artifact)}, code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
-                # no input schema: `label` takes class ids and names alike (the model checks every row itself); the settings as params
-                signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, PARAM_TYPES[type(v)], v) for k, v in settings.items()])),
-                input_example=example,
-            )  # fmt: skip
+        info = Model.log(
+            artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(MODEL_CODE),
+            artifacts={"generator": str(artifact)}, code_paths=[str(REPO_ROOT / "gen_core")], pip_requirements=PIP_REQUIREMENTS,
+            # no input schema: `label` takes class ids and names alike (the model checks every row itself); the settings as params
+            signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec(k, PARAM_TYPES[type(v)], v) for k, v in settings.items()])),
+            input_example=example,
+        )  # fmt: skip
     made = mlflow.register_model(info.model_uri, model_name, tags=tags)
     kept = _version_of(client, model_name, tags["generator_sha256"])
     if kept is not None and kept.version != made.version:
