@@ -207,6 +207,7 @@ class GanConfig(TrainingConfig):
     """`train_gan`: Ray Train run of the conditional GAN."""
 
     total_steps: int = Field(2400, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)  # with evaluation every 500: each checkpoint is an evaluation's
     model: GanModelConfig = GanModelConfig()
     loss: Literal["nonsaturating", "hinge", "wgan", "rpgan"] = "hinge"  # rpgan: relativistic pairing (R3GAN)
     regularization: GanRegularizationConfig = GanRegularizationConfig()
@@ -476,7 +477,7 @@ class LdmConfig(TrainingConfig):
     global_batch_size: int = Field(128, ge=1)
     total_steps: int = Field(1000, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
-    evaluation: DiffusionTrainingEvalConfig = DiffusionTrainingEvalConfig(every_steps=500)  # evaluation during training
+    evaluation: DiffusionTrainingEvalConfig = DiffusionTrainingEvalConfig(every_steps=1000)  # evaluation during training
 
     def resume_signature(self) -> dict:
         return {**super().resume_signature(), "denoiser": self.denoiser.signature()}
