@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from benchmarks.onnx_interval_margin import margins
 from gen_core.config import AutoencoderConfig, DenoiserConfig, NoiseScheduleConfig, SamplerConfig
 from gen_core.diffusion import DiffusionGenerator, build_autoencoder, build_denoiser, decode_latents, training_schedule
 from gen_core.io import sha256_file
-from benchmarks.onnx_interval_margin import margins
 from gen_core.onnx_diffusion import OnnxDiffusionGenerator, export_diffusion_onnx, sampling_record
 from tests.test_diffusion import TINY_DENOISER, per_channel_autoencoder
 
