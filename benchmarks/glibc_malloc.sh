@@ -16,7 +16,7 @@ for r in $(seq "${1:-2}"); do
     set -- $m; model=$1; shift; variant="$*"
     for e in none trim mmap_trim; do
       out=$(GLIBC_TUNABLES=${ENVS[$e]} /usr/bin/time -f "faults %R" .venv/bin/python benchmarks/cpu_training.py --steps 8 \
-            --child "$model" "$variant" 2>&1 | grep -v Warn | tail -2 | tr '\n' ' ')
+            --child "$model" "$variant" 2>&1 | grep -v Warn | tail -2 | awk 'NR == 1 {print $1; next} {print}' | tr '\n' ' ')
       echo "round $r $model $e: img/s $out"
     done
   done
