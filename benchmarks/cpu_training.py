@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", default="ae,ldm,gan")
+    # compiled only when named: from a cold inductor cache it compiles for over a minute a network
     parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "compiled"), help="of: " + ", ".join(VARIANTS))
     parser.add_argument("--overlay", action="append", default=[], help="a profile over params.yaml (repeatable)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -165,7 +166,7 @@ def main() -> None:
         for model, variant in runs:
             out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), *overlays, "--child", model, variant],
                                  check=True, capture_output=True, text=True).stdout  # fmt: skip
-            rate, *warm_up = out.split()[-2:] if model not in MODELS_WITHOUT_ATTENTION else out.split()[-1:]
+            rate, *warm_up = out.splitlines()[-1].split()  # the gan child prints its rate alone
             rates[(model, variant)].append(float(rate))
             warm_ups[(model, variant)].extend(float(w) for w in warm_up)
             print(f"round {r + 1}: {model} {variant}: {rates[(model, variant)][-1]:.1f} img/s", file=sys.stderr, flush=True)
