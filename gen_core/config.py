@@ -255,8 +255,9 @@ class AdversarialConfig(_Section):
 class AutoencoderConfig(TrainingConfig):
     """`train_autoencoder`: KL-regularised autoencoder (diffusers AutoencoderKL) for latent diffusion."""
 
-    # rfid_images only sizes the export's reconstruction FID; latent_normalisation is measured at export
-    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"rfid_images", "latent_normalisation"}
+    # rfid_images only sizes the export's reconstruction FID; latent_normalisation is measured at export; compile is how the
+    # same step runs
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"rfid_images", "latent_normalisation", "compile"}
 
     downsample_factor: int = Field(4, ge=1, le=32)  # latents are resolution / factor on a side
     latent_channels: int = Field(4, ge=1)
@@ -269,6 +270,9 @@ class AutoencoderConfig(TrainingConfig):
     perceptual_images: int | None = Field(None, ge=1)  # of each rank's batch, how many get the (costly) LPIPS term; None: all
     lr: float = Field(1e-3, gt=0, le=1)
     total_steps: int = Field(400, ge=1)
+    # torch.compile (inductor) the round trip and the frozen LPIPS network: 1.27x steps on a 2-core AMX Xeon, after a
+    # one-off compilation of about 90 s (benchmarks/RESULTS.md); needs a C++ compiler on CPU. Off: bit-for-bit repeatable runs
+    compile: bool = False
     sample_grid_seed: int = 0
     rfid_images: int | None = Field(500, ge=10)  # eval images whose reconstructions get an Inception FID; None: all
     adversarial: AdversarialConfig = AdversarialConfig()
@@ -450,7 +454,7 @@ class LdmConfig(TrainingConfig):
     """`train_ldm`: class-conditional denoiser in the autoencoder's latent space (or on pixels: the baseline)."""
 
     # the sampler is used only when sampling; the cooldown follows total_steps (gen_core.training.cooldown)
-    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler", "lr_cooldown", "guide_dir"}
+    resumable_fields: ClassVar[frozenset[str]] = TrainingConfig.resumable_fields | {"sampler", "lr_cooldown", "guide_dir", "compile"}
 
     space: Literal["latent", "pixel"] = "latent"  # pixel: same denoiser family on the images themselves
     denoiser: DenoiserConfig = DenoiserConfig()
@@ -469,6 +473,9 @@ class LdmConfig(TrainingConfig):
     lr: float = Field(1e-3, gt=0, le=1)
     # the last lr_cooldown x total_steps steps take the rate down to 0 along a half cosine; 0: constant
     lr_cooldown: float = Field(0.0, ge=0, le=1)
+    # torch.compile (inductor) the training forward: 1.20x steps for preset s on a 2-core AMX Xeon, after a one-off
+    # compilation of about 65 s (benchmarks/RESULTS.md); needs a C++ compiler on CPU. Off: bit-for-bit repeatable runs
+    compile: bool = False
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

@@ -132,12 +132,18 @@ class Strategy:
     def describe(self) -> str:
         return "ddp"
 
-    def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False) -> Part:
+    def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False, compile: bool = False) -> Part:
+        """compile: the training forward through torch.compile (compiled at its first call). Under DDP the wrapper is
+        compiled, as torch recommends (its graph breaks at the gradient buckets keep communication overlapped)."""
         ema_module = _ema_copy(module) if ema else None
         forward = module
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+            if compile:
+                forward = torch.compile(forward, dynamic=False)
+        elif compile:
+            compile_in_place(module)
         return Part(name, module, forward, make_optimizer(module.parameters()), ema=ema_module)
 
     def update_ema(self, part: Part, decay: float) -> None:
@@ -207,7 +213,8 @@ class FsdpStrategy(Strategy):
             # Those forwards reshard at once (a backward through a frozen unit gathers it again).
             module.register_forward_hook(_reshard_after_gradient_free_forward)
 
-    def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False) -> Part:
+    def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False, compile: bool = False) -> Part:
+        """compile: the sharded module compiled in place after fully_shard, as torch's FSDP2 documentation orders it."""
         if self.config.param_dtype == "bf16" and self.device.type == "cpu" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
             raise ConfigError(
                 f"ray.fsdp.param_dtype=bf16: {name} has BatchNorm, and torch's CPU batch_norm refuses bf16 weights with its "
@@ -218,6 +225,8 @@ class FsdpStrategy(Strategy):
         self._shard(module)
         if ema_module is not None:
             self._shard(ema_module)  # same placements as the weights: the EMA update stays shard-local
+        if compile:
+            compile_in_place(module)
         return Part(name, module, module, make_optimizer(module.parameters()), ema=ema_module, template=template)
 
     def gather(self, part: Part, which: str = "ema") -> nn.Module | None:
@@ -274,7 +283,8 @@ class DeepSpeedStrategy(Strategy):
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.stage} ({self.config_path}, gradient_clipping {self.config['gradient_clipping']})"
 
-    def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False) -> Part:
+    def wrap(self, name: str, module: nn.Module, make_optimizer: Callable, *, ema: bool = False, compile: bool = False) -> Part:
+        """compile: DeepSpeed's own engine.compile() (torch.compile of the engine's module, with its ZeRO hooks)."""
         import deepspeed
 
         # On CPU, DeepSpeed's first communication backend compiles a C++ shared-memory all-reduce
@@ -287,6 +297,8 @@ class DeepSpeedStrategy(Strategy):
         engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=make_optimizer(module.parameters()),
                                                        config=copy.deepcopy(self.config), dist_init_required=False)  # fmt: skip
         engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+        if compile:
+            engine.compile(compile_kwargs={"dynamic": False})
         return Part(name, engine.module, engine, optimizer, ema=ema_module, template=template, engine=engine)
 
     @contextlib.contextmanager
@@ -380,6 +392,25 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
                     seen.add(id(child))
                     units.append(child)
     return units[::-1]  # innermost first: FSDP2 units are applied bottom-up
+
+
+def require_compiler(device: torch.device, setting: str) -> None:
+    """torch.compile's inductor backend writes C++ for the CPU: without a compiler it fails at the first step, deep in a
+    traceback. The worker says so before training starts (GPUs compile Triton kernels, which come with torch's CUDA wheels)."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception:  # inductor's InvalidCxxCompiler, several lines long
+            raise ConfigError(f"{setting}: torch.compile needs a C++ compiler on CPU (g++ on PATH, or $CXX); "
+                              f"install one (scripts/setup.sh does) or set {setting} false") from None  # fmt: skip
+
+
+def compile_in_place(module: nn.Module) -> None:
+    """nn.Module.compile: the module's calls go through torch.compile while its state_dict keys stay the same, so
+    checkpoints are interchangeable with an uncompiled run's. Static shapes: the loops' batches never change size."""
+    module.compile(dynamic=False)
 
 
 def _reshard_after_gradient_free_forward(module: nn.Module, inputs, output) -> None:

@@ -33,6 +33,7 @@ from gen_core.sampling import to_uint8, to_unit
 from gen_core.training import batch_indices, step_generator
 from pipelines.common import StageError, absolute, inception_progress, log, run_stage
 from pipelines.ray_train import RunContext, RunLog, TrainingJob, export_provenance, fetch_checkpoint, publish_export, train
+from pipelines.strategy import compile_in_place
 from pipelines.worker import start_worker
 
 GRID_IMAGES = 32  # fixed eval images shown over their reconstructions
@@ -56,8 +57,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
     # --- model and optimizer, wrapped by the strategy (the round trip is one forward: encode, sample, decode)
     torch.manual_seed(a.seed)
     vae = build_autoencoder(a, cfg.data.channels).to(device)
-    model = strategy.wrap("vae", AutoencoderRoundTrip(vae), lambda params: torch.optim.Adam(params, lr=a.lr))
-    perceptual = perceptual_distance(a, ctx, device)  # frozen, beside the wrapped model
+    model = strategy.wrap("vae", AutoencoderRoundTrip(vae), lambda params: torch.optim.Adam(params, lr=a.lr), compile=worker.compile)
+    perceptual = perceptual_distance(a, ctx, device, worker.compile)  # frozen, beside the wrapped model
     adv = a.adversarial
     disc = discriminator(strategy, cfg) if adv.weight else None  # the PatchGAN's D: a part of its own, checkpointed too
     parts = [model, disc] if disc else [model]
@@ -65,7 +66,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     model.set_learning_rate(a.lr)
     zero = torch.zeros((), device=device)
     report.say(
-        f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, "
+        f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}{worker.compile_note}, "
         f"f={a.downsample_factor} latents {a.latent_channels}x{cfg.data.resolution // a.downsample_factor}^2, "
         f"global batch {a.global_batch_size}, steps {start_step}->{a.total_steps}"
     )
@@ -105,13 +106,15 @@ def train_loop_per_worker(worker_config: dict) -> None:
     report.finished(a.total_steps - start_step)
 
 
-def perceptual_distance(a, ctx, device) -> torch.nn.Module | None:
-    """The perceptual term's network: LPIPS-VGG16, or the pipeline's classifier (FeatureDistance); None when off."""
+def perceptual_distance(a, ctx, device, compile: bool) -> torch.nn.Module | None:
+    """The perceptual term's network: LPIPS-VGG16, or the pipeline's classifier (FeatureDistance); None when off.
+    compile: through torch.compile, as the round trip (the PatchGAN's D, when on, stays eager)."""
     if not a.perceptual_weight:
         return None
-    if a.perceptual == "lpips":
-        return load_lpips(device)
-    return FeatureDistance(load_classifier(ctx.extra["classifier_dir"])[0]).to(device)
+    network = load_lpips(device) if a.perceptual == "lpips" else FeatureDistance(load_classifier(ctx.extra["classifier_dir"])[0]).to(device)
+    if compile:
+        compile_in_place(network)
+    return network
 
 
 def discriminator(strategy, cfg: RunConfig):

@@ -102,12 +102,12 @@ def train_loop_per_worker(worker_config: dict) -> None:
     unet_config = {**dict(unet.config), "_class_name": type(unet).__name__}  # the config alone does not name its class
     backbone = f"{d.denoiser.backbone} of {sum(p.numel() for p in unet.parameters()):,} parameters"
     make_optimizer = lambda params: torch.optim.AdamW(params, lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)  # noqa: E731
-    unet = strategy.wrap("unet", unet, make_optimizer, ema=True)
+    unet = strategy.wrap("unet", unet, make_optimizer, ema=True, compile=worker.compile)
     noise_schedule = training_schedule(d.noise)
     start_step = store.restore([unet])
     evaluate = checkpoint_evaluator(worker, report, store)
     report.say(
-        f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}, {d.space} space {tuple(data.shape[1:])}, {backbone}, "
+        f"{worker.where}, {strategy.describe()}, {'bf16' if amp_dtype else 'fp32'}{worker.compile_note}, {d.space} space {tuple(data.shape[1:])}, {backbone}, "
         f"{target_description(d, sigma_data)}, global batch {d.global_batch_size}, {rate_description(d)}, steps {start_step}->{d.total_steps}"
     )
 

@@ -43,7 +43,7 @@ from gen_core.io import download_directory, filesystem, upload_directory
 from gen_core.training import autocast_dtype, training_compute
 from pipelines.common import format_duration
 from pipelines.probe import Evaluation
-from pipelines.strategy import Part, Strategy, build_strategy, check_resumable
+from pipelines.strategy import Part, Strategy, build_strategy, check_resumable, require_compiler
 from pipelines.tracking import adopt_credentials, persisted_config
 
 
@@ -97,7 +97,16 @@ class Worker:
             nodes = set(self.all_gather(ray.get_runtime_context().get_node_id()))
             spread = f" across {len(nodes)} nodes" if len(nodes) > 1 else ""
         self.strategy: Strategy = build_strategy(cfg.ray.strategy, self.device, cfg.ray.fsdp, ctx.deepspeed, cfg.ray.deepspeed.config)
+        # <section>.compile (the autoencoder's and the denoiser's): the loops pass it to strategy.wrap
+        self.compile = bool(getattr(getattr(cfg, ctx.section), "compile", False))
+        if self.compile:
+            require_compiler(self.device, f"{ctx.section}.compile")
         self.where = f"{self.world_size} worker(s) on {self.device.type}{spread}"  # the loops' start line
+
+    @property
+    def compile_note(self) -> str:
+        """For a loop's start line: the first step takes a minute or two when compiled."""
+        return ", torch.compile (the first step compiles)" if self.compile else ""
 
     @property
     def is_chief(self) -> bool:

@@ -45,6 +45,17 @@ if [ ! -f .dvc/offline_template.html ] || [ "$(cat "$PLOTS_STAMP" 2>/dev/null)" 
   echo "$want" > "$PLOTS_STAMP"
 fi
 
+# A C++ compiler and Python's headers for torch.compile's CPU kernels (autoencoder.compile / ldm.compile, off by default).
+# Optional: without them those settings are refused in one line and the compiled tests are skipped.
+headers="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
+if ! command -v g++ >/dev/null || [ ! -f "$headers" ]; then
+  echo "[setup] installing g++ and python3-dev for torch.compile"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  $SUDO apt-get install -y -q --no-install-recommends g++ python3-dev >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends g++ python3-dev >/dev/null 2>&1; } \
+    || echo "[setup] warning: could not install g++ / python3-dev; autoencoder.compile and ldm.compile will be refused" >&2
+fi
+
 # Browsers for the tests that render pages (Debian packages, offline-installable): chromium-headless-shell for the
 # `dvc plots show` rendering, chromium + chromium-driver (the matching chromedriver) for the demo driven by Selenium.
 # Optional: without them those tests are skipped with a reason. Tried once per set-up version (the stamp).

@@ -532,3 +532,15 @@ def test_the_autoencoder_trains_with_its_patchgan_term_on_two_workers_and_checkp
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(float(r["d_loss"]) == 0 for r in rows[:2]) and all(float(r["d_loss"]) > 0 and float(r["adv_scale"]) > 0 for r in rows[2:])
     assert json.loads((root / "ae.json").read_text())["step"] == 6
+
+
+def test_compile_is_how_a_step_runs_so_switching_it_resumes_the_same_run_and_a_wrong_value_is_refused():
+    from gen_core.config import load_config
+
+    plain = load_config(REPO / "params.yaml")
+    compiled = load_config(REPO / "params.yaml", ["autoencoder.compile=true", "ldm.compile=true"])
+    assert compiled.autoencoder.compile and compiled.ldm.compile and not plain.autoencoder.compile and not plain.ldm.compile
+    assert compiled.autoencoder.resume_signature() == plain.autoencoder.resume_signature()
+    assert compiled.ldm.resume_signature() == plain.ldm.resume_signature()
+    with pytest.raises(ConfigError, match=r"params.yaml: ldm.compile: Input should be a valid boolean"):
+        load_config(REPO / "params.yaml", ["ldm.compile=sometimes"])

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def _worker(rank: int, world: int, port: int, family: str, strategy_name: str, d
         ds["gradient_clipping"] = options["gradient_clipping"]
     strategy = build_strategy(strategy_name, torch.device("cpu"), FsdpConfig(**options.get("fsdp", {})), ds, str(ds_path))
     worker = {"gan": lambda: _gan_worker(strategy, rank, world, options), "pix2pix": lambda: _pix2pix_worker(strategy, rank, world),
-              "text": lambda: _text_denoiser_worker(strategy, rank, world)}.get(family, lambda: _denoiser_worker(family, strategy, rank, world))  # fmt: skip
+              "text": lambda: _text_denoiser_worker(strategy, rank, world)}.get(family, lambda: _denoiser_worker(family, strategy, rank, world, options))  # fmt: skip
     losses, parts, summary = worker()
     # checkpoint round trip in the strategy's own form: save, perturb, load, compare
     directory = Path(out) / "checkpoint"
@@ -193,7 +194,7 @@ def unet_batches():
     return [(torch.randn(BATCH, 4, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def _denoiser_worker(backbone, strategy, rank, world):
+def _denoiser_worker(backbone, strategy, rank, world, options):
     from gen_core.config import NoiseScheduleConfig
     from gen_core.diffusion import diffusion_loss, training_schedule
 
@@ -202,13 +203,13 @@ def _denoiser_worker(backbone, strategy, rank, world):
     def loss(unet, step, x0, y):
         return diffusion_loss(unet, schedule, x0, y, 10, 0.1, rank_noise(step, rank)).mean()
 
-    return _ema_denoiser_steps(strategy, tiny_denoiser(backbone), unet_batches(), loss, rank, world)
+    return _ema_denoiser_steps(strategy, tiny_denoiser(backbone), unet_batches(), loss, rank, world, options.get("compile", False))
 
 
-def _ema_denoiser_steps(strategy, network, batches, loss, rank, world):
+def _ema_denoiser_steps(strategy, network, batches, loss, rank, world, compile: bool = False):
     """A denoiser with its EMA under the strategy: per batch, `loss(forward, step, *this rank's share of the batch)`,
     one step, one EMA update. -> (the all-reduced losses, the parts, the EMA's parameter sum on rank 0)."""
-    unet = strategy.wrap("unet", network, adam(1e-3), ema=True)
+    unet = strategy.wrap("unet", network, adam(1e-3), ema=True, compile=compile)
     losses = []
     for step, batch in enumerate(batches):
         value = loss(unet.forward, step, *(tensor[rank::world] for tensor in batch))
@@ -216,6 +217,10 @@ def _ema_denoiser_steps(strategy, network, batches, loss, rank, world):
         unet.step()
         strategy.update_ema(unet, 0.9)
         losses.append(_mean([value]))
+    if compile:  # the steps ran torch.compile's graphs, not the eager module
+        from torch._dynamo.utils import counters
+
+        assert counters["stats"]["unique_graphs"] > 0, dict(counters["stats"])
 
     def summary():
         ema = strategy.gather(unet, "ema")
@@ -485,6 +490,19 @@ def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"), reason="torch.compile needs a C++ compiler on CPU (scripts/setup.sh installs g++)")
+@pytest.mark.parametrize("case", ["ddp", "fsdp", "zero2"])
+def test_compiled_denoiser_two_workers_match_single_process(tmp_path, case):
+    """ldm.compile / autoencoder.compile: the strategy's training forward through torch.compile (inductor's C++ kernels)
+    takes the eager single process's steps, and its checkpoint keeps the plain keys (it loads back into the same parts)."""
+    losses, ema_sum = reference("unet")
+    result = run_two_workers(tmp_path, "unet", case, compile=True)
+    assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
+    assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
+    assert result["after_params"] != result["perturbed"] and result["load_error"] is None
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family, case", [("pix2pix", "zero3"), ("pix2pix", "fsdp"), ("text", "fsdp")])
 def test_the_conditional_families_steps_on_two_workers_match_single_process(tmp_path, family, case):
     """Pix2Pix's two-engine pair (its U-Net G, the PatchGAN D with BatchNorm) under ZeRO-3 and FSDP2, and the text-to-image
@@ -538,6 +556,21 @@ def test_deepspeed_config_files(tmp_path):
             deepspeed_config(path, 64, 2)
     with pytest.raises(ConfigError, match="does not exist"):
         deepspeed_config(tmp_path / "missing.json", 64, 2)
+
+
+def test_compile_without_a_cpp_compiler_is_refused_in_one_line(monkeypatch):
+    """Inductor would fail at the first step, many lines deep; the worker checks before training starts."""
+    import torch._inductor.config as inductor_config
+
+    from pipelines.strategy import require_compiler
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("genforge-no-such-compiler",))
+    with pytest.raises(ConfigError, match=r"^ldm.compile: torch.compile needs a C\+\+ compiler") as err:
+        require_compiler(torch.device("cpu"), "ldm.compile")
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    if shutil.which("g++"):
+        require_compiler(torch.device("cpu"), "ldm.compile")
 
 
 def test_fsdp_bf16_params_with_batchnorm_on_cpu_is_refused_in_one_line():
