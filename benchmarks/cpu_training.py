@@ -10,8 +10,9 @@ autoencoder and denoiser, on its 8-channel latents).
              retain:  pipelines.worker.retain_freed_memory, what every training worker sets: the mmap threshold
                       and the trim threshold raised (benchmarks/glibc_malloc.sh compares the two in page faults)
   compiled   product + torch.compile of the trained networks (and the frozen LPIPS network), `nn.Module.compile(dynamic=
-             False)`, inductor's C++ code for the CPU: not adopted (RESULTS.md, session 61); its one-off compilation is
-             the "warm-up" column (the other variants' warm-up is their first two steps)
+             False)`, inductor's C++ code for the CPU: what `autoencoder.compile` / `ldm.compile` run (off by default;
+             RESULTS.md, sessions 61-62); its one-off compilation is the "warm-up" column (the other variants' warm-up is
+             their first two steps)
 
 The allocator setting is process-wide, so every variant runs in a fresh child process (import, build, warm-up,
 then timed steps); variants alternate within each round and the median of the rounds is reported. "product" is
