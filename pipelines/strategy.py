@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -394,9 +396,11 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
     return units[::-1]  # innermost first: FSDP2 units are applied bottom-up
 
 
-def require_compiler(device: torch.device, setting: str) -> None:
-    """torch.compile's inductor backend writes C++ for the CPU: without a compiler it fails at the first step, deep in a
-    traceback. The worker says so before training starts (GPUs compile Triton kernels, which come with torch's CUDA wheels)."""
+def prepare_compiler(device: torch.device, setting: str) -> None:
+    """Before a worker compiles. torch.compile's inductor backend writes C++ for the CPU: without a compiler it fails at
+    the first step, deep in a traceback, so it is refused here in one line (GPUs compile Triton kernels, which come with
+    torch's CUDA wheels). And what compiling says that a user can do nothing about is kept out of the stage's output:
+    dynamo tracing through diffusers' lru_cache-wrapped version check, and on a CPU-only machine that no CUDA runtime exists."""
     if device.type == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -405,6 +409,8 @@ def require_compiler(device: torch.device, setting: str) -> None:
         except Exception:  # inductor's InvalidCxxCompiler, several lines long
             raise ConfigError(f"{setting}: torch.compile needs a C++ compiler on CPU (g++ on PATH, or $CXX); "
                               f"install one (scripts/setup.sh does) or set {setting} false") from None  # fmt: skip
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function", category=UserWarning)
 
 
 def compile_in_place(module: nn.Module) -> None:

@@ -43,7 +43,7 @@ from gen_core.io import download_directory, filesystem, upload_directory
 from gen_core.training import autocast_dtype, training_compute
 from pipelines.common import format_duration
 from pipelines.probe import Evaluation
-from pipelines.strategy import Part, Strategy, build_strategy, check_resumable, require_compiler
+from pipelines.strategy import Part, Strategy, build_strategy, check_resumable, prepare_compiler
 from pipelines.tracking import adopt_credentials, persisted_config
 
 
@@ -100,7 +100,7 @@ class Worker:
         # <section>.compile (the autoencoder's and the denoiser's): the loops pass it to strategy.wrap
         self.compile = bool(getattr(getattr(cfg, ctx.section), "compile", False))
         if self.compile:
-            require_compiler(self.device, f"{ctx.section}.compile")
+            prepare_compiler(self.device, f"{ctx.section}.compile")
         self.where = f"{self.world_size} worker(s) on {self.device.type}{spread}"  # the loops' start line
 
     @property

@@ -562,15 +562,15 @@ def test_compile_without_a_cpp_compiler_is_refused_in_one_line(monkeypatch):
     """Inductor would fail at the first step, many lines deep; the worker checks before training starts."""
     import torch._inductor.config as inductor_config
 
-    from pipelines.strategy import require_compiler
+    from pipelines.strategy import prepare_compiler
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("genforge-no-such-compiler",))
     with pytest.raises(ConfigError, match=r"^ldm.compile: torch.compile needs a C\+\+ compiler") as err:
-        require_compiler(torch.device("cpu"), "ldm.compile")
+        prepare_compiler(torch.device("cpu"), "ldm.compile")
     assert "\n" not in str(err.value)
     monkeypatch.undo()
     if shutil.which("g++"):
-        require_compiler(torch.device("cpu"), "ldm.compile")
+        prepare_compiler(torch.device("cpu"), "ldm.compile")
 
 
 def test_fsdp_bf16_params_with_batchnorm_on_cpu_is_refused_in_one_line():
