@@ -9,7 +9,8 @@
 # It works in a copy of the tracked files under $WORK (default: a temp dir), with the tiny profile's data
 # and models but GPU-sized step counts, so nothing in the checkout changes. Each row says ok or FAILED with
 # the log file to read (and the log's tail). GPU_CHECK_STRATEGIES picks the strategies and their order (default
-# "ddp fsdp deepspeed"). A step stops after GPU_CHECK_STEP_TIMEOUT s (default 180; its
+# "ddp fsdp deepspeed"); then the autoencoder and denoiser with torch.compile under ddp (GPU_CHECK_COMPILE=0 skips
+# them). A step stops after GPU_CHECK_STEP_TIMEOUT s (default 180; its
 # row says TIMED OUT, and its log ends with every thread's stack: where it waited). Where $OUT is set, the
 # logs land there as one archive, refreshed after every step. PYTHON names the interpreter (default: python).
 set -uo pipefail
@@ -58,6 +59,7 @@ for stage in ("prepare", "classifier", "ref_stats", "train_gan", "train_autoenco
         sys.exit(f"pipelines.{stage} --help did not exit")
 PY
   echo "dry run ok: would run in $WORK: prepare, classifier, ref_stats; train_{gan,autoencoder,ldm} x {ddp,fsdp,deepspeed};"
+  echo "train_{autoencoder,ldm} compiled (ddp);"
   echo "Inception img/s (torch fp32/bf16 on cuda); evaluate --family gan|ldm"
   exit 0
 fi
@@ -90,6 +92,12 @@ for strategy in ${GPU_CHECK_STRATEGIES:-ddp fsdp deepspeed}; do
   step "encode_latents ($strategy AE)" logs_latents_$strategy.txt $PY -m pipelines.encode_latents "${ARGS[@]}"
   step "train_ldm $strategy" logs_ldm_$strategy.txt $PY -m pipelines.train_ldm "${ARGS[@]}" "${S[@]}"
 done
+if [ "${GPU_CHECK_COMPILE:-1}" = 1 ]; then  # autoencoder.compile / ldm.compile under ddp: Triton kernels, never run on a GPU before
+  C=(--set autoencoder.compile=true --set ldm.compile=true --set autoencoder.run_name=gpu-compiled --set ldm.run_name=gpu-compiled)
+  step "train_autoencoder ddp compiled" logs_ae_compiled.txt $PY -m pipelines.train_autoencoder "${ARGS[@]}" "${C[@]}"
+  step "encode_latents (compiled AE)" logs_latents_compiled.txt $PY -m pipelines.encode_latents "${ARGS[@]}"
+  step "train_ldm ddp compiled" logs_ldm_compiled.txt $PY -m pipelines.train_ldm "${ARGS[@]}" "${C[@]}"
+fi
 step "inception cuda" logs_inception.txt $PY - <<'EOF'
 import time, torch
 from gen_core.config import InceptionConfig
