@@ -45,15 +45,25 @@ if [ ! -f .dvc/offline_template.html ] || [ "$(cat "$PLOTS_STAMP" 2>/dev/null)" 
   echo "$want" > "$PLOTS_STAMP"
 fi
 
+# Debian packages for optional features: apt-get install, after an apt-get update where the package lists are stale.
+apt_install() {
+  local SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  $SUDO apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1; }
+}
+
 # A C++ compiler and Python's headers for torch.compile's CPU kernels (autoencoder.compile / ldm.compile, off by default).
-# Optional: without them those settings are refused in one line and the compiled tests are skipped.
-headers="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
-if ! command -v g++ >/dev/null || [ ! -f "$headers" ]; then
-  echo "[setup] installing g++ and python3-dev for torch.compile"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
-  $SUDO apt-get install -y -q --no-install-recommends g++ python3-dev >/dev/null 2>&1 \
-    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends g++ python3-dev >/dev/null 2>&1; } \
-    || echo "[setup] warning: could not install g++ / python3-dev; autoencoder.compile and ldm.compile will be refused" >&2
+# Optional: without them those settings are refused in one line and the compiled tests are skipped. Tried once per set-up
+# version (the stamp), as the browsers below: every make target runs this script.
+COMPILER_STAMP="$VENV/.genforge-compiler"
+if [ "$(cat "$COMPILER_STAMP" 2>/dev/null)" != "$want" ]; then
+  headers="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
+  if ! command -v g++ >/dev/null || [ ! -f "$headers" ]; then
+    echo "[setup] installing g++ and python3-dev for torch.compile"
+    apt_install g++ python3-dev \
+      || echo "[setup] warning: could not install g++ / python3-dev; autoencoder.compile and ldm.compile will be refused" >&2
+  fi
+  echo "$want" > "$COMPILER_STAMP"
 fi
 
 # Browsers for the tests that render pages (Debian packages, offline-installable): chromium-headless-shell for the
@@ -66,11 +76,8 @@ if [ "$(cat "$BROWSER_STAMP" 2>/dev/null)" != "$want" ]; then
   { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || missing="$missing chromium chromium-driver"
   if [ -n "$missing" ]; then
     echo "[setup] installing browsers for the page tests:$missing"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
     # shellcheck disable=SC2086
-    $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1 \
-      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1; } \
-      || echo "[setup] warning: could not install$missing; the browser tests will be skipped" >&2
+    apt_install $missing || echo "[setup] warning: could not install$missing; the browser tests will be skipped" >&2
   fi
   echo "$want" > "$BROWSER_STAMP"
 fi
