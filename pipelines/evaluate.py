@@ -11,19 +11,44 @@ version (its safetensors and JSON files only) instead of the family's export; `m
 the champions at the standard protocol. `--guidance-sweep` measures a diffusion model at each of
 evaluate.guidance.scales instead and names the lowest-FID scale that keeps class accuracy at
 evaluate.guidance.class_accuracy_floor: <out_dir>/<protocol>/<family>_guidance.json and .png.
+
+A diffusion model is measured as it samples (its generator.json's sampler, written from <family>.sampler when it
+was trained): a --set of <family>.sampler on this command that differs from the model's is refused in one line
+rather than ignored.
 """
 
 from __future__ import annotations
 
 import tempfile
 
-from pipelines.common import family_parser, run_stage
+from gen_core.config import SamplerConfig
+from gen_core.generators import read_generator_meta
+from pipelines.common import StageError, family_parser, run_stage
 from pipelines.evaluation import evaluate, guidance_sweep
+
+
+def refuse_an_unused_sampler(cfg, family: str, overrides: list[str]) -> None:
+    """A --set of <family>.sampler on this command that differs from the export's sampler would go unused (the export
+    samples as exported), so it is refused, naming the fields and how to measure them instead."""
+    keys = [override.split("=", 1)[0].strip() for override in overrides]
+    if not any(key == f"{family}.sampler" or key.startswith(f"{family}.sampler.") for key in keys):
+        return
+    configured = getattr(cfg, family).sampler
+    exported = SamplerConfig(**read_generator_meta(cfg.generator_dir(family))["sampler"])
+    differ = [f"{k} {getattr(configured, k)!r} (the export's: {getattr(exported, k)!r})"
+              for k in SamplerConfig.model_fields if getattr(configured, k) != getattr(exported, k)]  # fmt: skip
+    if differ:
+        raise StageError(
+            f"{family}.sampler: {', '.join(differ)}: evaluate measures the export as it samples; export it with this "
+            f"sampler first (python -m pipelines.train_{family} with the same setting resumes its finished run and "
+            f"re-exports), or measure other guidance scales on these weights with --guidance-sweep --set evaluate.guidance.scales=[...]"
+        )
 
 
 def run(cfg, args) -> None:
     measure = guidance_sweep if args.guidance_sweep else evaluate
     if not args.model:
+        refuse_an_unused_sampler(cfg, args.family, args.overrides)
         measure(cfg, args.family)
         return
     import mlflow
@@ -35,6 +60,7 @@ def run(cfg, args) -> None:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{args.model.rstrip('/')}/artifacts/generator", dst_path=tmp)
         outputs = cfg.outputs.model_copy(update={args.family: getattr(cfg.outputs, args.family).model_copy(update={"out_dir": local})})
         measured = cfg.model_copy(update={"outputs": outputs})
+        refuse_an_unused_sampler(measured, args.family, args.overrides)
         measure(measured, args.family) if args.guidance_sweep else evaluate(measured, args.family, model_uri=args.model)
 
 

@@ -325,6 +325,12 @@ def test_guidance_sweep_measures_one_model_at_each_scale_and_names_the_best_that
                       "--set", "evaluate.guidance.scales=[1]", "--set", "evaluate.guidance.class_accuracy_floor=1"], project)  # fmt: skip
     assert strict.returncode == 0 and "no scale reaches class accuracy 1.00" in strict.stdout
     assert json.loads((tmp_path / "eval/quick/ldm_guidance.json").read_text())["chosen"] is None
+    # a sampler set for this command alone would go unused (the export samples as exported): refused in one line, unmeasured
+    other = run_cli(["python", "-m", "pipelines.evaluate", "--family", "ldm", *out, "--set", "ldm.sampler.guidance_scale=7.5"], project)
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr[-2000:]
+    assert other.stderr.startswith(f"error: ldm.sampler: guidance_scale 7.5 (the export's: {exported['sampler']['guidance_scale']!r}): "
+                                   "evaluate measures the export as it samples; export it with this sampler first")  # fmt: skip
+    assert not (tmp_path / "eval/quick/ldm.json").exists()
 
 
 def test_register_is_idempotent(pipeline):
