@@ -402,15 +402,22 @@ def prepare_compiler(device: torch.device, setting: str) -> None:
     torch's CUDA wheels). And what compiling says that a user can do nothing about is kept out of the stage's output:
     dynamo tracing through diffusers' lru_cache-wrapped version check, and on a CPU-only machine that no CUDA runtime exists."""
     if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        try:
-            get_cpp_compiler()
-        except Exception:  # inductor's InvalidCxxCompiler, several lines long
+        if not cpp_compiler_found():
             raise ConfigError(f"{setting}: torch.compile needs a C++ compiler on CPU (g++ on PATH, or $CXX); "
-                              f"install one (scripts/setup.sh does) or set {setting} false") from None  # fmt: skip
+                              f"install one (scripts/setup.sh does) or set {setting} false")  # fmt: skip
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function", category=UserWarning)
+
+
+def cpp_compiler_found() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with (its own search: $CXX, then g++/clang++)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # inductor's InvalidCxxCompiler, several lines long
+        return False
+    return True
 
 
 def compile_in_place(module: nn.Module) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from gen_core.config import ConfigError, FsdpConfig
 from gen_core.losses import GanObjective, discriminator_loss, generator_loss
 from gen_core.models import (Discriminator, DiscriminatorSpec, Generator, GeneratorSpec, build_discriminator, build_generator,
                              requires_grad, update_ema)  # fmt: skip
-from pipelines.strategy import deepspeed_config
+from pipelines.strategy import cpp_compiler_found, deepspeed_config
 from tests.conftest import REPO
 
 STEPS, BATCH, Z_DIM, RTOL = 4, 8, 16, 1e-4
@@ -490,7 +489,7 @@ def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"), reason="torch.compile needs a C++ compiler on CPU (scripts/setup.sh installs g++)")
+@pytest.mark.skipif(not cpp_compiler_found(), reason="torch.compile needs a C++ compiler on CPU (scripts/setup.sh installs g++)")
 @pytest.mark.parametrize("case", ["ddp", "fsdp", "zero2"])
 def test_compiled_denoiser_two_workers_match_single_process(tmp_path, case):
     """ldm.compile / autoencoder.compile: the strategy's training forward through torch.compile (inductor's C++ kernels)
@@ -569,7 +568,7 @@ def test_compile_without_a_cpp_compiler_is_refused_in_one_line(monkeypatch):
         prepare_compiler(torch.device("cpu"), "ldm.compile")
     assert "\n" not in str(err.value)
     monkeypatch.undo()
-    if shutil.which("g++"):
+    if cpp_compiler_found():
         prepare_compiler(torch.device("cpu"), "ldm.compile")
 
 
