@@ -5,7 +5,7 @@
 One exported autoencoder (diffusers format, relative to project P after `make repro`), one training batch of P's
 train split, the loop's posterior noise (gen_core.training.step_generator), the quality profile's loss
 (profiles/ldm-quality.yaml: L1 + KL + LPIPS-VGG16): the round trip and LPIPS eager, then the same two modules through
-torch.compile as the loop compiles them (nn.Module.compile, dynamic=False), in fp32 and under bf16 autocast (what the
+torch.compile as the loop compiles them (pipelines.strategy.compile_in_place), in fp32 and under bf16 autocast (what the
 loop runs). Prints, per precision and step: the loss eager and compiled, and the relative difference of the weight
 gradients (with their cosine). Then, eager only, each term's gradient in bf16 against fp32 (what bf16 itself changes).
 """
@@ -39,6 +39,7 @@ def main() -> None:
     from gen_core.lpips import load_lpips
     from gen_core.sampling import to_unit
     from gen_core.training import step_generator
+    from pipelines.strategy import compile_in_place
 
     torch.set_num_threads(os.cpu_count() or 1)
     a = load_config(REPO / "params.yaml", overlays=[REPO / "profiles/ldm-quality.yaml"]).autoencoder
@@ -46,7 +47,7 @@ def main() -> None:
     eager = (AutoencoderRoundTrip(AutoencoderKL.from_pretrained(args.autoencoder).train()), load_lpips("cpu"))
     compiled = tuple(copy.deepcopy(module) for module in eager)
     for module in compiled:
-        module.compile(dynamic=False)
+        compile_in_place(module)  # as the loop compiles them
 
     def term_loss(term: str, round_trip, lpips, noise) -> torch.Tensor:
         if term == "all":  # the loop's loss, as train_autoencoder computes it
