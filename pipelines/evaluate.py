@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import tempfile
 
-from gen_core.config import SamplerConfig
+from gen_core.config import SamplerConfig, parse_override
 from gen_core.generators import read_generator_meta
 from pipelines.common import StageError, family_parser, run_stage
 from pipelines.evaluation import evaluate, guidance_sweep
@@ -30,8 +30,7 @@ from pipelines.evaluation import evaluate, guidance_sweep
 def refuse_an_unused_sampler(cfg, family: str, overrides: list[str]) -> None:
     """A --set of <family>.sampler on this command that differs from the export's sampler would go unused (the export
     samples as exported), so it is refused, naming the fields and how to measure them instead."""
-    keys = [override.split("=", 1)[0].strip() for override in overrides]
-    if not any(key == f"{family}.sampler" or key.startswith(f"{family}.sampler.") for key in keys):
+    if not any(parse_override(override)[0][:2] == [family, "sampler"] for override in overrides):
         return
     configured = getattr(cfg, family).sampler
     exported = SamplerConfig(**read_generator_meta(cfg.generator_dir(family))["sampler"])
