@@ -20,7 +20,11 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolv
 # heun: Karras et al. 2022's 2nd-order sampler on their noise levels (rho 7); n steps evaluate the network 2n - 1 times
 FORWARD_PROCESS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type", "clip_sample")
 GUIDANCE = ("cfg", "autoguidance", "guide_null", "guide_blend")  # what guidance pushes away from: see `denoise`
-SAMPLER_OPTIONS = {"dpmsolver++": {"algorithm_type": "dpmsolver++", "solver_order": 2}, "heun": {"use_karras_sigmas": True}}
+SAMPLER_OPTIONS = {"dpmsolver++": {"algorithm_type": "dpmsolver++", "solver_order": 2, "lambda_min_clipped": -5.1},
+                   "heun": {"use_karras_sigmas": True}}
+# lambda_min_clipped: DPM-Solver++ starts where lambda_t = ln(alpha_t / sigma_t) >= -5.1 instead of at t = 999; the cosine
+# schedule (squaredcos_cap_v2) ends at lambda -9.9 (alpha_t 5e-5), where the data prediction x_0 = (x_t - sigma_t eps) /
+# alpha_t multiplies the network's error by 2e4; the linear schedule ends at -5.06, so it starts at t = 999 as before
 
 
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float):
