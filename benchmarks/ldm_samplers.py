@@ -7,6 +7,14 @@ For each NAME:STEPS the exported model is copied with its generator.json's sampl
 guidance, and `python -m pipelines.evaluate --family ldm` measures it at the params' protocol (same weights, same
 seeds, same reference statistics from UPSTREAM's make repro). Prints a table with each sampler's FID relative to the
 last one given (the reference: the full DDPM chain), and writes the rows to --out (JSON).
+
+NAME:STEPS:SPACING places the steps otherwise than the product's samplers do (dpmsolver++ uniform in t, heun on
+Karras et al.'s noise levels): `logsnr` uniform in lambda = ln(alpha_t / sigma_t) (dpmsolver++'s use_lu_lambdas, heun's
+use_exponential_sigmas), `karras` on Karras et al.'s rho-7 noise levels. The evaluate process gets them by patching
+gen_core.diffusers_pipeline.SAMPLER_OPTIONS before it runs; the product has no such setting (RESULTS.md, session 64:
+neither spacing beat uniform-in-t on the quality profile's model).
+
+    python benchmarks/ldm_samplers.py --gaussian      # the spacings on data N(0, s^2) with the exact network: the spread kept
 """
 
 from __future__ import annotations
@@ -20,10 +28,68 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SPACINGS = {"dpmsolver++": {"logsnr": {"use_lu_lambdas": True}, "karras": {"use_karras_sigmas": True}},
+            "heun": {"logsnr": {"use_karras_sigmas": False, "use_exponential_sigmas": True}}}  # fmt: skip
+# runs the evaluate stage with the sampler's options patched: argv[1] the options (JSON), the rest evaluate's arguments
+PATCHED_EVALUATE = """import json, runpy, sys
+import gen_core.diffusers_pipeline as dp
+name, options = json.loads(sys.argv.pop(1))
+dp.SAMPLER_OPTIONS[name] = {**dp.SAMPLER_OPTIONS.get(name, {}), **options}
+sys.argv[0] = "pipelines.evaluate"
+runpy.run_module("pipelines.evaluate", run_name="__main__", alter_sys=True)
+"""
 
 
-def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str, steps: int, guidance: float) -> dict:
-    directory = work / f"{sampler}-{steps}"
+def scheduler_options(sampler: str, spacing: str | None) -> dict:
+    if spacing is None:
+        return {}
+    if spacing not in SPACINGS.get(sampler, {}):
+        raise SystemExit(f"spacing {spacing!r}: {sampler} takes {', '.join(SPACINGS.get(sampler, {})) or 'none'}")
+    return SPACINGS[sampler][spacing]
+
+
+def gaussian_spread(steps=(10, 25), scales=(0.1, 0.25, 0.5, 1.0), n: int = 32) -> None:
+    """Each sampler/spacing on data N(0, s^2 I) with the exact epsilon network, unguided: the samples' std over s. The
+    probability-flow ODE keeps it at 1; a coarse last step (dpmsolver++ uniform in t ends at t = 100 of 1000 and jumps to
+    the data prediction there) shrinks the small-scale components, as a blur does."""
+    import torch
+
+    from gen_core.config import NoiseScheduleConfig
+    from gen_core.diffusers_pipeline import log_sigmas, timestep_sigma
+    from gen_core.diffusion import sample_diffusion, training_schedule
+    import gen_core.diffusers_pipeline as dp
+
+    class Exact(torch.nn.Module):
+        def __init__(self, schedule_config, scale):
+            super().__init__()
+            self.log_sigmas, self.scale = log_sigmas(schedule_config).double(), scale
+
+        def forward(self, x, t, class_labels=None, return_dict=False):
+            sigma = timestep_sigma(self.log_sigmas, t).double().view(-1, 1, 1, 1)
+            abar = 1 / (1 + sigma**2)
+            return ((1 - abar).sqrt() * x.double() / (abar * self.scale**2 + 1 - abar)).float(),
+
+    defaults = {name: dict(options) for name, options in dp.SAMPLER_OPTIONS.items()}
+    print("| schedule | sampler | spacing | " + " | ".join(f"s {s}, {k} steps" for s in scales for k in steps) + " |")
+    print("|---|---|---|" + "---|" * (len(scales) * len(steps)))
+    for schedule in ("linear", "squaredcos_cap_v2"):
+        config = dict(training_schedule(NoiseScheduleConfig(beta_schedule=schedule)).config)
+        for sampler, spacing in (("dpmsolver++", None), ("dpmsolver++", "logsnr"), ("dpmsolver++", "karras"), ("heun", None), ("heun", "logsnr")):
+            dp.SAMPLER_OPTIONS[sampler] = {**defaults.get(sampler, {}), **scheduler_options(sampler, spacing)}
+            ratios = []
+            for scale in scales:
+                for k in steps:
+                    try:
+                        out = sample_diffusion(Exact(config, scale), config, torch.zeros(n, dtype=torch.long), list(range(n)), (4, 8, 8), 10, sampler, k, 1.0)
+                        ratios.append(f"{float(out.std()) / scale:.3f}")
+                    except IndexError:  # diffusers 0.42: dpmsolver++ on Karras sigmas of the cosine schedule steps past its last sigma
+                        ratios.append("IndexError")
+            dp.SAMPLER_OPTIONS[sampler] = defaults.get(sampler, {})
+            print(f"| {schedule} | {sampler} | {spacing or 'product'} | " + " | ".join(ratios) + " |")
+
+
+def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str, steps: int, guidance: float, spacing: str | None = None) -> dict:
+    directory = work / f"{sampler}-{steps}" if spacing is None else work / f"{sampler}-{steps}-{spacing}"
     shutil.rmtree(directory, ignore_errors=True)
     shutil.copytree(model, directory / "ldm")
     meta_path = directory / "ldm" / "generator.json"
@@ -33,7 +99,9 @@ def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str
     sets = {"outputs.ldm.out_dir": directory / "ldm", "evaluate.out_dir": directory / "eval", "data.out_dir": upstream / "data/prepared",
             "classifier.out_dir": upstream / "models/classifier", "ref_stats.out_dir": upstream / "data/ref_stats",
             "tracking.tracking_uri": tracking}  # fmt: skip
-    command = [sys.executable, "-m", "pipelines.evaluate", "--family", "ldm"]
+    options = scheduler_options(sampler, spacing)
+    command = [sys.executable, "-c", PATCHED_EVALUATE, json.dumps([sampler, options])] if options else [sys.executable, "-m", "pipelines.evaluate"]
+    command += ["--family", "ldm"]
     for key, value in sets.items():
         command += ["--set", f"{key}={value}"]
     started = time.monotonic()
@@ -41,32 +109,37 @@ def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str
         subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
     wall = time.monotonic() - started
     record = json.loads(next((directory / "eval").rglob("ldm.json")).read_text())
-    return {"sampler": sampler, "steps": steps, "guidance": guidance, "wall_s": round(wall, 1), "protocol": record.get("protocol_id"),
+    return {"sampler": sampler, "steps": steps, **({"spacing": spacing} if spacing else {}), "guidance": guidance, "wall_s": round(wall, 1), "protocol": record.get("protocol_id"),
             **{k: record[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy")}, "fid_floor": record["floor"]["fid"]}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="an exported LDM directory (outputs.ldm.out_dir)")
-    parser.add_argument("--upstream", type=Path, required=True, help="the project whose data, classifier and ref_stats to use")
+    parser.add_argument("--gaussian", action="store_true", help="only the spacings' spread on Gaussian data (no model, seconds)")
+    parser.add_argument("--model", type=Path, help="an exported LDM directory (outputs.ldm.out_dir)")
+    parser.add_argument("--upstream", type=Path, help="the project whose data, classifier and ref_stats to use")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ldm_samplers"))
-    parser.add_argument("--tracking", required=True, help="the MLflow store the model was trained with (evaluate logs to its run)")
-    parser.add_argument("--guidance", type=float, required=True)
+    parser.add_argument("--tracking", help="the MLflow store the model was trained with (evaluate logs to its run)")
+    parser.add_argument("--guidance", type=float)
     parser.add_argument("--samplers", default="ddim:50,dpmsolver++:10,dpmsolver++:25,dpmsolver++:50,ddpm:1000",
-                        help="NAME:STEPS,...; the last one is the reference")  # fmt: skip
+                        help="NAME:STEPS[:SPACING],...; the last one is the reference")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "ldm_samplers.json")
     args = parser.parse_args()
+    if args.gaussian:
+        return gaussian_spread()
+    if None in (args.model, args.upstream, args.tracking, args.guidance):
+        parser.error("--model, --upstream, --tracking and --guidance are required (or --gaussian)")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in args.samplers.split(","):
-        name, steps = spec.split(":")
-        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, args.tracking, name, int(steps), args.guidance))
+        name, steps, *spacing = spec.split(":")
+        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, args.tracking, name, int(steps), args.guidance, *spacing))
         print(json.dumps(rows[-1]), flush=True)
     reference = rows[-1]["fid"]
-    print(f"\n| sampler | steps | FID [floor {rows[-1]['fid_floor']:.1f}] | vs {rows[-1]['sampler']} {rows[-1]['steps']} | recall | precision | class acc | wall (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| sampler | steps | spacing | FID [floor {rows[-1]['fid_floor']:.1f}] | vs {rows[-1]['sampler']} {rows[-1]['steps']} | recall | precision | class acc | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['sampler']} | {row['steps']} | {row['fid']:.1f} | {100 * (row['fid'] / reference - 1):+.1f}% | {row['recall']:.3f} | "
+        print(f"| {row['sampler']} | {row['steps']} | {row.get('spacing', 'product')} | {row['fid']:.1f} | {100 * (row['fid'] / reference - 1):+.1f}% | {row['recall']:.3f} | "
               f"{row['precision']:.3f} | {row['class_accuracy']:.3f} | {row['wall_s']:.0f} |")  # fmt: skip
     args.out.write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=2) + "\n")
 
