@@ -27,6 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from gen_core.diffusers_pipeline import log_sigmas, timestep_sigma
+
 REPO = Path(__file__).resolve().parent.parent
 SPACINGS = {"dpmsolver++": {"logsnr": {"use_lu_lambdas": True}, "karras": {"use_karras_sigmas": True}},
             "heun": {"logsnr": {"use_karras_sigmas": False, "use_exponential_sigmas": True}}}  # fmt: skip
@@ -38,6 +42,23 @@ dp.SAMPLER_OPTIONS[name] = {**dp.SAMPLER_OPTIONS.get(name, {}), **options}
 sys.argv[0] = "pipelines.evaluate"
 runpy.run_module("pipelines.evaluate", run_name="__main__", alter_sys=True)
 """
+
+
+class GaussianEpsilon(torch.nn.Module):
+    """The exact epsilon network for data N(0, scale^2 I), called as the samplers call a denoiser; with `error`, plus
+    seeded noise of that std on its output: a good network's small mistakes."""
+
+    def __init__(self, schedule_config, scale: float, error: float = 0.0, seed: int = 11):
+        super().__init__()
+        self.log_sigmas, self.scale, self.error = log_sigmas(schedule_config).double(), scale, error
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x, timestep, class_labels=None, return_dict=False):
+        abar = 1 / (1 + timestep_sigma(self.log_sigmas, timestep).double().view(-1, 1, 1, 1) ** 2)
+        exact = (1 - abar).sqrt() * x.double() / (abar * self.scale**2 + 1 - abar)
+        if self.error:
+            exact = exact + self.error * torch.randn(x.shape, generator=self.generator, dtype=torch.float64)
+        return (exact.float(),)
 
 
 def scheduler_options(sampler: str, spacing: str | None) -> dict:
@@ -52,22 +73,9 @@ def gaussian_spread(steps=(10, 25), scales=(0.1, 0.25, 0.5, 1.0), n: int = 32) -
     """Each sampler/spacing on data N(0, s^2 I) with the exact epsilon network, unguided: the samples' std over s. The
     probability-flow ODE keeps it at 1; a coarse last step (dpmsolver++ uniform in t ends at t = 100 of 1000 and jumps to
     the data prediction there) shrinks the small-scale components, as a blur does."""
-    import torch
-
     from gen_core.config import NoiseScheduleConfig
-    from gen_core.diffusers_pipeline import log_sigmas, timestep_sigma
     from gen_core.diffusion import sample_diffusion, training_schedule
     import gen_core.diffusers_pipeline as dp
-
-    class Exact(torch.nn.Module):
-        def __init__(self, schedule_config, scale):
-            super().__init__()
-            self.log_sigmas, self.scale = log_sigmas(schedule_config).double(), scale
-
-        def forward(self, x, t, class_labels=None, return_dict=False):
-            sigma = timestep_sigma(self.log_sigmas, t).double().view(-1, 1, 1, 1)
-            abar = 1 / (1 + sigma**2)
-            return ((1 - abar).sqrt() * x.double() / (abar * self.scale**2 + 1 - abar)).float(),
 
     defaults = {name: dict(options) for name, options in dp.SAMPLER_OPTIONS.items()}
     print("| schedule | sampler | spacing | " + " | ".join(f"s {s}, {k} steps" for s in scales for k in steps) + " |")
@@ -80,7 +88,7 @@ def gaussian_spread(steps=(10, 25), scales=(0.1, 0.25, 0.5, 1.0), n: int = 32) -
             for scale in scales:
                 for k in steps:
                     try:
-                        out = sample_diffusion(Exact(config, scale), config, torch.zeros(n, dtype=torch.long), list(range(n)), (4, 8, 8), 10, sampler, k, 1.0)
+                        out = sample_diffusion(GaussianEpsilon(config, scale), config, torch.zeros(n, dtype=torch.long), list(range(n)), (4, 8, 8), 10, sampler, k, 1.0)
                         ratios.append(f"{float(out.std()) / scale:.3f}")
                     except IndexError:  # diffusers 0.42: dpmsolver++ on Karras sigmas of the cosine schedule steps past its last sigma
                         ratios.append("IndexError")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.ldm_samplers import GaussianEpsilon
 from gen_core.errors import LatentMismatchError
 from gen_core.config import AutoencoderConfig, ConfigError, DenoiserConfig, EdmConfig, NoiseScheduleConfig, SamplerConfig, config_from_dict
 from gen_core.diffusion import (
@@ -250,21 +251,6 @@ def test_an_ideal_edm_network_samples_its_data_with_every_sampler(schedule_confi
     assert (out - x0.float()).abs().max() < 2e-3, (out - x0.float()).abs().max()
 
 
-class _GaussianEpsilon(torch.nn.Module):
-    """The exact epsilon network for data N(0, scale^2 I), plus seeded noise of std `error` on its output: a good network's
-    small mistakes."""
-
-    def __init__(self, schedule_config, scale: float, error: float):
-        super().__init__()
-        self.log_sigmas, self.scale, self.error = log_sigmas(schedule_config).double(), scale, error
-        self.generator = torch.Generator().manual_seed(11)
-
-    def forward(self, x, timestep, class_labels=None, return_dict=False):
-        abar = 1 / (1 + timestep_sigma(self.log_sigmas, timestep).double().view(-1, 1, 1, 1) ** 2)
-        exact = (1 - abar).sqrt() * x.double() / (abar * self.scale**2 + 1 - abar)
-        return (exact + self.error * torch.randn(x.shape, generator=self.generator, dtype=torch.float64)).float(),
-
-
 @pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
 def test_dpm_solver_starts_where_a_networks_error_is_not_amplified(beta_schedule):
     """DPM-Solver++'s data prediction x_0 = (x_t - sigma_t eps) / alpha_t multiplies the network's error by sigma_t / alpha_t:
@@ -275,7 +261,7 @@ def test_dpm_solver_starts_where_a_networks_error_is_not_amplified(beta_schedule
     sampler = make_sampler("dpmsolver++", config)
     sampler.set_timesteps(10)
     assert (int(sampler.timesteps[0]) == 999) == (beta_schedule == "linear")
-    exact, off = (sample_diffusion(_GaussianEpsilon(config, 0.5, error), config, torch.zeros(16, dtype=torch.long), list(range(16)),
+    exact, off = (sample_diffusion(GaussianEpsilon(config, 0.5, error), config, torch.zeros(16, dtype=torch.long), list(range(16)),
                                    (4, 8, 8), NUM_CLASSES, "dpmsolver++", 10, 1.0) for error in (0.0, 0.01))  # fmt: skip
     assert 0.75 < float(exact.std()) / 0.5 < 1.0  # 10 steps uniform in t shrink the spread (ldm_samplers.py --gaussian)
     assert abs(float(off.std()) / float(exact.std()) - 1) < 0.1, (float(off.std()), float(exact.std()))
