@@ -488,7 +488,12 @@ def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
     assert result["before"] == pytest.approx(ema_sum, rel=RTOL) and result["after"] == result["before"]
 
 
+# One xdist group: the three cases run one after another in one test process, so each finds the kernels and graphs the one
+# before compiled in inductor's on-disk cache. On a fresh machine (CI's: the cache is empty) the three took 589 busy
+# CPU-s in sequence against 780 when pytest-xdist started them side by side, each compiling from scratch (129 with a
+# warm cache); README "Tests".
 @pytest.mark.slow
+@pytest.mark.xdist_group("compile")
 @pytest.mark.skipif(not cpp_compiler_found(), reason="torch.compile needs a C++ compiler on CPU (scripts/setup.sh installs g++)")
 @pytest.mark.parametrize("case", ["ddp", "fsdp", "zero2"])
 def test_compiled_denoiser_two_workers_match_single_process(tmp_path, case):
