@@ -489,9 +489,9 @@ def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
 
 
 # One xdist group: the three cases run one after another in one test process, so each finds the kernels and graphs the one
-# before compiled in inductor's on-disk cache. On a fresh machine (CI's: the cache is empty) the three took 589 busy
-# CPU-s in sequence against 780 when pytest-xdist started them side by side, each compiling from scratch (129 with a
-# warm cache); README "Tests".
+# before compiled in inductor's on-disk cache. On a fresh machine (CI's: the cache is empty) the three took 13-25% fewer
+# busy CPU-s in sequence than when pytest-xdist started them side by side, each compiling from scratch
+# (benchmarks/compile_cache.sh); README "Tests".
 @pytest.mark.slow
 @pytest.mark.xdist_group("compile")
 @pytest.mark.skipif(not cpp_compiler_found(), reason="torch.compile needs a C++ compiler on CPU (scripts/setup.sh installs g++)")
