@@ -15,6 +15,11 @@ gen_core.diffusers_pipeline.SAMPLER_OPTIONS before it runs; the product has no s
 neither spacing beat uniform-in-t on the quality profile's model).
 
     python benchmarks/ldm_samplers.py --gaussian      # the spacings on data N(0, s^2) with the exact network: the spread kept
+
+--grid PNG draws what was measured: one row per sampler, one image per class, the same seeds in every row, each from the
+copy of the model that `measure` left in --work with that sampler set (without --model, from an earlier run's copies):
+
+    python benchmarks/ldm_samplers.py --samplers ddim:50,dpmsolver++:10,ddpm:1000 --grid benchmarks/ldm_samplers.png
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def gaussian_spread(steps=(10, 25), scales=(0.1, 0.25, 0.5, 1.0), n: int = 32) -
 
 
 def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str, steps: int, guidance: float, spacing: str | None = None) -> dict:
-    directory = work / f"{sampler}-{steps}" if spacing is None else work / f"{sampler}-{steps}-{spacing}"
+    directory = copy_dir(work, sampler, steps, spacing)
     shutil.rmtree(directory, ignore_errors=True)
     shutil.copytree(model, directory / "ldm")
     meta_path = directory / "ldm" / "generator.json"
@@ -121,6 +126,39 @@ def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str
             **{k: record[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy")}, "fid_floor": record["floor"]["fid"]}  # fmt: skip
 
 
+def absolute_store(uri: str) -> str:
+    """A relative sqlite store made absolute from here: the evaluate processes run in this checkout, not in --upstream."""
+    prefix = "sqlite:///"
+    return prefix + str(Path(uri[len(prefix):]).resolve()) if uri.startswith(prefix) and not uri.startswith(prefix + "/") else uri
+
+
+def copy_dir(work: Path, sampler: str, steps: int, spacing: str | None = None) -> Path:
+    return work / f"{sampler}-{steps}" if spacing is None else work / f"{sampler}-{steps}-{spacing}"
+
+
+def sampler_grid(work: Path, specs: list[tuple[str, int, str | None]], seed: int, out: Path) -> None:
+    """One row per sampler of the copies in `work`: class c's image from seed + c in every row, at the precision the
+    evaluate stage samples in here (`precision: auto`)."""
+    import gen_core.diffusers_pipeline as dp
+    from gen_core.diffusion import DiffusionGenerator
+    from gen_core.sampling import image_grid, png_bytes, to_uint8
+    from gen_core.training import autocast_dtype
+
+    rows, dtype = [], autocast_dtype("auto", torch.device("cpu"))
+    for sampler, steps, spacing in specs:
+        generator, _ = DiffusionGenerator.from_pretrained(copy_dir(work, sampler, steps, spacing) / "ldm")
+        labels = torch.arange(generator.num_classes)
+        defaults = dp.SAMPLER_OPTIONS.get(sampler, {})
+        dp.SAMPLER_OPTIONS[sampler] = {**defaults, **scheduler_options(sampler, spacing)}
+        try:
+            rows.append(to_uint8(generator.sample(labels, [seed + int(c) for c in labels], autocast_dtype=dtype).cpu()))
+        finally:
+            dp.SAMPLER_OPTIONS[sampler] = defaults
+        print(f"grid: {sampler} {steps}{' ' + spacing if spacing else ''}", flush=True)
+    out.write_bytes(png_bytes(image_grid(torch.cat(rows), rows=len(rows))))
+    print(f"grid -> {out} (rows: {', '.join(f'{name} {steps}' for name, steps, _ in specs)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gaussian", action="store_true", help="only the spacings' spread on Gaussian data (no model, seconds)")
@@ -132,16 +170,20 @@ def main() -> None:
     parser.add_argument("--samplers", default="ddim:50,dpmsolver++:10,dpmsolver++:25,dpmsolver++:50,ddpm:1000",
                         help="NAME:STEPS[:SPACING],...; the last one is the reference")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "ldm_samplers.json")
+    parser.add_argument("--grid", type=Path, help="a PNG: one row per sampler, one image per class (without --model: from --work's copies)")
+    parser.add_argument("--grid-seed", type=int, default=1234)
     args = parser.parse_args()
     if args.gaussian:
         return gaussian_spread()
+    specs = [(name, int(steps), spacing[0] if spacing else None) for name, steps, *spacing in (spec.split(":") for spec in args.samplers.split(","))]
+    if args.grid and args.model is None:
+        return sampler_grid(args.work, specs, args.grid_seed, args.grid)
     if None in (args.model, args.upstream, args.tracking, args.guidance):
         parser.error("--model, --upstream, --tracking and --guidance are required (or --gaussian)")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for spec in args.samplers.split(","):
-        name, steps, *spacing = spec.split(":")
-        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, args.tracking, name, int(steps), args.guidance, *spacing))
+    for name, steps, spacing in specs:
+        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, absolute_store(args.tracking), name, steps, args.guidance, spacing))
         print(json.dumps(rows[-1]), flush=True)
     reference = rows[-1]["fid"]
     print(f"\n| sampler | steps | spacing | FID [floor {rows[-1]['fid_floor']:.1f}] | vs {rows[-1]['sampler']} {rows[-1]['steps']} | recall | precision | class acc | wall (s) |")
@@ -150,6 +192,8 @@ def main() -> None:
         print(f"| {row['sampler']} | {row['steps']} | {row.get('spacing', 'product')} | {row['fid']:.1f} | {100 * (row['fid'] / reference - 1):+.1f}% | {row['recall']:.3f} | "
               f"{row['precision']:.3f} | {row['class_accuracy']:.3f} | {row['wall_s']:.0f} |")  # fmt: skip
     args.out.write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=2) + "\n")
+    if args.grid:
+        sampler_grid(args.work, specs, args.grid_seed, args.grid)
 
 
 if __name__ == "__main__":
