@@ -25,6 +25,7 @@ copy of the model that `measure` left in --work with that sampler set (without -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -74,30 +75,40 @@ def scheduler_options(sampler: str, spacing: str | None) -> dict:
     return SPACINGS[sampler][spacing]
 
 
+@contextlib.contextmanager
+def spaced(sampler: str, spacing: str | None):
+    """In this process, `sampler` steps with `spacing`'s scheduler options on top of the product's, restored after."""
+    import gen_core.diffusers_pipeline as dp
+
+    product = dp.SAMPLER_OPTIONS.get(sampler, {})
+    dp.SAMPLER_OPTIONS[sampler] = {**product, **scheduler_options(sampler, spacing)}
+    try:
+        yield
+    finally:
+        dp.SAMPLER_OPTIONS[sampler] = product
+
+
 def gaussian_spread(steps=(10, 25), scales=(0.1, 0.25, 0.5, 1.0), n: int = 32) -> None:
     """Each sampler/spacing on data N(0, s^2 I) with the exact epsilon network, unguided: the samples' std over s. The
     probability-flow ODE keeps it at 1; a coarse last step (dpmsolver++ uniform in t ends at t = 100 of 1000 and jumps to
     the data prediction there) shrinks the small-scale components, as a blur does."""
     from gen_core.config import NoiseScheduleConfig
     from gen_core.diffusion import sample_diffusion, training_schedule
-    import gen_core.diffusers_pipeline as dp
 
-    defaults = {name: dict(options) for name, options in dp.SAMPLER_OPTIONS.items()}
     print("| schedule | sampler | spacing | " + " | ".join(f"s {s}, {k} steps" for s in scales for k in steps) + " |")
     print("|---|---|---|" + "---|" * (len(scales) * len(steps)))
     for schedule in ("linear", "squaredcos_cap_v2"):
         config = dict(training_schedule(NoiseScheduleConfig(beta_schedule=schedule)).config)
         for sampler, spacing in (("dpmsolver++", None), ("dpmsolver++", "logsnr"), ("dpmsolver++", "karras"), ("heun", None), ("heun", "logsnr")):
-            dp.SAMPLER_OPTIONS[sampler] = {**defaults.get(sampler, {}), **scheduler_options(sampler, spacing)}
             ratios = []
-            for scale in scales:
-                for k in steps:
-                    try:
-                        out = sample_diffusion(GaussianEpsilon(config, scale), config, torch.zeros(n, dtype=torch.long), list(range(n)), (4, 8, 8), 10, sampler, k, 1.0)
-                        ratios.append(f"{float(out.std()) / scale:.3f}")
-                    except IndexError:  # diffusers 0.42: dpmsolver++ on Karras sigmas of the cosine schedule steps past its last sigma
-                        ratios.append("IndexError")
-            dp.SAMPLER_OPTIONS[sampler] = defaults.get(sampler, {})
+            with spaced(sampler, spacing):
+                for scale in scales:
+                    for k in steps:
+                        try:
+                            out = sample_diffusion(GaussianEpsilon(config, scale), config, torch.zeros(n, dtype=torch.long), list(range(n)), (4, 8, 8), 10, sampler, k, 1.0)
+                            ratios.append(f"{float(out.std()) / scale:.3f}")
+                        except IndexError:  # diffusers 0.42: dpmsolver++ on Karras sigmas of the cosine schedule steps past its last sigma
+                            ratios.append("IndexError")
             print(f"| {schedule} | {sampler} | {spacing or 'product'} | " + " | ".join(ratios) + " |")
 
 
@@ -139,7 +150,6 @@ def copy_dir(work: Path, sampler: str, steps: int, spacing: str | None = None) -
 def sampler_grid(work: Path, specs: list[tuple[str, int, str | None]], seed: int, out: Path) -> None:
     """One row per sampler of the copies in `work`: class c's image from seed + c in every row, at the precision the
     evaluate stage samples in here (`precision: auto`)."""
-    import gen_core.diffusers_pipeline as dp
     from gen_core.diffusion import DiffusionGenerator
     from gen_core.sampling import image_grid, png_bytes, to_uint8
     from gen_core.training import autocast_dtype
@@ -148,12 +158,8 @@ def sampler_grid(work: Path, specs: list[tuple[str, int, str | None]], seed: int
     for sampler, steps, spacing in specs:
         generator, _ = DiffusionGenerator.from_pretrained(copy_dir(work, sampler, steps, spacing) / "ldm")
         labels = torch.arange(generator.num_classes)
-        defaults = dp.SAMPLER_OPTIONS.get(sampler, {})
-        dp.SAMPLER_OPTIONS[sampler] = {**defaults, **scheduler_options(sampler, spacing)}
-        try:
+        with spaced(sampler, spacing):
             rows.append(to_uint8(generator.sample(labels, [seed + int(c) for c in labels], autocast_dtype=dtype).cpu()))
-        finally:
-            dp.SAMPLER_OPTIONS[sampler] = defaults
         print(f"grid: {sampler} {steps}{' ' + spacing if spacing else ''}", flush=True)
     out.write_bytes(png_bytes(image_grid(torch.cat(rows), rows=len(rows))))
     print(f"grid -> {out} (rows: {', '.join(f'{name} {steps}' for name, steps, _ in specs)})")
