@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from gen_core.diffusers_pipeline import log_sigmas, timestep_sigma
+from pipelines.tracking import absolute_sqlite
 
 REPO = Path(__file__).resolve().parent.parent
 SPACINGS = {"dpmsolver++": {"logsnr": {"use_lu_lambdas": True}, "karras": {"use_karras_sigmas": True}},
@@ -137,12 +138,6 @@ def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str
             **{k: record[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy")}, "fid_floor": record["floor"]["fid"]}  # fmt: skip
 
 
-def absolute_store(uri: str) -> str:
-    """A relative sqlite store made absolute from here: the evaluate processes run in this checkout, not in --upstream."""
-    prefix = "sqlite:///"
-    return prefix + str(Path(uri[len(prefix):]).resolve()) if uri.startswith(prefix) and not uri.startswith(prefix + "/") else uri
-
-
 def copy_dir(work: Path, sampler: str, steps: int, spacing: str | None = None) -> Path:
     return work / f"{sampler}-{steps}" if spacing is None else work / f"{sampler}-{steps}-{spacing}"
 
@@ -188,8 +183,9 @@ def main() -> None:
         parser.error("--model, --upstream, --tracking and --guidance are required (or --gaussian)")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
+    store = absolute_sqlite(args.tracking, lambda path: str(Path(path).resolve()))  # the evaluate processes run in this checkout
     for name, steps, spacing in specs:
-        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, absolute_store(args.tracking), name, steps, args.guidance, spacing))
+        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, store, name, steps, args.guidance, spacing))
         print(json.dumps(rows[-1]), flush=True)
     reference = rows[-1]["fid"]
     print(f"\n| sampler | steps | spacing | FID [floor {rows[-1]['fid_floor']:.1f}] | vs {rows[-1]['sampler']} {rows[-1]['steps']} | recall | precision | class acc | wall (s) |")

@@ -123,8 +123,11 @@ class DiffusionTrainingEvalConfig(TrainingEvalConfig):
     """A diffusion model's evaluation during training: also the classifier-free guidance its samples are drawn with.
     The export samples at sampler.guidance_scale; judging checkpoints at a lower scale keeps the choice of the
     best one from trading diversity for class accuracy (RESULTS.md: at guidance 3 the 6,000-step quality run
-    exported step 1000; judged at 1.5 the 3,000-step run exported step 2000, FID 31.3 against 39.4)."""
+    exported step 1000; judged at 1.5 the 3,000-step run exported step 2000, FID 31.3 against 39.4).
+    A diffusion run exports its last step by default: the judge, at any fixed scale, scores a longer-trained model's
+    sharper samples as worse where Inception's FID says better (RESULTS.md, sessions 50 and 68-69)."""
 
+    export: Literal["best", "last"] = "last"
     guidance_scale: float | None = Field(None, ge=0)  # null: sampler.guidance_scale (what the export samples with)
 
 

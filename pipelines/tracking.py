@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from gen_core.config import RunConfig
@@ -19,10 +20,13 @@ def tracking_uri(cfg: RunConfig) -> str:
     """params > MLFLOW_TRACKING_URI > sqlite store in the project. Relative sqlite paths resolve against the project's
     state root (common.state_root: outside an experiment's temporary workspace) and become absolute, so Ray workers
     (which run in other directories) reach the same store."""
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + state_path(uri[len("sqlite:///") :])
-    return uri
+    return absolute_sqlite(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", state_path)
+
+
+def absolute_sqlite(uri: str, resolve: Callable[[str], str]) -> str:
+    """A relative sqlite store (sqlite:///mlflow.db) with its path through `resolve`; any other URI as it is."""
+    prefix = "sqlite:///"
+    return prefix + resolve(uri[len(prefix) :]) if uri.startswith(prefix) and not uri.startswith(prefix + "/") else uri
 
 
 def redact(uri: str | None) -> str | None:

@@ -78,6 +78,9 @@ def test_repro_writes_every_declared_output(pipeline):
     # the denoiser's checkpoints judged at ldm.evaluation.guidance_scale, the export sampled at the sampler's (params.yaml's 3)
     assert "[train_ldm] evaluation at step 10 at guidance 1.5: " in result.stdout
     assert json.loads((project / "metrics/eval/quick/ldm.json").read_text())["guidance_scale"] == 3.0
+    # judged at steps 10 and 20, the denoiser exports its last step (ldm.evaluation.export: last), not the judge's pick
+    assert json.loads((project / "models/ldm/generator.json").read_text())["step"] == 20
+    assert "[train_ldm] exporting the best evaluated checkpoint" not in result.stdout
     # every training stage in its own process: no Ray started (its worker lines would carry "(RayTrainWorker pid=...)",
     # and its start-up lines go to logs/<run>.log)
     assert result.stdout.count("\n[train_autoencoder] 1 worker(s) on cpu, ddp") + result.stdout.count("\n[train_ldm] 1 worker(s) on cpu, ddp") == 2
