@@ -77,14 +77,13 @@ def variant_loss(variant: str):
         draws = lambda x0: logit_normal_timesteps(float(args[0]), float(args[1]))  # noqa: E731
     else:
         raise SystemExit(f"ldm_loss_variants: unknown variant {variant!r} (pairing | logit-normal:M:S)")
+    product_loss = gen_core.diffusion.diffusion_loss
 
     def loss(unet, schedule, x0, *rest, **kwargs):
         with draws(x0):
-            return diffusion_loss(unet, schedule, x0, *rest, **kwargs)
+            return product_loss(unet, schedule, x0, *rest, **kwargs)
     return loss
 
-
-diffusion_loss = gen_core.diffusion.diffusion_loss
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
