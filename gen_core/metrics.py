@@ -295,25 +295,94 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def fid_from_features(features, mu, sigma) -> float:
-    """fid_from_stats of the set whose (n, d) features are given (its mean and np.cov) against (mu, sigma).
+class FidAgainst:
+    """FID of any number of feature sets against one reference (mu, sigma), whose square root is computed once.
 
-    With no more samples than dimensions (the `quick` protocol's 1,000 at 2048-d, the sweep trials' final
-    FIDs, every test) the set's covariance S1 = A^T A with A = centred features / sqrt(n - 1) has rank below n,
-    and the non-zero eigenvalues of S1 S2 = A^T (A S2) are those of A S2 A^T (eig(XY) = eig(YX) away from
-    zero), an n x n symmetric PSD matrix: one n x n eigendecomposition instead of two d x d ones, and no
-    d x d covariance of the set. Same value to rounding (benchmarks/fid.py); with more samples than
-    dimensions it is fid_from_stats."""
-    x = np.asarray(features, np.float64)
-    n, dim = x.shape
-    mu1 = x.mean(0)
-    if n > dim:
-        return fid_from_stats(mu1, np.cov(x, rowvar=False), mu, sigma)
-    a = (x - mu1) / np.sqrt(n - 1)
-    sigma2 = np.asarray(sigma, np.float64)
-    small = a @ ((sigma2 + sigma2.T) / 2) @ a.T
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
-    return float(((mu1 - np.asarray(mu, np.float64)) ** 2).sum() + (a * a).sum() + np.trace(sigma2) - 2 * trace_sqrt)
+    tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of a symmetric PSD matrix with the same
+    non-zero spectrum, built from A = the set's centred features / sqrt(n - 1) (S1 = A^T A):
+    - with no more samples than dimensions (the `quick` protocol's 1,000 at 2048-d, the sweep trials' final FIDs,
+      every test): A S2 A^T, n x n (eig(XY) = eig(YX) away from zero): no d x d covariance of the set at all;
+    - with more: (A R)^T (A R) = R S1 R with R = S2^1/2, d x d, R computed on the first such call and kept (the
+      extrapolation below measures many subsets against one reference).
+    One eigendecomposition per set; the same value as fid_from_stats to rounding (benchmarks/fid.py)."""
+
+    def __init__(self, mu, sigma):
+        self.mu = np.asarray(mu, np.float64)
+        sigma = np.asarray(sigma, np.float64)
+        self.sigma = (sigma + sigma.T) / 2
+        self.trace = float(np.trace(self.sigma))
+        self._root: np.ndarray | None = None
+
+    @property
+    def root(self) -> np.ndarray:
+        if self._root is None:
+            eigenvalues, eigenvectors = np.linalg.eigh(self.sigma)
+            self._root = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+        return self._root
+
+    def __call__(self, features) -> float:
+        x = np.asarray(features, np.float64)
+        n, dim = x.shape
+        mu1 = x.mean(0)
+        a = (x - mu1) / np.sqrt(n - 1)
+        if n <= dim:
+            product = a @ self.sigma @ a.T
+        else:
+            b = a @ self.root
+            product = b.T @ b
+        trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+        return float(((mu1 - self.mu) ** 2).sum() + (a * a).sum() + self.trace - 2 * trace_sqrt)
+
+
+def fid_from_features(features, mu, sigma) -> float:
+    """fid_from_stats of the set whose (n, d) features are given (its mean and np.cov) against (mu, sigma)."""
+    return FidAgainst(mu, sigma)(features)
+
+
+# FID is biased upwards by a term that falls as 1/N in the number of generated samples N (Chong & Forsyth,
+# "Effectively Unbiased FID and Inception Score and where to find them", CVPR 2020): a figure measured with 10,000
+# samples is not comparable with one measured with 50,000, as published figures are. Measuring FID on subsets of the
+# samples and fitting FID(N) = a + b / N predicts it at another N (a: N -> infinity, "FID_inf") from the same features.
+# The fit runs from 0.4 N, and never below twice the feature dimension d: nearer to d the covariance estimate's error
+# bends the curve away from a + b / N (Inception, real Fashion-MNIST images: a fit from 2,000 to 10,000 predicted the FID
+# at 20,000 0.09 low, one from 4,000 0.02 low; benchmarks/fid_vs_n.py); so it needs N >= 4 d, a lever arm of 2x at least.
+EXTRAPOLATION_SIZES = 7  # evenly spaced from max(0.4 N, 2 d) to N
+EXTRAPOLATION_DRAWS = 3  # random subsets averaged per size below N (N itself: all of the samples)
+
+
+def fid_curve(features, mu, sigma, sizes: list[int], draws: int, seed: int = 0) -> list[tuple[int, float]]:
+    """[(n, mean FID of `draws` random n-subsets of the features)] for each n in sizes; n = len(features): all of them."""
+    fid, x = FidAgainst(mu, sigma), np.asarray(features, np.float64)
+    rng = np.random.default_rng(seed)
+    curve = []
+    for n in sizes:
+        if not 2 <= n <= len(x):
+            raise ValueError(f"subset size {n}: needs 2 <= n <= {len(x)} (the features given)")
+        subsets = [x] if n == len(x) else [x[rng.choice(len(x), n, replace=False)] for _ in range(draws)]
+        curve.append((n, float(np.mean([fid(s) for s in subsets]))))
+    return curve
+
+
+def fit_fid_curve(curve: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares FID(N) = intercept + slope / N over the curve's points -> (intercept, slope)."""
+    if len({n for n, _ in curve}) < 2:
+        raise ValueError("the fit needs FIDs at two sizes at least")
+    inverse = np.array([1.0 / n for n, _ in curve])
+    slope, intercept = np.polyfit(inverse, np.array([f for _, f in curve]), 1)
+    return float(intercept), float(slope)
+
+
+def fid_extrapolated(features, mu, sigma, target: int, seed: int = 0) -> dict:
+    """FID predicted at `target` generated samples from the (N, d) features of N >= 4 d samples: the fit of fid_curve
+    at EXTRAPOLATION_SIZES sizes from max(0.4 N, 2 d) to N -> {fid_extrapolated, fid_extrapolated_to, fid_infinity,
+    fid_extrapolation_slope}."""
+    n, dim = np.shape(features)
+    if n < 4 * dim:
+        raise ValueError(f"FID extrapolation needs 4 x {dim} = {4 * dim} samples of {dim}-d features at least, got {n}")
+    sizes = sorted({int(round(s)) for s in np.linspace(max(0.4 * n, 2 * dim), n, EXTRAPOLATION_SIZES)})
+    intercept, slope = fit_fid_curve(fid_curve(features, mu, sigma, sizes, EXTRAPOLATION_DRAWS, seed))
+    return {"fid_extrapolated": intercept + slope / target, "fid_extrapolated_to": int(target), "fid_infinity": intercept,
+            "fid_extrapolation_slope": slope}  # fmt: skip
 
 
 def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int, subset_size: int, seed: int = 0) -> float:
@@ -403,7 +472,8 @@ def sample_metrics(reference: dict, generated: dict, settings) -> dict:
     and labels. generated: `classifier` features, `probabilities` (classifier softmax), `labels` (the
     classes the images are meant to show) and optionally `inception` features. settings: an
     EvaluateConfig (kid_subsets, kid_subset_size, pr_neighbors, seed, classifier_score_splits,
-    coverage_recall). Real images passed as `generated` give the protocol's real-vs-real floor."""
+    coverage_recall, and the active protocol's fid_extrapolate_to: with Inception features of 4 x their dimension
+    samples at least, fid_extrapolated's keys too). Real images passed as `generated` give the protocol's real-vs-real floor."""
     labels, probabilities = np.asarray(generated["labels"]), np.asarray(generated["probabilities"])
     num_classes = probabilities.shape[1]
     cls, ref_cls = np.asarray(generated["classifier"], np.float64), reference["classifier"]
@@ -423,6 +493,9 @@ def sample_metrics(reference: dict, generated: dict, settings) -> dict:
             kid=kid(ref_inc["features"], inc, settings.kid_subsets, settings.kid_subset_size, seed=settings.seed),
             precision=precision, recall=recall,
         )  # fmt: skip
+        target = settings.active.fid_extrapolate_to
+        if target is not None and len(inc) >= 4 * inc.shape[1]:
+            out.update(fid_extrapolated(inc, ref_inc["mu"], ref_inc["sigma"], target, seed=settings.seed))
         per_class_space, ref_space, feats = "inception", ref_inc, inc
     per_class = per_class_metrics(ref_space["features"], ref_space["labels"], feats, labels, num_classes, settings.pr_neighbors,
                                   with_fid=per_class_space == "classifier")  # fmt: skip

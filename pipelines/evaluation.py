@@ -180,6 +180,7 @@ def evaluate(cfg: RunConfig, family: str, model_uri: str | None = None) -> dict:
 GUIDANCE_NAMES = {"cfg": "classifier-free guidance", "autoguidance": "autoguidance", "guide_null": "guidance against the guide's null class",
                   "guide_blend": "guidance against a blend of the guide's classes"}
 GUIDANCE_KEYS = ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "classes_covered", "diversity")
+EXTRAPOLATED_KEYS = ("fid_extrapolated", "fid_extrapolated_to", "fid_infinity")  # protocols with fid_extrapolate_to
 
 
 def guidance_sweep(cfg: RunConfig, family: str) -> dict:
@@ -200,7 +201,7 @@ def guidance_sweep(cfg: RunConfig, family: str) -> dict:
     for scale in sweep.scales:
         logger.info("guidance %g (%d of %d)", scale, len(curve) + 1, len(sweep.scales))
         metrics = _measure(cfg, model, logger, guidance=scale)
-        curve.append({"guidance": scale, **{k: metrics[k] for k in GUIDANCE_KEYS}})
+        curve.append({"guidance": scale, **{k: metrics[k] for k in GUIDANCE_KEYS}, **{k: metrics[k] for k in EXTRAPOLATED_KEYS if k in metrics}})
         logger.info("guidance %g: %s", scale, report_line(metrics))
     chosen = choose_guidance(curve, sweep.class_accuracy_floor)
     record = {
@@ -307,12 +308,13 @@ def _measure(cfg: RunConfig, model: _Model, logger, guidance: float | None = Non
     paired = {key: float(np.nanmean(merged[key])) for key in PAIRED_KEYS if key in merged}  # means over the samples that have one
     return {
         **sample_metrics(model.reference, merged, e), **paired, "protocol": e.protocol, "protocol_id": used,
-        "floor": {k: model.floor[k] for k in FLOOR_KEYS}, "step": model.meta["step"],
+        "floor": {k: model.floor[k] for k in FLOOR_KEYS if k in model.floor}, "step": model.meta["step"],
         "feature_sha256": model.reference["inception"]["feature_sha256"], "family": family, **settings,
     }  # fmt: skip
 
 
-FLOOR_KEYS = ("fid", "kid", "precision", "recall", "fid_classifier", "class_accuracy", "classifier_score", "classes_covered", "diversity")
+FLOOR_KEYS = ("fid", "kid", "precision", "recall", "fid_classifier", "class_accuracy", "classifier_score", "classes_covered", "diversity",
+              "fid_extrapolated")  # the last: protocols with fid_extrapolate_to, and floors measured since it exists
 
 
 def report_line(metrics: dict) -> str:
@@ -321,9 +323,14 @@ def report_line(metrics: dict) -> str:
     fmt = {"fid": ".2f", "kid": ".4f", "fid_classifier": ".3f", "class_accuracy": ".3f", "classifier_score": ".2f",
            "precision": ".3f", "recall": ".3f", "classes_covered": "d", "diversity": ".3f", "l1": ".4f", "psnr": ".2f",
            "brightness_agreement": ".3f", "size_agreement": ".3f"}  # fmt: skip
-    return "  ".join(
+    line = "  ".join(
         f"{key} {metrics[key]:{f}}" + (f" [floor {floor[key]:{f}}]" if key in floor else "") for key, f in fmt.items() if key in metrics
     ) + f"  ({metrics['num_samples']} samples)"
+    if "fid_extrapolated" in metrics:  # Chong & Forsyth's fit in 1/N, to compare with figures measured at that many samples
+        at = metrics["fid_extrapolated_to"]
+        line += f"; fid at {at} samples (extrapolated) {metrics['fid_extrapolated']:.2f}" + (
+            f" [floor {floor['fid_extrapolated']:.2f}]" if "fid_extrapolated" in floor else "")  # fmt: skip
+    return line
 
 
 def reference_stats(cfg: RunConfig, classifier_dir: str) -> tuple[dict, dict]:

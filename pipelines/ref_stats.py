@@ -74,6 +74,8 @@ def run(cfg: RunConfig) -> dict:
         "%d reference images -> %s; floor: fid %.2f  precision %.3f  recall %.3f  class_accuracy %.3f",
         len(labels), out, floor["fid"], floor["precision"], floor["recall"], floor["class_accuracy"],
     )  # fmt: skip
+    if "fid_extrapolated" in floor:
+        logger.info("floor fid at %d samples (extrapolated in 1/N): %.2f", floor["fid_extrapolated_to"], floor["fid_extrapolated"])
     return floor
 
 

@@ -215,3 +215,50 @@ def test_sample_metrics_of_real_data_against_itself_is_a_floor_and_of_collapse_i
     assert bad["recall"] < 0.05 and bad["classes_covered"] == 0 and bad["diversity"] < 0.01 and bad["fid"] > floor["fid"]
     assert floor["classifier_score"] == bad["classifier_score"]  # the classifier score alone cannot see collapse
     assert floor["num_samples"] == 240 and floor["per_class_features"] == "inception"
+
+
+def test_fid_extrapolation_recovers_the_fid_of_infinitely_many_samples():
+    """Samples of N(delta, I) against the exact reference N(0, I) (no sampling on its side): FID with N samples is the
+    true distance ||delta||^2 plus a bias that falls as 1/N (Chong & Forsyth 2020). The fit over subsets of 5,000
+    samples recovers the true distance where the raw FID at 5,000 is far above it, and predicts the mean FID
+    measured at 20,000 fresh samples; too few samples for the fit are refused in one line, by the protocol too."""
+    from gen_core.config import ProtocolConfig
+    from gen_core.metrics import fid_curve, fid_extrapolated, fit_fid_curve
+
+    rng = np.random.default_rng(0)
+    dim = 64
+    delta = np.zeros(dim)
+    delta[:2] = 0.5  # true FID 0.5
+    mu, sigma = np.zeros(dim), np.eye(dim)
+    features = rng.normal(size=(5000, dim)) + delta
+    raw = fid_from_features(features, mu, sigma)
+    result = fid_extrapolated(features, mu, sigma, target=20000)
+    assert raw - 0.5 > 0.15  # the bias at 5,000 samples: ~dim / N + dim^2 / (4 N)
+    assert abs(result["fid_infinity"] - 0.5) < 0.05 and result["fid_extrapolation_slope"] > 0
+    measured = np.mean([fid_from_features(rng.normal(size=(20000, dim)) + delta, mu, sigma) for _ in range(3)])
+    assert abs(result["fid_extrapolated"] - measured) < 0.05 and result["fid_extrapolated_to"] == 20000
+    assert fit_fid_curve([(1000, 3.0), (2000, 2.0)]) == pytest.approx((1.0, 2000.0))
+    assert [n for n, _ in fid_curve(features, mu, sigma, [1000, 5000], draws=2)] == [1000, 5000]
+    with pytest.raises(ValueError, match="needs 4 x 64 = 256 samples of 64-d features at least, got 255"):
+        fid_extrapolated(features[:255], mu, sigma, target=50000)
+    with pytest.raises(ValueError, match="fid_extrapolate_to: 50000 needs num_samples >= 8192"):
+        ProtocolConfig(num_samples=5000, fid_extrapolate_to=50000)
+
+
+def test_the_standard_protocol_reports_fid_extrapolated_beside_fid_and_the_report_shows_both():
+    """sample_metrics adds the extrapolation's keys under a protocol with fid_extrapolate_to (standard: 50,000) and
+    enough samples, and leaves FID itself as measured; quick has none. The report line shows it with its floor."""
+    from pipelines.evaluation import report_line
+
+    rng = np.random.default_rng(2)
+    ref_feats, ref_labels = _blobs(rng, 1250)
+    stats = {"mu": ref_feats.mean(0), "sigma": np.cov(ref_feats, rowvar=False), "features": ref_feats, "labels": ref_labels}
+    reference = {"inception": stats, "classifier": stats}
+    real, labels = _blobs(rng, 1250)
+    generated = {"inception": real, "classifier": real, "probabilities": np.eye(4)[labels] * 0.9 + 0.025, "labels": labels}
+    standard = sample_metrics(reference, generated, _settings(protocol="standard"))
+    quick = sample_metrics(reference, generated, _settings(protocol="quick"))
+    assert standard["fid"] == quick["fid"] and "fid_extrapolated" not in quick
+    assert standard["fid_extrapolated_to"] == 50000 and standard["fid_infinity"] < standard["fid_extrapolated"] < standard["fid"]
+    line = report_line({**standard, "floor": {"fid": 0.5, "fid_extrapolated": 0.1}})
+    assert line.endswith(f"(5000 samples); fid at 50000 samples (extrapolated) {standard['fid_extrapolated']:.2f} [floor 0.10]"), line
