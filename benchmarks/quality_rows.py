@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.suite_profile import cpu_model  # noqa: E402
 
 METRICS = ("fid", "kid", "precision", "recall", "class_accuracy", "fid_classifier", "diversity", "classes_covered")
+EXTRAPOLATED = ("fid_extrapolated", "fid_extrapolated_to", "fid_infinity")  # protocols with fid_extrapolate_to (standard), since session 70
 PAIRED = ("l1", "psnr", "brightness_agreement", "size_agreement")  # the pix2pix and t2i families' own measures
 
 
@@ -76,7 +77,7 @@ def main() -> None:
         step = meta.get("step")
         extra = {"guidance": record.get("guidance_scale"), "sampler": record.get("sampler"), "steps": record.get("sampler_steps"),
                  **interval(record)} if family in ("ldm", "t2i") else {}  # fmt: skip
-        extra |= {k: record[k] for k in PAIRED if k in record}
+        extra |= {k: record[k] for k in PAIRED + EXTRAPOLATED if k in record}
         if args.train_wall_s:
             extra |= training_extent(meta, family, step, args.train_wall_s)
         if args.variant:
@@ -109,8 +110,8 @@ def sweep_rows(args) -> None:
             "family": "ldm", "recipe": recipe, "overrides": args.overrides.split(), "profile": args.profile,
             "protocol": {"name": sweep["protocol"], "id": sweep["protocol_id"], "num_samples": int(sweep["protocol_id"].split(":")[1].split("-")[0])},
             "exported_step": sweep["step"], "guidance": point["guidance"], "sampler": sweep["sampler"], "steps": sweep["sampler_steps"], **interval(sweep), **extra,
-            **{k: point[k] for k in METRICS}, "fid_floor": sweep["floor"]["fid"], "recall_floor": sweep["floor"]["recall"],
-            "how": SWEEP_COMMAND, **provenance(args.note),
+            **{k: point[k] for k in METRICS}, **{k: point[k] for k in EXTRAPOLATED if k in point},
+            "fid_floor": sweep["floor"]["fid"], "recall_floor": sweep["floor"]["recall"], "how": SWEEP_COMMAND, **provenance(args.note),
         }  # fmt: skip
         rows = with_row(rows, row)
         print(recipe, json.dumps({k: row[k] for k in ("fid", "kid", "precision", "recall", "class_accuracy", "exported_step")}))
