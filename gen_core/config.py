@@ -453,6 +453,15 @@ class SamplerConfig(_Section):
         return interval
 
 
+class AlignmentConfig(_Section):
+    """Representation alignment (REPA, Yu et al. 2025; gen_core.alignment): an early hidden state of the denoiser,
+    through a projector, is pulled towards the classifier stage's features of the clean image while it trains.
+    weight 0: off (the denoiser trains as without it, and its runs keep their names)."""
+
+    weight: float = Field(0.0, ge=0)  # REPA's lambda on 1 - cosine similarity; the paper's 0.5
+    projector_width: int = Field(256, ge=8)  # the projector's hidden channels (1x1 convolutions; dropped at export)
+
+
 class LdmConfig(TrainingConfig):
     """`train_ldm`: class-conditional denoiser in the autoencoder's latent space (or on pixels: the baseline)."""
 
@@ -488,9 +497,14 @@ class LdmConfig(TrainingConfig):
     total_steps: int = Field(1000, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     evaluation: DiffusionTrainingEvalConfig = DiffusionTrainingEvalConfig(every_steps=1000)  # evaluation during training
+    alignment: AlignmentConfig = AlignmentConfig()
 
     def resume_signature(self) -> dict:
-        return {**super().resume_signature(), "denoiser": self.denoiser.signature()}
+        """The alignment counts only when it is on: runs from before it existed keep their names."""
+        signature = {**super().resume_signature(), "denoiser": self.denoiser.signature()}
+        if not self.alignment.weight:
+            signature.pop("alignment")
+        return signature
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -195,9 +195,11 @@ def adaptive_weight(reconstruction_loss: torch.Tensor, adversarial_loss: torch.T
 
 def diffusion_loss(
     unet: nn.Module, schedule: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor, num_classes: int,
-    label_dropout: float, generator: torch.Generator, min_snr_gamma: float | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """Per-sample MSE of the epsilon or v target at uniform random timesteps, optionally min-SNR-gamma weighted. (N,)"""
+    label_dropout: float, generator: torch.Generator, min_snr_gamma: float | None = None, alignment_target: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-sample MSE of the epsilon or v target at uniform random timesteps, optionally min-SNR-gamma weighted. (N,)
+    With `alignment_target` (the encoder's features of x0) the network is a gen_core.alignment.AlignedDenoiser:
+    -> (that MSE, the alignment loss), both (N,)."""
     n, device = len(x0), x0.device
     noise = torch.randn(x0.shape, generator=generator).to(device)
     timesteps = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=generator).to(device)
@@ -205,20 +207,21 @@ def diffusion_loss(
     labels = torch.where(drop, torch.full_like(labels, num_classes), labels)  # the null class: CFG's unconditional model
     noisy = schedule.add_noise(x0, noise, timesteps)
     target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, timesteps)
-    prediction = unet(noisy, timesteps, class_labels=labels, return_dict=False)[0]
-    loss = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
-    if min_snr_gamma is None:
-        return loss
-    return loss * min_snr_weight(schedule, timesteps, min_snr_gamma).to(device)
+    output = unet(noisy, timesteps, class_labels=labels, return_dict=False)
+    loss = F.mse_loss(output[0].float(), target, reduction="none").flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        loss = loss * min_snr_weight(schedule, timesteps, min_snr_gamma).to(device)
+    return loss if alignment_target is None else (loss, alignment_loss(output[1], alignment_target))
 
 
 def edm_loss(
     network: nn.Module, x0: torch.Tensor, labels: torch.Tensor, num_classes: int, label_dropout: float,
-    generator: torch.Generator, edm: EdmConfig, sigma_data: float,
-) -> torch.Tensor:  # fmt: skip
+    generator: torch.Generator, edm: EdmConfig, sigma_data: float, alignment_target: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """EDM's training loss (Karras et al. 2022, eq. 8 with Table 1's choices), per sample: ln(sigma) ~ N(p_mean, p_std^2),
     x = x0 + sigma n, and lambda(sigma) |D(x; sigma) - x0|^2 with lambda = 1 / c_out^2, which is the plain MSE of the network's
-    output F(c_in x, c_noise) against its effective target (x0 - c_skip x) / c_out. (N,)"""
+    output F(c_in x, c_noise) against its effective target (x0 - c_skip x) / c_out. (N,); with `alignment_target`, as
+    diffusion_loss's."""
     n, device = len(x0), x0.device
     noise = torch.randn(x0.shape, generator=generator).to(device)
     sigma = (torch.randn(n, generator=generator) * edm.p_std + edm.p_mean).exp().to(device).view(-1, 1, 1, 1)
@@ -226,9 +229,19 @@ def edm_loss(
     labels = torch.where(drop, torch.full_like(labels, num_classes), labels)  # the null class: CFG's unconditional model
     c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, sigma_data)
     x = x0 + sigma * noise
-    prediction = network(c_in * x, (c_noise * EDM_TIMESTEP_SCALE).flatten(), class_labels=labels, return_dict=False)[0]
+    output = network(c_in * x, (c_noise * EDM_TIMESTEP_SCALE).flatten(), class_labels=labels, return_dict=False)
     target = (x0 - c_skip * x) / c_out
-    return F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+    loss = F.mse_loss(output[0].float(), target, reduction="none").flatten(1).mean(1)
+    return loss if alignment_target is None else (loss, alignment_loss(output[1], alignment_target))
+
+
+def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity along channels, averaged over positions, per sample (N,), in [0, 2]. The finer of the two
+    grids is average-pooled to the coarser (pixel-space denoisers tap a 32 x 32 grid, the target is 8 x 8)."""
+    size = min(projected.shape[-1], target.shape[-1])
+    projected = F.adaptive_avg_pool2d(projected.float(), size)
+    target = F.adaptive_avg_pool2d(target.float(), size)
+    return 1.0 - F.cosine_similarity(projected, target, dim=1).mean((1, 2))
 
 
 def min_snr_weight(schedule: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from gen_core.alignment import AlignedDenoiser, ClassifierTarget
+from gen_core.classifier import load_classifier
 from gen_core.config import RunConfig
+from gen_core.errors import LatentMismatchError
 from gen_core.data import load_split, read_manifest
 from gen_core.diffusion import build_denoiser, denoiser_class, diffusion_generator, diffusion_loss, edm_loss, load_guide, training_schedule
 from gen_core.latents import autoencoder_record, load_autoencoder, load_latents
@@ -58,6 +61,29 @@ def training_data(worker, d) -> tuple[torch.Tensor, torch.Tensor, AutoencoderKL 
     return data, labels, vae, guide
 
 
+class AlignmentTarget:
+    """REPA's target (ldm.alignment): the classifier stage's features of the training images behind a batch's latents
+    (encode_latents keeps the train split's order), computed per batch on the worker's device."""
+
+    def __init__(self, encoder: ClassifierTarget, images: torch.Tensor, device):
+        self.encoder, self.images, self.device = encoder.to(device), images, device
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        return self.encoder(to_unit(self.images[index]).to(self.device))
+
+
+def alignment_target(worker, d, data: torch.Tensor) -> AlignmentTarget | None:
+    """ldm.alignment on: the classifier and the train split's images, which must be the ones the latents encode
+    (in pixel space, `data` itself)."""
+    if not d.alignment.weight:
+        return None
+    classifier, _ = load_classifier(worker.ctx.extra["classifier_dir"])
+    images = data if d.space == "pixel" else torch.from_numpy(load_split(worker.ctx.data_uri, "train").images)
+    if len(images) != len(data):
+        raise LatentMismatchError(f"{worker.ctx.extra['latents_dir']}: {len(data)} latents for {len(images)} training images; rerun encode_latents")
+    return AlignmentTarget(ClassifierTarget(classifier), images, worker.device)
+
+
 def edm_sigma_data(d, data: torch.Tensor) -> float | None:
     """The data's std for an EDM network (`ldm.edm.sigma_data`, or measured on the whole training set, so the same on
     every rank); None for an epsilon or v network."""
@@ -87,6 +113,21 @@ def rate_description(d) -> str:
     return f"lr {d.lr:g}" + (f" (cosine cooldown over the last {d.lr_cooldown:.0%} of the steps)" if d.lr_cooldown else "")
 
 
+def denoiser_part(worker, d, data: torch.Tensor) -> tuple:
+    """The denoiser (inside an AlignedDenoiser under ldm.alignment), seeded, wrapped by the strategy with its EMA and
+    optimizer -> (part, the denoiser's config, its description, REPA's target or None)."""
+    torch.manual_seed(d.seed)
+    unet = build_denoiser(d.denoiser, data.shape[1], data.shape[-1], worker.ctx.num_classes).to(worker.device)
+    unet_config = {**dict(unet.config), "_class_name": type(unet).__name__}  # the config alone does not name its class
+    backbone = f"{d.denoiser.backbone} of {sum(p.numel() for p in unet.parameters()):,} parameters"
+    target = alignment_target(worker, d, data)
+    if target is not None:
+        unet = AlignedDenoiser(unet, target.encoder.channels, d.alignment.projector_width).to(worker.device)
+        backbone += f", aligned to the classifier's features (weight {d.alignment.weight:g}; REPA)"
+    make_optimizer = lambda params: torch.optim.AdamW(params, lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)  # noqa: E731
+    return worker.strategy.wrap("unet", unet, make_optimizer, ema=True, compile=worker.compile), unet_config, backbone, target
+
+
 def train_loop_per_worker(worker_config: dict) -> None:
     worker, report, store = start_worker(worker_config)
     cfg, ctx, device, strategy = worker.cfg, worker.ctx, worker.device, worker.strategy
@@ -96,13 +137,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
     data, labels, vae, guide = training_data(worker, d)
     sigma_data = edm_sigma_data(d, data)
 
-    # --- denoiser, its EMA and optimizer, wrapped by the strategy; the noise schedule
-    torch.manual_seed(d.seed)
-    unet = build_denoiser(d.denoiser, data.shape[1], data.shape[-1], ctx.num_classes).to(device)
-    unet_config = {**dict(unet.config), "_class_name": type(unet).__name__}  # the config alone does not name its class
-    backbone = f"{d.denoiser.backbone} of {sum(p.numel() for p in unet.parameters()):,} parameters"
-    make_optimizer = lambda params: torch.optim.AdamW(params, lr=d.lr, betas=(d.adam_beta1, d.adam_beta2), weight_decay=d.weight_decay)  # noqa: E731
-    unet = strategy.wrap("unet", unet, make_optimizer, ema=True, compile=worker.compile)
+    # --- denoiser (with REPA's projector), its EMA and optimizer, wrapped by the strategy; the noise schedule
+    unet, unet_config, backbone, target = denoiser_part(worker, d, data)
     noise_schedule = training_schedule(d.noise)
     start_step = store.restore([unet])
     evaluate = checkpoint_evaluator(worker, report, store)
@@ -117,26 +153,30 @@ def train_loop_per_worker(worker_config: dict) -> None:
         index = batch_indices(step, d.global_batch_size, len(labels), d.seed, worker.rank, worker.world_size)
         x0 = (data[index] if d.space == "latent" else to_unit(data[index])).to(device)
         unet.set_learning_rate(d.lr * cooldown(step, d.total_steps, d.lr_cooldown))  # the config's (not a PBT hand-off's), on its cooldown
+        features = target(index) if target is not None else None
         with worker.training_compute(amp_dtype):
             if sigma_data is None:
                 loss = diffusion_loss(unet.forward, noise_schedule, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise,
-                                      d.min_snr_gamma)  # fmt: skip
+                                      d.min_snr_gamma, features)  # fmt: skip
             else:
-                loss = edm_loss(unet.forward, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise, d.edm, sigma_data)
-            loss = loss.mean()
-        unet.backward(loss)
+                loss = edm_loss(unet.forward, x0, labels[index].to(device), ctx.num_classes, d.label_dropout, noise, d.edm, sigma_data, features)
+            losses = {"loss": loss.mean()} if features is None else {"loss": loss[0].mean(), "alignment": loss[1].mean()}
+            total = losses["loss"] + d.alignment.weight * losses.get("alignment", 0.0)
+        unet.backward(total)
         unet.step()
 
         # --- EMA, in the weights' own layout (sharded under FSDP)
         strategy.update_ema(unet, ema_beta(d.global_batch_size, (step + 1) * d.global_batch_size, d.ema_halflife_kimg, d.ema_rampup_ratio))
 
         # --- log (every rank joins the loss reduce)
-        values = report.step_done(step + 1, {"loss": loss})
+        values = report.step_done(step + 1, losses)
 
         # --- checkpoint, with the EMA denoiser's sample grid and evaluation (collective)
         if store.due(step + 1):
             with store.writing(step + 1, [unet], values) as checkpoint:
                 unet_ema = strategy.gather(unet, "ema")  # collective; a plain module on rank 0, None elsewhere
+                if isinstance(unet_ema, AlignedDenoiser):
+                    unet_ema = unet_ema.denoiser  # the projector is for training only
                 model = diffusion_generator(d, cfg.data, unet_ema, vae, ctx.num_classes, sigma_data, guide) if unet_ema is not None else None
                 if model is not None:
                     checkpoint.add_sample_grid(class_grid_png(model, d.sample_grid_seed, device))
@@ -162,6 +202,9 @@ def training_job(cfg: RunConfig) -> TrainingJob:
     if autoencoder is not None:
         extra.update(latents_dir=absolute(cfg.latents.out_dir), autoencoder_dir=absolute(cfg.outputs.autoencoder.out_dir))
         shape = load_latents(extra["latents_dir"], extra["autoencoder_dir"])[0].shape[1:]  # refuse mismatched latents before starting Ray
+    if cfg.ldm.alignment.weight:  # REPA's encoder: the classifier stage's model
+        extra["classifier_dir"] = absolute(cfg.classifier.out_dir)
+        load_classifier(extra["classifier_dir"])  # missing: one line before starting Ray
     if cfg.ldm.sampler.guidance != "cfg":  # and a guide that does not fit
         extra["guide_dir"] = absolute(cfg.ldm.guide_dir)
         guide_for(cfg.ldm, extra, len(read_manifest(absolute(cfg.data.out_dir))["class_names"]), shape)

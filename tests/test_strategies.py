@@ -173,10 +173,13 @@ class _NoFreeze:
 
 def tiny_denoiser(backbone: str):
     """A tiny U-Net or DiT; the DiT's zero-initialised modulation and output layers get random values, or its first
-    steps would train only them."""
+    steps would train only them. "aligned": the U-Net inside ldm.alignment's AlignedDenoiser (a hook on its first level)."""
+    from gen_core.alignment import AlignedDenoiser
     from gen_core.config import DenoiserConfig
     from gen_core.diffusion import build_denoiser
 
+    if backbone == "aligned":
+        return AlignedDenoiser(tiny_denoiser("unet"), target_channels=16, projector_width=16)
     torch.manual_seed(0)
     config = DenoiserConfig(backbone=backbone, block_out_channels=[32, 32], attention_head_dim=8, dit={"hidden_size": 32, "num_layers": 2, "num_heads": 2})
     net = build_denoiser(config, 4, 8, 10)
@@ -200,9 +203,19 @@ def _denoiser_worker(backbone, strategy, rank, world, options):
     schedule = training_schedule(NoiseScheduleConfig())
 
     def loss(unet, step, x0, y):
-        return diffusion_loss(unet, schedule, x0, y, 10, 0.1, rank_noise(step, rank)).mean()
+        return denoiser_loss(backbone, unet, schedule, step, rank, x0, y)
 
     return _ema_denoiser_steps(strategy, tiny_denoiser(backbone), unet_batches(), loss, rank, world, options.get("compile", False))
+
+
+def denoiser_loss(backbone, unet, schedule, step, rank, x0, y):
+    """train_ldm's loss on this rank's share; "aligned" adds REPA's term at weight 0.5, against a target made from x0."""
+    from gen_core.diffusion import diffusion_loss
+
+    if backbone != "aligned":
+        return diffusion_loss(unet, schedule, x0, y, 10, 0.1, rank_noise(step, rank)).mean()
+    loss, alignment = diffusion_loss(unet, schedule, x0, y, 10, 0.1, rank_noise(step, rank), alignment_target=x0.repeat(1, 4, 1, 1))
+    return loss.mean() + 0.5 * alignment.mean()
 
 
 def _ema_denoiser_steps(strategy, network, batches, loss, rank, world, compile: bool = False):
@@ -377,7 +390,7 @@ def denoiser_reference(backbone: str) -> tuple[list, float]:
     schedule = training_schedule(NoiseScheduleConfig())
 
     def loss(unet, step, rank, x0, y):
-        return diffusion_loss(unet, schedule, x0, y, 10, 0.1, rank_noise(step, rank)).mean()
+        return denoiser_loss(backbone, unet, schedule, step, rank, x0, y)
 
     return _ema_denoiser_reference(tiny_denoiser(backbone), unet_batches(), loss)
 
@@ -432,7 +445,7 @@ def reference(family: str):
     if family not in REFERENCES:
         REFERENCES[family] = {"gan": gan_reference, "penalised": lambda: modern_gan_reference(PENALISED),
                               "unpenalised": lambda: modern_gan_reference(UNPENALISED), "unet": lambda: denoiser_reference("unet"),
-                              "dit": lambda: denoiser_reference("dit"), "pix2pix": pix2pix_reference, "text": text_denoiser_reference}[family]()  # fmt: skip
+                              "dit": lambda: denoiser_reference("dit"), "aligned": lambda: denoiser_reference("aligned"), "pix2pix": pix2pix_reference, "text": text_denoiser_reference}[family]()  # fmt: skip
     return REFERENCES[family]
 
 
@@ -478,10 +491,11 @@ def test_gan_fsdp_knobs_match_single_process(tmp_path, fsdp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone, case", [("unet", "fsdp"), ("unet", "zero3"), ("dit", "fsdp"), ("dit", "zero3")])
+@pytest.mark.parametrize("backbone, case", [("unet", "fsdp"), ("unet", "zero3"), ("dit", "fsdp"), ("dit", "zero3"), ("aligned", "zero3"), ("aligned", "fsdp")])
 def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
     """The sharded strategies (ddp and ZeRO-1/2 are covered by the GAN cases), for both backbones: FSDP2 units are the
-    U-Net's blocks or the DiT's transformer blocks."""
+    U-Net's blocks or the DiT's transformer blocks. And the U-Net with REPA's projector (ldm.alignment) under ZeRO-3,
+    whose parameter-gathering hooks run beside the alignment's on the tapped block."""
     losses, ema_sum = reference(backbone)
     result = run_two_workers(tmp_path, backbone, case)
     assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
