@@ -198,7 +198,7 @@ def unet_batches():
 
 def _denoiser_worker(backbone, strategy, rank, world, options):
     from gen_core.config import NoiseScheduleConfig
-    from gen_core.diffusion import diffusion_loss, training_schedule
+    from gen_core.diffusion import training_schedule
 
     schedule = training_schedule(NoiseScheduleConfig())
 
@@ -385,7 +385,7 @@ def modern_gan_reference(objective: GanObjective) -> tuple[list, float]:
 
 def denoiser_reference(backbone: str) -> tuple[list, float]:
     from gen_core.config import NoiseScheduleConfig
-    from gen_core.diffusion import diffusion_loss, training_schedule
+    from gen_core.diffusion import training_schedule
 
     schedule = training_schedule(NoiseScheduleConfig())
 
