@@ -472,7 +472,7 @@ class LdmConfig(TrainingConfig):
     denoiser: DenoiserConfig = DenoiserConfig()
     noise: NoiseScheduleConfig = NoiseScheduleConfig()
     edm: EdmConfig = EdmConfig()
-    sampler: SamplerConfig = SamplerConfig()
+    sampler: SamplerConfig = SamplerConfig(name="heun")  # heun 10: more recall and less FID than dpmsolver++ 10 on the default LDM
     # The guide of sampler.guidance autoguidance / guide_null / guide_blend: an exported diffusion model (this stage's output, trained
     # smaller and shorter on the same latents and noise schedule), copied into the export beside the denoiser
     guide_dir: str | None = None

@@ -60,7 +60,7 @@ def test_repro_writes_every_declared_output(pipeline):
         floor = json.loads((project / "data/ref_stats/quick/floor.json").read_text())
         assert metrics["floor"]["fid"] == floor["fid"] and floor["protocol_id"] == metrics["protocol_id"]
         assert floor["fid"] < metrics["fid"] and floor["class_accuracy"] > 0.8  # real images: the classifier knows them
-    assert json.loads((project / "metrics/eval/quick/ldm.json").read_text())["sampler"] == "dpmsolver++"
+    assert json.loads((project / "metrics/eval/quick/ldm.json").read_text())["sampler"] == "heun"
     autoencoder = json.loads((project / "metrics/autoencoder.json").read_text())
     assert autoencoder["psnr_db"] > 5 and autoencoder["fid"] > 0 and autoencoder["scaling_factor"] > 0
     losses = (project / "metrics/gan_losses.csv").read_text().splitlines()
@@ -287,7 +287,7 @@ def test_ldm_champion_loads_and_generates_the_same_images_as_its_export(pipeline
     with pytest.raises(Exception, match=r"^label 10: not a class of this model \(0 0, 1 1,"):  # one line, before sampling
         model.predict(pd.DataFrame({"label": [10], "seed": [1]}))
     tags = mlflow.MlflowClient().get_model_version_by_alias("tiny-ldm", "champion").tags
-    assert tags["model_family"] == "ldm" and tags["sampler"] == "dpmsolver++" and tags["gate"] == "promoted"
+    assert tags["model_family"] == "ldm" and tags["sampler"] == "heun" and tags["gate"] == "promoted"
 
 
 def test_guidance_sweep_measures_one_model_at_each_scale_and_names_the_best_that_keeps_class_accuracy(pipeline, mlflow_server, tmp_path):
