@@ -494,8 +494,8 @@ def test_gan_fsdp_knobs_match_single_process(tmp_path, fsdp):
 @pytest.mark.parametrize("backbone, case", [("unet", "fsdp"), ("unet", "zero3"), ("dit", "fsdp"), ("dit", "zero3"), ("aligned", "zero3"), ("aligned", "fsdp")])
 def test_denoiser_two_workers_match_single_process(tmp_path, backbone, case):
     """The sharded strategies (ddp and ZeRO-1/2 are covered by the GAN cases), for both backbones: FSDP2 units are the
-    U-Net's blocks or the DiT's transformer blocks. And the U-Net with REPA's projector (ldm.alignment) under ZeRO-3,
-    whose parameter-gathering hooks run beside the alignment's on the tapped block."""
+    U-Net's blocks or the DiT's transformer blocks. And the U-Net with REPA's projector (ldm.alignment) under both, whose
+    parameter-gathering hooks (ZeRO-3) and block units (FSDP2) run beside the alignment's hook on the tapped block."""
     losses, ema_sum = reference(backbone)
     result = run_two_workers(tmp_path, backbone, case)
     assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(losses), rtol=RTOL, atol=1e-6), (result["losses"], losses)
