@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gen_core.dit import GenforgeDiT
+from gen_core.classifier import FeatureDistance
 from gen_core.models import Classifier
 
 
@@ -63,20 +64,16 @@ class AlignedDenoiser(nn.Module):
 
 class ClassifierTarget(nn.Module):
     """The frozen classifier's last convolutional features (after its BatchNorm and ReLU, eval mode) of images in
-    [-1, 1]: (N, C, R, R) -> (N, 4 x width, R / 4, R / 4)."""
+    [-1, 1]: (N, C, R, R) -> (N, 4 x width, R / 4, R / 4). The last tap of its FeatureDistance."""
 
     def __init__(self, classifier: Classifier):
         super().__init__()
-        layers = list(classifier.features_net)
-        last_relu = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU) and isinstance(layers[i - 1], nn.BatchNorm2d))
-        self.net = nn.Sequential(*layers[: last_relu + 1])
-        self.channels = next(layer for layer in reversed(layers[:last_relu]) if isinstance(layer, nn.Conv2d)).out_channels
-        self.requires_grad_(False)
-        self.eval()
+        self.distance = FeatureDistance(classifier)
+        self.channels = self.distance.net[self.distance.taps[-1] - 1].num_features  # the BatchNorm before that ReLU
 
     def train(self, mode: bool = True) -> "ClassifierTarget":
         return super().train(False)  # always its running statistics
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images.float())
+        return self.distance.features(images.float())[-1]

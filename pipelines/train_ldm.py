@@ -28,9 +28,9 @@ from diffusers import AutoencoderKL
 from gen_core.alignment import AlignedDenoiser, ClassifierTarget
 from gen_core.classifier import load_classifier
 from gen_core.config import RunConfig
-from gen_core.errors import LatentMismatchError
 from gen_core.data import load_split, read_manifest
 from gen_core.diffusion import build_denoiser, denoiser_class, diffusion_generator, diffusion_loss, edm_loss, load_guide, training_schedule
+from gen_core.errors import LatentMismatchError
 from gen_core.latents import autoencoder_record, load_autoencoder, load_latents
 from gen_core.models import ema_beta
 from gen_core.sampling import class_grid_png, to_unit
