@@ -113,7 +113,8 @@ def gaussian_spread(steps=(10, 25), scales=(0.1, 0.25, 0.5, 1.0), n: int = 32) -
             print(f"| {schedule} | {sampler} | {spacing or 'product'} | " + " | ".join(ratios) + " |")
 
 
-def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str, steps: int, guidance: float, spacing: str | None = None) -> dict:
+def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str, steps: int, guidance: float, spacing: str | None = None,
+            protocol: str | None = None) -> dict:
     directory = copy_dir(work, sampler, steps, spacing)
     shutil.rmtree(directory, ignore_errors=True)
     shutil.copytree(model, directory / "ldm")
@@ -123,7 +124,7 @@ def measure(model: Path, upstream: Path, work: Path, tracking: str, sampler: str
     meta_path.write_text(json.dumps(meta, indent=2))
     sets = {"outputs.ldm.out_dir": directory / "ldm", "evaluate.out_dir": directory / "eval", "data.out_dir": upstream / "data/prepared",
             "classifier.out_dir": upstream / "models/classifier", "ref_stats.out_dir": upstream / "data/ref_stats",
-            "tracking.tracking_uri": tracking}  # fmt: skip
+            "tracking.tracking_uri": tracking, **({"evaluate.protocol": protocol} if protocol else {})}  # fmt: skip
     options = scheduler_options(sampler, spacing)
     command = [sys.executable, "-c", PATCHED_EVALUATE, json.dumps([sampler, options])] if options else [sys.executable, "-m", "pipelines.evaluate"]
     command += ["--family", "ldm"]
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ldm_samplers"))
     parser.add_argument("--tracking", help="the MLflow store the model was trained with (evaluate logs to its run)")
     parser.add_argument("--guidance", type=float)
+    parser.add_argument("--protocol", help="evaluate.protocol (default: params.yaml's); `standard` needs UPSTREAM's standard ref_stats")
     parser.add_argument("--samplers", default="ddim:50,dpmsolver++:10,dpmsolver++:25,dpmsolver++:50,ddpm:1000",
                         help="NAME:STEPS[:SPACING],...; the last one is the reference")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "ldm_samplers.json")
@@ -185,7 +187,7 @@ def main() -> None:
     rows = []
     store = absolute_sqlite(args.tracking, lambda path: str(Path(path).resolve()))  # the evaluate processes run in this checkout
     for name, steps, spacing in specs:
-        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, store, name, steps, args.guidance, spacing))
+        rows.append(measure(args.model.resolve(), args.upstream.resolve(), args.work, store, name, steps, args.guidance, spacing, args.protocol))
         print(json.dumps(rows[-1]), flush=True)
     reference = rows[-1]["fid"]
     print(f"\n| sampler | steps | spacing | FID [floor {rows[-1]['fid_floor']:.1f}] | vs {rows[-1]['sampler']} {rows[-1]['steps']} | recall | precision | class acc | wall (s) |")
