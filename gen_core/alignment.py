@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gen_core.dit import GenforgeDiT
 from gen_core.classifier import FeatureDistance
+from gen_core.dit import GenforgeDiT
 from gen_core.models import Classifier
 
 
