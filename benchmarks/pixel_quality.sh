@@ -10,8 +10,8 @@ cd "${PROJECT:?set PROJECT to a project after make repro}"
 O=(--overlay profiles/pixel-quality.yaml)
 date; /usr/bin/time -f "pixel denoiser %e s" .venv/bin/python -m pipelines.train_ldm "${O[@]}"
 date; .venv/bin/python -m pipelines.evaluate --family ldm "${O[@]}" --set evaluate.protocol=quick --guidance-sweep
-G=$(.venv/bin/python -c 'import json; print(json.load(open("metrics/eval/pixel-quality/quick/ldm_guidance.json"))["chosen"] or "")')
-G=${G:-$(.venv/bin/python -c 'import json; print(json.load(open("metrics/eval/pixel-quality/quick/ldm_guidance.json"))["exported_guidance"])')}
+# the chosen scale, or the exported one where no scale reached the class-accuracy floor
+G=$(.venv/bin/python -c 'import json; r = json.load(open("metrics/eval/pixel-quality/quick/ldm_guidance.json")); print(r["chosen"] or r["exported_guidance"])')
 echo "guidance: $G"
 S=(--set "ldm.sampler.guidance_scale=$G")
 .venv/bin/python -m pipelines.train_ldm "${O[@]}" "${S[@]}"   # the finished run resumes and re-exports at G
